@@ -1,0 +1,269 @@
+"""The two gateways' Services through the official ``kubernetes`` client.
+
+Only this module imports ``kubernetes``. It reads both Services, refuses policies whose Services
+the cloud controller would not apply a weight to, writes ONLY the weight and state annotations
+with a JSON merge patch guarded by ``resourceVersion``, and emits Events on the target Service.
+
+Write order: the target first (weight + state in one patch, so they never disagree), then the
+source. A rollback therefore cuts the target's traffic with its first request, and a restart
+between the two patches finds the state already describing the intended pair and completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from controller.core.policy import CanaryPolicy, ServiceRef
+from controller.core.schedule import Weights
+from controller.core.state import RolloutState, decode_state, encode_state
+from controller.errors import (
+    AccessDenied,
+    ClusterError,
+    ClusterUnavailable,
+    ServiceNotFound,
+    WeightChangedExternally,
+)
+from controller.ports import PairSnapshot
+
+__all__ = [
+    "IGNORE_WEIGHT_ANNOTATION",
+    "LB_ID_ANNOTATION",
+    "STATE_ANNOTATION",
+    "VGROUP_ANNOTATION",
+    "WEIGHT_ANNOTATION",
+    "KubernetesGatewayPair",
+    "build_api_client",
+]
+
+_PREFIX = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-"
+WEIGHT_ANNOTATION = _PREFIX + "weight"
+LB_ID_ANNOTATION = _PREFIX + "id"
+VGROUP_ANNOTATION = _PREFIX + "vgroup-port"
+IGNORE_WEIGHT_ANNOTATION = _PREFIX + "ignore-weight-update"
+STATE_ANNOTATION = "gateway-canary.io/state"
+
+_MERGE_PATCH = "application/merge-patch+json"
+_TIMEOUT = (3.0, 10.0)
+_CONFLICT_RETRIES = 5
+_log = structlog.get_logger("controller.kubernetes")
+
+
+def build_api_client(kubeconfig: Path | None = None, context: str | None = None) -> client.ApiClient:
+    """In-cluster config when running in a Pod, else the kubeconfig (explicit path or default)."""
+    if kubeconfig is None:
+        try:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        except ConfigException:
+            pass
+    try:
+        return config.new_client_from_config(
+            config_file=str(kubeconfig) if kubeconfig else None, context=context
+        )
+    except (ConfigException, OSError) as exc:
+        raise ClusterUnavailable(f"no usable Kubernetes configuration: {exc}") from exc
+
+
+def parse_weight(raw: str | None) -> int | None:
+    """The annotation's integer, None when absent; ValueError for what the cloud controller rejects."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise ValueError(f"weight annotation {raw!r} is not an integer in [0,100]")
+    return int(text)
+
+
+def _translate(exc: Exception, what: str) -> ClusterError:
+    if isinstance(exc, ApiException):
+        status = exc.status or 0
+        detail = _api_message(exc)
+        if status == 404:
+            return ServiceNotFound(f"{what}: not found")
+        if status in (401, 403):
+            return AccessDenied(f"{what}: forbidden for the controller's identity ({status}): {detail}")
+        return ClusterUnavailable(f"{what}: API server answered {status}: {detail}")
+    return ClusterUnavailable(f"{what}: API server unreachable: {type(exc).__name__}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message", exc.reason))
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+class KubernetesGatewayPair:
+    """GatewayPair over two core/v1 Services."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._api = client.CoreV1Api(api_client)
+        self._uids: dict[str, str] = {}
+        self._instance = socket.gethostname()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read(self, ref: ServiceRef) -> dict[str, Any]:
+        try:
+            response = self._api.read_namespaced_service(
+                ref.name, ref.namespace, _preload_content=False, _request_timeout=_TIMEOUT
+            )
+            body: dict[str, Any] = json.loads(response.data)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _translate(exc, f"read Service {ref}") from exc
+        self._uids[str(ref)] = str(body.get("metadata", {}).get("uid", ""))
+        return body
+
+    def observe(self, policy: CanaryPolicy) -> PairSnapshot:
+        """Read both Services and say whether the cloud controller would honour a weight on them."""
+        target = self._read(policy.spec.target.service)
+        source = self._read(policy.spec.source.service)
+        target_ann = _annotations(target)
+        source_ann = _annotations(source)
+        refusal = _refusal(policy.spec.target.service, target_ann) or _refusal(
+            policy.spec.source.service, source_ann
+        )
+        target_weight = source_weight = None
+        try:
+            target_weight = parse_weight(target_ann.get(WEIGHT_ANNOTATION))
+            source_weight = parse_weight(source_ann.get(WEIGHT_ANNOTATION))
+        except ValueError as exc:
+            refusal = refusal or f"{exc}; the cloud controller rejects it too, fix it by hand"
+        state: RolloutState | None = None
+        state_error: str | None = None
+        raw_state = target_ann.get(STATE_ANNOTATION)
+        if raw_state:
+            try:
+                state = decode_state(raw_state)
+                if state.policy != policy.name:
+                    state_error = f"stored state belongs to policy {state.policy!r}"
+                    state = None
+            except ValueError as exc:
+                state_error = str(exc)
+        return PairSnapshot(
+            target_weight=target_weight,
+            source_weight=source_weight,
+            state=state,
+            refusal=refusal,
+            state_error=state_error,
+            versions=(_version(target), _version(source)),
+        )
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        policy: CanaryPolicy,
+        seen: PairSnapshot,
+        weights: Weights | None,
+        state: RolloutState,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Patch the target (weight + state), then the source (weight); skip what is unchanged."""
+        target_changes: dict[str, str] = {}
+        if weights is not None and weights.target != seen.target_weight:
+            target_changes[WEIGHT_ANNOTATION] = str(weights.target)
+        encoded = encode_state(state)
+        if seen.state is None or encode_state(seen.state) != encoded:
+            target_changes[STATE_ANNOTATION] = encoded
+        if target_changes:
+            self._patch(policy.spec.target.service, target_changes, seen.versions[0], seen.target_weight, force)
+        if weights is not None and weights.source is not None and weights.source != seen.source_weight:
+            self._patch(
+                policy.spec.source.service,
+                {WEIGHT_ANNOTATION: str(weights.source)},
+                seen.versions[1],
+                seen.source_weight,
+                force,
+            )
+
+    def _patch(
+        self, ref: ServiceRef, annotations: dict[str, str], version: str, expected: int | None, force: bool
+    ) -> None:
+        for _attempt in range(_CONFLICT_RETRIES):
+            body = {"metadata": {"resourceVersion": version, "annotations": annotations}}
+            try:
+                self._api.patch_namespaced_service(
+                    ref.name, ref.namespace, body, _content_type=_MERGE_PATCH, _request_timeout=_TIMEOUT
+                )
+                _log.debug("patched", service=str(ref), annotations=sorted(annotations))
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise _translate(exc, f"patch Service {ref}") from exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _translate(exc, f"patch Service {ref}") from exc
+            fresh = self._read(ref)
+            try:
+                now_weight = parse_weight(_annotations(fresh).get(WEIGHT_ANNOTATION))
+            except ValueError:
+                now_weight = -1
+            if not force and now_weight != expected:
+                raise WeightChangedExternally(
+                    f"Service {ref}: weight changed from {expected} to {now_weight} by someone else while "
+                    "gateway-canary was writing; not overwriting it"
+                )
+            _log.info("patch conflict, retrying on the new version", service=str(ref))
+            version = _version(fresh)
+        raise ClusterUnavailable(f"patch Service {ref}: still conflicting after {_CONFLICT_RETRIES} attempts")
+
+    def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
+        """A core/v1 Event on the target Service, visible in ``kubectl describe``."""
+        ref = policy.spec.target.service
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": self._uids.get(str(ref), ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "gateway-canary", "host": self._instance},
+            "reportingComponent": "gateway-canary",
+            "reportingInstance": self._instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=_TIMEOUT)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _translate(exc, f"create Event for {ref}") from exc
+
+
+def _annotations(body: dict[str, Any]) -> dict[str, str]:
+    return dict(body.get("metadata", {}).get("annotations") or {})
+
+
+def _version(body: dict[str, Any]) -> str:
+    return str(body.get("metadata", {}).get("resourceVersion", ""))
+
+
+def _refusal(ref: ServiceRef, annotations: dict[str, str]) -> str | None:
+    """Why the cloud controller would ignore a weight on this Service, if it would."""
+    if not annotations.get(LB_ID_ANNOTATION, "").strip():
+        return f"Service {ref} lacks {LB_ID_ANNOTATION}: the cloud controller ignores its weight"
+    if not annotations.get(VGROUP_ANNOTATION, "").strip():
+        return f"Service {ref} lacks {VGROUP_ANNOTATION}: the cloud controller ignores its weight"
+    if annotations.get(IGNORE_WEIGHT_ANNOTATION, "").strip().lower() == "on":
+        return f"Service {ref} has {IGNORE_WEIGHT_ANNOTATION}: \"on\": weight updates are switched off"
+    return None

@@ -1,0 +1,80 @@
+"""Prometheus through ``prometheus-api-client``: one query in, one number (or None) out.
+
+Works with any Prometheus HTTP API, including Alibaba Cloud ARMS (raw ``Authorization: <token>``
+header) behind a private CA. Retries are kept to one quick attempt: a check that waits on a
+struggling Prometheus delays a rollback, and the next check comes soon anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from controller.core.results import RenderedQuery
+from controller.errors import MetricsUnavailable
+from controller.settings import PrometheusConnection
+
+__all__ = ["PrometheusMetricsSource"]
+
+
+class PrometheusMetricsSource:
+    """A MetricsSource backed by a Prometheus HTTP API."""
+
+    def __init__(self, connection: PrometheusConnection) -> None:
+        session = requests.Session()
+        session.verify = connection.ca_file or True
+        self._url = connection.url
+        self._timeout = connection.timeout_seconds
+        self._client = PrometheusConnect(
+            url=connection.url,
+            headers=connection.headers or None,
+            auth=connection.basic_auth,
+            session=session,
+            timeout=connection.timeout_seconds,
+            retry=Retry(total=1, backoff_factor=0.05, status_forcelist=(502, 503, 504), allowed_methods=None),
+        )
+
+    def query(self, query: RenderedQuery) -> float | None:
+        """Run an instant query; raise MetricsUnavailable with the cause, never return a guess."""
+        try:
+            result = self._client.custom_query(query.promql, timeout=self._timeout)
+        except PrometheusApiClientException as exc:
+            raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {exc}") from exc
+        except requests.RequestException as exc:
+            raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
+        except ValueError as exc:  # a body that is not JSON
+            raise MetricsUnavailable(f"Prometheus at {self._url} sent an unreadable answer: {exc}") from exc
+        return _scalar(result)
+
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self._client.close()
+
+
+def _scalar(result: object) -> float | None:
+    """One number from a vector (or scalar) result; an empty vector is None."""
+    if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
+        return _float(result[1])  # resultType "scalar": [ts, "value"]
+    if not isinstance(result, list):
+        raise MetricsUnavailable(f"unexpected query result {type(result).__name__}")
+    if not result:
+        return None
+    if len(result) > 1:
+        raise MetricsUnavailable(
+            f"the query returned {len(result)} series, a gate needs one: aggregate it, e.g. sum(...) or max(...)"
+        )
+    sample = result[0]
+    if not isinstance(sample, dict) or "value" not in sample:
+        raise MetricsUnavailable("the query returned a range, a gate needs an instant vector")
+    return _float(sample["value"][1])
+
+
+def _float(text: object) -> float:
+    try:
+        value = float(str(text))
+    except ValueError as exc:
+        raise MetricsUnavailable(f"not a number in the answer: {text!r}") from exc
+    return value if not math.isnan(value) else math.nan

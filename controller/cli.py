@@ -1,0 +1,137 @@
+"""``gateway-canary``: run, demo, validate, schema.
+
+The only module that writes to the terminal directly (the demo's narrative, validation
+results, the schema); everything else logs through structlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from controller.core.alerts import Alert
+from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, parse_policy_text
+from controller.core.policy import CanaryPolicy
+from controller.logs import configure_logging
+from controller.settings import LogFormat, Settings
+
+__all__ = ["main"]
+
+
+def _cmd_validate(paths: Sequence[str]) -> int:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")))
+        elif path.exists():
+            files.append(path)
+        else:
+            print(f"{raw}: no such file or directory", file=sys.stderr)
+            return 2
+    policies: list[SourcedPolicy] = []
+    errors: list[PolicyError] = []
+    for file in files:
+        result = parse_policy_text(file.read_text(encoding="utf-8"), str(file))
+        policies.extend(result.policies)
+        errors.extend(result.errors)
+    conflicts = check_conflicts(policies)
+    errors.extend(conflicts.errors)
+    for error in errors:
+        print(error, file=sys.stderr)
+    for item in conflicts.policies:
+        print(f"ok  {item.file}:{item.line}  {item.policy.name}")
+    print(f"{len(conflicts.policies)} valid, {len(errors)} error(s) in {len(files)} file(s)")
+    if not files:
+        print("no policy files found", file=sys.stderr)
+        return 1
+    return 1 if errors else 0
+
+
+def _cmd_schema() -> int:
+    schema = CanaryPolicy.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "gateway-canary CanaryPolicy"
+    print(json.dumps(schema, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_demo(speed: float, verbose: bool) -> int:
+    from controller.demo import run_demo
+
+    configure_logging(LogFormat.CONSOLE, "INFO" if verbose else "ERROR")
+
+    def show_alert(alert: Alert) -> None:
+        print("\n--- alert delivered ------------------------------------------")
+        print(alert.text())
+        print("---------------------------------------------------------------\n")
+
+    print(f"gateway-canary demo: simulated gateways, time x{speed:g}, no cluster needed")
+    result = run_demo(speed=speed, on_change=lambda line: print(f"  {line}"), on_alert=show_alert)
+    if result.rolled_back and result.alerts:
+        print(f"demo finished in {result.seconds:.1f}s: climbed to {result.highest_weight}, "
+              "rolled back to 0 after errors, alert delivered")
+        return 0
+    print(f"demo did NOT play out as expected: rolled_back={result.rolled_back}, "
+          f"alerts={len(result.alerts)}, highest weight {result.highest_weight}", file=sys.stderr)
+    return 1
+
+
+def _cmd_run(policies: str | None, dry_run: bool) -> int:
+    from controller.adapters.dry_run import DryRunGatewayPair
+    from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
+    from controller.adapters.prometheus import PrometheusMetricsSource
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.service import ControllerService
+    from controller.settings import PrometheusConnection
+
+    overrides: dict[str, object] = {}
+    if policies is not None:
+        overrides["policies_dir"] = Path(policies)
+    if dry_run:
+        overrides["dry_run"] = True
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_format, settings.log_level)
+    real = KubernetesGatewayPair(build_api_client(settings.kubeconfig, settings.kube_context))
+    pair = DryRunGatewayPair(real) if settings.dry_run else real
+    sources: dict[tuple[object, ...], PrometheusMetricsSource] = {}
+
+    def metrics_for(policy: CanaryPolicy) -> PrometheusMetricsSource:
+        connection = PrometheusConnection(settings, policy.spec.prometheus)
+        key = connection.key()
+        if key not in sources:
+            sources[key] = PrometheusMetricsSource(connection)
+        return sources[key]
+
+    ControllerService(settings, pair=pair, metrics_for=metrics_for, clock=SystemClock()).run_forever()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m controller``."""
+    parser = argparse.ArgumentParser(prog="gateway-canary", description=__doc__.splitlines()[0] if __doc__ else "")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the controller (settings from GATEWAY_CANARY_* variables)")
+    run.add_argument("--policies", help="policies directory (overrides GATEWAY_CANARY_POLICIES_DIR)")
+    run.add_argument("--dry-run", action="store_true", help="log intended writes, write nothing")
+    demo = sub.add_parser("demo", help="a full migration against simulated gateways, no cluster")
+    demo.add_argument("--speed", type=float, default=60.0, help="time compression factor (default 60)")
+    demo.add_argument("--verbose", action="store_true", help="show every check's log line")
+    validate = sub.add_parser("validate", help="validate policy files or directories")
+    validate.add_argument("paths", nargs="+")
+    sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        return _cmd_validate(args.paths)
+    if args.command == "schema":
+        return _cmd_schema()
+    if args.command == "demo":
+        return _cmd_demo(args.speed, args.verbose)
+    return _cmd_run(args.policies, args.dry_run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""String enums shared by the core and the edges.
+
+String enums (not bare strings) so that a typo is a type error and the values serialise
+into annotations, logs and metric labels unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AlertKind",
+    "Command",
+    "GatewayRole",
+    "InconclusiveCause",
+    "Measure",
+    "OnInconclusive",
+    "Phase",
+    "Severity",
+    "Verdict",
+    "WeightMode",
+]
+
+
+class Verdict(str, enum.Enum):
+    """Outcome of one gate or of one whole check. INCONCLUSIVE is never a pass and never a failure."""
+
+    PASS = "PASS"
+    FAIL = "FAIL"
+    INCONCLUSIVE = "INCONCLUSIVE"
+
+
+class InconclusiveCause(str, enum.Enum):
+    """Why a check could not judge. Each cause can carry its own limit and action."""
+
+    TOO_FEW_REQUESTS = "TooFewRequests"
+    NO_DATA = "NoData"
+    NOT_A_NUMBER = "NotANumber"
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+
+
+class Phase(str, enum.Enum):
+    """Where a policy's rollout stands."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+
+
+class WeightMode(str, enum.Enum):
+    """How the source weight follows the target weight."""
+
+    COMPLEMENTARY = "complementary"
+    TARGET_ONLY = "target-only"
+
+
+class OnInconclusive(str, enum.Enum):
+    """What to do once a run of inconclusive checks reaches its limit."""
+
+    HOLD = "hold"
+    ROLLBACK = "rollback"
+
+
+class GatewayRole(str, enum.Enum):
+    """Which side of the migration a value belongs to."""
+
+    SOURCE = "source"
+    TARGET = "target"
+
+
+class Measure(str, enum.Enum):
+    """What a query measures; lets a simulated metrics source answer without parsing PromQL."""
+
+    REQUESTS = "requests"
+    ERROR_RATE = "errorRate"
+    LATENCY = "latency"
+    CUSTOM = "custom"
+
+
+class Severity(str, enum.Enum):
+    """Alert severity, in Alertmanager's customary label values."""
+
+    CRITICAL = "critical"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class AlertKind(str, enum.Enum):
+    """Why an alert was raised; also the Kubernetes Event reason."""
+
+    ROLLED_BACK = "RolledBack"
+    PROMOTED = "Promoted"
+    POLICY_REFUSED = "PolicyRefused"
+    STUCK_INCONCLUSIVE = "StuckInconclusive"
+    POLICY_REMOVED = "PolicyRemoved"
+    WEIGHT_CHANGED_EXTERNALLY = "WeightChangedExternally"
+    POLICY_INVALID = "PolicyInvalid"
+
+
+class Command(str, enum.Enum):
+    """Operator commands, fed into the same decision function as check results.
+
+    Only RETRY, PAUSE, RESUME and ABORT are decided on today; the transport (an annotation on
+    the target object) and APPROVE/PROMOTE arrive with the operator-commands issue.
+    """
+
+    RETRY = "retry"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"

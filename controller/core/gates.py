@@ -1,0 +1,193 @@
+"""Judging one check: both gateways' samples + the policy's limits -> a CheckResult.
+
+Each gate is judged on its own and needs only the data it uses: an absolute limit on the target
+needs target traffic, a limit relative to the source needs traffic on both. So a target that is
+plainly failing is reported as FAIL even while the source is too quiet to compare against, and a
+FAIL is never hidden behind a sibling's INCONCLUSIVE.
+
+"No data" is never read as 0: a query error is MetricsUnavailable, an empty answer NoData, NaN
+NotANumber, and fewer than ``minRequests`` requests TooFewRequests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controller.core.enums import InconclusiveCause, Verdict
+from controller.core.policy import CanaryPolicy
+from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome
+
+__all__ = ["judge"]
+
+#: When several gates are inconclusive, the check reports the most actionable cause.
+_CAUSE_PRIORITY = (
+    InconclusiveCause.METRICS_UNAVAILABLE,
+    InconclusiveCause.TOO_FEW_REQUESTS,
+    InconclusiveCause.NO_DATA,
+    InconclusiveCause.NOT_A_NUMBER,
+)
+
+
+class _Unjudgeable(Exception):
+    """Raised inside a gate when its inputs are missing; turned into an INCONCLUSIVE result."""
+
+    def __init__(self, cause: InconclusiveCause, reason: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+        self.reason = reason
+
+
+def _number(outcome: QueryOutcome, what: str) -> float:
+    if outcome.error is not None:
+        raise _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{what}: {outcome.error}")
+    if outcome.value is None:
+        raise _Unjudgeable(InconclusiveCause.NO_DATA, f"{what}: no data")
+    if not outcome.has_number:
+        raise _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{what}: not a number ({outcome.value})")
+    return outcome.value
+
+
+def _traffic(samples: GatewaySamples, min_requests: int) -> float:
+    """Requests in the window; an empty answer means no traffic (0), an error is unavailable."""
+    outcome = samples.requests
+    if outcome.error is not None:
+        raise _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{samples.role.value} requests: {outcome.error}")
+    count = outcome.value if outcome.has_number else 0.0
+    assert count is not None
+    if count < min_requests:
+        raise _Unjudgeable(
+            InconclusiveCause.TOO_FEW_REQUESTS,
+            f"{samples.role.value} had {count:.0f} requests in the window, needs {min_requests}",
+        )
+    return count
+
+
+def _gate(
+    name: str,
+    query: QueryOutcome,
+    threshold: float,
+    compute: Callable[[], tuple[float, float | None]],
+    *,
+    comparator: str = "<=",
+    unit: str = "",
+) -> GateResult:
+    """Run one gate's computation and turn its outcome into a result with its evidence."""
+    try:
+        value, baseline = compute()
+    except _Unjudgeable as exc:
+        return GateResult(
+            gate=name, verdict=Verdict.INCONCLUSIVE, reason=f"{name}: {exc.reason}", threshold=threshold,
+            comparator=comparator, cause=exc.cause, query=query.query.promql,
+        )
+    ok = value <= threshold if comparator == "<=" else value >= threshold
+    shown = f"{value:.4g}{unit} {'within' if ok else 'breaks'} {comparator} {threshold:g}{unit}"
+    if baseline is not None:
+        shown += f" (source {baseline:.4g}{unit})"
+    return GateResult(
+        gate=name, verdict=Verdict.PASS if ok else Verdict.FAIL, reason=f"{name}: {shown}", value=value,
+        threshold=threshold, comparator=comparator, baseline=baseline, query=query.query.promql,
+    )
+
+
+def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
+    """Judge every configured gate and combine the verdicts."""
+    gates = policy.spec.gates
+    minimum = policy.spec.analysis.min_requests
+    results: list[GateResult] = []
+
+    def target_only(outcome: QueryOutcome, what: str) -> Callable[[], tuple[float, float | None]]:
+        def compute() -> tuple[float, float | None]:
+            _traffic(target, minimum)
+            return _number(outcome, f"target {what}"), None
+
+        return compute
+
+    def both(
+        t: QueryOutcome, s: QueryOutcome, what: str, combine: Callable[[float, float], float]
+    ) -> Callable[[], tuple[float, float | None]]:
+        def compute() -> tuple[float, float | None]:
+            _traffic(target, minimum)
+            _traffic(source, minimum)
+            t_value = _number(t, f"target {what}")
+            s_value = _number(s, f"source {what}")
+            return combine(t_value, s_value), s_value
+
+        return compute
+
+    if gates.error_rate is not None:
+        if gates.error_rate.max is not None:
+            results.append(
+                _gate("errorRate", target.error_rate, gates.error_rate.max, target_only(target.error_rate, "5xx ratio"))
+            )
+        if gates.error_rate.max_increase is not None:
+            results.append(
+                _gate(
+                    "errorRateIncrease", target.error_rate, gates.error_rate.max_increase,
+                    both(target.error_rate, source.error_rate, "5xx ratio", lambda t, s: t - s),
+                )
+            )
+    if gates.latency is not None:
+        label = gates.latency.label
+        if gates.latency.max_ms is not None:
+            results.append(
+                _gate(f"latency{label.upper()}", target.latency, gates.latency.max_ms,
+                      target_only(target.latency, f"{label} latency"), unit="ms")
+            )
+        if gates.latency.max_ratio is not None:
+            results.append(
+                _gate(f"latency{label.upper()}Ratio", target.latency, gates.latency.max_ratio,
+                      both(target.latency, source.latency, f"{label} latency", _ratio))
+            )
+    for custom in gates.custom:
+        outcome = target.custom[custom.name]
+        baseline = source.custom.get(custom.name)
+
+        def measured(o: QueryOutcome = outcome, b: QueryOutcome | None = baseline,
+                     name: str = custom.name) -> tuple[float, float | None]:
+            base = b.value if b is not None and b.has_number else None
+            return _number(o, f"target {name}"), base
+
+        if custom.max is not None:
+            results.append(_gate(custom.name, outcome, custom.max, measured))
+        if custom.min is not None:
+            results.append(_gate(f"{custom.name}Min", outcome, custom.min, measured, comparator=">="))
+    return _combine(tuple(results), source, target, minimum)
+
+
+def _ratio(target: float, source: float) -> float:
+    if source <= 0:
+        raise _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"source latency is {source}, no ratio")
+    return target / source
+
+
+def _starved(samples: GatewaySamples, minimum: int) -> bool:
+    outcome = samples.requests
+    if outcome.error is not None:
+        return False
+    return (outcome.value if outcome.has_number and outcome.value is not None else 0.0) < minimum
+
+
+def _combine(
+    results: tuple[GateResult, ...], source: GatewaySamples, target: GatewaySamples, minimum: int
+) -> CheckResult:
+    starved = tuple(s.role for s in (source, target) if _starved(s, minimum))
+    failed = [r for r in results if r.verdict is Verdict.FAIL]
+    if failed:
+        return CheckResult(
+            verdict=Verdict.FAIL, gates=results, reason="; ".join(r.reason for r in failed),
+            starved=starved, source=source, target=target,
+        )
+    unsure = [r for r in results if r.verdict is Verdict.INCONCLUSIVE]
+    if unsure:
+        causes = {r.cause for r in unsure}
+        cause = next(c for c in _CAUSE_PRIORITY if c in causes)
+        reasons = list(dict.fromkeys(r.reason.split(": ", 1)[-1] for r in unsure if r.cause is cause))
+        return CheckResult(
+            verdict=Verdict.INCONCLUSIVE, gates=results, reason="; ".join(reasons), cause=cause,
+            starved=starved, source=source, target=target,
+        )
+    return CheckResult(
+        verdict=Verdict.PASS, gates=results, reason="; ".join(r.reason for r in results),
+        starved=starved, source=source, target=target,
+    )
+

@@ -1,0 +1,227 @@
+"""Turning policy YAML text into validated policies, with errors as ``file:line: field: message``.
+
+Parsing is separated from reading files so it stays pure; ``load_directory`` in the runtime reads
+the files and hands their text here. One bad document never hides the others: every document is
+validated on its own and the good ones are returned beside the errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from controller.core.policy import CanaryPolicy
+
+__all__ = ["LoadResult", "PolicyError", "SourcedPolicy", "check_conflicts", "parse_policy_text"]
+
+_Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyError:
+    """One problem in one file, located as precisely as the YAML allows."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedPolicy:
+    """A valid policy and where it was written."""
+
+    policy: CanaryPolicy
+    file: str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What a file (or a directory) yielded: the good policies and the errors."""
+
+    policies: tuple[SourcedPolicy, ...]
+    errors: tuple[PolicyError, ...]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader that also records the line of every mapping key and sequence item."""
+
+
+def _construct_with_lines(
+    loader: _LineLoader, node: yaml.Node, path: _Path, lines: dict[_Path, int]
+) -> Any:
+    """Build plain Python data from a node, recording where each key and item stood."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key == "<<":
+                raise yaml.YAMLError("merge keys (<<) are not supported in policies")
+            child = (*path, str(key))
+            lines[child] = key_node.start_mark.line + 1
+            result[key] = _construct_with_lines(loader, value_node, child, lines)
+            lines[child] = key_node.start_mark.line + 1
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _construct_with_lines(loader, item, (*path, index), lines) for index, item in enumerate(node.value)
+        ]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_policy_text(text: str, file: str) -> LoadResult:
+    """Validate every YAML document of one file."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=_LineLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        return LoadResult((), (PolicyError(file, line, "", f"not valid YAML: {exc.problem or exc}"),))
+    except yaml.YAMLError as exc:
+        return LoadResult((), (PolicyError(file, 1, "", f"not valid YAML: {exc}"),))
+    policies: list[SourcedPolicy] = []
+    errors: list[PolicyError] = []
+    loader = _LineLoader("")
+    for node in nodes:
+        if node is None:
+            continue
+        lines: dict[_Path, int] = {}
+        try:
+            data = _construct_with_lines(loader, node, (), lines)
+        except yaml.YAMLError as exc:
+            errors.append(PolicyError(file, node.start_mark.line + 1, "", str(exc)))
+            continue
+        doc_line = node.start_mark.line + 1
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            errors.append(PolicyError(file, doc_line, "", "a policy document must be a mapping "
+                                                          "(apiVersion, kind, metadata, spec)"))
+            continue
+        try:
+            policy = CanaryPolicy.model_validate(data)
+        except ValidationError as exc:
+            errors.extend(_located(exc, file, lines, doc_line))
+            continue
+        policies.append(SourcedPolicy(policy, file, doc_line))
+    return LoadResult(tuple(policies), tuple(errors))
+
+
+def _located(exc: ValidationError, file: str, lines: dict[_Path, int], doc_line: int) -> list[PolicyError]:
+    found: list[PolicyError] = []
+    for error in exc.errors(include_url=False):
+        loc = _strip_union_tags(error["loc"])
+        line = _nearest_line(loc, lines, doc_line)
+        field = ".".join(str(part) if isinstance(part, str) else f"[{part}]" for part in loc).replace(".[", "[")
+        found.append(PolicyError(file, line, field, _explain(error, loc)))
+    return found
+
+
+def _strip_union_tags(loc: Sequence[str | int]) -> _Path:
+    """Drop pydantic's discriminator tags (``slack``) and validator names from error paths."""
+    kept: list[str | int] = []
+    for part in loc:
+        if isinstance(part, str) and (part in {"slack", "webhook", "alertmanager"} or "[" in part):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _nearest_line(loc: _Path, lines: dict[_Path, int], default: int) -> int:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return default
+
+
+def _explain(error: Any, loc: _Path) -> str:
+    kind = error["type"]
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        return f"unknown field{hint}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_invalid":
+        return "unknown receiver type; allowed: slack, webhook, alertmanager"
+    if kind == "union_tag_not_found":
+        return "a receiver needs a type: slack, webhook or alertmanager"
+    return message
+
+
+def _allowed_fields(path: Iterable[str | int]) -> list[str]:
+    """The YAML keys valid at ``path``, found by walking the model along it."""
+    model: Any = CanaryPolicy
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = _field_by_alias(model, part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return sorted(info.alias or name for name, info in model.model_fields.items())
+
+
+def _field_by_alias(model: type[BaseModel], alias: str) -> Any:
+    for name, info in model.model_fields.items():
+        if (info.alias or name) == alias:
+            return info
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_conflicts(policies: Sequence[SourcedPolicy]) -> LoadResult:
+    """Keep the first policy for each name and each Service; report the later ones.
+
+    Two policies writing the same Service's weight would fight; the one listed first (already
+    running, or earlier in file order) wins and the other is reported with both locations.
+    """
+    kept: list[SourcedPolicy] = []
+    errors: list[PolicyError] = []
+    owners: dict[str, SourcedPolicy] = {}
+    names: dict[str, SourcedPolicy] = {}
+    for item in policies:
+        name = item.policy.name
+        if name in names:
+            first = names[name]
+            errors.append(PolicyError(item.file, item.line, "metadata.name",
+                                      f"policy name {name!r} is already used at {first.file}:{first.line}"))
+            continue
+        services = [str(item.policy.spec.source.service), str(item.policy.spec.target.service)]
+        clash = next((s for s in services if s in owners), None)
+        if clash is not None:
+            other = owners[clash]
+            errors.append(PolicyError(
+                item.file, item.line, "spec",
+                f"Service {clash} is already managed by policy {other.policy.name!r} "
+                f"({other.file}:{other.line}); one Service, one policy",
+            ))
+            continue
+        kept.append(item)
+        names[name] = item
+        for service in services:
+            owners[service] = item
+    return LoadResult(tuple(kept), tuple(errors))

@@ -1,0 +1,449 @@
+"""The canary policy: what on-call engineers write in ``policies/*.yaml``.
+
+A pydantic model, so that a bad file is rejected with the field path and what is allowed, and so
+that the JSON Schema for editors comes from the same source as the validation
+(``gateway-canary schema``). Every model forbids unknown fields: a misspelt threshold must never
+be silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from controller.core.durations import format_promql_duration, parse_duration
+from controller.core.enums import GatewayRole, OnInconclusive, WeightMode
+
+__all__ = [
+    "AlertmanagerReceiver",
+    "AnalysisSpec",
+    "CanaryPolicy",
+    "CustomGate",
+    "Duration",
+    "ErrorRateGate",
+    "GatesSpec",
+    "GatewaySpec",
+    "InconclusivePolicy",
+    "LatencyGate",
+    "PrometheusSpec",
+    "Receiver",
+    "ScheduleSpec",
+    "ServiceRef",
+    "SlackReceiver",
+    "WebhookReceiver",
+]
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_promql_duration, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration such as '30s', '5m', '1h30m', or a number of seconds",
+        }
+    ),
+]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_TEMPLATE_KEY = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+#: Placeholders a custom gate's PromQL template may use; anything else is an error at load time.
+TEMPLATE_KEYS = frozenset({"selector", "window", "namespace", "workload", "service"})
+
+
+class _Model(BaseModel):
+    """Base: camelCase keys in YAML, unknown keys rejected, immutable once loaded."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+def _split_service_ref(value: Any) -> Any:
+    """Accept ``"namespace/name"`` as shorthand for ``{namespace, name}``."""
+    if isinstance(value, str):
+        namespace, sep, name = value.partition("/")
+        if not sep or not namespace or not name or "/" in name:
+            raise ValueError(f"{value!r}: write 'namespace/name' or {{namespace: ..., name: ...}}")
+        return {"namespace": namespace, "name": name}
+    return value
+
+
+class ServiceRef(_Model):
+    """A Kubernetes Service of type LoadBalancer that carries the CLB weight annotation."""
+
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=63)
+
+    @field_validator("namespace", "name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-')")
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class GatewaySpec(_Model):
+    """One gateway: its Service and the Prometheus labels that select its traffic."""
+
+    service: Annotated[ServiceRef, BeforeValidator(_split_service_ref)]
+    workload: str | None = Field(
+        default=None,
+        description="source_workload label value; defaults to the Service name",
+    )
+    labels: dict[str, str] | None = Field(
+        default=None,
+        description="Prometheus label matchers that replace the default Istio selector entirely",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_empty(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty selector would match every gateway: name at least one label")
+        return value
+
+    def selector(self) -> dict[str, str]:
+        """Label matchers for this gateway's Istio standard metrics."""
+        if self.labels is not None:
+            return dict(self.labels)
+        return {
+            "reporter": "source",
+            "source_workload": self.workload or self.service.name,
+            "source_workload_namespace": self.service.namespace,
+        }
+
+
+class ScheduleSpec(_Model):
+    """Which target weights to pass through, how long to bake at each, how the source follows."""
+
+    steps: list[int] | None = Field(
+        default=None, description="explicit target weights, strictly increasing, each 1..100"
+    )
+    step_weight: int | None = Field(default=None, ge=1, le=100)
+    max_weight: int | None = Field(default=None, ge=1, le=100)
+    bake_time: Duration = Field(default=timedelta(minutes=5))
+    weight_mode: WeightMode = WeightMode.COMPLEMENTARY
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("steps must list at least one weight, e.g. [1, 5, 10, 25, 50, 100]")
+        for weight in value:
+            if not 1 <= weight <= 100:
+                raise ValueError(f"weight {weight} is outside 1..100 (0 is where a rollout starts)")
+        for before, after in zip(value, value[1:], strict=False):
+            if after <= before:
+                raise ValueError(f"steps must be strictly increasing: {before} is followed by {after}")
+        return value
+
+    @field_validator("bake_time")
+    @classmethod
+    def _bake_not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("bakeTime cannot be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_say_steps(self) -> ScheduleSpec:
+        if self.steps is not None and (self.step_weight is not None or self.max_weight is not None):
+            raise ValueError("give either steps or stepWeight (+ maxWeight), not both")
+        if self.steps is None and self.step_weight is None:
+            raise ValueError("give steps (e.g. [1, 5, 10, 25, 50, 100]) or stepWeight (+ maxWeight)")
+        if self.max_weight is not None and self.step_weight is not None and self.max_weight < self.step_weight:
+            raise ValueError(f"maxWeight {self.max_weight} is below stepWeight {self.step_weight}")
+        return self
+
+
+class InconclusivePolicy(_Model):
+    """What a run of inconclusive checks leads to, and after how many in a row."""
+
+    action: OnInconclusive = OnInconclusive.HOLD
+    after_checks: int = Field(default=10, ge=1, le=10_000)
+
+
+class AnalysisSpec(_Model):
+    """How often and over what window both gateways are measured, and how verdicts add up."""
+
+    interval: Duration = Field(default=timedelta(seconds=30))
+    window: Duration = Field(default=timedelta(minutes=1))
+    min_requests: int = Field(
+        default=50, ge=1, description="requests per window needed on EACH gateway to judge"
+    )
+    failure_threshold: int = Field(
+        default=2, ge=1, le=100, description="consecutive FAIL checks that roll back"
+    )
+    on_missing_data: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
+    on_metrics_unavailable: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_sane(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("interval must be between 1s and 1h")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window_sane(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(days=1):
+            raise ValueError("window must be between 1s and 24h")
+        return value
+
+
+class ErrorRateGate(_Model):
+    """5xx ratio: an absolute ceiling on the target and/or an allowed increase over the source."""
+
+    max: float | None = Field(default=None, ge=0, le=1, description="highest 5xx ratio on the target")
+    max_increase: float | None = Field(
+        default=None, ge=0, le=1, description="highest (target - source) 5xx ratio"
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ErrorRateGate:
+        if self.max is None and self.max_increase is None:
+            raise ValueError("errorRate needs max and/or maxIncrease (ratios from 0 to 1, e.g. 0.01)")
+        return self
+
+
+class MaxLimit(_Model):
+    """An absolute ceiling."""
+
+    max: float = Field(gt=0)
+
+
+_PERCENTILE_FIELDS = {"p50_ms": 0.5, "p90_ms": 0.9, "p95_ms": 0.95, "p99_ms": 0.99, "p999_ms": 0.999}
+
+
+class LatencyGate(_Model):
+    """A latency quantile: an absolute ceiling on the target and/or a ratio over the source.
+
+    The quantile is the one named by the ``pNNMs`` key (p99 when only ``maxRatio`` is given).
+    """
+
+    p50_ms: MaxLimit | None = None
+    p90_ms: MaxLimit | None = None
+    p95_ms: MaxLimit | None = None
+    p99_ms: MaxLimit | None = None
+    p999_ms: MaxLimit | None = None
+    max_ratio: float | None = Field(
+        default=None, ge=1, le=100, description="highest target/source ratio of the quantile"
+    )
+
+    @model_validator(mode="after")
+    def _one_quantile(self) -> LatencyGate:
+        named = [key for key in _PERCENTILE_FIELDS if getattr(self, key) is not None]
+        if len(named) > 1:
+            raise ValueError("name one quantile per latency gate (one of p50Ms, p90Ms, p95Ms, p99Ms, p999Ms)")
+        if not named and self.max_ratio is None:
+            raise ValueError("latency needs a quantile limit such as p99Ms: {max: 500} and/or maxRatio")
+        return self
+
+    @property
+    def quantile(self) -> float:
+        """The quantile both limits judge."""
+        for key, quantile in _PERCENTILE_FIELDS.items():
+            if getattr(self, key) is not None:
+                return quantile
+        return 0.99
+
+    @property
+    def max_ms(self) -> float | None:
+        """The absolute ceiling in milliseconds, if one is set."""
+        for key in _PERCENTILE_FIELDS:
+            limit = getattr(self, key)
+            if limit is not None:
+                return float(limit.max)
+        return None
+
+    @property
+    def label(self) -> str:
+        """``p99`` and the like, for gate names and messages."""
+        text = f"{self.quantile * 100:g}".replace(".", "")
+        return f"p{text}"
+
+
+class CustomGate(_Model):
+    """Any PromQL, rendered per gateway with ``{{ selector }}``, ``{{ window }}`` and friends."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
+    query: str = Field(min_length=1)
+    max: float | None = None
+    min: float | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        unknown = sorted(set(_TEMPLATE_KEY.findall(value)) - TEMPLATE_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(unknown)}; allowed: "
+                + ", ".join("{{ " + key + " }}" for key in sorted(TEMPLATE_KEYS))
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> CustomGate:
+        if self.max is None and self.min is None:
+            raise ValueError("a custom gate needs max and/or min")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class GatesSpec(_Model):
+    """The limits a check judges. Both gateways' numbers are always measured and reported."""
+
+    error_rate: ErrorRateGate | None = None
+    latency: LatencyGate | None = None
+    custom: list[CustomGate] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> GatesSpec:
+        if self.error_rate is None and self.latency is None and not self.custom:
+            raise ValueError("a policy needs at least one gate: errorRate, latency or custom")
+        names = [gate.name for gate in self.custom]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"custom gate names must be unique: {', '.join(duplicated)}")
+        return self
+
+
+class _SecretUrlReceiver(_Model):
+    """A receiver whose URL is a secret: given inline or, better, named by an environment variable."""
+
+    name: str | None = Field(default=None, max_length=63)
+    url: SecretStr | None = None
+    url_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> _SecretUrlReceiver:
+        if (self.url is None) == (self.url_from_env is None):
+            raise ValueError("give exactly one of url or urlFromEnv (the name of an environment variable)")
+        if self.url is not None and not self.url.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class SlackReceiver(_SecretUrlReceiver):
+    """A Slack incoming webhook."""
+
+    type: Literal["slack"]
+
+
+class WebhookReceiver(_SecretUrlReceiver):
+    """Any HTTP endpoint that takes the alert as JSON."""
+
+    type: Literal["webhook"]
+
+
+class AlertmanagerReceiver(_Model):
+    """An Alertmanager (v2 API), so on-call routing goes through the team's existing config."""
+
+    type: Literal["alertmanager"]
+    name: str | None = Field(default=None, max_length=63)
+    url: str = Field(pattern=r"^https?://")
+
+
+Receiver = Annotated[
+    SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Field(discriminator="type")
+]
+
+
+class PrometheusSpec(_Model):
+    """Per-policy override of the Prometheus connection in the settings."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    token_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    auth_scheme: str | None = Field(
+        default=None, description="'Bearer' (default) or '' for a raw 'Authorization: <token>' (ARMS)"
+    )
+    username: str | None = None
+    password_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    ca_file: str | None = None
+    timeout: Duration | None = None
+
+
+class PolicyMetadata(_Model):
+    """Identity of a policy."""
+
+    name: str = Field(min_length=1, max_length=63)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-')")
+        return value
+
+
+class PolicySpec(_Model):
+    """Everything a rollout needs."""
+
+    source: GatewaySpec
+    target: GatewaySpec
+    schedule: ScheduleSpec
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    gates: GatesSpec
+    alerts: list[Receiver] = Field(default_factory=list)
+    prometheus: PrometheusSpec | None = None
+
+    @model_validator(mode="after")
+    def _two_services(self) -> PolicySpec:
+        if self.source.service == self.target.service:
+            raise ValueError(f"source and target are the same Service {self.source.service}")
+        return self
+
+
+class CanaryPolicy(_Model):
+    """One migration from a source gateway to a target gateway."""
+
+    api_version: Literal["gateway-canary.io/v1alpha1"] = "gateway-canary.io/v1alpha1"
+    kind: Literal["CanaryPolicy"] = "CanaryPolicy"
+    metadata: PolicyMetadata
+    spec: PolicySpec
+
+    @property
+    def name(self) -> str:
+        """The policy's name, bound to every log line about it."""
+        return self.metadata.name
+
+    def gateway(self, role: GatewayRole) -> GatewaySpec:
+        """The gateway playing ``role``."""
+        return self.spec.source if role is GatewayRole.SOURCE else self.spec.target
+
+    def rollout_fingerprint(self) -> str:
+        """A digest of what steers the rollout (not alerts or connections).
+
+        Persisted with the state: when it differs, the policy changed and the bake restarts.
+        """
+        steering = self.spec.model_dump(
+            mode="json", by_alias=True, include={"source", "target", "schedule", "analysis", "gates"}
+        )
+        encoded = json.dumps(steering, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(encoded).hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""Measurements and verdicts as values: status, value, threshold and reason, never a bare bool.
+
+A query result is either a number, "no data" (an empty vector), or an error; all three are
+values here so that fetching (an adapter) and judging (``gates``) stay separate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Verdict
+
+__all__ = [
+    "CheckResult",
+    "GateResult",
+    "GatewaySamples",
+    "QueryOutcome",
+    "RenderedQuery",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedQuery:
+    """A PromQL string with what it means, so a simulated source can answer it without parsing."""
+
+    promql: str
+    measure: Measure
+    role: GatewayRole
+    gate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOutcome:
+    """One query's answer: a value, no data (empty vector), or an error message."""
+
+    query: RenderedQuery
+    value: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def has_number(self) -> bool:
+        """True when the answer is a real number (not None, NaN or infinite)."""
+        return self.error is None and self.value is not None and math.isfinite(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySamples:
+    """Everything measured on one gateway in one check."""
+
+    role: GatewayRole
+    requests: QueryOutcome
+    error_rate: QueryOutcome
+    latency: QueryOutcome
+    custom: dict[str, QueryOutcome] = field(default_factory=dict)
+
+    def outcomes(self) -> list[QueryOutcome]:
+        """All query outcomes, built-in first."""
+        return [self.requests, self.error_rate, self.latency, *self.custom.values()]
+
+    def summary(self) -> dict[str, float | None]:
+        """Numbers for logs and alerts."""
+        numbers: dict[str, float | None] = {
+            "requests": self.requests.value,
+            "errorRate": self.error_rate.value,
+            "latencyMs": self.latency.value,
+        }
+        for name, outcome in self.custom.items():
+            numbers[name] = outcome.value
+        return numbers
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    """One gate's verdict with the evidence behind it."""
+
+    gate: str
+    verdict: Verdict
+    reason: str
+    value: float | None = None
+    threshold: float | None = None
+    comparator: str = "<="
+    baseline: float | None = None
+    cause: InconclusiveCause | None = None
+    query: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """For logs, alerts and the persisted last verdict."""
+        return {
+            "gate": self.gate,
+            "verdict": self.verdict.value,
+            "value": self.value,
+            "threshold": self.threshold,
+            "comparator": self.comparator,
+            "baseline": self.baseline,
+            "reason": self.reason,
+            "query": self.query,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The verdict of one check over both gateways.
+
+    Any FAIL makes the check FAIL (an inconclusive sibling never hides a failure); otherwise any
+    INCONCLUSIVE makes it INCONCLUSIVE; PASS needs every gate to pass.
+    """
+
+    verdict: Verdict
+    gates: tuple[GateResult, ...]
+    reason: str
+    cause: InconclusiveCause | None = None
+    #: gateways with fewer requests than ``minRequests`` in the window
+    starved: tuple[GatewayRole, ...] = ()
+    source: GatewaySamples | None = None
+    target: GatewaySamples | None = None
+
+    @property
+    def failing(self) -> tuple[GateResult, ...]:
+        """The gates that failed, first the one that decided."""
+        return tuple(gate for gate in self.gates if gate.verdict is Verdict.FAIL)
+
+    @property
+    def observed_target_share(self) -> float | None:
+        """The share of requests the target actually got: the CLB weight as traffic sees it."""
+        if self.source is None or self.target is None:
+            return None
+        target, source = self.target.requests, self.source.requests
+        if not (target.has_number and source.has_number):
+            return None
+        assert target.value is not None and source.value is not None
+        total = target.value + source.value
+        return None if total <= 0 else target.value / total

@@ -1,0 +1,58 @@
+"""gateway-canary's own exceptions; library errors are translated into these at the edges.
+
+    GatewayCanaryError
+    ├── MetricsUnavailable         Prometheus unreachable, timed out, or answered an error
+    ├── ClusterError               anything the Kubernetes API refused or failed at
+    │   ├── ClusterUnavailable     connection refused, timeout, 5xx: try again next check
+    │   ├── AccessDenied           401/403: the controller's RBAC does not cover the object
+    │   ├── ServiceNotFound        404: a Service the policy names does not exist
+    │   └── WeightChangedExternally  someone else changed a weight annotation mid-write
+    └── NotificationError          an alert receiver failed (retried, never blocks a rollback)
+
+The original exception is always chained (``raise ... from exc``) for the logs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "ClusterError",
+    "ClusterUnavailable",
+    "GatewayCanaryError",
+    "MetricsUnavailable",
+    "NotificationError",
+    "ServiceNotFound",
+    "WeightChangedExternally",
+]
+
+
+class GatewayCanaryError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class MetricsUnavailable(GatewayCanaryError):
+    """The metrics source could not answer; the check becomes INCONCLUSIVE, never a PASS."""
+
+
+class ClusterError(GatewayCanaryError):
+    """The Kubernetes API did not do what was asked."""
+
+
+class ClusterUnavailable(ClusterError):
+    """Transient: unreachable, timed out or a server error."""
+
+
+class AccessDenied(ClusterError):
+    """The API server refused the controller's identity (RBAC)."""
+
+
+class ServiceNotFound(ClusterError):
+    """A Service named by a policy does not exist."""
+
+
+class WeightChangedExternally(ClusterError):
+    """A weight annotation changed between reading and writing: someone else is steering."""
+
+
+class NotificationError(GatewayCanaryError):
+    """An alert could not be delivered to one receiver."""

@@ -1,0 +1,55 @@
+"""Receivers from a policy's ``alerts`` list plus the global ones in the settings.
+
+An unknown type cannot reach here (the policy model rejects it); a secret named by
+``urlFromEnv`` that is not set is an error against the policy, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+from controller.core.policy import AlertmanagerReceiver, CanaryPolicy, SlackReceiver, WebhookReceiver
+from controller.notify.alertmanager import AlertmanagerNotifier
+from controller.notify.slack import SlackNotifier
+from controller.notify.webhook import WebhookNotifier
+from controller.ports import Notifier
+from controller.settings import Settings
+
+__all__ = ["global_receivers", "receivers_for"]
+
+
+def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int) -> str:
+    if receiver.url is not None:
+        return receiver.url.get_secret_value()
+    assert receiver.url_from_env is not None
+    value = os.environ.get(receiver.url_from_env, "")
+    if not value:
+        raise ValueError(f"alerts[{index}].urlFromEnv: environment variable {receiver.url_from_env} is not set")
+    return value
+
+
+def receivers_for(policy: CanaryPolicy, settings: Settings) -> list[Notifier]:
+    """Build every receiver of a policy. Raises ValueError naming the receiver that cannot be built."""
+    timeout = settings.notify_timeout_seconds
+    built: list[Notifier] = []
+    for index, receiver in enumerate(policy.spec.alerts):
+        if isinstance(receiver, SlackReceiver):
+            built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+        elif isinstance(receiver, WebhookReceiver):
+            built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+        elif isinstance(receiver, AlertmanagerReceiver):
+            built.append(AlertmanagerNotifier(receiver.url, name=receiver.name, timeout=timeout))
+    return built + global_receivers(settings)
+
+
+def global_receivers(settings: Settings) -> list[Notifier]:
+    """Receivers every policy (and every policy-file error) is reported to."""
+    timeout = settings.notify_timeout_seconds
+    built: list[Notifier] = []
+    if settings.alertmanager_url:
+        built.append(AlertmanagerNotifier(settings.alertmanager_url, name="global", timeout=timeout))
+    if settings.slack_webhook_url is not None:
+        built.append(SlackNotifier(settings.slack_webhook_url.get_secret_value(), name="global", timeout=timeout))
+    if settings.webhook_url is not None:
+        built.append(WebhookNotifier(settings.webhook_url.get_secret_value(), name="global", timeout=timeout))
+    return built

@@ -1,0 +1,27 @@
+"""The one HTTP POST all receivers share; failures become NotificationError without the URL."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from controller.errors import NotificationError
+
+__all__ = ["post_json", "safe_host"]
+
+
+def safe_host(url: str) -> str:
+    """The host of a URL, for names and logs; never its path or query (Slack puts secrets there)."""
+    return urlsplit(url).hostname or "?"
+
+
+def post_json(name: str, url: str, body: Any, *, timeout: float, headers: dict[str, str] | None = None) -> None:
+    """POST ``body`` as JSON; any failure is a NotificationError naming the receiver, not the URL."""
+    try:
+        response = requests.post(url, json=body, timeout=timeout, headers=headers)
+    except requests.RequestException as exc:
+        raise NotificationError(f"{name}: {type(exc).__name__}") from exc
+    if not 200 <= response.status_code < 300:
+        raise NotificationError(f"{name}: HTTP {response.status_code}")

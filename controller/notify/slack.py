@@ -1,0 +1,28 @@
+"""Slack incoming webhook."""
+
+from __future__ import annotations
+
+from controller.core.alerts import Alert
+from controller.core.enums import Severity
+from controller.notify.http import post_json
+
+__all__ = ["SlackNotifier"]
+
+_ICON = {Severity.CRITICAL: ":rotating_light:", Severity.WARNING: ":warning:", Severity.INFO: ":white_check_mark:"}
+
+
+class SlackNotifier:
+    """Posts the alert as a message; the URL is a secret and never appears in names or logs."""
+
+    def __init__(self, url: str, *, name: str | None = None, timeout: float = 5.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("a Slack webhook URL must start with http:// or https://")
+        self._url = url
+        self._timeout = timeout
+        self.name = f"slack:{name}" if name else "slack"
+
+    def send(self, alert: Alert) -> None:
+        """One delivery attempt."""
+        title, _, rest = alert.text().partition("\n")
+        body = {"text": f"{_ICON[alert.severity]} *{title}*\n```{rest}```"}
+        post_json(self.name, self._url, body, timeout=self._timeout)

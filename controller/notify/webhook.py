@@ -1,0 +1,23 @@
+"""Generic JSON webhook: the alert's full structured form."""
+
+from __future__ import annotations
+
+from controller.core.alerts import Alert
+from controller.notify.http import post_json, safe_host
+
+__all__ = ["WebhookNotifier"]
+
+
+class WebhookNotifier:
+    """POSTs ``Alert.as_dict()``."""
+
+    def __init__(self, url: str, *, name: str | None = None, timeout: float = 5.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("a webhook URL must start with http:// or https://")
+        self._url = url
+        self._timeout = timeout
+        self.name = f"webhook:{name or safe_host(url)}"
+
+    def send(self, alert: Alert) -> None:
+        """One delivery attempt."""
+        post_json(self.name, self._url, alert.as_dict(), timeout=self._timeout)

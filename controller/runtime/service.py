@@ -1,0 +1,215 @@
+"""The long-running service: policies -> one scheduled check per policy, reloads, clean shutdown.
+
+APScheduler runs each policy's tick at its interval (one at a time per policy, missed runs
+coalesced) and re-reads the policies directory on a timer. SIGTERM stops new ticks, lets the
+one in flight finish or abandon its raise (a rollback is always written), then flushes alerts.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from controller.core.alerts import build_alert
+from controller.core.enums import AlertKind, Severity
+from controller.core.policy import CanaryPolicy
+from controller.notify.dispatcher import AlertDispatcher
+from controller.notify.factory import global_receivers, receivers_for
+from controller.ports import Clock, GatewayPair, MetricsSource, Notifier
+from controller.runtime.collector import Collector
+from controller.runtime.http import StatusServer
+from controller.runtime.policy_source import PolicyCatalog
+from controller.runtime.reconciler import PolicyRunner
+from controller.runtime.telemetry import Telemetry
+from controller.settings import Settings
+
+__all__ = ["ControllerService"]
+
+_log = structlog.get_logger("controller.service")
+
+
+class ControllerService:
+    """Wires the catalog, the runners, the scheduler and the status server together."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pair: GatewayPair,
+        metrics_for: Callable[[CanaryPolicy], MetricsSource],
+        clock: Clock,
+        time_scale: float = 1.0,
+        telemetry: Telemetry | None = None,
+        extra_receivers: list[Notifier] | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry()
+        self.stopping = threading.Event()
+        self.runners: dict[str, PolicyRunner] = {}
+        self._pair = pair
+        self._metrics_for = metrics_for
+        self._clock = clock
+        self._scale = time_scale
+        self._extra_receivers = extra_receivers or []
+        self._catalog = PolicyCatalog(settings.policies_dir)
+        self._collector = Collector()
+        self._dispatcher = AlertDispatcher(
+            attempts=settings.notify_attempts,
+            backoff_seconds=settings.notify_backoff_seconds,
+            on_outcome=lambda receiver, outcome: self.telemetry.notifications.labels(receiver, outcome).inc(),
+        )
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._reload_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._reported_errors: set[str] = set()
+        self.http: StatusServer | None = None
+        if serve_http:
+            self.http = StatusServer(
+                settings.http_host, settings.http_port, self.telemetry.registry,
+                healthy=lambda: self._scheduler.running and not self.stopping.is_set(),
+                ready=lambda: self._loaded.is_set() and self._scheduler.running and not self.stopping.is_set(),
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load policies, start ticking and serving."""
+        if self.http is not None:
+            self.http.start()
+            _log.info("status server listening", port=self.http.port)
+        self._scheduler.start()
+        self.reload()
+        self._scheduler.add_job(
+            self.reload, IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
+            id="__reload__", max_instances=1, coalesce=True,
+        )
+        self._loaded.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop scheduling, wait for in-flight ticks, flush alerts."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        _log.info("stopping: waiting for in-flight checks")
+        self._scheduler.shutdown(wait=True)
+        self._dispatcher.close(timeout=min(timeout, 10.0))
+        self._collector.close()
+        if self.http is not None:
+            self.http.stop()
+        _log.info("stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM/SIGINT, then stop cleanly."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            _log.info("signal received", signal=signal.Signals(signum).name)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        stop_requested.wait()
+        self.stop()
+
+    # -- policies -----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the directory and add, replace or remove runners to match it."""
+        with self._reload_lock:
+            if self.stopping.is_set():
+                return
+            snapshot = self._catalog.refresh()
+            if snapshot is None:
+                return
+            self._report_errors([str(error) for error in snapshot.errors])
+            self.telemetry.policy_file_errors.set(len(snapshot.errors))
+            for name in sorted(set(self.runners) - set(snapshot.policies)):
+                runner = self.runners.pop(name)
+                self._unschedule(name)
+                runner.alert_removed()
+                self.telemetry.forget(name)
+            for name, sourced in snapshot.policies.items():
+                current = self.runners.get(name)
+                if current is not None and current.policy == sourced.policy:
+                    continue
+                self._install(sourced.policy, replacing=current is not None)
+            self.telemetry.policies.set(len(self.runners))
+
+    def _install(self, policy: CanaryPolicy, *, replacing: bool) -> None:
+        config_error: str | None = None
+        receivers: list[Notifier] = list(self._extra_receivers)
+        metrics: MetricsSource | None = None
+        try:
+            receivers = receivers_for(policy, self.settings) + receivers
+            metrics = self._metrics_for(policy)
+        except ValueError as exc:
+            config_error = str(exc)
+        runner = PolicyRunner(
+            policy, pair=self._pair, metrics=metrics or _NoMetrics(), receivers=receivers,
+            dispatcher=self._dispatcher, collector=self._collector, clock=self._clock, telemetry=self.telemetry,
+            stopping=self.stopping, config_error=config_error,
+        )
+        self.runners[policy.name] = runner
+        seconds = policy.spec.analysis.interval.total_seconds() / self._scale
+        self._scheduler.add_job(
+            self._tick, IntervalTrigger(seconds=seconds), args=[policy.name], id=policy.name,
+            replace_existing=True, max_instances=1, coalesce=True, misfire_grace_time=None,
+            next_run_time=datetime.now(UTC),
+        )
+        _log.info("policy replaced" if replacing else "policy loaded", policy=policy.name,
+                  interval_s=policy.spec.analysis.interval.total_seconds(),
+                  receivers=[r.name for r in receivers])
+
+    def _unschedule(self, name: str) -> None:
+        if self._scheduler.get_job(name) is not None:
+            self._scheduler.remove_job(name)
+
+    def _tick(self, name: str) -> None:
+        runner = self.runners.get(name)
+        if runner is None or self.stopping.is_set():
+            return
+        try:
+            outcome = runner.tick()
+        except Exception:  # a bug must not kill the scheduler thread; it is logged with its traceback
+            runner.log.exception("tick crashed")
+            self.telemetry.errors.labels(name, "crash").inc()
+            return
+        recheck = self.settings.failure_recheck_seconds
+        if outcome.recheck_soon and recheck > 0 and not self.stopping.is_set():
+            job = self._scheduler.get_job(name)
+            soon = datetime.now(UTC) + timedelta(seconds=recheck / self._scale)
+            if job is not None and (job.next_run_time is None or soon < job.next_run_time):
+                job.modify(next_run_time=soon)
+
+    def _report_errors(self, errors: list[str]) -> None:
+        """Log every current error; alert the global receivers once per distinct error."""
+        for error in errors:
+            _log.error("policy file invalid", error=error)
+        fresh = [error for error in errors if error not in self._reported_errors]
+        self._reported_errors = set(errors)
+        if not fresh:
+            return
+        receivers = global_receivers(self.settings) + self._extra_receivers
+        for error in fresh:
+            alert = build_alert(
+                kind=AlertKind.POLICY_INVALID, severity=Severity.WARNING, policy=error.split(":", 1)[0],
+                reason=error, at=self._clock.now(), source_service="-", target_service="-", dedup_suffix=error,
+            )
+            self._dispatcher.submit(alert, receivers)
+
+
+class _NoMetrics:
+    """Stands in for a metrics source that could not be built; the runner refuses before using it."""
+
+    def query(self, query: object) -> float | None:
+        return None
+

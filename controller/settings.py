@@ -1,0 +1,103 @@
+"""All configuration in one place, from environment variables prefixed ``GATEWAY_CANARY_``.
+
+Per-policy overrides (a policy's ``prometheus:`` block) are merged in ``PrometheusConnection``;
+nothing else reads the environment except ``urlFromEnv``/``tokenFromEnv`` secrets, which are
+resolved when a policy starts so that a missing secret is reported against the policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from controller.core.policy import PrometheusSpec
+
+__all__ = ["LogFormat", "PrometheusConnection", "Settings"]
+
+
+class LogFormat(str, enum.Enum):
+    """How logs are rendered: JSON for the container, readable for a terminal, or by detection."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class Settings(BaseSettings):
+    """Controller settings. Every field is ``GATEWAY_CANARY_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_CANARY_", extra="ignore")
+
+    policies_dir: Path = Field(default=Path("policies"), description="directory of *.yaml policies")
+    reload_interval_seconds: float = Field(default=5.0, gt=0, description="how often policies are re-read")
+
+    prometheus_url: str = Field(default="http://127.0.0.1:9090")
+    prometheus_token: SecretStr | None = Field(default=None, description="sent as Authorization header")
+    prometheus_auth_scheme: str = Field(default="Bearer", description="'' sends the raw token (ARMS V1)")
+    prometheus_username: str | None = None
+    prometheus_password: SecretStr | None = None
+    prometheus_ca_file: Path | None = None
+    prometheus_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    kubeconfig: Path | None = Field(default=None, description="unset: in-cluster config, then ~/.kube/config")
+    kube_context: str | None = None
+    dry_run: bool = Field(default=False, description="log intended writes, write nothing")
+
+    http_host: str = "0.0.0.0"  # noqa: S104 - the metrics/health port is meant to be scraped
+    http_port: int = Field(default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 = any")
+
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "INFO"
+
+    alertmanager_url: str | None = Field(default=None, description="receiver added to every policy")
+    slack_webhook_url: SecretStr | None = Field(default=None, description="receiver added to every policy")
+    webhook_url: SecretStr | None = Field(default=None, description="receiver added to every policy")
+    notify_attempts: int = Field(default=5, ge=1, le=50, description="delivery attempts per alert")
+    notify_backoff_seconds: float = Field(default=0.5, ge=0, description="first retry delay, doubling")
+    notify_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    failure_recheck_seconds: float = Field(
+        default=5.0, ge=0, description="after a FAIL, check again this soon (0: at the normal interval)"
+    )
+
+
+class PrometheusConnection:
+    """The connection one policy uses: settings, overridden by the policy's ``prometheus`` block."""
+
+    def __init__(self, settings: Settings, override: PrometheusSpec | None) -> None:
+        spec = override or PrometheusSpec()
+        self.url = (spec.url or settings.prometheus_url).rstrip("/")
+        token: str | None = None
+        if spec.token_from_env:
+            token = os.environ.get(spec.token_from_env)
+            if not token:
+                raise ValueError(f"prometheus.tokenFromEnv: environment variable {spec.token_from_env} is not set")
+        elif settings.prometheus_token is not None:
+            token = settings.prometheus_token.get_secret_value()
+        scheme = spec.auth_scheme if spec.auth_scheme is not None else settings.prometheus_auth_scheme
+        self.headers: dict[str, str] = {}
+        if token:
+            self.headers["Authorization"] = f"{scheme} {token}".strip()
+        username = spec.username or settings.prometheus_username
+        password: str | None = None
+        if spec.password_from_env:
+            password = os.environ.get(spec.password_from_env)
+            if password is None:
+                raise ValueError(
+                    f"prometheus.passwordFromEnv: environment variable {spec.password_from_env} is not set"
+                )
+        elif settings.prometheus_password is not None:
+            password = settings.prometheus_password.get_secret_value()
+        self.basic_auth = (username, password or "") if username else None
+        self.ca_file = spec.ca_file or (str(settings.prometheus_ca_file) if settings.prometheus_ca_file else None)
+        timeout = spec.timeout or timedelta(seconds=settings.prometheus_timeout_seconds)
+        self.timeout_seconds = timeout.total_seconds()
+
+    def key(self) -> tuple[object, ...]:
+        """Policies with equal keys share one client."""
+        return (self.url, tuple(sorted(self.headers.items())), self.basic_auth, self.ca_file, self.timeout_seconds)
