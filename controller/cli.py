@@ -26,7 +26,9 @@ def _cmd_validate(paths: Sequence[str]) -> int:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")))
+            files.extend(
+                sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+            )
         elif path.exists():
             files.append(path)
         else:
@@ -72,11 +74,16 @@ def _cmd_demo(speed: float, verbose: bool) -> int:
     print(f"gateway-canary demo: simulated gateways, time x{speed:g}, no cluster needed")
     result = run_demo(speed=speed, on_change=lambda line: print(f"  {line}"), on_alert=show_alert)
     if result.rolled_back and result.alerts:
-        print(f"demo finished in {result.seconds:.1f}s: climbed to {result.highest_weight}, "
-              "rolled back to 0 after errors, alert delivered")
+        print(
+            f"demo finished in {result.seconds:.1f}s: climbed to {result.highest_weight}, "
+            "rolled back to 0 after errors, alert delivered"
+        )
         return 0
-    print(f"demo did NOT play out as expected: rolled_back={result.rolled_back}, "
-          f"alerts={len(result.alerts)}, highest weight {result.highest_weight}", file=sys.stderr)
+    print(
+        f"demo did NOT play out as expected: rolled_back={result.rolled_back}, "
+        f"alerts={len(result.alerts)}, highest weight {result.highest_weight}",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -133,11 +133,20 @@ def run_demo(
     notifier = CollectingNotifier(on_alert)
     with tempfile.TemporaryDirectory(prefix="gateway-canary-demo-") as tmp:
         (Path(tmp) / "demo.yaml").write_text(DEMO_POLICY, encoding="utf-8")
-        settings = Settings(policies_dir=Path(tmp), reload_interval_seconds=60.0, failure_recheck_seconds=5.0,
-                            notify_backoff_seconds=0.05)
+        settings = Settings(
+            policies_dir=Path(tmp),
+            reload_interval_seconds=60.0,
+            failure_recheck_seconds=5.0,
+            notify_backoff_seconds=0.05,
+        )
         service = ControllerService(
-            settings, pair=pair, metrics_for=lambda policy: gateways, clock=CompressedClock(speed),
-            time_scale=speed, extra_receivers=[notifier], serve_http=False,
+            settings,
+            pair=pair,
+            metrics_for=lambda policy: gateways,
+            clock=CompressedClock(speed),
+            time_scale=speed,
+            extra_receivers=[notifier],
+            serve_http=False,
         )
         service.start()
         highest = 0
@@ -153,8 +162,11 @@ def run_demo(
                 highest = max(highest, pair.target_weight or 0)
                 if injected_at is None and (pair.target_weight or 0) >= inject_at_weight:
                     injected_at = time.monotonic()
-                elif injected_at is not None and gateways.error_ratio[GatewayRole.TARGET] != error_ratio \
-                        and time.monotonic() - injected_at >= inject_after_seconds:
+                elif (
+                    injected_at is not None
+                    and gateways.error_ratio[GatewayRole.TARGET] != error_ratio
+                    and time.monotonic() - injected_at >= inject_after_seconds
+                ):
                     gateways.error_ratio[GatewayRole.TARGET] = error_ratio
                     on_change(f"injecting {error_ratio:.0%} 5xx on the ASM gateway at weight {pair.target_weight}")
                 if pair.state is not None and pair.state.phase is Phase.ROLLED_BACK and notifier.received.is_set():

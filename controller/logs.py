@@ -33,9 +33,7 @@ def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "INFO", *, s
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer]
-        if use_json
-        else [*shared, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, renderer] if use_json else [*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,

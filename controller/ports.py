@@ -94,4 +94,3 @@ class Notifier(Protocol):
     def send(self, alert: Alert) -> None:
         """Deliver once. Raises NotificationError; retries are the dispatcher's job."""
         ...
-

@@ -20,7 +20,7 @@ from controller.core.policy import PrometheusSpec
 __all__ = ["LogFormat", "PrometheusConnection", "Settings"]
 
 
-class LogFormat(str, enum.Enum):
+class LogFormat(enum.StrEnum):
     """How logs are rendered: JSON for the container, readable for a terminal, or by detection."""
 
     AUTO = "auto"
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     kube_context: str | None = None
     dry_run: bool = Field(default=False, description="log intended writes, write nothing")
 
-    http_host: str = "0.0.0.0"  # noqa: S104 - the metrics/health port is meant to be scraped
+    http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 = any")
 
     log_format: LogFormat = LogFormat.AUTO
@@ -100,4 +100,10 @@ class PrometheusConnection:
 
     def key(self) -> tuple[object, ...]:
         """Policies with equal keys share one client."""
-        return (self.url, tuple(sorted(self.headers.items())), self.basic_auth, self.ca_file, self.timeout_seconds)
+        return (
+            self.url,
+            tuple(sorted(self.headers.items())),
+            self.basic_auth,
+            self.ca_file,
+            self.timeout_seconds,
+        )

@@ -48,14 +48,24 @@ class DryRunGatewayPair:
         """Log what would be patched."""
         target, source = seen.target_weight, seen.source_weight
         if weights is not None:
-            _log.info("dry-run: would patch weights", policy=policy.name, target=weights.target,
-                      source=weights.source, target_service=str(policy.spec.target.service),
-                      source_service=str(policy.spec.source.service))
+            _log.info(
+                "dry-run: would patch weights",
+                policy=policy.name,
+                target=weights.target,
+                source=weights.source,
+                target_service=str(policy.spec.target.service),
+                source_service=str(policy.spec.source.service),
+            )
             target = weights.target
             source = weights.source if weights.source is not None else source
         self._written[policy.name] = (target, source, state)
 
     def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
         """Log the Event that would be emitted."""
-        _log.info("dry-run: would emit event", policy=policy.name, reason=reason, message=message,
-                  type="Warning" if warning else "Normal")
+        _log.info(
+            "dry-run: would emit event",
+            policy=policy.name,
+            reason=reason,
+            message=message,
+            type="Warning" if warning else "Normal",
+        )

@@ -63,14 +63,15 @@ def build_api_client(kubeconfig: Path | None = None, context: str | None = None)
     if kubeconfig is None:
         try:
             configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             return client.ApiClient(configuration)
         except ConfigException:
             pass
     try:
-        return config.new_client_from_config(
+        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig) if kubeconfig else None, context=context
         )
+        return api
     except (ConfigException, OSError) as exc:
         raise ClusterUnavailable(f"no usable Kubernetes configuration: {exc}") from exc
 
@@ -119,7 +120,8 @@ class KubernetesGatewayPair:
             response = self._api.read_namespaced_service(
                 ref.name, ref.namespace, _preload_content=False, _request_timeout=_TIMEOUT
             )
-            body: dict[str, Any] = json.loads(response.data)
+            # _preload_content=False returns the raw urllib3 response, not a V1Service.
+            body: dict[str, Any] = json.loads(response.data)  # type: ignore[attr-defined]
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise _translate(exc, f"read Service {ref}") from exc
         self._uids[str(ref)] = str(body.get("metadata", {}).get("uid", ""))
@@ -131,9 +133,7 @@ class KubernetesGatewayPair:
         source = self._read(policy.spec.source.service)
         target_ann = _annotations(target)
         source_ann = _annotations(source)
-        refusal = _refusal(policy.spec.target.service, target_ann) or _refusal(
-            policy.spec.source.service, source_ann
-        )
+        refusal = _refusal(policy.spec.target.service, target_ann) or _refusal(policy.spec.source.service, source_ann)
         target_weight = source_weight = None
         try:
             target_weight = parse_weight(target_ann.get(WEIGHT_ANNOTATION))
@@ -245,7 +245,8 @@ class KubernetesGatewayPair:
             "count": 1,
         }
         try:
-            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=_TIMEOUT)
+            # The client serialises a plain dict as-is; its type hint names only the model class.
+            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=_TIMEOUT)  # type: ignore[arg-type]
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise _translate(exc, f"create Event for {ref}") from exc
 
@@ -265,5 +266,5 @@ def _refusal(ref: ServiceRef, annotations: dict[str, str]) -> str | None:
     if not annotations.get(VGROUP_ANNOTATION, "").strip():
         return f"Service {ref} lacks {VGROUP_ANNOTATION}: the cloud controller ignores its weight"
     if annotations.get(IGNORE_WEIGHT_ANNOTATION, "").strip().lower() == "on":
-        return f"Service {ref} has {IGNORE_WEIGHT_ANNOTATION}: \"on\": weight updates are switched off"
+        return f'Service {ref} has {IGNORE_WEIGHT_ANNOTATION}: "on": weight updates are switched off'
     return None

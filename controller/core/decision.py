@@ -47,7 +47,7 @@ from controller.core.state import RolloutState
 __all__ = ["Action", "Decision", "Observation", "decide", "initial_state"]
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     """What the decision asks the edges to do."""
 
     NONE = "None"
@@ -123,9 +123,7 @@ def initial_state(policy: CanaryPolicy, observed: Observation, now: datetime) ->
     )
 
 
-def decide(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime
-) -> Decision:
+def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision:
     """The single entry point: apply commands, then drift, then policy change, then the check."""
     if observed.command is not None:
         commanded = _apply_command(policy, state, observed, now)
@@ -146,9 +144,7 @@ def decide(
 # --- the parts, in the order decide() consults them ---------------------------------------------
 
 
-def _apply_command(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime
-) -> Decision | None:
+def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision | None:
     command = observed.command
     if command is Command.ABORT and state.phase not in (Phase.ROLLED_BACK, Phase.PROMOTED):
         return _rollback(policy, state, observed, now, "aborted by an operator")
@@ -205,8 +201,9 @@ def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) ->
         pending = updated.evolve(phase=Phase.PENDING, reason="policy changed after a rollback; starting again")
         return Decision(state=pending, action=Action.RETRY, transition=True)
     if state.phase is Phase.PROMOTED:
-        return Decision(state=updated.evolve(reason="policy changed after promotion; nothing to do"),
-                        action=Action.NONE)
+        return Decision(
+            state=updated.evolve(reason="policy changed after promotion; nothing to do"), action=Action.NONE
+        )
     restarted = updated.evolve(
         reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake"
     )
@@ -229,7 +226,10 @@ def _judge(
         )
         if failures >= analysis.failure_threshold and state.target_weight > 0:
             return _rollback(
-                policy, failed, observed, now,
+                policy,
+                failed,
+                observed,
+                now,
                 f"{failures} consecutive failed check(s) (threshold {analysis.failure_threshold}): {check.reason}",
             )
         return Decision(
@@ -260,9 +260,7 @@ def _inconclusive(
         return _start(policy, state, now)
     count = state.consecutive_inconclusive + 1
     limits = _limit_for(policy, cause)
-    waiting = state.evolve(
-        consecutive_inconclusive=count, inconclusive_cause=cause, last_verdict=Verdict.INCONCLUSIVE
-    )
+    waiting = state.evolve(consecutive_inconclusive=count, inconclusive_cause=cause, last_verdict=Verdict.INCONCLUSIVE)
     if count < limits.after_checks:
         return Decision(
             state=waiting.evolve(reason=f"inconclusive ({count}/{limits.after_checks}): {check.reason}"),
@@ -270,7 +268,10 @@ def _inconclusive(
         )
     if limits.action is OnInconclusive.ROLLBACK and state.target_weight > 0:
         return _rollback(
-            policy, waiting, observed, now,
+            policy,
+            waiting,
+            observed,
+            now,
             f"{count} inconclusive checks in a row ({cause.value}), policy says rollback: {check.reason}",
         )
     reason = f"stuck: {count} inconclusive checks in a row ({cause.value}), holding: {check.reason}"
@@ -336,14 +337,16 @@ def _promote(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decisi
         changed_at=now,
     )
     return Decision(
-        state=promoted, action=Action.PROMOTE, weights=weights, alert=AlertKind.PROMOTED,
-        severity=Severity.INFO, transition=True,
+        state=promoted,
+        action=Action.PROMOTE,
+        weights=weights,
+        alert=AlertKind.PROMOTED,
+        severity=Severity.INFO,
+        transition=True,
     )
 
 
-def _rollback(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str
-) -> Decision:
+def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str) -> Decision:
     mode = policy.spec.schedule.weight_mode
     weights = weights_for(0, mode)
     if mode is WeightMode.TARGET_ONLY:
@@ -358,8 +361,12 @@ def _rollback(
         first_pass_at=None,
     )
     return Decision(
-        state=rolled, action=Action.ROLLBACK, weights=weights, alert=AlertKind.ROLLED_BACK,
-        severity=Severity.CRITICAL, transition=True,
+        state=rolled,
+        action=Action.ROLLBACK,
+        weights=weights,
+        alert=AlertKind.ROLLED_BACK,
+        severity=Severity.CRITICAL,
+        transition=True,
     )
 
 

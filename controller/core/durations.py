@@ -33,9 +33,7 @@ def parse_duration(value: object) -> timedelta:
             pos = match.end()
         if text and pos == len(text):
             return timedelta(seconds=total)
-    raise ValueError(
-        f"{value!r} is not a duration: write e.g. '30s', '5m', '1h30m', '250ms' (or a number of seconds)"
-    )
+    raise ValueError(f"{value!r} is not a duration: write e.g. '30s', '5m', '1h30m', '250ms' (or a number of seconds)")
 
 
 def format_promql_duration(value: timedelta) -> str:

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     """Outcome of one gate or of one whole check. INCONCLUSIVE is never a pass and never a failure."""
 
     PASS = "PASS"
@@ -30,7 +30,7 @@ class Verdict(str, enum.Enum):
     INCONCLUSIVE = "INCONCLUSIVE"
 
 
-class InconclusiveCause(str, enum.Enum):
+class InconclusiveCause(enum.StrEnum):
     """Why a check could not judge. Each cause can carry its own limit and action."""
 
     TOO_FEW_REQUESTS = "TooFewRequests"
@@ -39,7 +39,7 @@ class InconclusiveCause(str, enum.Enum):
     METRICS_UNAVAILABLE = "MetricsUnavailable"
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     """Where a policy's rollout stands."""
 
     PENDING = "Pending"
@@ -49,28 +49,28 @@ class Phase(str, enum.Enum):
     ROLLED_BACK = "RolledBack"
 
 
-class WeightMode(str, enum.Enum):
+class WeightMode(enum.StrEnum):
     """How the source weight follows the target weight."""
 
     COMPLEMENTARY = "complementary"
     TARGET_ONLY = "target-only"
 
 
-class OnInconclusive(str, enum.Enum):
+class OnInconclusive(enum.StrEnum):
     """What to do once a run of inconclusive checks reaches its limit."""
 
     HOLD = "hold"
     ROLLBACK = "rollback"
 
 
-class GatewayRole(str, enum.Enum):
+class GatewayRole(enum.StrEnum):
     """Which side of the migration a value belongs to."""
 
     SOURCE = "source"
     TARGET = "target"
 
 
-class Measure(str, enum.Enum):
+class Measure(enum.StrEnum):
     """What a query measures; lets a simulated metrics source answer without parsing PromQL."""
 
     REQUESTS = "requests"
@@ -79,7 +79,7 @@ class Measure(str, enum.Enum):
     CUSTOM = "custom"
 
 
-class Severity(str, enum.Enum):
+class Severity(enum.StrEnum):
     """Alert severity, in Alertmanager's customary label values."""
 
     CRITICAL = "critical"
@@ -87,7 +87,7 @@ class Severity(str, enum.Enum):
     INFO = "info"
 
 
-class AlertKind(str, enum.Enum):
+class AlertKind(enum.StrEnum):
     """Why an alert was raised; also the Kubernetes Event reason."""
 
     ROLLED_BACK = "RolledBack"
@@ -99,7 +99,7 @@ class AlertKind(str, enum.Enum):
     POLICY_INVALID = "PolicyInvalid"
 
 
-class Command(str, enum.Enum):
+class Command(enum.StrEnum):
     """Operator commands, fed into the same decision function as check results.
 
     Only RETRY, PAUSE, RESUME and ABORT are decided on today; the transport (an annotation on

@@ -76,16 +76,27 @@ def _gate(
         value, baseline = compute()
     except _Unjudgeable as exc:
         return GateResult(
-            gate=name, verdict=Verdict.INCONCLUSIVE, reason=f"{name}: {exc.reason}", threshold=threshold,
-            comparator=comparator, cause=exc.cause, query=query.query.promql,
+            gate=name,
+            verdict=Verdict.INCONCLUSIVE,
+            reason=f"{name}: {exc.reason}",
+            threshold=threshold,
+            comparator=comparator,
+            cause=exc.cause,
+            query=query.query.promql,
         )
     ok = value <= threshold if comparator == "<=" else value >= threshold
     shown = f"{value:.4g}{unit} {'within' if ok else 'breaks'} {comparator} {threshold:g}{unit}"
     if baseline is not None:
         shown += f" (source {baseline:.4g}{unit})"
     return GateResult(
-        gate=name, verdict=Verdict.PASS if ok else Verdict.FAIL, reason=f"{name}: {shown}", value=value,
-        threshold=threshold, comparator=comparator, baseline=baseline, query=query.query.promql,
+        gate=name,
+        verdict=Verdict.PASS if ok else Verdict.FAIL,
+        reason=f"{name}: {shown}",
+        value=value,
+        threshold=threshold,
+        comparator=comparator,
+        baseline=baseline,
+        query=query.query.promql,
     )
 
 
@@ -117,12 +128,19 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
     if gates.error_rate is not None:
         if gates.error_rate.max is not None:
             results.append(
-                _gate("errorRate", target.error_rate, gates.error_rate.max, target_only(target.error_rate, "5xx ratio"))
+                _gate(
+                    "errorRate",
+                    target.error_rate,
+                    gates.error_rate.max,
+                    target_only(target.error_rate, "5xx ratio"),
+                )
             )
         if gates.error_rate.max_increase is not None:
             results.append(
                 _gate(
-                    "errorRateIncrease", target.error_rate, gates.error_rate.max_increase,
+                    "errorRateIncrease",
+                    target.error_rate,
+                    gates.error_rate.max_increase,
                     both(target.error_rate, source.error_rate, "5xx ratio", lambda t, s: t - s),
                 )
             )
@@ -130,20 +148,30 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
         label = gates.latency.label
         if gates.latency.max_ms is not None:
             results.append(
-                _gate(f"latency{label.upper()}", target.latency, gates.latency.max_ms,
-                      target_only(target.latency, f"{label} latency"), unit="ms")
+                _gate(
+                    f"latency{label.upper()}",
+                    target.latency,
+                    gates.latency.max_ms,
+                    target_only(target.latency, f"{label} latency"),
+                    unit="ms",
+                )
             )
         if gates.latency.max_ratio is not None:
             results.append(
-                _gate(f"latency{label.upper()}Ratio", target.latency, gates.latency.max_ratio,
-                      both(target.latency, source.latency, f"{label} latency", _ratio))
+                _gate(
+                    f"latency{label.upper()}Ratio",
+                    target.latency,
+                    gates.latency.max_ratio,
+                    both(target.latency, source.latency, f"{label} latency", _ratio),
+                )
             )
     for custom in gates.custom:
         outcome = target.custom[custom.name]
         baseline = source.custom.get(custom.name)
 
-        def measured(o: QueryOutcome = outcome, b: QueryOutcome | None = baseline,
-                     name: str = custom.name) -> tuple[float, float | None]:
+        def measured(
+            o: QueryOutcome = outcome, b: QueryOutcome | None = baseline, name: str = custom.name
+        ) -> tuple[float, float | None]:
             base = b.value if b is not None and b.has_number else None
             return _number(o, f"target {name}"), base
 
@@ -174,8 +202,12 @@ def _combine(
     failed = [r for r in results if r.verdict is Verdict.FAIL]
     if failed:
         return CheckResult(
-            verdict=Verdict.FAIL, gates=results, reason="; ".join(r.reason for r in failed),
-            starved=starved, source=source, target=target,
+            verdict=Verdict.FAIL,
+            gates=results,
+            reason="; ".join(r.reason for r in failed),
+            starved=starved,
+            source=source,
+            target=target,
         )
     unsure = [r for r in results if r.verdict is Verdict.INCONCLUSIVE]
     if unsure:
@@ -183,11 +215,19 @@ def _combine(
         cause = next(c for c in _CAUSE_PRIORITY if c in causes)
         reasons = list(dict.fromkeys(r.reason.split(": ", 1)[-1] for r in unsure if r.cause is cause))
         return CheckResult(
-            verdict=Verdict.INCONCLUSIVE, gates=results, reason="; ".join(reasons), cause=cause,
-            starved=starved, source=source, target=target,
+            verdict=Verdict.INCONCLUSIVE,
+            gates=results,
+            reason="; ".join(reasons),
+            cause=cause,
+            starved=starved,
+            source=source,
+            target=target,
         )
     return CheckResult(
-        verdict=Verdict.PASS, gates=results, reason="; ".join(r.reason for r in results),
-        starved=starved, source=source, target=target,
+        verdict=Verdict.PASS,
+        gates=results,
+        reason="; ".join(r.reason for r in results),
+        starved=starved,
+        source=source,
+        target=target,
     )
-

@@ -56,9 +56,7 @@ class _LineLoader(yaml.SafeLoader):
     """A safe loader that also records the line of every mapping key and sequence item."""
 
 
-def _construct_with_lines(
-    loader: _LineLoader, node: yaml.Node, path: _Path, lines: dict[_Path, int]
-) -> Any:
+def _construct_with_lines(loader: _LineLoader, node: yaml.Node, path: _Path, lines: dict[_Path, int]) -> Any:
     """Build plain Python data from a node, recording where each key and item stood."""
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -73,9 +71,7 @@ def _construct_with_lines(
             lines[child] = key_node.start_mark.line + 1
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct_with_lines(loader, item, (*path, index), lines) for index, item in enumerate(node.value)
-        ]
+        return [_construct_with_lines(loader, item, (*path, index), lines) for index, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -105,8 +101,14 @@ def parse_policy_text(text: str, file: str) -> LoadResult:
         if data is None:
             continue
         if not isinstance(data, dict):
-            errors.append(PolicyError(file, doc_line, "", "a policy document must be a mapping "
-                                                          "(apiVersion, kind, metadata, spec)"))
+            errors.append(
+                PolicyError(
+                    file,
+                    doc_line,
+                    "",
+                    "a policy document must be a mapping (apiVersion, kind, metadata, spec)",
+                )
+            )
             continue
         try:
             policy = CanaryPolicy.model_validate(data)
@@ -207,18 +209,28 @@ def check_conflicts(policies: Sequence[SourcedPolicy]) -> LoadResult:
         name = item.policy.name
         if name in names:
             first = names[name]
-            errors.append(PolicyError(item.file, item.line, "metadata.name",
-                                      f"policy name {name!r} is already used at {first.file}:{first.line}"))
+            errors.append(
+                PolicyError(
+                    item.file,
+                    item.line,
+                    "metadata.name",
+                    f"policy name {name!r} is already used at {first.file}:{first.line}",
+                )
+            )
             continue
         services = [str(item.policy.spec.source.service), str(item.policy.spec.target.service)]
         clash = next((s for s in services if s in owners), None)
         if clash is not None:
             other = owners[clash]
-            errors.append(PolicyError(
-                item.file, item.line, "spec",
-                f"Service {clash} is already managed by policy {other.policy.name!r} "
-                f"({other.file}:{other.line}); one Service, one policy",
-            ))
+            errors.append(
+                PolicyError(
+                    item.file,
+                    item.line,
+                    "spec",
+                    f"Service {clash} is already managed by policy {other.policy.name!r} "
+                    f"({other.file}:{other.line}); one Service, one policy",
+                )
+            )
             continue
         kept.append(item)
         names[name] = item

@@ -9,6 +9,7 @@ be silently ignored.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from datetime import timedelta
@@ -73,9 +74,7 @@ TEMPLATE_KEYS = frozenset({"selector", "window", "namespace", "workload", "servi
 class _Model(BaseModel):
     """Base: camelCase keys in YAML, unknown keys rejected, immutable once loaded."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
 
 
 def _split_service_ref(value: Any) -> Any:
@@ -157,7 +156,7 @@ class ScheduleSpec(_Model):
         for weight in value:
             if not 1 <= weight <= 100:
                 raise ValueError(f"weight {weight} is outside 1..100 (0 is where a rollout starts)")
-        for before, after in zip(value, value[1:], strict=False):
+        for before, after in itertools.pairwise(value):
             if after <= before:
                 raise ValueError(f"steps must be strictly increasing: {before} is followed by {after}")
         return value
@@ -192,12 +191,8 @@ class AnalysisSpec(_Model):
 
     interval: Duration = Field(default=timedelta(seconds=30))
     window: Duration = Field(default=timedelta(minutes=1))
-    min_requests: int = Field(
-        default=50, ge=1, description="requests per window needed on EACH gateway to judge"
-    )
-    failure_threshold: int = Field(
-        default=2, ge=1, le=100, description="consecutive FAIL checks that roll back"
-    )
+    min_requests: int = Field(default=50, ge=1, description="requests per window needed on EACH gateway to judge")
+    failure_threshold: int = Field(default=2, ge=1, le=100, description="consecutive FAIL checks that roll back")
     on_missing_data: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
     on_metrics_unavailable: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
 
@@ -220,9 +215,7 @@ class ErrorRateGate(_Model):
     """5xx ratio: an absolute ceiling on the target and/or an allowed increase over the source."""
 
     max: float | None = Field(default=None, ge=0, le=1, description="highest 5xx ratio on the target")
-    max_increase: float | None = Field(
-        default=None, ge=0, le=1, description="highest (target - source) 5xx ratio"
-    )
+    max_increase: float | None = Field(default=None, ge=0, le=1, description="highest (target - source) 5xx ratio")
 
     @model_validator(mode="after")
     def _some_limit(self) -> ErrorRateGate:
@@ -370,9 +363,7 @@ class AlertmanagerReceiver(_Model):
     url: str = Field(pattern=r"^https?://")
 
 
-Receiver = Annotated[
-    SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Field(discriminator="type")
-]
+Receiver = Annotated[SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Field(discriminator="type")]
 
 
 class PrometheusSpec(_Model):

@@ -42,14 +42,11 @@ class CheckQueries:
         selector = render_selector(labels)
         errors = render_selector(labels, 'response_code=~"5.."')
         self.role = role
-        self.requests = RenderedQuery(
-            f"sum(increase({_REQUESTS}{selector}[{window}]))", Measure.REQUESTS, role
-        )
+        self.requests = RenderedQuery(f"sum(increase({_REQUESTS}{selector}[{window}]))", Measure.REQUESTS, role)
         # A gateway that served traffic but never a 5xx has no 5xx series: "or vector(0)" makes that
         # a ratio of 0. Only an absent denominator (no traffic) leaves the vector empty.
         self.error_rate = RenderedQuery(
-            f"(sum(rate({_REQUESTS}{errors}[{window}])) or vector(0))"
-            f" / sum(rate({_REQUESTS}{selector}[{window}]))",
+            f"(sum(rate({_REQUESTS}{errors}[{window}])) or vector(0)) / sum(rate({_REQUESTS}{selector}[{window}]))",
             Measure.ERROR_RATE,
             role,
         )

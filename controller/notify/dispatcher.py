@@ -66,14 +66,25 @@ class AlertDispatcher:
             try:
                 receiver.send(alert)
             except NotificationError as exc:
-                _log.warning("alert delivery failed", receiver=receiver.name, policy=alert.policy,
-                             kind=alert.kind.value, attempt=attempt, error=str(exc))
+                _log.warning(
+                    "alert delivery failed",
+                    receiver=receiver.name,
+                    policy=alert.policy,
+                    kind=alert.kind.value,
+                    attempt=attempt,
+                    error=str(exc),
+                )
                 if attempt == self._attempts or self._closing.wait(delay):
                     break
                 delay *= 2
                 continue
-            _log.info("alert delivered", receiver=receiver.name, policy=alert.policy, kind=alert.kind.value,
-                      attempt=attempt)
+            _log.info(
+                "alert delivered",
+                receiver=receiver.name,
+                policy=alert.policy,
+                kind=alert.kind.value,
+                attempt=attempt,
+            )
             self._on_outcome(receiver.name, "delivered")
             return
         with self._lock:  # let a later identical alert try again

@@ -8,7 +8,11 @@ from controller.notify.http import post_json
 
 __all__ = ["SlackNotifier"]
 
-_ICON = {Severity.CRITICAL: ":rotating_light:", Severity.WARNING: ":warning:", Severity.INFO: ":white_check_mark:"}
+_ICON = {
+    Severity.CRITICAL: ":rotating_light:",
+    Severity.WARNING: ":warning:",
+    Severity.INFO: ":white_check_mark:",
+}
 
 
 class SlackNotifier:

@@ -105,8 +105,7 @@ class PolicyRunner:
         first_look = Observation(seen.target_weight, seen.source_weight)
         if state is None:
             if seen.state_error:
-                self.log.warning("stored state unreadable; starting from the observed weights",
-                                 error=seen.state_error)
+                self.log.warning("stored state unreadable; starting from the observed weights", error=seen.state_error)
             state = initial_state(self.policy, first_look, self._clock.now())
         check = None
         terminal = state.phase in (Phase.PROMOTED, Phase.ROLLED_BACK)
@@ -116,9 +115,7 @@ class PolicyRunner:
             self._telemetry.record_check(self.policy.name, check, time.perf_counter() - started)
             self._log_check(check, state.target_weight, time.perf_counter() - started)
         now = self._clock.now()
-        decision = decide(
-            self.policy, state, Observation(seen.target_weight, seen.source_weight, check, command), now
-        )
+        decision = decide(self.policy, state, Observation(seen.target_weight, seen.source_weight, check, command), now)
         rolling_back = decision.action is Action.ROLLBACK
         if self._stopping.is_set() and decision.weights is not None and not rolling_back:
             self.log.info("stopping: weight change abandoned before it was written", action=decision.action.value)
@@ -126,8 +123,7 @@ class PolicyRunner:
         try:
             self._pair.apply(self.policy, seen, decision.weights, decision.state, force=rolling_back)
         except WeightChangedExternally as exc:
-            self.log.warning("weight changed by someone else during the write; re-reading next tick",
-                             error=str(exc))
+            self.log.warning("weight changed by someone else during the write; re-reading next tick", error=str(exc))
             return TickOutcome(None, check, recheck_soon=True, error=str(exc))
         except ClusterError as exc:
             return self._cluster_trouble(exc, "apply", check=check, urgent=rolling_back)
@@ -161,8 +157,14 @@ class PolicyRunner:
         state = decision.state
         after = decision.weights or Weights(state.target_weight, state.source_weight)
         if decision.transition:
-            self.log.info("transition", action=decision.action.value, phase=state.phase.value,
-                          reason=state.reason, weights_before=str(state_before), weights_after=str(after))
+            self.log.info(
+                "transition",
+                action=decision.action.value,
+                phase=state.phase.value,
+                reason=state.reason,
+                weights_before=str(state_before),
+                weights_after=str(after),
+            )
             reason = _EVENT_REASONS.get(decision.action, decision.action.value)
             warning = decision.action is Action.ROLLBACK or decision.alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY
             self._event(reason, f"{state.reason} (weights {state_before} -> {after})", warning=warning)
@@ -173,8 +175,15 @@ class PolicyRunner:
         if decision.alert is not None:
             if not decision.transition:
                 self._event(decision.alert.value, state.reason, warning=decision.severity is not Severity.INFO)
-            self._alert(decision.alert, decision.severity, state.reason, state_before, after, check,
-                        suffix=state.changed_at.isoformat())
+            self._alert(
+                decision.alert,
+                decision.severity,
+                state.reason,
+                before=state_before,
+                after=after,
+                check=check,
+                suffix=state.changed_at.isoformat(),
+            )
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
         try:
@@ -187,28 +196,44 @@ class PolicyRunner:
         kind: AlertKind,
         severity: Severity,
         reason: str,
-        before: Weights | None,
-        after: Weights | None,
-        check: CheckResult | None,
         *,
         suffix: str,
+        before: Weights | None = None,
+        after: Weights | None = None,
+        check: CheckResult | None = None,
     ) -> None:
         alert = build_alert(
-            kind=kind, severity=severity, policy=self.policy.name, reason=reason, at=self._clock.now(),
+            kind=kind,
+            severity=severity,
+            policy=self.policy.name,
+            reason=reason,
+            at=self._clock.now(),
             source_service=str(self.policy.spec.source.service),
             target_service=str(self.policy.spec.target.service),
-            weights_before=before, weights_after=after, check=check, dedup_suffix=suffix,
+            weights_before=before,
+            weights_after=after,
+            check=check,
+            dedup_suffix=suffix,
         )
-        self.log.warning("alert", kind=kind.value, severity=severity.value, reason=reason,
-                         receivers=[r.name for r in self._receivers])
+        self.log.warning(
+            "alert",
+            kind=kind.value,
+            severity=severity.value,
+            reason=reason,
+            receivers=[r.name for r in self._receivers],
+        )
         self._dispatcher.submit(alert, self._receivers)
 
     def alert_removed(self) -> None:
         """The policy file is gone: its weights stay where they are, and people are told."""
         self.log.warning("policy removed; weights left as they are")
         self._event(AlertKind.POLICY_REMOVED.value, "policy removed; weights left as they are", warning=True)
-        self._alert(AlertKind.POLICY_REMOVED, Severity.WARNING, "the policy was removed from the policies directory",
-                    None, None, None, suffix=self._clock.now().isoformat())
+        self._alert(
+            AlertKind.POLICY_REMOVED,
+            Severity.WARNING,
+            "the policy was removed from the policies directory",
+            suffix=self._clock.now().isoformat(),
+        )
 
     def _refuse(self, why: str) -> None:
         self._telemetry.errors.labels(self.policy.name, "refused").inc()
@@ -217,7 +242,7 @@ class PolicyRunner:
         self._reported_refusal = why
         self.log.error("policy refused; no weights changed", reason=why)
         self._event(AlertKind.POLICY_REFUSED.value, f"refused: {why}", warning=True)
-        self._alert(AlertKind.POLICY_REFUSED, Severity.WARNING, why, None, None, None, suffix=why)
+        self._alert(AlertKind.POLICY_REFUSED, Severity.WARNING, why, suffix=why)
 
     def _cluster_trouble(
         self, exc: ClusterError, step: str, *, check: CheckResult | None = None, urgent: bool = False
@@ -227,6 +252,10 @@ class PolicyRunner:
         if isinstance(exc, AccessDenied | ServiceNotFound):
             self._refuse(str(exc))
         else:
-            self.log.error("Kubernetes API trouble; nothing changed this tick", step=step, error=str(exc),
-                           rollback_pending=urgent)
+            self.log.error(
+                "Kubernetes API trouble; nothing changed this tick",
+                step=step,
+                error=str(exc),
+                rollback_pending=urgent,
+            )
         return TickOutcome(None, check, recheck_soon=urgent, error=str(exc))

@@ -73,7 +73,9 @@ class ControllerService:
         self.http: StatusServer | None = None
         if serve_http:
             self.http = StatusServer(
-                settings.http_host, settings.http_port, self.telemetry.registry,
+                settings.http_host,
+                settings.http_port,
+                self.telemetry.registry,
                 healthy=lambda: self._scheduler.running and not self.stopping.is_set(),
                 ready=lambda: self._loaded.is_set() and self._scheduler.running and not self.stopping.is_set(),
             )
@@ -88,8 +90,11 @@ class ControllerService:
         self._scheduler.start()
         self.reload()
         self._scheduler.add_job(
-            self.reload, IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
-            id="__reload__", max_instances=1, coalesce=True,
+            self.reload,
+            IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
+            id="__reload__",
+            max_instances=1,
+            coalesce=True,
         )
         self._loaded.set()
 
@@ -154,20 +159,36 @@ class ControllerService:
         except ValueError as exc:
             config_error = str(exc)
         runner = PolicyRunner(
-            policy, pair=self._pair, metrics=metrics or _NoMetrics(), receivers=receivers,
-            dispatcher=self._dispatcher, collector=self._collector, clock=self._clock, telemetry=self.telemetry,
-            stopping=self.stopping, config_error=config_error,
+            policy,
+            pair=self._pair,
+            metrics=metrics or _NoMetrics(),
+            receivers=receivers,
+            dispatcher=self._dispatcher,
+            collector=self._collector,
+            clock=self._clock,
+            telemetry=self.telemetry,
+            stopping=self.stopping,
+            config_error=config_error,
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale
         self._scheduler.add_job(
-            self._tick, IntervalTrigger(seconds=seconds), args=[policy.name], id=policy.name,
-            replace_existing=True, max_instances=1, coalesce=True, misfire_grace_time=None,
+            self._tick,
+            IntervalTrigger(seconds=seconds),
+            args=[policy.name],
+            id=policy.name,
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
             next_run_time=datetime.now(UTC),
         )
-        _log.info("policy replaced" if replacing else "policy loaded", policy=policy.name,
-                  interval_s=policy.spec.analysis.interval.total_seconds(),
-                  receivers=[r.name for r in receivers])
+        _log.info(
+            "policy replaced" if replacing else "policy loaded",
+            policy=policy.name,
+            interval_s=policy.spec.analysis.interval.total_seconds(),
+            receivers=[r.name for r in receivers],
+        )
 
     def _unschedule(self, name: str) -> None:
         if self._scheduler.get_job(name) is not None:
@@ -201,8 +222,14 @@ class ControllerService:
         receivers = global_receivers(self.settings) + self._extra_receivers
         for error in fresh:
             alert = build_alert(
-                kind=AlertKind.POLICY_INVALID, severity=Severity.WARNING, policy=error.split(":", 1)[0],
-                reason=error, at=self._clock.now(), source_service="-", target_service="-", dedup_suffix=error,
+                kind=AlertKind.POLICY_INVALID,
+                severity=Severity.WARNING,
+                policy=error.split(":", 1)[0],
+                reason=error,
+                at=self._clock.now(),
+                source_service="-",
+                target_service="-",
+                dedup_suffix=error,
             )
             self._dispatcher.submit(alert, receivers)
 
@@ -212,4 +239,3 @@ class _NoMetrics:
 
     def query(self, query: object) -> float | None:
         return None
-

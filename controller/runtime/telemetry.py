@@ -6,6 +6,8 @@ phase as a one-hot gauge, and every rollback counted with its reason.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.core.enums import Phase
@@ -21,34 +23,47 @@ class Telemetry:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.target_weight = Gauge("gateway_canary_target_weight", "ASM (target) gateway CLB weight",
-                                   ["policy"], registry=r)
-        self.source_weight = Gauge("gateway_canary_source_weight", "Source gateway CLB weight (-1 unmanaged)",
-                                   ["policy"], registry=r)
-        self.phase = Gauge("gateway_canary_phase", "1 for the policy's current phase", ["policy", "phase"],
-                           registry=r)
+        self.target_weight = Gauge(
+            "gateway_canary_target_weight", "ASM (target) gateway CLB weight", ["policy"], registry=r
+        )
+        self.source_weight = Gauge(
+            "gateway_canary_source_weight", "Source gateway CLB weight (-1 unmanaged)", ["policy"], registry=r
+        )
+        self.phase = Gauge("gateway_canary_phase", "1 for the policy's current phase", ["policy", "phase"], registry=r)
         self.checks = Counter("gateway_canary_checks", "Checks by verdict", ["policy", "verdict"], registry=r)
         self.rollbacks = Counter("gateway_canary_rollbacks", "Rollbacks", ["policy"], registry=r)
-        self.gate_value = Gauge("gateway_canary_gate_value", "Last observed gate value", ["policy", "gate"],
-                                registry=r)
-        self.gate_threshold = Gauge("gateway_canary_gate_threshold", "Threshold of the gate", ["policy", "gate"],
-                                    registry=r)
-        self.gate_baseline = Gauge("gateway_canary_gate_baseline", "Source (baseline) value of the gate",
-                                   ["policy", "gate"], registry=r)
-        self.observed_share = Gauge("gateway_canary_observed_target_share",
-                                    "Share of requests the target served in the window", ["policy"], registry=r)
-        self.query_seconds = Histogram("gateway_canary_prometheus_query_seconds", "Prometheus query latency",
-                                       ["policy"], registry=r,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.check_seconds = Histogram("gateway_canary_check_seconds", "Whole check (all queries) latency",
-                                       ["policy"], registry=r)
-        self.notifications = Counter("gateway_canary_notifications", "Alert deliveries by outcome",
-                                     ["receiver", "outcome"], registry=r)
-        self.errors = Counter("gateway_canary_errors", "Ticks that failed, by kind", ["policy", "kind"],
-                              registry=r)
+        self.gate_value = Gauge("gateway_canary_gate_value", "Last observed gate value", ["policy", "gate"], registry=r)
+        self.gate_threshold = Gauge(
+            "gateway_canary_gate_threshold", "Threshold of the gate", ["policy", "gate"], registry=r
+        )
+        self.gate_baseline = Gauge(
+            "gateway_canary_gate_baseline",
+            "Source (baseline) value of the gate",
+            ["policy", "gate"],
+            registry=r,
+        )
+        self.observed_share = Gauge(
+            "gateway_canary_observed_target_share",
+            "Share of requests the target served in the window",
+            ["policy"],
+            registry=r,
+        )
+        self.query_seconds = Histogram(
+            "gateway_canary_prometheus_query_seconds",
+            "Prometheus query latency",
+            ["policy"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.check_seconds = Histogram(
+            "gateway_canary_check_seconds", "Whole check (all queries) latency", ["policy"], registry=r
+        )
+        self.notifications = Counter(
+            "gateway_canary_notifications", "Alert deliveries by outcome", ["receiver", "outcome"], registry=r
+        )
+        self.errors = Counter("gateway_canary_errors", "Ticks that failed, by kind", ["policy", "kind"], registry=r)
         self.policies = Gauge("gateway_canary_policies", "Policies loaded and running", registry=r)
-        self.policy_file_errors = Gauge("gateway_canary_policy_file_errors", "Errors in policy files",
-                                        registry=r)
+        self.policy_file_errors = Gauge("gateway_canary_policy_file_errors", "Errors in policy files", registry=r)
 
     def record_state(self, state: RolloutState) -> None:
         """Weights and phase of a policy."""
@@ -79,7 +94,5 @@ class Telemetry:
     def forget(self, policy: str) -> None:
         """Drop a removed policy's series."""
         for metric in (self.target_weight, self.source_weight, self.observed_share):
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(policy)
-            except KeyError:
-                pass
