@@ -173,14 +173,15 @@ class KubernetesGatewayPair:
     ) -> None:
         """Patch the target (weight + state), then the source (weight); skip what is unchanged."""
         target_changes: dict[str, str] = {}
-        if weights is not None and weights.target != seen.target_weight:
+        # A forced write (rollback) always states both weights: what was seen may be stale.
+        if weights is not None and (force or weights.target != seen.target_weight):
             target_changes[WEIGHT_ANNOTATION] = str(weights.target)
         encoded = encode_state(state)
         if seen.state is None or encode_state(seen.state) != encoded:
             target_changes[STATE_ANNOTATION] = encoded
         if target_changes:
             self._patch(policy.spec.target.service, target_changes, seen.versions[0], seen.target_weight, force)
-        if weights is not None and weights.source is not None and weights.source != seen.source_weight:
+        if weights is not None and weights.source is not None and (force or weights.source != seen.source_weight):
             self._patch(
                 policy.spec.source.service,
                 {WEIGHT_ANNOTATION: str(weights.source)},

@@ -1,0 +1,153 @@
+"""Fixtures: real Prometheus and Alertmanager on free loopback ports, and the servers in servers.py.
+
+Prometheus and Alertmanager are started once per session (Prometheus's first scrape comes ~6 s
+after start) and stopped at the end. A missing binary skips the tests that need it with the
+reason printed; ``scripts/test-deps.sh`` installs them and CI sets GATEWAY_CANARY_REQUIRE_BINARIES
+so that there a missing binary fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.servers import GatewayTraffic, KubeStandIn, TrafficExporter, WebhookSink, free_port, wait_for
+
+PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
+ALERTMANAGER = os.environ.get("ALERTMANAGER_BIN", "/usr/bin/prometheus-alertmanager")
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary) or Path(binary).exists():
+        return
+    message = f"{binary} is not installed (run scripts/test-deps.sh)"
+    if os.environ.get("GATEWAY_CANARY_REQUIRE_BINARIES"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class _Process:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="gateway-canary-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def traffic() -> Iterator[TrafficExporter]:
+    exporter = TrafficExporter(
+        GatewayTraffic("istio-ingressgateway"), GatewayTraffic("istio-ingressgateway-asm"), total_rps=200.0
+    )
+    yield exporter
+    exporter.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus(workdir: Path, traffic: TrafficExporter) -> Iterator[str]:
+    """A real Prometheus scraping the traffic exporter every second."""
+    _need(PROMETHEUS)
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        f"  - job_name: traffic\n    static_configs:\n      - targets: ['127.0.0.1:{traffic.server.port}']\n"
+    )
+    process = _Process(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        workdir / "prometheus.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def scraped() -> bool:
+        try:
+            answer = requests.get(f"{url}/api/v1/query", params={"query": 'up{job="traffic"} == 1'}, timeout=1)
+            return bool(answer.ok and answer.json()["data"]["result"])
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(scraped, timeout=60, interval=0.2, what="Prometheus's first scrape of the exporter")
+        yield url
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def alert_sink() -> Iterator[WebhookSink]:
+    sink = WebhookSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="session")
+def alertmanager(workdir: Path, alert_sink: WebhookSink) -> Iterator[str]:
+    """A real Alertmanager delivering every alert at once to the webhook sink."""
+    _need(ALERTMANAGER)
+    port = free_port()
+    config = workdir / "alertmanager.yml"
+    config.write_text(
+        "route:\n  receiver: sink\n  group_by: ['alertname', 'policy']\n"
+        "  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\n"
+        f"receivers:\n  - name: sink\n    webhook_configs:\n      - url: {alert_sink.url}/alertmanager\n"
+    )
+    process = _Process(
+        [
+            ALERTMANAGER,
+            f"--config.file={config}",
+            f"--storage.path={workdir / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        workdir / "alertmanager.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{url}/-/ready", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, timeout=30, interval=0.1, what="Alertmanager ready")
+        yield url
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def kube() -> Iterator[KubeStandIn]:
+    """The Kubernetes API stand-in (until the real kube-apiserver issue), one per test."""
+    server = KubeStandIn()
+    yield server
+    server.close()

@@ -1,0 +1,74 @@
+"""Builders shared by the unit tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Verdict
+from controller.core.policy import CanaryPolicy
+from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome, RenderedQuery
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def make_policy(**spec_overrides: Any) -> CanaryPolicy:
+    """A valid policy; top-level spec keys can be replaced."""
+    spec: dict[str, Any] = {
+        "source": {"service": "istio-system/istio-ingressgateway"},
+        "target": {"service": "istio-system/istio-ingressgateway-asm"},
+        "schedule": {"steps": [10, 50, 100], "bakeTime": "5m"},
+        "analysis": {"interval": "30s", "window": "1m", "minRequests": 50, "failureThreshold": 2},
+        "gates": {"errorRate": {"max": 0.01}},
+    }
+    spec.update(spec_overrides)
+    return CanaryPolicy.model_validate({"metadata": {"name": "shop"}, "spec": spec})
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def check(
+    verdict: Verdict, cause: InconclusiveCause | None = None, starved: tuple[GatewayRole, ...] = ()
+) -> CheckResult:
+    gate = GateResult(
+        gate="errorRate", verdict=verdict, reason=f"errorRate {verdict.value}", value=0.5, threshold=0.01, cause=cause
+    )
+    return CheckResult(verdict=verdict, gates=(gate,), reason=gate.reason, cause=cause, starved=starved)
+
+
+PASS = check(Verdict.PASS)
+FAIL = check(Verdict.FAIL)
+TARGET_QUIET = check(Verdict.INCONCLUSIVE, InconclusiveCause.TOO_FEW_REQUESTS, (GatewayRole.TARGET,))
+PROM_DOWN = check(Verdict.INCONCLUSIVE, InconclusiveCause.METRICS_UNAVAILABLE)
+NO_DATA = check(Verdict.INCONCLUSIVE, InconclusiveCause.NO_DATA)
+
+
+def outcome(
+    role: GatewayRole, measure: Measure, value: float | None = None, error: str | None = None, gate: str | None = None
+) -> QueryOutcome:
+    return QueryOutcome(
+        RenderedQuery(f"q_{role.value}_{measure.value}", measure, role, gate=gate), value=value, error=error
+    )
+
+
+def samples(
+    role: GatewayRole,
+    requests: float | None = 1000.0,
+    error_rate: float | None = 0.0,
+    latency: float | None = 100.0,
+    error: str | None = None,
+    custom: dict[str, float | None] | None = None,
+) -> GatewaySamples:
+    return GatewaySamples(
+        role=role,
+        requests=outcome(role, Measure.REQUESTS, requests, error),
+        error_rate=outcome(role, Measure.ERROR_RATE, error_rate, error),
+        latency=outcome(role, Measure.LATENCY, latency, error),
+        # the collector always answers every custom gate; default to the one the gate tests define
+        custom={
+            name: outcome(role, Measure.CUSTOM, value, error, gate=name)
+            for name, value in (custom if custom is not None else {"resets": 0.0}).items()
+        },
+    )
