@@ -338,16 +338,21 @@ class KubeStandIn:
             request.reply(200, {"apiVersion": "v1", "kind": "EventList", "items": items, "metadata": {}})
 
     def kubeconfig(self) -> str:
-        return (
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: standin\n  cluster:\n    server: {self.url}\n"
-            "users:\n- name: tester\n  user: {}\n"
-            "contexts:\n- name: standin\n  context:\n    cluster: standin\n    user: tester\n"
-            "current-context: standin\n"
-        )
+        return kubeconfig_for(self.url)
 
     def close(self) -> None:
         self.server.close()
+
+
+def kubeconfig_for(url: str) -> str:
+    """A kubeconfig pointing at ``url`` with no credentials."""
+    return (
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: standin\n  cluster:\n    server: {url}\n"
+        "users:\n- name: tester\n  user: {}\n"
+        "contexts:\n- name: standin\n  context:\n    cluster: standin\n    user: tester\n"
+        "current-context: standin\n"
+    )
 
 
 def _merge(target: Any, patch: Any) -> Any:

@@ -1,0 +1,237 @@
+"""``gateway-canary run`` as a subprocess: real Prometheus and Alertmanager, the Kubernetes stand-in.
+
+Traffic follows the weight annotations the controller writes (the exporter reads them), so the
+ASM gateway only gets requests once the controller gives it weight, as behind a real CLB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, TrafficExporter, WebhookSink, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+NS, SRC, TGT = "istio-system", "istio-ingressgateway", "istio-ingressgateway-asm"
+CLB = {LB_ID: "lb-e2e", VGROUP: "rsp-e2e:80"}
+
+POLICY = """\
+apiVersion: gateway-canary.io/v1alpha1
+kind: CanaryPolicy
+metadata:
+  name: {name}
+spec:
+  source: {{service: istio-system/istio-ingressgateway}}
+  target: {{service: istio-system/istio-ingressgateway-asm}}
+  schedule:
+    steps: {steps}
+    bakeTime: {bake}
+  analysis:
+    interval: 1s
+    window: 10s
+    minRequests: 10
+    failureThreshold: 2
+  gates:
+    errorRate: {{max: 0.05}}
+    latency: {{p99Ms: {{max: 900}}}}
+  alerts:
+    - type: webhook
+      name: e2e
+      url: {hook}
+"""
+
+
+class Controller:
+    """A ``gateway-canary run`` process and its JSON log."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.http_port = int(env["GATEWAY_CANARY_HTTP_PORT"])
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "run"], env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT
+        )
+
+    def lines(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def get(self, path: str) -> requests.Response | None:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.http_port}{path}", timeout=1)
+        except requests.RequestException:
+            return None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def setup(
+    kube: KubeStandIn, traffic: TrafficExporter, prometheus: str, alertmanager: str, tmp_path: Path
+) -> Iterator[dict]:
+    kube.add_service(NS, TGT, {**CLB, WEIGHT: "0"})
+    kube.add_service(NS, SRC, {**CLB, WEIGHT: "100"})
+
+    def share() -> float:
+        target = int(kube.annotations(NS, TGT).get(WEIGHT, "100"))
+        source = int(kube.annotations(NS, SRC).get(WEIGHT, "100"))
+        return 0.0 if target + source == 0 else target / (target + source)
+
+    traffic.share = share
+    traffic.target.error_ratio = traffic.source.error_ratio = 0.0
+    sink = WebhookSink()
+    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    env = {
+        **os.environ,
+        "GATEWAY_CANARY_POLICIES_DIR": str(policies),
+        "GATEWAY_CANARY_PROMETHEUS_URL": prometheus,
+        "GATEWAY_CANARY_KUBECONFIG": str(tmp_path / "kubeconfig"),
+        "GATEWAY_CANARY_ALERTMANAGER_URL": alertmanager,
+        "GATEWAY_CANARY_HTTP_HOST": "127.0.0.1",
+        "GATEWAY_CANARY_HTTP_PORT": str(free_port()),
+        "GATEWAY_CANARY_LOG_FORMAT": "json",
+        "GATEWAY_CANARY_RELOAD_INTERVAL_SECONDS": "0.5",
+    }
+    started: list[Controller] = []
+
+    def start() -> Controller:
+        controller = Controller(env, tmp_path / f"controller-{len(started)}.log")
+        started.append(controller)
+        return controller
+
+    yield {
+        "kube": kube,
+        "traffic": traffic,
+        "policies": policies,
+        "sink": sink,
+        "start": start,
+        "env": env,
+        "tmp": tmp_path,
+    }
+    for controller in started:
+        controller.stop(signal.SIGKILL)
+    traffic.share = lambda: 0.0
+    traffic.target.error_ratio = 0.0
+    sink.close()
+
+
+def target_weight(kube: KubeStandIn) -> int:
+    return int(kube.annotations(NS, TGT)[WEIGHT])
+
+
+def weight_writes(kube: KubeStandIn, service: str) -> list[str]:
+    return [
+        p["metadata"]["annotations"][WEIGHT]
+        for s, p in kube.patches
+        if s == f"{NS}/{service}" and WEIGHT in p["metadata"].get("annotations", {})
+    ]
+
+
+def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink) -> None:
+    kube, traffic, sink = setup["kube"], setup["traffic"], setup["sink"]
+    (setup["policies"] / "e2e.yaml").write_text(
+        POLICY.format(name="e2e-rollback", steps="[10, 25, 50, 100]", bake="3s", hook=f"{sink.url}/hook")
+    )
+    controller = setup["start"]()
+    wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
+    wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the weight to climb to 25")
+    assert weight_writes(kube, TGT)[:2] == ["10", "25"]
+    assert kube.annotations(NS, SRC)[WEIGHT] == "75"
+
+    traffic.target.error_ratio = 0.5
+    injected = time.monotonic()
+    wait_for(lambda: target_weight(kube) == 0, timeout=60, interval=0.05, what="the rollback to weight 0")
+    rollback_seconds = time.monotonic() - injected
+    print(
+        f"\nMEASURED error injection -> target weight 0: {rollback_seconds:.2f}s "
+        "(scrape 1s, check interval 1s, window 10s, failureThreshold 2)"
+    )
+    assert kube.annotations(NS, SRC)[WEIGHT] == "100"
+    state = json.loads(kube.annotations(NS, TGT)[STATE])
+    assert state["phase"] == "RolledBack" and state["last_failed_gate"] == "errorRate"
+
+    delivered = wait_for(
+        lambda: [
+            a
+            for body in alert_sink.bodies("/alertmanager")
+            for a in body["alerts"]
+            if a["labels"].get("policy") == "e2e-rollback" and a["labels"]["alertname"] == "GatewayCanaryRolledBack"
+        ],
+        timeout=30,
+        what="the rollback alert through Alertmanager",
+    )
+    assert delivered[0]["annotations"]["failing_gate"] == "errorRate"
+    assert float(delivered[0]["annotations"]["value"]) > 0.05
+    hook = wait_for(
+        lambda: [b for b in sink.bodies("/hook") if b["kind"] == "RolledBack"], timeout=20, what="the webhook alert"
+    )
+    assert hook[0]["weightsBefore"]["target"] >= 25 and hook[0]["weightsAfter"] == {"target": 0, "source": 100}
+    assert hook[0]["target"]["errorRate"] > 0.05 and hook[0]["source"]["requests"] > 0
+
+    reasons = [(e["type"], e["reason"]) for e in kube.events]
+    assert ("Normal", "Started") in reasons and ("Normal", "WeightRaised") in reasons
+    assert ("Warning", "RolledBack") in reasons
+
+    metrics = controller.get("/metrics")
+    assert metrics is not None and 'gateway_canary_target_weight{policy="e2e-rollback"} 0.0' in metrics.text
+    assert 'gateway_canary_rollbacks_total{policy="e2e-rollback"} 1.0' in metrics.text
+    assert 'gateway_canary_gate_threshold{gate="errorRate",policy="e2e-rollback"} 0.05' in metrics.text
+
+    checks = [line for line in controller.lines() if line.get("event") == "check"]
+    assert checks and all(line["policy"] == "e2e-rollback" for line in checks)
+    assert any(line["verdict"] == "FAIL" and line["target"]["errorRate"] > 0.05 for line in checks)
+    assert controller.stop() == 0
+    assert any(line.get("event") == "stopped" for line in controller.lines())
+
+
+def test_killed_controller_resumes_at_its_step(setup: dict) -> None:
+    kube = setup["kube"]
+    (setup["policies"] / "e2e.yaml").write_text(
+        POLICY.format(name="e2e-resume", steps="[10, 20, 30, 100]", bake="4s", hook=f"{setup['sink'].url}/hook")
+    )
+    first = setup["start"]()
+    wait_for(lambda: target_weight(kube) == 20, timeout=60, interval=0.1, what="the weight to reach 20")
+    before = json.loads(kube.annotations(NS, TGT)[STATE])
+    first.stop(signal.SIGKILL)
+    writes_before = len(kube.patches)
+
+    second = setup["start"]()
+    wait_for(lambda: target_weight(kube) == 30, timeout=60, interval=0.1, what="the resumed controller to reach 30")
+    after_restart = [p for _, p in kube.patches[writes_before:]]
+    target_weights = [
+        p["metadata"]["annotations"][WEIGHT] for p in after_restart if WEIGHT in p["metadata"]["annotations"]
+    ]
+    assert target_weights[0] == "30"  # no restart from 10, no drop to 0
+    transitions = [line["action"] for line in second.lines() if line.get("event") == "transition"]
+    assert "Start" not in transitions and transitions[0] == "Advance"
+    first_check = next(line for line in second.lines() if line.get("event") == "check")
+    assert first_check["target_weight"] == 20
+    states = [
+        json.loads(p["metadata"]["annotations"][STATE]) for p in after_restart if STATE in p["metadata"]["annotations"]
+    ]
+    assert states and states[-1]["target_weight"] == 30
+    assert before["target_weight"] == 20 and before["phase"] == "Progressing"
+    assert second.stop() == 0

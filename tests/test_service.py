@@ -1,0 +1,136 @@
+"""The service in-process: reloads, bad files, removals, refusals. Real Prometheus, Kubernetes stand-in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
+from controller.adapters.prometheus import PrometheusMetricsSource
+from controller.runtime.clock import SystemClock
+from controller.runtime.service import ControllerService
+from controller.settings import PrometheusConnection, Settings
+from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, TrafficExporter, WebhookSink, wait_for
+
+NS = "istio-system"
+CLB = {LB_ID: "lb-svc", VGROUP: "rsp-svc:80"}
+GOOD = """\
+metadata: {{name: {name}}}
+spec:
+  source: {{service: istio-system/{source}}}
+  target: {{service: istio-system/{target}}}
+  schedule: {{steps: [10, 50, 100], bakeTime: {bake}}}
+  analysis: {{interval: 1s, window: 10s, minRequests: 10}}
+  gates: {{errorRate: {{max: 0.05}}}}
+"""
+
+
+@pytest.fixture
+def service(kube: KubeStandIn, traffic: TrafficExporter, prometheus: str, tmp_path: Path) -> Iterator[dict]:
+    kube.add_service(NS, "istio-ingressgateway-asm", {**CLB, WEIGHT: "0"})
+    kube.add_service(NS, "istio-ingressgateway", {**CLB, WEIGHT: "100"})
+    kube.add_service(NS, "new-gw", {LB_ID: "lb-2", WEIGHT: "0"})  # no vgroup-port: must be refused
+    kube.add_service(NS, "old-gw", {**CLB, WEIGHT: "100"})
+
+    def share() -> float:
+        target = int(kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT])
+        return target / 100
+
+    traffic.share = share
+    sink = WebhookSink()
+    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    settings = Settings(
+        policies_dir=policies,
+        reload_interval_seconds=0.2,
+        http_host="127.0.0.1",
+        http_port=0,
+        webhook_url=f"{sink.url}/global",
+        prometheus_url=prometheus,
+    )
+    pair = KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig"))
+    metrics = PrometheusMetricsSource(PrometheusConnection(settings, None))
+    made: list[ControllerService] = []
+
+    def start() -> ControllerService:
+        svc = ControllerService(settings, pair=pair, metrics_for=lambda policy: metrics, clock=SystemClock())
+        made.append(svc)
+        svc.start()
+        return svc
+
+    yield {"kube": kube, "policies": policies, "sink": sink, "start": start}
+    for svc in made:
+        svc.stop()
+    traffic.share = lambda: 0.0
+    sink.close()
+
+
+def kinds(sink: WebhookSink) -> list[str]:
+    return [body["kind"] for body in sink.bodies("/global")]
+
+
+def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dict) -> None:
+    kube, policies, sink = service["kube"], service["policies"], service["sink"]
+    (policies / "a-good.yaml").write_text(
+        GOOD.format(name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="30s")
+    )
+    (policies / "b-refused.yaml").write_text(GOOD.format(name="refused", source="old-gw", target="new-gw", bake="1s"))
+    (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
+    service["start"]()
+    wait_for(
+        lambda: kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10",
+        timeout=30,
+        what="the good policy to start",
+    )
+    wait_for(
+        lambda: {"PolicyInvalid", "PolicyRefused"} <= set(kinds(sink)),
+        timeout=20,
+        what="alerts for the broken file and the refused policy",
+    )
+    invalid = [b for b in sink.bodies("/global") if b["kind"] == "PolicyInvalid"]
+    assert any("c-broken.yaml:3: spec.schedule.steps" in b["reason"] for b in invalid)
+    refused = next(b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused")
+    assert "istio-system/new-gw lacks" in refused["reason"] and "vgroup-port" in refused["reason"]
+    assert kube.annotations(NS, "new-gw")[WEIGHT] == "0" and STATE not in kube.annotations(NS, "new-gw")
+    assert kube.annotations(NS, "old-gw")[WEIGHT] == "100"
+    assert any(e["reason"] == "PolicyRefused" and e["involvedObject"]["name"] == "new-gw" for e in kube.events)
+
+
+def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alerts_removal(service: dict) -> None:
+    kube, policies, sink = service["kube"], service["policies"], service["sink"]
+    path = policies / "good.yaml"
+    text = GOOD.format(name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="1h")
+    path.write_text(text)
+    svc = service["start"]()
+    wait_for(
+        lambda: kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10", timeout=30, what="the policy to start"
+    )
+    runner = svc.runners["good"]
+
+    path.write_text(text.replace("gates:", "gatez:"))  # an on-call typo
+    wait_for(lambda: "PolicyInvalid" in kinds(sink), timeout=20, what="the invalid-file alert")
+    assert svc.runners["good"] is runner  # last good version keeps running
+
+    state_before = json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE])
+    path.write_text(text.replace("bakeTime: 1h", "bakeTime: 2h"))
+    wait_for(lambda: svc.runners["good"] is not runner, timeout=20, what="the changed policy to be installed")
+    state_after = wait_for(
+        lambda: (
+            (s := json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE]))["fingerprint"]
+            != state_before["fingerprint"]
+            and s
+        ),
+        timeout=20,
+        what="the bake to restart under the new policy",
+    )
+    assert state_after["step_started_at"] > state_before["step_started_at"]
+    assert kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10"  # kept its weight
+
+    path.unlink()
+    wait_for(lambda: "PolicyRemoved" in kinds(sink), timeout=20, what="the removal alert")
+    assert "good" not in svc.runners
+    assert kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10"  # left where it was
