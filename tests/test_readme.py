@@ -1,0 +1,21 @@
+"""The README's settings table and commands stay true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from controller.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_setting_is_documented() -> None:
+    missing = [name for name in Settings.model_fields if f"`{name.upper()}" not in README]
+    assert missing == []
+
+
+def test_the_two_commands_exist() -> None:
+    assert "bash scripts/demo.sh" in README and (ROOT / "scripts/demo.sh").exists()
+    assert "bash scripts/test.sh" in README and (ROOT / "scripts/test.sh").exists()
+    assert "scripts/test.sh" in (ROOT / ".ci/run").read_text()
