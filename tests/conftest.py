@@ -65,6 +65,15 @@ def traffic() -> Iterator[TrafficExporter]:
     exporter.close()
 
 
+@pytest.fixture
+def gateways(traffic: TrafficExporter, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """Fresh (source, target) workload names for this test; traffic stops afterwards."""
+    tag = f"{request.node.name[:40]}-{os.getpid()}-{id(request)}".lower().replace("_", "-")
+    tag = "".join(ch for ch in tag if ch.isalnum() or ch == "-")
+    yield traffic.fresh_pair(tag)
+    traffic.share = lambda: 0.0
+
+
 @pytest.fixture(scope="session")
 def prometheus(workdir: Path, traffic: TrafficExporter) -> Iterator[str]:
     """A real Prometheus scraping the traffic exporter every second."""

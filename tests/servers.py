@@ -121,6 +121,15 @@ class TrafficExporter:
         self.server = _Server(Handler)
         self.url = self.server.url
 
+    def fresh_pair(self, tag: str) -> tuple[str, str]:
+        """Start new series for both gateways, so no earlier test's traffic is in any window."""
+        with self._lock:
+            self.source = GatewayTraffic(f"gw-{tag}")
+            self.target = GatewayTraffic(f"gw-{tag}-asm")
+            self._last = time.monotonic()
+        self.share = lambda: 0.0
+        return self.source.workload, self.target.workload
+
     def advance(self) -> None:
         """Accumulate traffic since the last call at the current rates and share."""
         with self._lock:

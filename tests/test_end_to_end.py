@@ -30,8 +30,8 @@ kind: CanaryPolicy
 metadata:
   name: {name}
 spec:
-  source: {{service: istio-system/istio-ingressgateway}}
-  target: {{service: istio-system/istio-ingressgateway-asm}}
+  source: {{service: istio-system/istio-ingressgateway, workload: {source}}}
+  target: {{service: istio-system/istio-ingressgateway-asm, workload: {target}}}
   schedule:
     steps: {steps}
     bakeTime: {bake}
@@ -88,7 +88,12 @@ class Controller:
 
 @pytest.fixture
 def setup(
-    kube: KubeStandIn, traffic: TrafficExporter, prometheus: str, alertmanager: str, tmp_path: Path
+    kube: KubeStandIn,
+    traffic: TrafficExporter,
+    gateways: tuple[str, str],
+    prometheus: str,
+    alertmanager: str,
+    tmp_path: Path,
 ) -> Iterator[dict]:
     kube.add_service(NS, TGT, {**CLB, WEIGHT: "0"})
     kube.add_service(NS, SRC, {**CLB, WEIGHT: "100"})
@@ -99,7 +104,6 @@ def setup(
         return 0.0 if target + source == 0 else target / (target + source)
 
     traffic.share = share
-    traffic.target.error_ratio = traffic.source.error_ratio = 0.0
     sink = WebhookSink()
     (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
     policies = tmp_path / "policies"
@@ -125,6 +129,8 @@ def setup(
     yield {
         "kube": kube,
         "traffic": traffic,
+        "source": gateways[0],
+        "target": gateways[1],
         "policies": policies,
         "sink": sink,
         "start": start,
@@ -133,8 +139,6 @@ def setup(
     }
     for controller in started:
         controller.stop(signal.SIGKILL)
-    traffic.share = lambda: 0.0
-    traffic.target.error_ratio = 0.0
     sink.close()
 
 
@@ -153,7 +157,14 @@ def weight_writes(kube: KubeStandIn, service: str) -> list[str]:
 def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink) -> None:
     kube, traffic, sink = setup["kube"], setup["traffic"], setup["sink"]
     (setup["policies"] / "e2e.yaml").write_text(
-        POLICY.format(name="e2e-rollback", steps="[10, 25, 50, 100]", bake="3s", hook=f"{sink.url}/hook")
+        POLICY.format(
+            name="e2e-rollback",
+            steps="[10, 25, 50, 100]",
+            bake="3s",
+            source=setup["source"],
+            target=setup["target"],
+            hook=f"{sink.url}/hook",
+        )
     )
     controller = setup["start"]()
     wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
@@ -210,7 +221,14 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
 def test_killed_controller_resumes_at_its_step(setup: dict) -> None:
     kube = setup["kube"]
     (setup["policies"] / "e2e.yaml").write_text(
-        POLICY.format(name="e2e-resume", steps="[10, 20, 30, 100]", bake="4s", hook=f"{setup['sink'].url}/hook")
+        POLICY.format(
+            name="e2e-resume",
+            steps="[10, 20, 30, 100]",
+            bake="4s",
+            source=setup["source"],
+            target=setup["target"],
+            hook=f"{setup['sink'].url}/hook",
+        )
     )
     first = setup["start"]()
     wait_for(lambda: target_weight(kube) == 20, timeout=60, interval=0.1, what="the weight to reach 20")

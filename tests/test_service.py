@@ -20,8 +20,8 @@ CLB = {LB_ID: "lb-svc", VGROUP: "rsp-svc:80"}
 GOOD = """\
 metadata: {{name: {name}}}
 spec:
-  source: {{service: istio-system/{source}}}
-  target: {{service: istio-system/{target}}}
+  source: {{service: istio-system/{source}, workload: {sw}}}
+  target: {{service: istio-system/{target}, workload: {tw}}}
   schedule: {{steps: [10, 50, 100], bakeTime: {bake}}}
   analysis: {{interval: 1s, window: 10s, minRequests: 10}}
   gates: {{errorRate: {{max: 0.05}}}}
@@ -29,7 +29,9 @@ spec:
 
 
 @pytest.fixture
-def service(kube: KubeStandIn, traffic: TrafficExporter, prometheus: str, tmp_path: Path) -> Iterator[dict]:
+def service(
+    kube: KubeStandIn, traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str, tmp_path: Path
+) -> Iterator[dict]:
     kube.add_service(NS, "istio-ingressgateway-asm", {**CLB, WEIGHT: "0"})
     kube.add_service(NS, "istio-ingressgateway", {**CLB, WEIGHT: "100"})
     kube.add_service(NS, "new-gw", {LB_ID: "lb-2", WEIGHT: "0"})  # no vgroup-port: must be refused
@@ -62,10 +64,15 @@ def service(kube: KubeStandIn, traffic: TrafficExporter, prometheus: str, tmp_pa
         svc.start()
         return svc
 
-    yield {"kube": kube, "policies": policies, "sink": sink, "start": start}
+    yield {
+        "kube": kube,
+        "policies": policies,
+        "sink": sink,
+        "start": start,
+        "workloads": {"sw": gateways[0], "tw": gateways[1]},
+    }
     for svc in made:
         svc.stop()
-    traffic.share = lambda: 0.0
     sink.close()
 
 
@@ -76,9 +83,17 @@ def kinds(sink: WebhookSink) -> list[str]:
 def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dict) -> None:
     kube, policies, sink = service["kube"], service["policies"], service["sink"]
     (policies / "a-good.yaml").write_text(
-        GOOD.format(name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="30s")
+        GOOD.format(
+            name="good",
+            source="istio-ingressgateway",
+            target="istio-ingressgateway-asm",
+            bake="30s",
+            **service["workloads"],
+        )
     )
-    (policies / "b-refused.yaml").write_text(GOOD.format(name="refused", source="old-gw", target="new-gw", bake="1s"))
+    (policies / "b-refused.yaml").write_text(
+        GOOD.format(name="refused", source="old-gw", target="new-gw", bake="1s", sw="old", tw="new")
+    )
     (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
     service["start"]()
     wait_for(
@@ -103,7 +118,9 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
 def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alerts_removal(service: dict) -> None:
     kube, policies, sink = service["kube"], service["policies"], service["sink"]
     path = policies / "good.yaml"
-    text = GOOD.format(name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="1h")
+    text = GOOD.format(
+        name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="1h", **service["workloads"]
+    )
     path.write_text(text)
     svc = service["start"]()
     wait_for(
