@@ -62,7 +62,12 @@ class Settings(BaseSettings):
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
 
     failure_recheck_seconds: float = Field(
-        default=5.0, ge=0, description="after a FAIL, check again this soon (0: at the normal interval)"
+        default=15.0,
+        ge=0,
+        description=(
+            "after a FAIL, check again this soon (0: at the normal interval); keep it at least the scrape "
+            "interval, or the re-check sees the same samples and counts the same evidence twice"
+        ),
     )
 
 

@@ -210,3 +210,13 @@ def test_no_sequence_of_checks_sets_both_weights_to_zero() -> None:
                     source = decision.weights.source if decision.weights.source is not None else weights[1]
                     weights = (decision.weights.target, source)
                 assert weights != (0, 0), (mode, sequence)
+
+
+def test_a_policy_change_continues_a_paused_rollout() -> None:
+    state = start()
+    paused = run(POLICY, state, (40, 60), PASS, 30).state  # someone else moved the weights
+    assert paused.phase is Phase.PAUSED
+    changed = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": "1m"})
+    decision = run(changed, paused, (40, 60), PASS, 60)
+    assert decision.state.phase is Phase.PROGRESSING and decision.weights is None
+    assert run(changed, decision.state, (40, 60), PASS, 121).weights.target == 50

@@ -154,16 +154,21 @@ def weight_writes(kube: KubeStandIn, service: str) -> list[str]:
     ]
 
 
-def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink) -> None:
+#: scripts/bench_rollback.py sets this to repeat the scenario and report the median.
+RUNS = int(os.environ.get("GATEWAY_CANARY_E2E_RUNS", "1"))
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink, run: int) -> None:
     kube, traffic, sink = setup["kube"], setup["traffic"], setup["sink"]
     (setup["policies"] / "e2e.yaml").write_text(
         POLICY.format(
-            name="e2e-rollback",
+            name=f"e2e-rollback-{run}",
             steps="[10, 25, 50, 100]",
             bake="3s",
             source=setup["source"],
             target=setup["target"],
-            hook=f"{sink.url}/hook",
+            hook=f"{sink.url}/hook/s3cr3t-webhook-token",
         )
     )
     controller = setup["start"]()
@@ -189,7 +194,8 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
             a
             for body in alert_sink.bodies("/alertmanager")
             for a in body["alerts"]
-            if a["labels"].get("policy") == "e2e-rollback" and a["labels"]["alertname"] == "GatewayCanaryRolledBack"
+            if a["labels"].get("policy") == f"e2e-rollback-{run}"
+            and a["labels"]["alertname"] == "GatewayCanaryRolledBack"
         ],
         timeout=30,
         what="the rollback alert through Alertmanager",
@@ -197,7 +203,9 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     assert delivered[0]["annotations"]["failing_gate"] == "errorRate"
     assert float(delivered[0]["annotations"]["value"]) > 0.05
     hook = wait_for(
-        lambda: [b for b in sink.bodies("/hook") if b["kind"] == "RolledBack"], timeout=20, what="the webhook alert"
+        lambda: [b for b in sink.bodies("/hook/s3cr3t-webhook-token") if b["kind"] == "RolledBack"],
+        timeout=20,
+        what="the webhook alert",
     )
     assert hook[0]["weightsBefore"]["target"] >= 25 and hook[0]["weightsAfter"] == {"target": 0, "source": 100}
     assert hook[0]["target"]["errorRate"] > 0.05 and hook[0]["source"]["requests"] > 0
@@ -207,15 +215,16 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     assert ("Warning", "RolledBack") in reasons
 
     metrics = controller.get("/metrics")
-    assert metrics is not None and 'gateway_canary_target_weight{policy="e2e-rollback"} 0.0' in metrics.text
-    assert 'gateway_canary_rollbacks_total{policy="e2e-rollback"} 1.0' in metrics.text
-    assert 'gateway_canary_gate_threshold{gate="errorRate",policy="e2e-rollback"} 0.05' in metrics.text
+    assert metrics is not None and f'gateway_canary_target_weight{{policy="e2e-rollback-{run}"}} 0.0' in metrics.text
+    assert f'gateway_canary_rollbacks_total{{policy="e2e-rollback-{run}"}} 1.0' in metrics.text
+    assert f'gateway_canary_gate_threshold{{gate="errorRate",policy="e2e-rollback-{run}"}} 0.05' in metrics.text
 
     checks = [line for line in controller.lines() if line.get("event") == "check"]
-    assert checks and all(line["policy"] == "e2e-rollback" for line in checks)
+    assert checks and all(line["policy"] == f"e2e-rollback-{run}" for line in checks)
     assert any(line["verdict"] == "FAIL" and line["target"]["errorRate"] > 0.05 for line in checks)
     assert controller.stop() == 0
     assert any(line.get("event") == "stopped" for line in controller.lines())
+    assert "s3cr3t" not in controller.log.read_text()  # receiver URLs are secrets
 
 
 def test_killed_controller_resumes_at_its_step(setup: dict) -> None:

@@ -48,6 +48,7 @@ def test_observe_reads_weights_and_accepts_a_clb_pair(kube: KubeStandIn, tmp_pat
         ({LB_ID: "lb-1", VGROUP: " "}, "lacks service.beta.kubernetes.io/alibaba-cloud-loadbalancer-vgroup-port"),
         ({**CLB, "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-ignore-weight-update": "on"}, "switched off"),
         ({**CLB, WEIGHT: "12.5"}, "not an integer in [0,100]"),
+        (CLB, 'gives it 100 per backend, already a large share; set it to "0"'),
     ],
 )
 def test_refuses_services_the_cloud_controller_would_not_weight(

@@ -94,6 +94,10 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
     (policies / "b-refused.yaml").write_text(
         GOOD.format(name="refused", source="old-gw", target="new-gw", bake="1s", sw="old", tw="new")
     )
+    (policies / "d-no-secret.yaml").write_text(
+        GOOD.format(name="no-secret", source="third-gw", target="fourth-gw", bake="1s", sw="o", tw="p")
+        + "  alerts:\n    - {type: slack, urlFromEnv: GATEWAY_CANARY_TEST_UNSET_SECRET}\n"
+    )
     (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
     service["start"]()
     wait_for(
@@ -102,17 +106,29 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
         what="the good policy to start",
     )
     wait_for(
-        lambda: {"PolicyInvalid", "PolicyRefused"} <= set(kinds(sink)),
+        lambda: "PolicyInvalid" in kinds(sink),
         timeout=20,
         what="alerts for the broken file and the refused policy",
     )
     invalid = [b for b in sink.bodies("/global") if b["kind"] == "PolicyInvalid"]
     assert any("c-broken.yaml:3: spec.schedule.steps" in b["reason"] for b in invalid)
-    refused = next(b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused")
+    refused = wait_for(
+        lambda: next(
+            (b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused" and b["policy"] == "refused"), None
+        ),
+        timeout=20,
+        what="the refusal of the policy whose Service lacks vgroup-port",
+    )
     assert "istio-system/new-gw lacks" in refused["reason"] and "vgroup-port" in refused["reason"]
     assert kube.annotations(NS, "new-gw")[WEIGHT] == "0" and STATE not in kube.annotations(NS, "new-gw")
     assert kube.annotations(NS, "old-gw")[WEIGHT] == "100"
     assert any(e["reason"] == "PolicyRefused" and e["involvedObject"]["name"] == "new-gw" for e in kube.events)
+    unset = wait_for(
+        lambda: [b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused" and b["policy"] == "no-secret"],
+        timeout=20,
+        what="the refusal of the policy whose secret is missing, on the global receiver",
+    )
+    assert "urlFromEnv: environment variable GATEWAY_CANARY_TEST_UNSET_SECRET is not set" in unset[0]["reason"]
 
 
 def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alerts_removal(service: dict) -> None:

@@ -140,6 +140,11 @@ class KubernetesGatewayPair:
             source_weight = parse_weight(source_ann.get(WEIGHT_ANNOTATION))
         except ValueError as exc:
             refusal = refusal or f"{exc}; the cloud controller rejects it too, fix it by hand"
+        if refusal is None and target_weight is None:
+            refusal = (
+                f"Service {policy.spec.target.service} has no {WEIGHT_ANNOTATION}: the cloud controller gives it "
+                '100 per backend, already a large share; set it to "0" to start a migration'
+            )
         state: RolloutState | None = None
         state_error: str | None = None
         raw_state = target_ann.get(STATE_ANNOTATION)

@@ -18,8 +18,9 @@ Rules
 * Rollback stays armed while Paused: pausing stops advancing, never protection.
 * Weights observed on the Services that differ from the ones last written mean someone else
   changed them: the rollout pauses, adopts what it sees and reports it, and does not fight.
-* RolledBack stays rolled back until an operator retries or the policy changes. Promoted is
-  final. Both weights are never 0 at once.
+* RolledBack stays rolled back until an operator retries or the policy changes; a Paused rollout
+  continues when the policy changes (or an operator resumes). Promoted is final. Both weights
+  are never 0 at once.
 """
 
 from __future__ import annotations
@@ -204,8 +205,12 @@ def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) ->
         return Decision(
             state=updated.evolve(reason="policy changed after promotion; nothing to do"), action=Action.NONE
         )
+    phase = state.phase
+    if phase is Phase.PAUSED:  # a changed policy is how a paused rollout is continued
+        phase = Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
     restarted = updated.evolve(
-        reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake"
+        phase=phase,
+        reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake",
     )
     return Decision(state=restarted, action=Action.RESTART_BAKE, transition=True)
 

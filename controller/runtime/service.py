@@ -151,10 +151,11 @@ class ControllerService:
 
     def _install(self, policy: CanaryPolicy, *, replacing: bool) -> None:
         config_error: str | None = None
-        receivers: list[Notifier] = list(self._extra_receivers)
+        # If the policy's own receivers cannot be built, the global ones still hear about it.
+        receivers: list[Notifier] = global_receivers(self.settings) + self._extra_receivers
         metrics: MetricsSource | None = None
         try:
-            receivers = receivers_for(policy, self.settings) + receivers
+            receivers = receivers_for(policy, self.settings) + self._extra_receivers
             metrics = self._metrics_for(policy)
         except ValueError as exc:
             config_error = str(exc)
