@@ -8,17 +8,18 @@ so that there a missing binary fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.servers import GatewayTraffic, KubeStandIn, TrafficExporter, WebhookSink, free_port, wait_for
+from tests.servers import GatewayTraffic, KubeStandIn, ManagedProcess, TrafficExporter, WebhookSink, free_port, wait_for
 
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
 ALERTMANAGER = os.environ.get("ALERTMANAGER_BIN", "/usr/bin/prometheus-alertmanager")
@@ -33,20 +34,23 @@ def _need(binary: str) -> None:
     pytest.skip(message)
 
 
-class _Process:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
+@contextlib.contextmanager
+def _serving(args: list[str], log: Path, ready: Callable[[], bool], what: str) -> Iterator[None]:
+    """Run a server binary until the with-block ends, once ``ready()`` holds."""
+    process = ManagedProcess(args, log)
+    try:
+        wait_for(ready, timeout=60, interval=0.2, what=f"{what} (log: {log})")
+        yield
+    finally:
+        process.stop()
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
+
+def _answers(url: str, params: dict[str, str] | None = None, *, with_result: bool = False) -> bool:
+    try:
+        answer = requests.get(url, params=params, timeout=1)
+        return answer.ok and (not with_result or bool(answer.json()["data"]["result"]))
+    except requests.RequestException:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -85,30 +89,17 @@ def prometheus(workdir: Path, traffic: TrafficExporter) -> Iterator[str]:
         "scrape_configs:\n"
         f"  - job_name: traffic\n    static_configs:\n      - targets: ['127.0.0.1:{traffic.server.port}']\n"
     )
-    process = _Process(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        workdir / "prometheus.log",
-    )
     url = f"http://127.0.0.1:{port}"
-
-    def scraped() -> bool:
-        try:
-            answer = requests.get(f"{url}/api/v1/query", params={"query": 'up{job="traffic"} == 1'}, timeout=1)
-            return bool(answer.ok and answer.json()["data"]["result"])
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(scraped, timeout=60, interval=0.2, what="Prometheus's first scrape of the exporter")
+    args = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'prom-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+    ]
+    scraped = partial(_answers, f"{url}/api/v1/query", {"query": 'up{job="traffic"} == 1'}, with_result=True)
+    with _serving(args, workdir / "prometheus.log", scraped, "Prometheus's first scrape of the exporter"):
         yield url
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -129,29 +120,16 @@ def alertmanager(workdir: Path, alert_sink: WebhookSink) -> Iterator[str]:
         "  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\n"
         f"receivers:\n  - name: sink\n    webhook_configs:\n      - url: {alert_sink.url}/alertmanager\n"
     )
-    process = _Process(
-        [
-            ALERTMANAGER,
-            f"--config.file={config}",
-            f"--storage.path={workdir / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        workdir / "alertmanager.log",
-    )
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{url}/-/ready", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(ready, timeout=30, interval=0.1, what="Alertmanager ready")
+    args = [
+        ALERTMANAGER,
+        f"--config.file={config}",
+        f"--storage.path={workdir / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+    ]
+    with _serving(args, workdir / "alertmanager.log", partial(_answers, f"{url}/-/ready"), "Alertmanager ready"):
         yield url
-    finally:
-        process.stop()
 
 
 @pytest.fixture

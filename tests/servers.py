@@ -8,19 +8,42 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 WEIGHT = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-weight"
 LB_ID = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-id"
 VGROUP = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-vgroup-port"
 STATE = "gateway-canary.io/state"
+
+
+class ManagedProcess:
+    """A subprocess with its output in a log file; stopped with a signal, killed if it lingers."""
+
+    def __init__(self, args: list[str], log: Path, **popen: Any) -> None:
+        self.log = log
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, **popen)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return int(self.proc.returncode)
 
 
 def free_port() -> int:

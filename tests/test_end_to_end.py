@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +17,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, TrafficExporter, WebhookSink, free_port, wait_for
+from tests.servers import (
+    LB_ID,
+    STATE,
+    VGROUP,
+    WEIGHT,
+    KubeStandIn,
+    ManagedProcess,
+    TrafficExporter,
+    WebhookSink,
+    free_port,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NS, SRC, TGT = "istio-system", "istio-ingressgateway", "istio-ingressgateway-asm"
@@ -50,16 +60,12 @@ spec:
 """
 
 
-class Controller:
+class Controller(ManagedProcess):
     """A ``gateway-canary run`` process and its JSON log."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
         self.http_port = int(env["GATEWAY_CANARY_HTTP_PORT"])
-        self._out = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "run"], env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT
-        )
+        super().__init__([sys.executable, "-m", "controller", "run"], log, env=env, cwd=ROOT)
 
     def lines(self) -> list[dict]:
         out = []
@@ -73,17 +79,6 @@ class Controller:
             return requests.get(f"http://127.0.0.1:{self.http_port}{path}", timeout=1)
         except requests.RequestException:
             return None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -126,11 +121,14 @@ def setup(
         started.append(controller)
         return controller
 
+    def write_policy(name: str, steps: str, bake: str, hook: str) -> None:
+        text = POLICY.format(name=name, steps=steps, bake=bake, source=gateways[0], target=gateways[1], hook=hook)
+        (policies / "e2e.yaml").write_text(text)
+
     yield {
+        "write_policy": write_policy,
         "kube": kube,
         "traffic": traffic,
-        "source": gateways[0],
-        "target": gateways[1],
         "policies": policies,
         "sink": sink,
         "start": start,
@@ -161,16 +159,7 @@ RUNS = int(os.environ.get("GATEWAY_CANARY_E2E_RUNS", "1"))
 @pytest.mark.parametrize("run", range(RUNS))
 def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink, run: int) -> None:
     kube, traffic, sink = setup["kube"], setup["traffic"], setup["sink"]
-    (setup["policies"] / "e2e.yaml").write_text(
-        POLICY.format(
-            name=f"e2e-rollback-{run}",
-            steps="[10, 25, 50, 100]",
-            bake="3s",
-            source=setup["source"],
-            target=setup["target"],
-            hook=f"{sink.url}/hook/s3cr3t-webhook-token",
-        )
-    )
+    setup["write_policy"](f"e2e-rollback-{run}", "[10, 25, 50, 100]", "3s", f"{sink.url}/hook/s3cr3t-webhook-token")
     controller = setup["start"]()
     wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
     wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the weight to climb to 25")
@@ -229,16 +218,7 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
 
 def test_killed_controller_resumes_at_its_step(setup: dict) -> None:
     kube = setup["kube"]
-    (setup["policies"] / "e2e.yaml").write_text(
-        POLICY.format(
-            name="e2e-resume",
-            steps="[10, 20, 30, 100]",
-            bake="4s",
-            source=setup["source"],
-            target=setup["target"],
-            hook=f"{setup['sink'].url}/hook",
-        )
-    )
+    setup["write_policy"]("e2e-resume", "[10, 20, 30, 100]", "4s", f"{setup['sink'].url}/hook")
     first = setup["start"]()
     wait_for(lambda: target_weight(kube) == 20, timeout=60, interval=0.1, what="the weight to reach 20")
     before = json.loads(kube.annotations(NS, TGT)[STATE])

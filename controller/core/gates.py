@@ -200,34 +200,17 @@ def _combine(
 ) -> CheckResult:
     starved = tuple(s.role for s in (source, target) if _starved(s, minimum))
     failed = [r for r in results if r.verdict is Verdict.FAIL]
-    if failed:
-        return CheckResult(
-            verdict=Verdict.FAIL,
-            gates=results,
-            reason="; ".join(r.reason for r in failed),
-            starved=starved,
-            source=source,
-            target=target,
-        )
     unsure = [r for r in results if r.verdict is Verdict.INCONCLUSIVE]
-    if unsure:
+    cause: InconclusiveCause | None = None
+    if failed:
+        verdict, reason = Verdict.FAIL, "; ".join(r.reason for r in failed)
+    elif unsure:
         causes = {r.cause for r in unsure}
         cause = next(c for c in _CAUSE_PRIORITY if c in causes)
-        reasons = list(dict.fromkeys(r.reason.split(": ", 1)[-1] for r in unsure if r.cause is cause))
-        return CheckResult(
-            verdict=Verdict.INCONCLUSIVE,
-            gates=results,
-            reason="; ".join(reasons),
-            cause=cause,
-            starved=starved,
-            source=source,
-            target=target,
-        )
+        reasons = dict.fromkeys(r.reason.split(": ", 1)[-1] for r in unsure if r.cause is cause)
+        verdict, reason = Verdict.INCONCLUSIVE, "; ".join(reasons)
+    else:
+        verdict, reason = Verdict.PASS, "; ".join(r.reason for r in results)
     return CheckResult(
-        verdict=Verdict.PASS,
-        gates=results,
-        reason="; ".join(r.reason for r in results),
-        starved=starved,
-        source=source,
-        target=target,
+        verdict=verdict, gates=results, reason=reason, cause=cause, starved=starved, source=source, target=target
     )

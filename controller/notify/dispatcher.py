@@ -61,36 +61,24 @@ class AlertDispatcher:
                 _log.warning("alert dropped at shutdown", receiver=receiver.name, policy=alert.policy)
 
     def _deliver(self, alert: Alert, receiver: Notifier) -> None:
+        log = _log.bind(receiver=receiver.name, policy=alert.policy, kind=alert.kind.value)
         delay = self._backoff
         for attempt in range(1, self._attempts + 1):
             try:
                 receiver.send(alert)
             except NotificationError as exc:
-                _log.warning(
-                    "alert delivery failed",
-                    receiver=receiver.name,
-                    policy=alert.policy,
-                    kind=alert.kind.value,
-                    attempt=attempt,
-                    error=str(exc),
-                )
+                log.warning("alert delivery failed", attempt=attempt, error=str(exc))
                 if attempt == self._attempts or self._closing.wait(delay):
                     break
                 delay *= 2
                 continue
-            _log.info(
-                "alert delivered",
-                receiver=receiver.name,
-                policy=alert.policy,
-                kind=alert.kind.value,
-                attempt=attempt,
-            )
+            log.info("alert delivered", attempt=attempt)
             self._on_outcome(receiver.name, "delivered")
             return
         with self._lock:  # let a later identical alert try again
             self._sent.pop((receiver.name, alert.dedup_key), None)
         self._on_outcome(receiver.name, "failed")
-        _log.error("alert not delivered", receiver=receiver.name, policy=alert.policy, kind=alert.kind.value)
+        log.error("alert not delivered")
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop retry waits and finish what is in flight, for at most ``timeout`` seconds."""
