@@ -247,6 +247,7 @@ class KubeStandIn:
         self._version = 100
         self._lock = threading.Lock()
         self.fail_next: list[int] = []  # status codes to answer the next requests with
+        self.fail_patch_of: dict[str, int] = {}  # "namespace/name" -> status for its next PATCH
         stand_in = self
 
         class Handler(_Quiet):
@@ -336,6 +337,10 @@ class KubeStandIn:
                 request.reply(415, {"kind": "Status", "code": 415, "message": "stand-in takes merge patches only"})
                 return
             patch = request.body()
+            failure = self.fail_patch_of.pop(f"{namespace}/{name}", None)
+            if failure is not None:
+                request.reply(failure, {"kind": "Status", "code": failure, "message": "injected failure"})
+                return
             self.patches.append((f"{namespace}/{name}", copy.deepcopy(patch)))
             wanted = (patch.get("metadata") or {}).get("resourceVersion")
             if wanted is not None and wanted != current["metadata"]["resourceVersion"]:

@@ -220,3 +220,20 @@ def test_a_policy_change_continues_a_paused_rollout() -> None:
     decision = run(changed, paused, (40, 60), PASS, 60)
     assert decision.state.phase is Phase.PROGRESSING and decision.weights is None
     assert run(changed, decision.state, (40, 60), PASS, 121).weights.target == 50
+
+
+def test_an_unfinished_source_write_is_completed_not_mistaken_for_a_human() -> None:
+    started = decide(
+        POLICY, initial_state(POLICY, Observation(0, 100), at(0)), Observation(0, 100, TARGET_QUIET), at(0)
+    )
+    state = started.state
+    assert state.source_weight_before == 100
+    # the target patch (with the state) landed, the source patch did not
+    completing = run(POLICY, state, (10, 100), PASS, 30)
+    assert completing.action is Action.COMPLETE_WRITE and completing.alert is None
+    assert (completing.weights.target, completing.weights.source) == (10, 90)
+    # once the source shows it, the marker is cleared and the tick is judged as usual
+    judged = run(POLICY, completing.state, (10, 90), FAIL, 60)
+    assert judged.state.source_weight_before is None and judged.state.consecutive_failures == 1
+    # a different source value is someone else's edit
+    assert run(POLICY, state, (10, 70), PASS, 30).alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY

@@ -110,3 +110,23 @@ def test_dry_run_reads_the_cluster_progresses_in_memory_and_writes_nothing(kube:
     assert pair.observe(POLICY).target_weight == 10  # the intended write is remembered
     assert kube.patches == [] and kube.events == []
     assert STATE not in kube.annotations("istio-system", "istio-ingressgateway-asm")
+
+
+def test_a_source_write_lost_to_an_api_error_is_completed_next_tick(kube: KubeStandIn, tmp_path: Path) -> None:
+    kube.add_service("istio-system", "istio-ingressgateway-asm", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "0"})
+    kube.add_service("istio-system", "istio-ingressgateway", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "100"})
+    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
+    pair = KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig"))
+    simulated = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    policy_runner = runner(pair, SimulatedGateways(simulated))
+    kube.fail_patch_of["istio-system/istio-ingressgateway"] = 500
+    first = policy_runner.tick()
+    assert first.error is not None and "500" in first.error
+    assert kube.annotations("istio-system", "istio-ingressgateway-asm")[WEIGHT] == "10"
+    assert kube.annotations("istio-system", "istio-ingressgateway")[WEIGHT] == "100"
+    second = policy_runner.tick()
+    assert second.decision is not None and second.decision.action.value == "CompleteWrite"
+    assert kube.annotations("istio-system", "istio-ingressgateway")[WEIGHT] == "90"
+    third = policy_runner.tick()
+    assert third.decision is not None and third.decision.state.phase is Phase.PROGRESSING
+    assert not any(e["reason"] in ("Paused", "WeightChangedExternally") for e in kube.events)

@@ -61,6 +61,7 @@ class Action(enum.StrEnum):
     RESUME = "Resume"
     RETRY = "Retry"
     RESTART_BAKE = "RestartBake"
+    COMPLETE_WRITE = "CompleteWrite"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,11 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
         commanded = _apply_command(policy, state, observed, now)
         if commanded is not None:
             return commanded
+    if state.source_weight_before is not None and observed.source_weight == state.source_weight:
+        state = state.evolve(source_weight_before=None)  # our last write is complete
+    unfinished = _complete_unfinished_write(state, observed)
+    if unfinished is not None:
+        return unfinished
     drift = _detect_external_change(policy, state, observed, now)
     if drift is not None:
         return drift
@@ -163,6 +169,25 @@ def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observat
             phase=phase, reason="resumed by an operator; the bake at this step restarts", changed_at=now
         )
         return Decision(state=resumed, action=Action.RESUME, transition=True)
+    return None
+
+
+def _complete_unfinished_write(state: RolloutState, observed: Observation) -> Decision | None:
+    """Finish a weight change whose source write did not land (crash or API error between patches).
+
+    The target patch carries the state, so a state that names a source weight the Service does not
+    show, while the Service still shows the weight from before the change, is our own unfinished
+    write, not someone else's edit. (decide() clears the marker once the source shows the new weight.)
+    """
+    before = state.source_weight_before
+    if before is None or state.source_weight is None:
+        return None
+    if observed.target_weight == state.target_weight and observed.source_weight == before:
+        return Decision(
+            state=state.evolve(reason=f"{state.reason} (completing the source weight write)"),
+            action=Action.COMPLETE_WRITE,
+            weights=Weights(state.target_weight, state.source_weight),
+        )
     return None
 
 
@@ -325,6 +350,7 @@ def _step_to(policy: CanaryPolicy, state: RolloutState, weight: int, now: dateti
         reason=f"target weight {state.target_weight} -> {weight} after a passing bake",
         target_weight=weights.target,
         source_weight=weights.source if weights.source is not None else state.source_weight,
+        source_weight_before=_before(weights, state),
         changed_at=now,
     )
     if action is Action.START:
@@ -339,6 +365,7 @@ def _promote(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decisi
         reason=f"promoted: target weight {state.target_weight} -> {FULL}, source -> {weights.source}",
         target_weight=weights.target,
         source_weight=weights.source,
+        source_weight_before=_before(weights, state),
         changed_at=now,
     )
     return Decision(
@@ -361,6 +388,7 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         reason=f"rolled back from target weight {state.target_weight}: {why}",
         target_weight=0,
         source_weight=weights.source if weights.source is not None else state.source_weight,
+        source_weight_before=_before(weights, state),
         changed_at=now,
         step_started_at=None,
         first_pass_at=None,
@@ -376,6 +404,13 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
 
 
 # --- small helpers -------------------------------------------------------------------------------
+
+
+def _before(weights: Weights, state: RolloutState) -> int | None:
+    """The source weight a change replaces, when the change writes the source at all."""
+    if weights.source is None or weights.source == state.source_weight:
+        return None
+    return state.source_weight
 
 
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:

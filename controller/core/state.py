@@ -43,6 +43,9 @@ class RolloutState:
     stuck_reported: bool = False
     last_verdict: Verdict | None = None
     last_failed_gate: str | None = None
+    #: the source weight before this controller's last change of it, until the change is seen
+    #: on the Service: tells our own unfinished write apart from someone else's edit
+    source_weight_before: int | None = None
 
     def evolve(self, **changes: Any) -> RolloutState:
         """A copy with some fields changed (dataclasses.replace, typed as ours)."""
@@ -98,6 +101,9 @@ def decode_state(text: str) -> RolloutState:
             stuck_reported=bool(payload.get("stuck_reported", False)),
             last_verdict=None if verdict is None else Verdict(verdict),
             last_failed_gate=payload.get("last_failed_gate"),
+            source_weight_before=None
+            if payload.get("source_weight_before") is None
+            else int(payload["source_weight_before"]),
         )
     except (KeyError, TypeError, AssertionError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable rollout state: {exc}") from exc

@@ -169,7 +169,7 @@ class PolicyRunner:
             warning = decision.action is Action.ROLLBACK or decision.alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY
             self._event(reason, f"{state.reason} (weights {state_before} -> {after})", warning=warning)
         elif decision.action is not Action.NONE:
-            self.log.info("holding", phase=state.phase.value, reason=state.reason)
+            self.log.info("no transition", action=decision.action.value, phase=state.phase.value, reason=state.reason)
         if decision.action is Action.ROLLBACK:
             self._telemetry.rollbacks.labels(self.policy.name).inc()
         if decision.alert is not None:
