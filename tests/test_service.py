@@ -144,6 +144,17 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
     )
     runner = svc.runners["good"]
 
+    # a healthy bake writes nothing: once checks pass, more passing checks add no API writes
+    def asm_state() -> dict:
+        return json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE])
+
+    wait_for(lambda: asm_state()["last_verdict"] == "PASS", timeout=30, what="a passing check at weight 10")
+    writes = len(kube.patches)
+    passes = svc.telemetry.checks.labels("good", "PASS")
+    seen = passes._value.get()
+    wait_for(lambda: passes._value.get() >= seen + 3, timeout=30, what="three more passing checks")
+    assert len(kube.patches) == writes
+
     path.write_text(text.replace("gates:", "gatez:"))  # an on-call typo
     wait_for(lambda: "PolicyInvalid" in kinds(sink), timeout=20, what="the invalid-file alert")
     assert svc.runners["good"] is runner  # last good version keeps running

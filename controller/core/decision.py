@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from controller.core.enums import (
     AlertKind,
@@ -136,7 +136,7 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     unfinished = _complete_unfinished_write(state, observed)
     if unfinished is not None:
         return unfinished
-    drift = _detect_external_change(policy, state, observed, now)
+    drift = _detect_external_change(state, observed, now)
     if drift is not None:
         return drift
     if state.fingerprint != policy.rollout_fingerprint():
@@ -191,13 +191,9 @@ def _complete_unfinished_write(state: RolloutState, observed: Observation) -> De
     return None
 
 
-def _detect_external_change(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime
-) -> Decision | None:
-    target_seen = observed.target_weight if observed.target_weight is not None else None
-    target_moved = target_seen is not None and target_seen != state.target_weight
-    source_managed = state.source_weight is not None
-    source_moved = source_managed and observed.source_weight != state.source_weight
+def _detect_external_change(state: RolloutState, observed: Observation, now: datetime) -> Decision | None:
+    target_moved = observed.target_weight is not None and observed.target_weight != state.target_weight
+    source_moved = state.source_weight is not None and observed.source_weight != state.source_weight
     if not (target_moved or source_moved):
         return None
     expected = Weights(state.target_weight, state.source_weight)
@@ -324,10 +320,10 @@ def _maybe_advance(policy: CanaryPolicy, state: RolloutState, check: CheckResult
     started = state.step_started_at or now
     elapsed = now - started
     if elapsed < bake:
+        # Stable wording (no elapsed time): the reason is persisted, and an unchanged state is not rewritten.
+        until = (started + bake).isoformat()
         return Decision(
-            state=state.evolve(
-                reason=f"baking at {state.target_weight}: {_seconds(elapsed)}s of {_seconds(bake)}s, checks pass"
-            ),
+            state=state.evolve(reason=f"baking at target weight {state.target_weight} until {until}; checks pass"),
             action=Action.NONE,
         )
     upcoming = next_target_weight(policy.spec.schedule, state.target_weight)
@@ -441,7 +437,3 @@ def _limit_for(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePo
     if cause is InconclusiveCause.METRICS_UNAVAILABLE:
         return analysis.on_metrics_unavailable
     return analysis.on_missing_data
-
-
-def _seconds(value: timedelta) -> int:
-    return int(value.total_seconds())
