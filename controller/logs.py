@@ -30,7 +30,9 @@ def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "INFO", *, s
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False)
     )
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer] if use_json else [*shared, renderer],

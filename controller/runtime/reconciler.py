@@ -135,22 +135,19 @@ class PolicyRunner:
     # -- what the tick tells people ----------------------------------------------------------------
 
     def _log_check(self, check: CheckResult, weight: int, seconds: float) -> None:
-        fields: dict[str, Any] = {
-            "verdict": check.verdict.value,
-            "target_weight": weight,
-            "reason": check.reason,
-            "seconds": round(seconds, 4),
-            "gates": [gate.as_dict() for gate in check.gates],
-        }
+        # Most telling first (terminals read left to right); the per-gate evidence last.
+        fields: dict[str, Any] = {"verdict": check.verdict.value, "target_weight": weight, "reason": check.reason}
         if check.cause is not None:
             fields["cause"] = check.cause.value
-        if check.source is not None:
-            fields["source"] = check.source.summary()
-        if check.target is not None:
-            fields["target"] = check.target.summary()
         share = check.observed_target_share
         if share is not None:
             fields["observed_target_share"] = round(share, 4)
+        if check.target is not None:
+            fields["target"] = check.target.summary()
+        if check.source is not None:
+            fields["source"] = check.source.summary()
+        fields["seconds"] = round(seconds, 4)
+        fields["gates"] = [gate.as_dict() for gate in check.gates]
         self.log.info("check", **fields)
 
     def _tell(self, *, state_before: Weights, decision: Decision, check: CheckResult | None) -> None:
