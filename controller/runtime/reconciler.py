@@ -102,18 +102,18 @@ class PolicyRunner:
 
     def _decide_and_apply(self, seen: PairSnapshot, command: Command | None) -> TickOutcome:
         state = seen.state
-        first_look = Observation(seen.target_weight, seen.source_weight)
         if state is None:
             if seen.state_error:
                 self.log.warning("stored state unreadable; starting from the observed weights", error=seen.state_error)
-            state = initial_state(self.policy, first_look, self._clock.now())
+            state = initial_state(self.policy, Observation(seen.target_weight, seen.source_weight), self._clock.now())
         check = None
         terminal = state.phase in (Phase.PROMOTED, Phase.ROLLED_BACK)
         if not terminal or state.fingerprint != self.policy.rollout_fingerprint():
             started = time.perf_counter()
             check = self._collector.check(self.policy, self._metrics)
-            self._telemetry.record_check(self.policy.name, check, time.perf_counter() - started)
-            self._log_check(check, state.target_weight, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._telemetry.record_check(self.policy.name, check, seconds)
+            self._log_check(check, state.target_weight, seconds)
         now = self._clock.now()
         decision = decide(self.policy, state, Observation(seen.target_weight, seen.source_weight, check, command), now)
         rolling_back = decision.action is Action.ROLLBACK
