@@ -12,9 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from controller.core.alerts import Alert
 from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, parse_policy_text
 from controller.core.policy import CanaryPolicy
+from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
 from controller.settings import LogFormat, Settings
 
@@ -100,9 +103,19 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
         overrides["policies_dir"] = Path(policies)
     if dry_run:
         overrides["dry_run"] = True
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"{name}: {str(error['msg']).removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_format, settings.log_level)
-    real = KubernetesGatewayPair(build_api_client(settings.kubeconfig, settings.kube_context))
+    try:
+        real = KubernetesGatewayPair(build_api_client(settings.kubeconfig, settings.kube_context))
+    except GatewayCanaryError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     pair = DryRunGatewayPair(real) if settings.dry_run else real
     sources: dict[tuple[object, ...], PrometheusMetricsSource] = {}
 

@@ -12,7 +12,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller.core.policy import PrometheusSpec
@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     notify_attempts: int = Field(default=5, ge=1, le=50, description="delivery attempts per alert")
     notify_backoff_seconds: float = Field(default=0.5, ge=0, description="first retry delay, doubling")
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("prometheus_url", "alertmanager_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} must start with http:// or https://")
+        return value
+
+    @field_validator("slack_webhook_url", "webhook_url")
+    @classmethod
+    def _secret_http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (value not shown: it is a secret)")
+        return value
 
     failure_recheck_seconds: float = Field(
         default=15.0,

@@ -151,3 +151,34 @@ def test_fingerprint_ignores_alert_receivers_but_not_gates() -> None:
     )
     assert base.rollout_fingerprint() != make_policy(gates={"errorRate": {"max": 0.02}}).rollout_fingerprint()
     assert isinstance(base, CanaryPolicy)
+
+
+def test_run_refuses_bad_settings_with_one_clear_line_per_problem(tmp_path: Path) -> None:
+    import os
+
+    env = {
+        **os.environ,
+        "GATEWAY_CANARY_ALERTMANAGER_URL": "alertmanager:9093",
+        "GATEWAY_CANARY_SLACK_WEBHOOK_URL": "hooks.slack.com/services/T/B/SECRETVALUE",
+        "GATEWAY_CANARY_HTTP_PORT": "99999",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "GATEWAY_CANARY_ALERTMANAGER_URL: 'alertmanager:9093' must start with http:// or https://" in lines
+    assert any(line.startswith("GATEWAY_CANARY_SLACK_WEBHOOK_URL: must start with http") for line in lines)
+    assert any(line.startswith("GATEWAY_CANARY_HTTP_PORT: ") for line in lines)
+    assert "SECRETVALUE" not in result.stderr
+
+
+def test_run_without_any_cluster_config_says_so(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "GATEWAY_CANARY_KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("cannot start: no usable Kubernetes configuration")
