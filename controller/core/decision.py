@@ -180,9 +180,7 @@ def _complete_unfinished_write(state: RolloutState, observed: Observation) -> De
     write, not someone else's edit. (decide() clears the marker once the source shows the new weight.)
     """
     before = state.source_weight_before
-    if before is None or state.source_weight is None:
-        return None
-    if observed.target_weight == state.target_weight and observed.source_weight == before:
+    if before is not None and observed.target_weight == state.target_weight and observed.source_weight == before:
         return Decision(
             state=state.evolve(reason=f"{state.reason} (completing the source weight write)"),
             action=Action.COMPLETE_WRITE,

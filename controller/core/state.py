@@ -70,6 +70,10 @@ def _datetime(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(str(value))
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def decode_state(text: str) -> RolloutState:
     """Parse an annotation written by ``encode_state``.
 
@@ -91,7 +95,7 @@ def decode_state(text: str) -> RolloutState:
             phase=Phase(payload["phase"]),
             reason=str(payload["reason"]),
             target_weight=int(payload["target_weight"]),
-            source_weight=None if payload.get("source_weight") is None else int(payload["source_weight"]),
+            source_weight=_optional_int(payload.get("source_weight")),
             changed_at=changed_at,
             step_started_at=_datetime(payload.get("step_started_at")),
             first_pass_at=_datetime(payload.get("first_pass_at")),
@@ -101,9 +105,7 @@ def decode_state(text: str) -> RolloutState:
             stuck_reported=bool(payload.get("stuck_reported", False)),
             last_verdict=None if verdict is None else Verdict(verdict),
             last_failed_gate=payload.get("last_failed_gate"),
-            source_weight_before=None
-            if payload.get("source_weight_before") is None
-            else int(payload["source_weight_before"]),
+            source_weight_before=_optional_int(payload.get("source_weight_before")),
         )
     except (KeyError, TypeError, AssertionError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable rollout state: {exc}") from exc

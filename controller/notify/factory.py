@@ -15,7 +15,7 @@ from controller.notify.webhook import WebhookNotifier
 from controller.ports import Notifier
 from controller.settings import Settings
 
-__all__ = ["global_receivers", "receivers_for"]
+__all__ = ["global_receivers", "policy_receivers"]
 
 
 def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int) -> str:
@@ -28,8 +28,8 @@ def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int) -> str:
     return value
 
 
-def receivers_for(policy: CanaryPolicy, settings: Settings) -> list[Notifier]:
-    """Build every receiver of a policy. Raises ValueError naming the receiver that cannot be built."""
+def policy_receivers(policy: CanaryPolicy, settings: Settings) -> list[Notifier]:
+    """Build the receivers a policy names. Raises ValueError naming the receiver that cannot be built."""
     timeout = settings.notify_timeout_seconds
     built: list[Notifier] = []
     for index, receiver in enumerate(policy.spec.alerts):
@@ -39,7 +39,7 @@ def receivers_for(policy: CanaryPolicy, settings: Settings) -> list[Notifier]:
             built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
         elif isinstance(receiver, AlertmanagerReceiver):
             built.append(AlertmanagerNotifier(receiver.url, name=receiver.name, timeout=timeout))
-    return built + global_receivers(settings)
+    return built
 
 
 def global_receivers(settings: Settings) -> list[Notifier]:

@@ -19,9 +19,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from controller.core.alerts import build_alert
 from controller.core.enums import AlertKind, Severity
+from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
 from controller.notify.dispatcher import AlertDispatcher
-from controller.notify.factory import global_receivers, receivers_for
+from controller.notify.factory import global_receivers, policy_receivers
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier
 from controller.runtime.collector import Collector
 from controller.runtime.http import StatusServer
@@ -69,7 +70,7 @@ class ControllerService:
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
-        self._reported_errors: set[str] = set()
+        self._reported_errors: set[PolicyError] = set()
         self.http: StatusServer | None = None
         if serve_http:
             self.http = StatusServer(
@@ -135,7 +136,7 @@ class ControllerService:
             snapshot = self._catalog.refresh()
             if snapshot is None:
                 return
-            self._report_errors([str(error) for error in snapshot.errors])
+            self._report_errors(snapshot.errors)
             self.telemetry.policy_file_errors.set(len(snapshot.errors))
             for name in sorted(set(self.runners) - set(snapshot.policies)):
                 runner = self.runners.pop(name)
@@ -155,7 +156,7 @@ class ControllerService:
         receivers: list[Notifier] = global_receivers(self.settings) + self._extra_receivers
         metrics: MetricsSource | None = None
         try:
-            receivers = receivers_for(policy, self.settings) + self._extra_receivers
+            receivers = policy_receivers(policy, self.settings) + receivers
             metrics = self._metrics_for(policy)
         except ValueError as exc:
             config_error = str(exc)
@@ -212,10 +213,10 @@ class ControllerService:
             if job is not None and (job.next_run_time is None or soon < job.next_run_time):
                 job.modify(next_run_time=soon)
 
-    def _report_errors(self, errors: list[str]) -> None:
+    def _report_errors(self, errors: tuple[PolicyError, ...]) -> None:
         """Log every current error; alert the global receivers once per distinct error."""
         for error in errors:
-            _log.error("policy file invalid", error=error)
+            _log.error("policy file invalid", error=str(error))
         fresh = [error for error in errors if error not in self._reported_errors]
         self._reported_errors = set(errors)
         if not fresh:
@@ -225,12 +226,12 @@ class ControllerService:
             alert = build_alert(
                 kind=AlertKind.POLICY_INVALID,
                 severity=Severity.WARNING,
-                policy=error.split(":", 1)[0],
-                reason=error,
+                policy=error.file,
+                reason=str(error),
                 at=self._clock.now(),
                 source_service="-",
                 target_service="-",
-                dedup_suffix=error,
+                dedup_suffix=str(error),
             )
             self._dispatcher.submit(alert, receivers)
 
