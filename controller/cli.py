@@ -1,4 +1,4 @@
-"""``gateway-canary``: run, demo, validate, schema.
+"""``gateway-canary``: run, demo, validate, schema, rbac.
 
 The only module that writes to the terminal directly (the demo's narrative, validation
 results, the schema); everything else logs through structlog.
@@ -24,7 +24,8 @@ from controller.settings import LogFormat, Settings
 __all__ = ["main"]
 
 
-def _cmd_validate(paths: Sequence[str]) -> int:
+def _policy_files(paths: Sequence[str]) -> list[Path]:
+    """The YAML files named, or found in the directories named; FileNotFoundError names a bad path."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -35,8 +36,12 @@ def _cmd_validate(paths: Sequence[str]) -> int:
         elif path.exists():
             files.append(path)
         else:
-            print(f"{raw}: no such file or directory", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"{raw}: no such file or directory")
+    return files
+
+
+def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[PolicyError]]:
+    """Every valid policy in the files, and every error (with file and line), conflicts included."""
     policies: list[SourcedPolicy] = []
     errors: list[PolicyError] = []
     for file in files:
@@ -44,16 +49,55 @@ def _cmd_validate(paths: Sequence[str]) -> int:
         policies.extend(result.policies)
         errors.extend(result.errors)
     conflicts = check_conflicts(policies)
-    errors.extend(conflicts.errors)
+    return list(conflicts.policies), errors + list(conflicts.errors)
+
+
+def _cmd_validate(paths: Sequence[str]) -> int:
+    try:
+        files = _policy_files(paths)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    policies, errors = _read_policies(files)
     for error in errors:
         print(error, file=sys.stderr)
-    for item in conflicts.policies:
+    for item in policies:
         print(f"ok  {item.file}:{item.line}  {item.policy.name}")
-    print(f"{len(conflicts.policies)} valid, {len(errors)} error(s) in {len(files)} file(s)")
+    print(f"{len(policies)} valid, {len(errors)} error(s) in {len(files)} file(s)")
     if not files:
         print("no policy files found", file=sys.stderr)
         return 1
     return 1 if errors else 0
+
+
+def _cmd_rbac(paths: Sequence[str], service_account: str) -> int:
+    """Print the Roles and RoleBindings the policies need; refuse while any policy file is bad."""
+    import yaml
+
+    from controller.core.policy import ServiceRef
+    from controller.rbac import controller_rbac
+
+    namespace, _, name = service_account.partition("/")
+    try:
+        account = ServiceRef(namespace=namespace, name=name)
+    except ValidationError:
+        print(f"--service-account {service_account!r}: expected NAMESPACE/NAME, both DNS labels", file=sys.stderr)
+        return 2
+    try:
+        files = _policy_files(paths)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    policies, errors = _read_policies(files)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors or not policies:
+        print("no RBAC printed: fix the policy files first" if errors else "no policies found", file=sys.stderr)
+        return 1
+    objects = controller_rbac((item.policy for item in policies), account)
+    print(f"# gateway-canary RBAC for {len(policies)} policy(ies); ServiceAccount {account}")
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
 
 
 def _cmd_schema() -> int:
@@ -112,7 +156,9 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
-        real = KubernetesGatewayPair(build_api_client(settings.kubeconfig, settings.kube_context))
+        real = KubernetesGatewayPair(
+            build_api_client(settings.kubeconfig, settings.kube_context), check_write_access=not settings.dry_run
+        )
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
@@ -143,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate = sub.add_parser("validate", help="validate policy files or directories")
     validate.add_argument("paths", nargs="+")
     sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    rbac = sub.add_parser("rbac", help="print the least-privilege Roles and RoleBindings the policies need")
+    rbac.add_argument("paths", nargs="+", help="policy files or directories")
+    rbac.add_argument(
+        "--service-account",
+        default="gateway-canary/gateway-canary",
+        help="NAMESPACE/NAME the controller runs as (default gateway-canary/gateway-canary)",
+    )
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _cmd_validate(args.paths)
@@ -150,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_schema()
     if args.command == "demo":
         return _cmd_demo(args.speed, args.verbose)
+    if args.command == "rbac":
+        return _cmd_rbac(args.paths, args.service_account)
     return _cmd_run(args.policies, args.dry_run)
 
 

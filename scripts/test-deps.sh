@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Installs what the tests need: the Python package with its test extras in .venv, and the real
-# Prometheus and Alertmanager binaries from Debian. Idempotent, and quick when all is there.
+# Installs what the tests need, idempotently and quickly when all is there:
+#   - the real Prometheus and Alertmanager from Debian (apt, as root);
+#   - kube-apiserver, etcd and helm, built with this machine's Go toolchain from the Go module
+#     proxy into .cache/bin/ (git-ignored), one file per pinned version, so a second run builds
+#     nothing (tests/controlplane/versions.env holds the versions);
+#   - the Python package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 
 if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/prometheus-alertmanager ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -13,6 +18,63 @@ if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/prometheus-alertmanager ]; th
   # --no-install-recommends: the binaries only; the packaged services are started by the tests.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus prometheus-alertmanager
 fi
+
+# shellcheck source=../tests/controlplane/versions.env
+source tests/controlplane/versions.env
+bin_dir=${GATEWAY_CANARY_TEST_BIN:-$root/.cache/bin}
+mkdir -p "$bin_dir"
+
+# build_once NAME VERSION COMMAND...: runs COMMAND (which writes "$out") unless NAME-VERSION exists.
+build_once() {
+  local name=$1 version=$2
+  shift 2
+  local target="$bin_dir/$name-$version"
+  if [ -x "$target" ]; then
+    return
+  fi
+  echo "building $name $version into $bin_dir (once per version; a cold build takes minutes)" >&2
+  local started=$SECONDS
+  out="$target.partial"
+  "$@"
+  mv -f "$out" "$target"
+  echo "built $name $version in $((SECONDS - started)) s" >&2
+}
+
+require_pin() {  # require_pin GO_MOD MODULE VERSION: the go.mod and versions.env must agree.
+  if ! grep -Eq "^(require )?[[:space:]]*$2 $3( |\$)" "$1"; then
+    echo "$1 does not require $2 $3 (tests/controlplane/versions.env); update one to match the other" >&2
+    exit 1
+  fi
+}
+
+build_kube_apiserver() {
+  local v=${KUBERNETES_VERSION#v}
+  # -ldflags: a module build has no git tree to stamp the version from; without it the binary
+  # reports v0.0.0-master, which clients treat as a pre-release.
+  (cd tests/controlplane/apiserver && GOFLAGS=-mod=readonly go build -trimpath -o "$out" \
+    -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
+      -X k8s.io/component-base/version.gitMajor=${v%%.*} \
+      -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2)" \
+    k8s.io/kubernetes/cmd/kube-apiserver)
+}
+
+build_etcd() {
+  (cd tests/controlplane/etcd && GOFLAGS=-mod=readonly go build -trimpath -ldflags "-s -w" -o "$out" .)
+}
+
+build_helm() {
+  local gobin
+  gobin=$(mktemp -d)
+  GOBIN=$gobin go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv "$gobin/helm" "$out"
+  rmdir "$gobin"
+}
+
+require_pin tests/controlplane/apiserver/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
+require_pin tests/controlplane/etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+build_once kube-apiserver "$KUBERNETES_VERSION" build_kube_apiserver
+build_once etcd "$ETCD_VERSION" build_etcd
+build_once helm "$HELM_VERSION" build_helm
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import GatewayTraffic, KubeStandIn, ManagedProcess, TrafficExporter, WebhookSink, free_port, wait_for
+from tests.kube_cluster import Cluster, ControlPlane, binary_paths, pinned_versions
+from tests.servers import GatewayTraffic, ManagedProcess, TrafficExporter, WebhookSink, free_port, wait_for
 
+ROOT = Path(__file__).resolve().parents[1]
+TEST_BIN = Path(os.environ.get("GATEWAY_CANARY_TEST_BIN", ROOT / ".cache" / "bin"))
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
 ALERTMANAGER = os.environ.get("ALERTMANAGER_BIN", "/usr/bin/prometheus-alertmanager")
 
@@ -132,9 +135,30 @@ def alertmanager(workdir: Path, alert_sink: WebhookSink) -> Iterator[str]:
         yield url
 
 
+_STARTUP: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def control_plane(workdir: Path) -> Iterator[ControlPlane]:
+    """A real etcd + kube-apiserver (RBAC on) for the whole session."""
+    binaries = binary_paths(TEST_BIN)
+    for name in ("etcd", "kube-apiserver"):
+        _need(str(binaries[name]))
+    with ControlPlane(workdir / "control-plane", binaries).running() as plane:
+        versions = pinned_versions()
+        label = f"kube-apiserver {versions['KUBERNETES_VERSION']} + etcd {versions['ETCD_VERSION']}"
+        _STARTUP[label] = plane.startup_seconds
+        yield plane
+
+
 @pytest.fixture
-def kube() -> Iterator[KubeStandIn]:
-    """The Kubernetes API stand-in (until the real kube-apiserver issue), one per test."""
-    server = KubeStandIn()
-    yield server
-    server.close()
+def kube(control_plane: ControlPlane, request: pytest.FixtureRequest, tmp_path: Path) -> Cluster:
+    """This test's namespace on the real API server; the controller's identity is bound to its Role."""
+    prefix = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower()).strip("-")
+    return Cluster(control_plane, control_plane.create_namespace(prefix or "test"), tmp_path)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Report how long the session's servers took to become ready."""
+    for label, seconds in _STARTUP.items():
+        terminalreporter.write_line(f"MEASURED {label} start-up (certificates, etcd, /readyz): {seconds:.2f}s")

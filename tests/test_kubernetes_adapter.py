@@ -1,44 +1,52 @@
-"""The Kubernetes adapter through the real ``kubernetes`` client, against the loopback stand-in.
+"""The Kubernetes adapter through the real ``kubernetes`` client against a real kube-apiserver.
 
-(The stand-in is replaced by a real kube-apiserver in the control-plane issue.)
+The controller's side always runs as its own ServiceAccount, bound only to the Role that
+``gateway-canary rbac`` prints for the policy; the harness edits Services as an admin, standing in
+for the humans and tools that share these Services.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
 from controller.core.decision import Observation, initial_state
+from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
-from controller.core.state import decode_state
+from controller.core.state import RolloutState, decode_state
 from controller.errors import AccessDenied, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from tests.helpers import T0, make_policy
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, free_port
+from tests.kube_cluster import Cluster
+from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, free_port
 
-POLICY = make_policy()
-NS, SRC, TGT = "istio-system", "istio-ingressgateway", "istio-ingressgateway-asm"
+SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
 CLB = {LB_ID: "lb-123", VGROUP: "rsp-abc:80"}
 
 
-def pair_for(kube: KubeStandIn, tmp_path: Path) -> KubernetesGatewayPair:
-    config = tmp_path / "kubeconfig"
-    config.write_text(kube.kubeconfig())
-    return KubernetesGatewayPair(build_api_client(config))
+def policy_in(kube: Cluster, source: str = SRC, target: str = TGT) -> CanaryPolicy:
+    return make_policy(source={"service": f"{kube.ns}/{source}"}, target={"service": f"{kube.ns}/{target}"})
 
 
-def seed(kube: KubeStandIn, target_weight: str | None = "0", source_weight: str | None = "100", **extra) -> None:
-    target = {**CLB, **({WEIGHT: target_weight} if target_weight is not None else {})}
-    source = {**CLB, **({WEIGHT: source_weight} if source_weight is not None else {})}
-    kube.add_service(NS, TGT, target, **extra)
-    kube.add_service(NS, SRC, source)
+def pair_for(kube: Cluster, *policies: CanaryPolicy) -> KubernetesGatewayPair:
+    """The adapter as the controller's ServiceAccount, granted exactly what the policies need."""
+    kube.grant(*(policies or (policy_in(kube),)))
+    return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
 
 
-def test_observe_reads_weights_and_accepts_a_clb_pair(kube: KubeStandIn, tmp_path: Path) -> None:
+def seed(kube: Cluster, target_weight: str = "0", source_weight: str = "100", **extra) -> None:
+    kube.add_service(TGT, {**CLB, WEIGHT: target_weight}, **extra)
+    kube.add_service(SRC, {**CLB, WEIGHT: source_weight})
+
+
+def first_step(policy: CanaryPolicy) -> RolloutState:
+    return initial_state(policy, Observation(0, 100), T0).evolve(target_weight=10, source_weight=90)
+
+
+def test_observe_reads_weights_and_accepts_a_clb_pair(kube: Cluster) -> None:
     seed(kube)
-    seen = pair_for(kube, tmp_path).observe(POLICY)
+    seen = pair_for(kube).observe(policy_in(kube))
     assert (seen.target_weight, seen.source_weight, seen.refusal, seen.state) == (0, 100, None, None)
+    assert all(v.isdigit() for v in seen.versions)
 
 
 @pytest.mark.parametrize(
@@ -52,85 +60,135 @@ def test_observe_reads_weights_and_accepts_a_clb_pair(kube: KubeStandIn, tmp_pat
     ],
 )
 def test_refuses_services_the_cloud_controller_would_not_weight(
-    kube: KubeStandIn, tmp_path: Path, annotations: dict[str, str], needle: str
+    kube: Cluster, annotations: dict[str, str], needle: str
 ) -> None:
-    kube.add_service(NS, TGT, annotations)
-    kube.add_service(NS, SRC, {**CLB, WEIGHT: "100"})
-    seen = pair_for(kube, tmp_path).observe(POLICY)
+    kube.add_service(TGT, annotations)
+    kube.add_service(SRC, {**CLB, WEIGHT: "100"})
+    seen = pair_for(kube).observe(policy_in(kube))
     assert seen.refusal is not None and needle in seen.refusal
 
 
-def test_apply_patches_only_weight_and_state_annotations(kube: KubeStandIn, tmp_path: Path) -> None:
-    seed(kube, labels={"app": "gw"}, finalizers=["keep.me/finalizer"])
-    kube.edit(NS, TGT, {"team.example.com/owner": "platform"})
-    pair = pair_for(kube, tmp_path)
-    seen = pair.observe(POLICY)
-    state = initial_state(POLICY, Observation(0, 100), T0).evolve(target_weight=10, source_weight=90)
-    pair.apply(POLICY, seen, Weights(10, 90), state)
-    target = kube.services[(NS, TGT)]["metadata"]
-    assert target["annotations"][WEIGHT] == "10"
-    assert decode_state(target["annotations"][STATE]) == state
-    assert target["annotations"]["team.example.com/owner"] == "platform"
-    assert target["labels"] == {"app": "gw"} and target["finalizers"] == ["keep.me/finalizer"]
-    assert kube.annotations(NS, SRC)[WEIGHT] == "90"
-    for _, patch in kube.patches:
+def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
+    seed(kube, labels={"app": "gw", "team": "edge"}, finalizers=["keep.me/finalizer"])
+    kube.edit(TGT, {"team.example.com/owner": "platform"})
+    before = kube.service(TGT)
+    policy = policy_in(kube)
+    pair = pair_for(kube, policy)
+    state = first_step(policy)
+    pair.apply(policy, pair.observe(policy), Weights(10, 90), state)
+
+    after = kube.service(TGT)
+    assert after["metadata"]["annotations"][WEIGHT] == "10"
+    assert decode_state(after["metadata"]["annotations"][STATE]) == state
+    # everything written by others survives: annotations, labels, finalizers, the spec
+    assert after["metadata"]["annotations"]["team.example.com/owner"] == "platform"
+    assert after["metadata"]["annotations"][LB_ID] == "lb-123"
+    assert after["metadata"]["labels"] == {"app": "gw", "team": "edge"}
+    assert after["metadata"]["finalizers"] == ["keep.me/finalizer"]
+    assert after["spec"] == before["spec"]
+    assert kube.annotations(SRC)[WEIGHT] == "90"
+    # what went over the wire, from the API server's audit log
+    patches = kube.patches
+    assert [name for name, _ in patches] == [TGT, SRC]
+    for _, patch in patches:
         assert set(patch) == {"metadata"}
         assert set(patch["metadata"]) == {"resourceVersion", "annotations"}
         assert set(patch["metadata"]["annotations"]) <= {WEIGHT, STATE}
     # unchanged state and weights: no write at all
-    count = len(kube.patches)
-    pair.apply(POLICY, pair.observe(POLICY), Weights(10, 90), state)
-    assert len(kube.patches) == count
+    pair.apply(policy, pair.observe(policy), Weights(10, 90), state)
+    assert len(kube.patches) == len(patches)
 
 
-def test_conflict_from_an_unrelated_change_is_retried(kube: KubeStandIn, tmp_path: Path) -> None:
+def test_conflict_from_an_unrelated_change_is_retried(kube: Cluster) -> None:
     seed(kube)
-    pair = pair_for(kube, tmp_path)
-    seen = pair.observe(POLICY)
-    kube.edit(NS, TGT, {"someone.else/annotation": "x"})  # makes the version stale
-    state = initial_state(POLICY, Observation(0, 100), T0).evolve(target_weight=10, source_weight=90)
-    pair.apply(POLICY, seen, Weights(10, 90), state)
-    assert kube.annotations(NS, TGT)[WEIGHT] == "10"
-    assert kube.annotations(NS, TGT)["someone.else/annotation"] == "x"
+    policy = policy_in(kube)
+    pair = pair_for(kube, policy)
+    seen = pair.observe(policy)
+    kube.edit(TGT, {"someone.else/annotation": "x"})  # makes the version the controller read stale
+    pair.apply(policy, seen, Weights(10, 90), first_step(policy))
+    assert kube.annotations(TGT)[WEIGHT] == "10"
+    assert kube.annotations(TGT)["someone.else/annotation"] == "x"
+    codes = [w.code for w in kube.controller_writes() if w.name == TGT and w.verb == "patch"]
+    assert codes == [409, 200]  # the real API server refused the stale version once
 
 
-def test_conflict_from_a_weight_change_is_reported_not_overwritten(kube: KubeStandIn, tmp_path: Path) -> None:
+def test_conflict_from_a_weight_change_is_reported_not_overwritten(kube: Cluster) -> None:
     seed(kube)
-    pair = pair_for(kube, tmp_path)
-    seen = pair.observe(POLICY)
-    kube.edit(NS, TGT, {WEIGHT: "30"})  # a human
-    state = initial_state(POLICY, Observation(0, 100), T0).evolve(target_weight=10, source_weight=90)
+    policy = policy_in(kube)
+    pair = pair_for(kube, policy)
+    seen = pair.observe(policy)
+    kube.edit(TGT, {WEIGHT: "30"})  # a human
+    state = first_step(policy)
     with pytest.raises(WeightChangedExternally, match="from 0 to 30"):
-        pair.apply(POLICY, seen, Weights(10, 90), state)
-    assert kube.annotations(NS, TGT)[WEIGHT] == "30"
-    assert kube.annotations(NS, SRC)[WEIGHT] == "100"  # nothing half-written
+        pair.apply(policy, seen, Weights(10, 90), state)
+    assert kube.annotations(TGT)[WEIGHT] == "30"
+    assert kube.annotations(SRC)[WEIGHT] == "100"  # nothing half-written
     # a rollback wins regardless
-    pair.apply(POLICY, seen, Weights(0, 100), state.evolve(target_weight=0, source_weight=100), force=True)
-    assert kube.annotations(NS, TGT)[WEIGHT] == "0"
+    pair.apply(policy, seen, Weights(0, 100), state.evolve(target_weight=0, source_weight=100), force=True)
+    assert kube.annotations(TGT)[WEIGHT] == "0"
 
 
-def test_events_are_recorded_on_the_target(kube: KubeStandIn, tmp_path: Path) -> None:
+def test_events_are_recorded_on_the_target_and_read_back(kube: Cluster) -> None:
     seed(kube)
-    pair = pair_for(kube, tmp_path)
-    pair.observe(POLICY)
-    pair.record_event(POLICY, "RolledBack", "rolled back", warning=True)
+    policy = policy_in(kube)
+    pair = pair_for(kube, policy)
+    pair.observe(policy)
+    pair.record_event(policy, "RolledBack", "rolled back", warning=True)
     event = kube.events[-1]
-    assert event["involvedObject"]["name"] == TGT and event["involvedObject"]["uid"]
+    assert event["involvedObject"]["name"] == TGT
+    assert event["involvedObject"]["uid"] == kube.service(TGT)["metadata"]["uid"]
     assert (event["type"], event["reason"], event["source"]["component"]) == ("Warning", "RolledBack", "gateway-canary")
 
 
-def test_errors_are_translated(kube: KubeStandIn, tmp_path: Path) -> None:
-    pair = pair_for(kube, tmp_path)
-    with pytest.raises(ServiceNotFound):
-        pair.observe(POLICY)
+def test_errors_are_translated(kube: Cluster) -> None:
+    policy = policy_in(kube)
+    pair = pair_for(kube, policy)
+    with pytest.raises(ServiceNotFound):  # granted by name, not created yet
+        pair.observe(policy)
     seed(kube)
-    kube.fail_next.append(403)
-    with pytest.raises(AccessDenied, match="forbidden"):
-        pair.observe(POLICY)
-    kube.fail_next.append(500)
-    with pytest.raises(ClusterUnavailable, match="500"):
-        pair.observe(POLICY)
-    config = tmp_path / "dead"
-    config.write_text(kube.kubeconfig().replace(kube.url, f"http://127.0.0.1:{free_port()}"))
+    kube.revoke(policy)
+    with pytest.raises(AccessDenied, match=r"forbidden.*grant what `gateway-canary rbac` prints"):
+        pair.observe(policy)
+    dead = kube.workdir / "dead"
+    dead.write_text(kube.kubeconfig().replace(kube.plane.url, f"https://127.0.0.1:{free_port()}"))
     with pytest.raises(ClusterUnavailable, match="unreachable"):
-        KubernetesGatewayPair(build_api_client(config)).observe(POLICY)
+        KubernetesGatewayPair(build_api_client(dead)).observe(policy)
+    wrong = kube.workdir / "wrong-token"
+    wrong.write_text(kube.plane.kubeconfig("not-a-valid-token", "nobody"))
+    with pytest.raises(AccessDenied, match="401"):
+        KubernetesGatewayPair(build_api_client(wrong)).observe(policy)
+
+
+def test_a_service_outside_the_grant_is_refused_before_any_write(kube: Cluster) -> None:
+    seed(kube)
+    kube.add_service("other-gw", {**CLB, WEIGHT: "100"})
+    granted = policy_in(kube)
+    pair = pair_for(kube, granted)
+    outside = policy_in(kube, source="other-gw")
+    with pytest.raises(AccessDenied, match=f'services "other-gw" is forbidden.*{kube.ns}'):
+        pair.observe(outside)
+    assert kube.patches == []
+
+
+def test_read_but_not_patch_is_refused_naming_what_is_missing(kube: Cluster) -> None:
+    """A Role that may read both Services but patch only one would fail halfway: refused up front."""
+    seed(kube)
+    policy = policy_in(kube)
+    kube.set_rules(
+        [
+            {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
+        ]
+    )
+    pair = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
+    seen = pair.observe(policy)
+    assert seen.refusal is not None
+    assert f"may not patch services/{SRC} in namespace {kube.ns}" in seen.refusal
+    assert "nothing was written" in seen.refusal and "gateway-canary rbac" in seen.refusal
+    # the dry run needs reading only
+    assert (
+        KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), check_write_access=False)
+        .observe(policy)
+        .refusal
+        is None
+    )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from controller.adapters.dry_run import DryRunGatewayPair
 from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
 from controller.adapters.memory import InMemoryGatewayPair
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import GatewayRole, Phase
+from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
+from controller.core.state import decode_state
 from controller.demo import SimulatedGateways
 from controller.notify.dispatcher import AlertDispatcher
 from controller.runtime.clock import SystemClock
@@ -19,14 +20,17 @@ from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import make_policy
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, free_port, kubeconfig_for
+from tests.kube_cluster import Cluster
+from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, free_port
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
+SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
+CLB = {LB_ID: "lb", VGROUP: "v:80"}
 
 
-def runner(pair, metrics, stopping=None) -> PolicyRunner:
+def runner(pair, metrics, stopping=None, policy: CanaryPolicy = POLICY) -> PolicyRunner:
     return PolicyRunner(
-        POLICY,
+        policy,
         pair=pair,
         metrics=metrics,
         receivers=[],
@@ -70,63 +74,208 @@ def test_stop_during_a_check_abandons_a_raise_but_writes_a_rollback() -> None:
     assert (pair.target_weight, pair.source_weight) == (0, 100)
 
 
-def test_unreachable_prometheus_never_raises_a_weight(kube: KubeStandIn, tmp_path: Path) -> None:
-    kube.add_service("istio-system", "istio-ingressgateway-asm", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "10"})
-    kube.add_service("istio-system", "istio-ingressgateway", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "90"})
-    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
-    pair = KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig"))
+def policy_in(kube: Cluster, source: str = SRC, steps: list[int] | None = None) -> CanaryPolicy:
+    return make_policy(
+        source={"service": f"{kube.ns}/{source}"},
+        target={"service": f"{kube.ns}/{TGT}"},
+        schedule={"steps": steps or [10, 100], "bakeTime": 0},
+        analysis={"failureThreshold": 1},
+    )
+
+
+def seed(kube: Cluster, target: str = "0", source: str = "100") -> None:
+    kube.add_service(TGT, {**CLB, WEIGHT: target})
+    kube.add_service(SRC, {**CLB, WEIGHT: source})
+
+
+class TrafficFollowsTheCluster:
+    """The simulated gateways' split follows the Services' real weight annotations, as behind a CLB."""
+
+    def __init__(self, kube: Cluster) -> None:
+        self.kube = kube
+
+    @property
+    def target_weight(self) -> int:
+        return int(self.kube.annotations(TGT)[WEIGHT])
+
+    @property
+    def source_weight(self) -> int:
+        return int(self.kube.annotations(SRC)[WEIGHT])
+
+
+def healthy_traffic(kube: Cluster) -> SimulatedGateways:
+    # Prometheus is exercised elsewhere; here the subject is the API server, so metrics are simulated.
+    return SimulatedGateways(TrafficFollowsTheCluster(kube))  # type: ignore[arg-type]
+
+
+def as_controller(kube: Cluster, *, check_write_access: bool = True) -> KubernetesGatewayPair:
+    return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), check_write_access=check_write_access)
+
+
+class OthersWriteAfterEachRead(KubernetesGatewayPair):
+    """Another client edits the Services between the controller's read and its write, every tick:
+    the window a concurrent ``kubectl annotate`` lands in by chance, made to happen each time."""
+
+    def __init__(self, kube: Cluster, edit) -> None:
+        super().__init__(build_api_client(kube.write_kubeconfig()))
+        self._edit = edit
+
+    def observe(self, policy: CanaryPolicy):
+        seen = super().observe(policy)
+        self._edit()
+        return seen
+
+
+def run_until_settled(policy_runner: PolicyRunner, ticks: int = 12) -> list:
+    outcomes = []
+    for _ in range(ticks):
+        outcome = policy_runner.tick()
+        outcomes.append(outcome)
+        if outcome.decision is not None and outcome.decision.state.phase in (Phase.PROMOTED, Phase.ROLLED_BACK):
+            break
+    return outcomes
+
+
+def test_unreachable_prometheus_never_raises_a_weight(kube: Cluster) -> None:
+    seed(kube, target="10", source="90")
+    policy = policy_in(kube)
+    kube.grant(policy)
     dead = PrometheusMetricsSource(
         PrometheusConnection(
             Settings(prometheus_url=f"http://127.0.0.1:{free_port()}", prometheus_timeout_seconds=0.5), None
         )
     )
-    policy_runner = runner(pair, dead)
+    policy_runner = runner(as_controller(kube), dead, policy=policy)
     for _ in range(3):
         outcome = policy_runner.tick()
         assert outcome.check is not None and outcome.check.cause is not None
         assert outcome.check.cause.value == "MetricsUnavailable"
-    assert kube.annotations("istio-system", "istio-ingressgateway-asm")[WEIGHT] == "10"
-    assert all(WEIGHT not in p["metadata"]["annotations"] for _, p in kube.patches)
+    assert kube.annotations(TGT)[WEIGHT] == "10"
+    assert all(WEIGHT not in patch["metadata"]["annotations"] for _, patch in kube.patches)
 
 
-def test_unreachable_api_server_ends_the_tick_without_writes(tmp_path: Path) -> None:
-    config = tmp_path / "kubeconfig"
-    config.write_text(kubeconfig_for(f"http://127.0.0.1:{free_port()}"))
+def test_unreachable_api_server_ends_the_tick_without_writes(kube: Cluster) -> None:
+    config = kube.workdir / "dead-kubeconfig"
+    config.write_text(kube.kubeconfig().replace(kube.plane.url, f"https://127.0.0.1:{free_port()}"))
     pair = KubernetesGatewayPair(build_api_client(config))
-    outcome = runner(pair, SimulatedGateways(InMemoryGatewayPair())).tick()
+    outcome = runner(pair, SimulatedGateways(InMemoryGatewayPair()), policy=policy_in(kube)).tick()
     assert outcome.decision is None and outcome.error is not None and "unreachable" in outcome.error
 
 
-def test_dry_run_reads_the_cluster_progresses_in_memory_and_writes_nothing(kube: KubeStandIn, tmp_path: Path) -> None:
-    kube.add_service("istio-system", "istio-ingressgateway-asm", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "0"})
-    kube.add_service("istio-system", "istio-ingressgateway", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "100"})
-    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
-    pair = DryRunGatewayPair(KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig")))
-    simulated = InMemoryGatewayPair(target_weight=0, source_weight=100)
-    gateways = SimulatedGateways(simulated)
-    policy_runner = runner(pair, gateways)
-    first = policy_runner.tick()
+def test_dry_run_needs_only_read_access_progresses_in_memory_and_writes_nothing(kube: Cluster) -> None:
+    seed(kube)
+    kube.set_rules([{"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]}])
+    policy = policy_in(kube)
+    pair = DryRunGatewayPair(as_controller(kube, check_write_access=False))
+    gateways = SimulatedGateways(InMemoryGatewayPair(target_weight=0, source_weight=100))
+    first = runner(pair, gateways, policy=policy).tick()
     assert first.decision is not None and first.decision.weights is not None
-    assert pair.observe(POLICY).target_weight == 10  # the intended write is remembered
-    assert kube.patches == [] and kube.events == []
-    assert STATE not in kube.annotations("istio-system", "istio-ingressgateway-asm")
+    assert pair.observe(policy).target_weight == 10  # the intended write is remembered
+    assert kube.controller_writes() == [] and kube.events == []
+    assert STATE not in kube.annotations(TGT)
 
 
-def test_a_source_write_lost_to_an_api_error_is_completed_next_tick(kube: KubeStandIn, tmp_path: Path) -> None:
-    kube.add_service("istio-system", "istio-ingressgateway-asm", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "0"})
-    kube.add_service("istio-system", "istio-ingressgateway", {LB_ID: "lb", VGROUP: "v:80", WEIGHT: "100"})
-    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
-    pair = KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig"))
-    simulated = InMemoryGatewayPair(target_weight=0, source_weight=100)
-    policy_runner = runner(pair, SimulatedGateways(simulated))
-    kube.fail_patch_of["istio-system/istio-ingressgateway"] = 500
-    first = policy_runner.tick()
-    assert first.error is not None and "500" in first.error
-    assert kube.annotations("istio-system", "istio-ingressgateway-asm")[WEIGHT] == "10"
-    assert kube.annotations("istio-system", "istio-ingressgateway")[WEIGHT] == "100"
-    second = policy_runner.tick()
-    assert second.decision is not None and second.decision.action.value == "CompleteWrite"
-    assert kube.annotations("istio-system", "istio-ingressgateway")[WEIGHT] == "90"
-    third = policy_runner.tick()
-    assert third.decision is not None and third.decision.state.phase is Phase.PROGRESSING
+def test_the_documented_role_is_enough_for_a_whole_rollout(kube: Cluster) -> None:
+    seed(kube)
+    policy = policy_in(kube, steps=[10, 50, 100])
+    kube.grant(policy)  # exactly what `gateway-canary rbac` prints for this policy
+    outcomes = run_until_settled(runner(as_controller(kube), healthy_traffic(kube), policy=policy))
+    assert [o.error for o in outcomes if o.error] == []
+    assert outcomes[-1].decision is not None and outcomes[-1].decision.state.phase is Phase.PROMOTED
+    assert (kube.annotations(TGT)[WEIGHT], kube.annotations(SRC)[WEIGHT]) == ("100", "0")
+    assert kube.weight_writes(TGT, WEIGHT) == ["10", "50", "100"]
+    assert {w.code for w in kube.controller_writes()} <= {200, 201}  # not one refusal on the way
+    reasons = [e["reason"] for e in kube.events]
+    assert reasons[0] == "Started" and "Promoted" in reasons
+
+
+def test_a_service_outside_the_grant_is_refused_clearly_and_nothing_is_written(kube: Cluster) -> None:
+    seed(kube)
+    kube.add_service("someone-elses-gw", {**CLB, WEIGHT: "100"})
+    kube.grant(policy_in(kube))
+    outside = policy_in(kube, source="someone-elses-gw")
+    policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=outside)
+    for _ in range(2):
+        outcome = policy_runner.tick()
+        assert outcome.decision is None and outcome.error is not None
+        assert "403" in outcome.error and 'services "someone-elses-gw" is forbidden' in outcome.error
+    assert [w for w in kube.controller_writes() if w.resource == "services"] == []
+    assert kube.annotations(TGT)[WEIGHT] == "0" and STATE not in kube.annotations(TGT)
+    refused = [e for e in kube.events if e["reason"] == "PolicyRefused"]
+    assert len(refused) == 1 and "gateway-canary rbac" in refused[0]["message"]  # reported once, not per tick
+
+
+def test_an_unrelated_concurrent_writer_neither_breaks_the_rollout_nor_loses_its_annotations(kube: Cluster) -> None:
+    seed(kube)
+    policy = policy_in(kube, steps=[10, 30, 60, 100])
+    kube.grant(policy)
+    touches = iter(range(1000))
+
+    def touch() -> None:
+        n = str(next(touches))
+        kube.edit(TGT, {"team.example.com/last-touch": n})
+        kube.edit(SRC, {"team.example.com/last-touch": n})
+
+    pair = OthersWriteAfterEachRead(kube, touch)
+    outcomes = run_until_settled(runner(pair, healthy_traffic(kube), policy=policy))
+    assert outcomes[-1].decision is not None and outcomes[-1].decision.state.phase is Phase.PROMOTED
+    assert kube.weight_writes(TGT, WEIGHT) == ["10", "30", "60", "100"]
+    last = str(next(touches) - 1)
+    for name in (TGT, SRC):
+        assert kube.annotations(name)["team.example.com/last-touch"] == last
+    assert decode_state(kube.annotations(TGT)[STATE]).phase is Phase.PROMOTED
+    conflicts = [w for w in kube.controller_writes() if w.verb == "patch" and w.code == 409]
+    assert len(conflicts) >= 4  # every raise met a real 409 from the API server and retried
+    assert not any(e["reason"] in ("Paused", "WeightChangedExternally", "PolicyRefused") for e in kube.events)
+
+
+def test_a_concurrent_weight_change_is_detected_reported_and_not_fought(kube: Cluster) -> None:
+    seed(kube)
+    policy = policy_in(kube, steps=[10, 50, 100])
+    kube.grant(policy)
+    policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=policy)
+    assert policy_runner.tick().decision is not None  # Start: 10/90
+    human = runner(
+        OthersWriteAfterEachRead(kube, lambda: kube.edit(TGT, {WEIGHT: "5"})), healthy_traffic(kube), policy=policy
+    )
+    raced = human.tick()
+    assert raced.error is not None and "changed from 10 to 5 by someone else" in raced.error
+    assert kube.annotations(TGT)[WEIGHT] == "5" and kube.annotations(SRC)[WEIGHT] == "90"
+    paused = policy_runner.tick()
+    assert paused.decision is not None and paused.decision.state.phase is Phase.PAUSED
+    for _ in range(3):
+        policy_runner.tick()
+    assert kube.annotations(TGT)[WEIGHT] == "5"  # adopted, never written back
+    assert kube.weight_writes(TGT, WEIGHT) == ["10"]
+    warnings = [(e["type"], e["reason"]) for e in kube.events if e["type"] == "Warning"]
+    assert ("Warning", "Paused") in warnings or ("Warning", "WeightChangedExternally") in warnings
+
+
+def test_a_source_write_lost_to_a_revoked_grant_is_completed_once_granted_again(kube: Cluster) -> None:
+    seed(kube)
+    policy = policy_in(kube)
+    kube.grant(policy)
+    narrowed = [
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+
+    def narrow_the_grant() -> None:  # after the access check passed, before the writes
+        kube.set_rules(narrowed)
+        kube.wait_until_allowed("patch", policy.spec.source.service, allowed=False)
+
+    first = runner(OthersWriteAfterEachRead(kube, narrow_the_grant), healthy_traffic(kube), policy=policy).tick()
+    assert first.error is not None and "403" in first.error
+    assert kube.annotations(TGT)[WEIGHT] == "10" and kube.annotations(SRC)[WEIGHT] == "100"  # half-written
+
+    pair = as_controller(kube)
+    policy_runner = runner(pair, healthy_traffic(kube), policy=policy)
+    refused = policy_runner.tick()  # the grant is still narrow: the access check now refuses
+    assert refused.error is not None and f"may not patch services/{SRC}" in refused.error
+    assert kube.annotations(SRC)[WEIGHT] == "100"
+    kube.grant(policy)
+    completed = policy_runner.tick()
+    assert completed.decision is not None and completed.decision.action.value == "CompleteWrite"
+    assert kube.annotations(SRC)[WEIGHT] == "90"
     assert not any(e["reason"] in ("Paused", "WeightChangedExternally") for e in kube.events)

@@ -4,6 +4,10 @@ Only this module imports ``kubernetes``. It reads both Services, refuses policie
 the cloud controller would not apply a weight to, writes ONLY the weight and state annotations
 with a JSON merge patch guarded by ``resourceVersion``, and emits Events on the target Service.
 
+Before its first write for a policy it asks the API server (SelfSubjectAccessReview) whether its
+identity may patch both Services, so a Role that covers only one of them refuses the policy with
+a clear reason instead of failing halfway through a weight change.
+
 Write order: the target first (weight + state in one patch, so they never disagree), then the
 source. A rollback therefore cuts the target's traffic with its first request, and a restart
 between the two patches finds the state already describing the intended pair and completes it.
@@ -34,6 +38,7 @@ from controller.errors import (
     WeightChangedExternally,
 )
 from controller.ports import PairSnapshot
+from controller.rbac import AccessCheck, access_needed
 
 __all__ = [
     "IGNORE_WEIGHT_ANNOTATION",
@@ -93,7 +98,10 @@ def _translate(exc: Exception, what: str) -> ClusterError:
         if status == 404:
             return ServiceNotFound(f"{what}: not found")
         if status in (401, 403):
-            return AccessDenied(f"{what}: forbidden for the controller's identity ({status}): {detail}")
+            return AccessDenied(
+                f"{what}: forbidden for the controller's identity ({status}): {detail}; "
+                "grant what `gateway-canary rbac` prints"
+            )
         return ClusterUnavailable(f"{what}: API server answered {status}: {detail}")
     return ClusterUnavailable(f"{what}: API server unreachable: {type(exc).__name__}")
 
@@ -106,12 +114,73 @@ def _api_message(exc: ApiException) -> str:
 
 
 class KubernetesGatewayPair:
-    """GatewayPair over two core/v1 Services."""
+    """GatewayPair over two core/v1 Services.
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    ``check_write_access=False`` (dry run) skips the write-permission check: a read-only
+    identity is enough to watch what a rollout would do.
+    """
+
+    def __init__(self, api_client: client.ApiClient, *, check_write_access: bool = True) -> None:
         self._api = client.CoreV1Api(api_client)
+        self._authz = client.AuthorizationV1Api(api_client)
+        self._check_write_access = check_write_access
+        self._access_verified: set[str] = set()
         self._uids: dict[str, str] = {}
         self._instance = socket.gethostname()
+
+    # -- permissions -----------------------------------------------------------------------------
+
+    def _may(self, check: AccessCheck) -> bool | None:
+        """Whether RBAC allows ``check`` for this identity; None when the API server will not say."""
+        attributes = {"namespace": check.namespace, "verb": check.verb, "resource": check.resource}
+        if check.name:
+            attributes["name"] = check.name
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
+        try:
+            response = self._authz.create_self_subject_access_review(
+                body,  # type: ignore[arg-type]  # a plain dict is serialised as-is
+                _preload_content=False,
+                _request_timeout=_TIMEOUT,
+            )
+            answer: dict[str, Any] = json.loads(response.data)  # type: ignore[attr-defined]
+        except ApiException as exc:
+            if exc.status in (401, 403, 404):
+                return None  # self-reviews are not allowed here: the writes themselves will tell
+            raise _translate(exc, f"access review ({check})") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _translate(exc, f"access review ({check})") from exc
+        return bool(answer.get("status", {}).get("allowed"))
+
+    def _access_refusal(self, policy: CanaryPolicy) -> str | None:
+        """Why RBAC would stop this policy's writes, checked once per Service pair until a 403."""
+        key = f"{policy.spec.target.service}|{policy.spec.source.service}"
+        if not self._check_write_access or key in self._access_verified:
+            return None
+        missing: list[AccessCheck] = []
+        for check in access_needed(policy):
+            if check.verb == "get":
+                continue  # both Services were just read
+            allowed = self._may(check)
+            if allowed is None:
+                _log.info("access review unavailable; relying on the writes' own answers", check=str(check))
+                return None
+            if not allowed:
+                missing.append(check)
+        degrading = [str(check) for check in missing if not check.required]
+        if degrading:
+            _log.warning("Kubernetes Events will not be recorded", missing=degrading, policy=policy.name)
+        blocking = [str(check) for check in missing if check.required]
+        if blocking:
+            return (
+                f"the controller's identity may not {'; '.join(blocking)} (RBAC), so a weight change would "
+                "fail halfway; nothing was written: grant what `gateway-canary rbac` prints"
+            )
+        self._access_verified.add(key)
+        return None
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -145,6 +214,7 @@ class KubernetesGatewayPair:
                 f"Service {policy.spec.target.service} has no {WEIGHT_ANNOTATION}: the cloud controller gives it "
                 '100 per backend, already a large share; set it to "0" to start a migration'
             )
+        refusal = refusal or self._access_refusal(policy)
         state: RolloutState | None = None
         state_error: str | None = None
         raw_state = target_ann.get(STATE_ANNOTATION)
@@ -177,6 +247,15 @@ class KubernetesGatewayPair:
         force: bool = False,
     ) -> None:
         """Patch the target (weight + state), then the source (weight); skip what is unchanged."""
+        try:
+            self._write(policy, seen, weights, state, force)
+        except AccessDenied:
+            self._access_verified.clear()  # the grant changed under us: check again before writing
+            raise
+
+    def _write(
+        self, policy: CanaryPolicy, seen: PairSnapshot, weights: Weights | None, state: RolloutState, force: bool
+    ) -> None:
         target_changes: dict[str, str] = {}
         # A forced write (rollback) always states both weights: what was seen may be stale.
         if weights is not None and (force or weights.target != seen.target_weight):
