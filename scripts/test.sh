@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: install test dependencies, then lint, type-check, guard the
-# layering, and run every test against real Prometheus, Alertmanager and the API stand-in.
+# layering, and run every test against real Prometheus, Alertmanager and kube-apiserver + etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/test-deps.sh

@@ -1,19 +1,17 @@
-"""Loopback servers the tests control: a traffic exporter, a webhook sink, a Kubernetes stand-in.
+"""Loopback servers the tests control: a traffic exporter and a webhook sink; process helpers.
 
-The traffic exporter and webhook sink are real HTTP servers that the real Prometheus scrapes
-and the real Alertmanager delivers to. The Kubernetes server is a STAND-IN (see its docstring).
+Both are real HTTP servers that the real Prometheus scrapes and the real Alertmanager delivers
+to. Kubernetes is the real kube-apiserver (tests/kube_cluster.py).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,8 +119,8 @@ class GatewayTraffic:
 class TrafficExporter:
     """Istio standard metrics for two gateways, split by a share function (the CLB weights).
 
-    ``share()`` returns the target's share of ``total_rps``; by default it reads the weight
-    annotations from a Kubernetes (stand-in) server, so traffic follows the controller's writes.
+    ``share()`` returns the target's share of ``total_rps``; the end-to-end tests make it read the
+    weight annotations from the API server, so traffic follows the controller's writes.
     """
 
     def __init__(self, source: GatewayTraffic, target: GatewayTraffic, total_rps: float = 200.0) -> None:
@@ -152,6 +150,11 @@ class TrafficExporter:
             self._last = time.monotonic()
         self.share = lambda: 0.0
         return self.source.workload, self.target.workload
+
+    def move_to(self, namespace: str) -> None:
+        """Report both gateways in ``namespace`` (each test's Services live in a namespace of its own)."""
+        with self._lock:
+            self.source.namespace = self.target.namespace = namespace
 
     def advance(self) -> None:
         """Accumulate traffic since the last call at the current rates and share."""
@@ -226,181 +229,3 @@ class WebhookSink:
 
     def close(self) -> None:
         self.server.close()
-
-
-# --- Kubernetes API stand-in ----------------------------------------------------------------------
-
-
-class KubeStandIn:
-    """STAND-IN for a Kubernetes API server, until the real kube-apiserver fixture lands (issue 3).
-
-    Implements only what the controller uses, driven through the real ``kubernetes`` client:
-    GET and PATCH (JSON merge patch, RFC 7386) of core/v1 Services with resourceVersion
-    preconditions (409 Conflict on a stale version), and POST/GET of core/v1 Events. No auth,
-    no RBAC, no watch: tests that need those wait for the real API server.
-    """
-
-    def __init__(self) -> None:
-        self.services: dict[tuple[str, str], dict[str, Any]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.patches: list[tuple[str, dict[str, Any]]] = []
-        self._version = 100
-        self._lock = threading.Lock()
-        self.fail_next: list[int] = []  # status codes to answer the next requests with
-        self.fail_patch_of: dict[str, int] = {}  # "namespace/name" -> status for its next PATCH
-        stand_in = self
-
-        class Handler(_Quiet):
-            def do_GET(self) -> None:
-                stand_in._handle(self, "GET")
-
-            def do_PATCH(self) -> None:
-                stand_in._handle(self, "PATCH")
-
-            def do_POST(self) -> None:
-                stand_in._handle(self, "POST")
-
-        self.server = _Server(Handler)
-        self.url = self.server.url
-
-    def _bump(self) -> str:
-        self._version += 1
-        return str(self._version)
-
-    def add_service(self, namespace: str, name: str, annotations: dict[str, str], **metadata: Any) -> None:
-        with self._lock:
-            self.services[(namespace, name)] = {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "uid": str(uuid.uuid4()),
-                    "resourceVersion": self._bump(),
-                    "annotations": dict(annotations),
-                    **metadata,
-                },
-                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
-            }
-
-    def annotations(self, namespace: str, name: str) -> dict[str, str]:
-        with self._lock:
-            return dict(self.services[(namespace, name)]["metadata"].get("annotations") or {})
-
-    def edit(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
-        """Another writer (a human, kubectl) changes annotations; bumps the version."""
-        with self._lock:
-            meta = self.services[(namespace, name)]["metadata"]
-            current = meta.setdefault("annotations", {})
-            for key, value in annotations.items():
-                if value is None:
-                    current.pop(key, None)
-                else:
-                    current[key] = value
-            meta["resourceVersion"] = self._bump()
-
-    def _handle(self, request: _Quiet, method: str) -> None:
-        parts = request.path.split("?")[0].strip("/").split("/")
-        with self._lock:
-            if self.fail_next:
-                status = self.fail_next.pop(0)
-                request.reply(status, {"kind": "Status", "code": status, "message": "injected failure"})
-                return
-        # api/v1/namespaces/{ns}/services/{name} or api/v1/namespaces/{ns}/events
-        if len(parts) >= 5 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces":
-            namespace, kind = parts[3], parts[4]
-            if kind == "services" and len(parts) == 6:
-                self._service(request, method, namespace, parts[5])
-                return
-            if kind == "events" and len(parts) == 5:
-                self._events(request, method, namespace)
-                return
-        request.reply(404, {"kind": "Status", "code": 404, "message": f"stand-in does not serve {request.path}"})
-
-    def _service(self, request: _Quiet, method: str, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        with self._lock:
-            current = self.services.get(key)
-            if current is None:
-                request.reply(
-                    404,
-                    {"kind": "Status", "code": 404, "reason": "NotFound", "message": f'services "{name}" not found'},
-                )
-                return
-            if method == "GET":
-                request.reply(200, current)
-                return
-            if method != "PATCH":
-                request.reply(405, {"kind": "Status", "code": 405})
-                return
-            if request.headers.get("Content-Type") != "application/merge-patch+json":
-                request.reply(415, {"kind": "Status", "code": 415, "message": "stand-in takes merge patches only"})
-                return
-            patch = request.body()
-            failure = self.fail_patch_of.pop(f"{namespace}/{name}", None)
-            if failure is not None:
-                request.reply(failure, {"kind": "Status", "code": failure, "message": "injected failure"})
-                return
-            self.patches.append((f"{namespace}/{name}", copy.deepcopy(patch)))
-            wanted = (patch.get("metadata") or {}).get("resourceVersion")
-            if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
-                request.reply(
-                    409,
-                    {
-                        "kind": "Status",
-                        "code": 409,
-                        "reason": "Conflict",
-                        "message": "the object has been modified; please apply your changes "
-                        "to the latest version and try again",
-                    },
-                )
-                return
-            updated = _merge(copy.deepcopy(current), patch)
-            updated["metadata"]["resourceVersion"] = self._bump()
-            self.services[key] = updated
-            request.reply(200, updated)
-
-    def _events(self, request: _Quiet, method: str, namespace: str) -> None:
-        with self._lock:
-            if method == "POST":
-                event = request.body()
-                meta = event.setdefault("metadata", {})
-                meta["name"] = meta.get("name") or f"{meta.get('generateName', 'event.')}{uuid.uuid4().hex[:8]}"
-                meta["namespace"] = namespace
-                meta["resourceVersion"] = self._bump()
-                self.events.append(event)
-                request.reply(201, event)
-                return
-            items = [e for e in self.events if e["metadata"]["namespace"] == namespace]
-            request.reply(200, {"apiVersion": "v1", "kind": "EventList", "items": items, "metadata": {}})
-
-    def kubeconfig(self) -> str:
-        return kubeconfig_for(self.url)
-
-    def close(self) -> None:
-        self.server.close()
-
-
-def kubeconfig_for(url: str) -> str:
-    """A kubeconfig pointing at ``url`` with no credentials."""
-    return (
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters:\n- name: standin\n  cluster:\n    server: {url}\n"
-        "users:\n- name: tester\n  user: {}\n"
-        "contexts:\n- name: standin\n  context:\n    cluster: standin\n    user: tester\n"
-        "current-context: standin\n"
-    )
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    if not isinstance(target, dict):
-        target = {}
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        else:
-            target[key] = _merge(target.get(key), value)
-    return target

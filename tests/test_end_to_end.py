@@ -1,4 +1,6 @@
-"""``gateway-canary run`` as a subprocess: real Prometheus and Alertmanager, the Kubernetes stand-in.
+"""``gateway-canary run`` as a subprocess: real Prometheus, Alertmanager and kube-apiserver.
+
+The controller runs as a ServiceAccount bound only to the Role ``gateway-canary rbac`` prints.
 
 Traffic follows the weight annotations the controller writes (the exporter reads them), so the
 ASM gateway only gets requests once the controller gives it weight, as behind a real CLB.
@@ -10,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +20,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers import make_policy
+from tests.kube_cluster import Cluster
 from tests.servers import (
     LB_ID,
     STATE,
     VGROUP,
     WEIGHT,
-    KubeStandIn,
     ManagedProcess,
     TrafficExporter,
     WebhookSink,
@@ -31,7 +35,7 @@ from tests.servers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-NS, SRC, TGT = "istio-system", "istio-ingressgateway", "istio-ingressgateway-asm"
+SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
 CLB = {LB_ID: "lb-e2e", VGROUP: "rsp-e2e:80"}
 
 POLICY = """\
@@ -40,8 +44,8 @@ kind: CanaryPolicy
 metadata:
   name: {name}
 spec:
-  source: {{service: istio-system/istio-ingressgateway, workload: {source}}}
-  target: {{service: istio-system/istio-ingressgateway-asm, workload: {target}}}
+  source: {{service: {ns}/istio-ingressgateway, workload: {source}}}
+  target: {{service: {ns}/istio-ingressgateway-asm, workload: {target}}}
   schedule:
     steps: {steps}
     bakeTime: {bake}
@@ -83,31 +87,32 @@ class Controller(ManagedProcess):
 
 @pytest.fixture
 def setup(
-    kube: KubeStandIn,
+    kube: Cluster,
     traffic: TrafficExporter,
     gateways: tuple[str, str],
     prometheus: str,
     alertmanager: str,
     tmp_path: Path,
 ) -> Iterator[dict]:
-    kube.add_service(NS, TGT, {**CLB, WEIGHT: "0"})
-    kube.add_service(NS, SRC, {**CLB, WEIGHT: "100"})
+    kube.add_service(TGT, {**CLB, WEIGHT: "0"})
+    kube.add_service(SRC, {**CLB, WEIGHT: "100"})
+    kube.grant(make_policy(source={"service": f"{kube.ns}/{SRC}"}, target={"service": f"{kube.ns}/{TGT}"}))
 
     def share() -> float:
-        target = int(kube.annotations(NS, TGT).get(WEIGHT, "100"))
-        source = int(kube.annotations(NS, SRC).get(WEIGHT, "100"))
+        target = int(kube.annotations(TGT).get(WEIGHT, "100"))
+        source = int(kube.annotations(SRC).get(WEIGHT, "100"))
         return 0.0 if target + source == 0 else target / (target + source)
 
     traffic.share = share
+    traffic.move_to(kube.ns)
     sink = WebhookSink()
-    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
     policies = tmp_path / "policies"
     policies.mkdir()
     env = {
         **os.environ,
         "GATEWAY_CANARY_POLICIES_DIR": str(policies),
         "GATEWAY_CANARY_PROMETHEUS_URL": prometheus,
-        "GATEWAY_CANARY_KUBECONFIG": str(tmp_path / "kubeconfig"),
+        "GATEWAY_CANARY_KUBECONFIG": str(kube.write_kubeconfig()),
         "GATEWAY_CANARY_ALERTMANAGER_URL": alertmanager,
         "GATEWAY_CANARY_HTTP_HOST": "127.0.0.1",
         "GATEWAY_CANARY_HTTP_PORT": str(free_port()),
@@ -122,7 +127,9 @@ def setup(
         return controller
 
     def write_policy(name: str, steps: str, bake: str, hook: str) -> None:
-        text = POLICY.format(name=name, steps=steps, bake=bake, source=gateways[0], target=gateways[1], hook=hook)
+        text = POLICY.format(
+            ns=kube.ns, name=name, steps=steps, bake=bake, source=gateways[0], target=gateways[1], hook=hook
+        )
         (policies / "e2e.yaml").write_text(text)
 
     yield {
@@ -140,16 +147,8 @@ def setup(
     sink.close()
 
 
-def target_weight(kube: KubeStandIn) -> int:
-    return int(kube.annotations(NS, TGT)[WEIGHT])
-
-
-def weight_writes(kube: KubeStandIn, service: str) -> list[str]:
-    return [
-        p["metadata"]["annotations"][WEIGHT]
-        for s, p in kube.patches
-        if s == f"{NS}/{service}" and WEIGHT in p["metadata"].get("annotations", {})
-    ]
+def target_weight(kube: Cluster) -> int:
+    return int(kube.annotations(TGT)[WEIGHT])
 
 
 #: scripts/bench_rollback.py sets this to repeat the scenario and report the median.
@@ -163,8 +162,8 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     controller = setup["start"]()
     wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
     wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the weight to climb to 25")
-    assert weight_writes(kube, TGT)[:2] == ["10", "25"]
-    assert kube.annotations(NS, SRC)[WEIGHT] == "75"
+    assert kube.weight_writes(TGT, WEIGHT)[:2] == ["10", "25"]
+    assert kube.annotations(SRC)[WEIGHT] == "75"
 
     traffic.target.error_ratio = 0.5
     injected = time.monotonic()
@@ -174,8 +173,8 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
         f"\nMEASURED error injection -> target weight 0: {rollback_seconds:.2f}s "
         "(scrape 1s, check interval 1s, window 10s, failureThreshold 2)"
     )
-    assert kube.annotations(NS, SRC)[WEIGHT] == "100"
-    state = json.loads(kube.annotations(NS, TGT)[STATE])
+    assert kube.annotations(SRC)[WEIGHT] == "100"
+    state = json.loads(kube.annotations(TGT)[STATE])
     assert state["phase"] == "RolledBack" and state["last_failed_gate"] == "errorRate"
 
     delivered = wait_for(
@@ -216,12 +215,36 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     assert "s3cr3t" not in controller.log.read_text()  # receiver URLs are secrets
 
 
-def test_killed_controller_resumes_at_its_step(setup: dict) -> None:
+class Annotator(threading.Thread):
+    """Another client (like ``kubectl annotate --overwrite`` in a loop) writing its own annotation
+    on both Services every 50 ms while the controller works."""
+
+    KEY = "team.example.com/last-touch"
+
+    def __init__(self, kube: Cluster) -> None:
+        super().__init__(daemon=True)
+        self.kube, self.count, self.done = kube, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.count += 1
+            for name in (TGT, SRC):
+                self.kube.edit(name, {self.KEY: str(self.count)})
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join(10)
+        return self.count
+
+
+def test_killed_controller_resumes_at_its_step_beside_a_concurrent_writer(setup: dict) -> None:
     kube = setup["kube"]
     setup["write_policy"]("e2e-resume", "[10, 20, 30, 100]", "4s", f"{setup['sink'].url}/hook")
+    annotator = Annotator(kube)
+    annotator.start()
     first = setup["start"]()
     wait_for(lambda: target_weight(kube) == 20, timeout=60, interval=0.1, what="the weight to reach 20")
-    before = json.loads(kube.annotations(NS, TGT)[STATE])
+    before = json.loads(kube.annotations(TGT)[STATE])
     first.stop(signal.SIGKILL)
     writes_before = len(kube.patches)
 
@@ -242,3 +265,9 @@ def test_killed_controller_resumes_at_its_step(setup: dict) -> None:
     assert states and states[-1]["target_weight"] == 30
     assert before["target_weight"] == 20 and before["phase"] == "Progressing"
     assert second.stop() == 0
+    touches = annotator.stop()
+    assert touches > 20
+    for name in (TGT, SRC):  # neither writer lost the other's annotations
+        assert kube.annotations(name)[Annotator.KEY] == str(touches)
+    assert json.loads(kube.annotations(TGT)[STATE])["target_weight"] == 30
+    assert not any(e["reason"] in ("Paused", "WeightChangedExternally") for e in kube.events)

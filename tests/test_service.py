@@ -1,4 +1,4 @@
-"""The service in-process: reloads, bad files, removals, refusals. Real Prometheus, Kubernetes stand-in."""
+"""The service in-process: reloads, bad files, removals, refusals. Real Prometheus, real kube-apiserver."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.runtime.clock import SystemClock
 from controller.runtime.service import ControllerService
 from controller.settings import PrometheusConnection, Settings
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, KubeStandIn, TrafficExporter, WebhookSink, wait_for
+from tests.helpers import make_policy
+from tests.kube_cluster import Cluster
+from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, TrafficExporter, WebhookSink, wait_for
 
-NS = "istio-system"
 CLB = {LB_ID: "lb-svc", VGROUP: "rsp-svc:80"}
+PAIRS = (("istio-ingressgateway", "istio-ingressgateway-asm"), ("old-gw", "new-gw"))
 GOOD = """\
 metadata: {{name: {name}}}
 spec:
-  source: {{service: istio-system/{source}, workload: {sw}}}
-  target: {{service: istio-system/{target}, workload: {tw}}}
+  source: {{service: {ns}/{source}, workload: {sw}}}
+  target: {{service: {ns}/{target}, workload: {tw}}}
   schedule: {{steps: [10, 50, 100], bakeTime: {bake}}}
   analysis: {{interval: 1s, window: 10s, minRequests: 10}}
   gates: {{errorRate: {{max: 0.05}}}}
@@ -30,20 +32,23 @@ spec:
 
 @pytest.fixture
 def service(
-    kube: KubeStandIn, traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str, tmp_path: Path
+    kube: Cluster, traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str, tmp_path: Path
 ) -> Iterator[dict]:
-    kube.add_service(NS, "istio-ingressgateway-asm", {**CLB, WEIGHT: "0"})
-    kube.add_service(NS, "istio-ingressgateway", {**CLB, WEIGHT: "100"})
-    kube.add_service(NS, "new-gw", {LB_ID: "lb-2", WEIGHT: "0"})  # no vgroup-port: must be refused
-    kube.add_service(NS, "old-gw", {**CLB, WEIGHT: "100"})
+    kube.add_service("istio-ingressgateway-asm", {**CLB, WEIGHT: "0"})
+    kube.add_service("istio-ingressgateway", {**CLB, WEIGHT: "100"})
+    kube.add_service("new-gw", {LB_ID: "lb-2", WEIGHT: "0"})  # no vgroup-port: must be refused
+    kube.add_service("old-gw", {**CLB, WEIGHT: "100"})
 
     def share() -> float:
-        target = int(kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT])
+        target = int(kube.annotations("istio-ingressgateway-asm")[WEIGHT])
         return target / 100
 
     traffic.share = share
+    traffic.move_to(kube.ns)
     sink = WebhookSink()
-    (tmp_path / "kubeconfig").write_text(kube.kubeconfig())
+    kube.grant(
+        *(make_policy(source={"service": f"{kube.ns}/{s}"}, target={"service": f"{kube.ns}/{t}"}) for s, t in PAIRS)
+    )
     policies = tmp_path / "policies"
     policies.mkdir()
     settings = Settings(
@@ -54,7 +59,7 @@ def service(
         webhook_url=f"{sink.url}/global",
         prometheus_url=prometheus,
     )
-    pair = KubernetesGatewayPair(build_api_client(tmp_path / "kubeconfig"))
+    pair = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
     metrics = PrometheusMetricsSource(PrometheusConnection(settings, None))
     made: list[ControllerService] = []
 
@@ -84,6 +89,7 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
     kube, policies, sink = service["kube"], service["policies"], service["sink"]
     (policies / "a-good.yaml").write_text(
         GOOD.format(
+            ns=kube.ns,
             name="good",
             source="istio-ingressgateway",
             target="istio-ingressgateway-asm",
@@ -92,16 +98,16 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
         )
     )
     (policies / "b-refused.yaml").write_text(
-        GOOD.format(name="refused", source="old-gw", target="new-gw", bake="1s", sw="old", tw="new")
+        GOOD.format(ns=kube.ns, name="refused", source="old-gw", target="new-gw", bake="1s", sw="old", tw="new")
     )
     (policies / "d-no-secret.yaml").write_text(
-        GOOD.format(name="no-secret", source="third-gw", target="fourth-gw", bake="1s", sw="o", tw="p")
+        GOOD.format(ns=kube.ns, name="no-secret", source="third-gw", target="fourth-gw", bake="1s", sw="o", tw="p")
         + "  alerts:\n    - {type: slack, urlFromEnv: GATEWAY_CANARY_TEST_UNSET_SECRET}\n"
     )
     (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
     service["start"]()
     wait_for(
-        lambda: kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10",
+        lambda: kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10",
         timeout=30,
         what="the good policy to start",
     )
@@ -119,9 +125,9 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
         timeout=20,
         what="the refusal of the policy whose Service lacks vgroup-port",
     )
-    assert "istio-system/new-gw lacks" in refused["reason"] and "vgroup-port" in refused["reason"]
-    assert kube.annotations(NS, "new-gw")[WEIGHT] == "0" and STATE not in kube.annotations(NS, "new-gw")
-    assert kube.annotations(NS, "old-gw")[WEIGHT] == "100"
+    assert f"{kube.ns}/new-gw lacks" in refused["reason"] and "vgroup-port" in refused["reason"]
+    assert kube.annotations("new-gw")[WEIGHT] == "0" and STATE not in kube.annotations("new-gw")
+    assert kube.annotations("old-gw")[WEIGHT] == "100"
     assert any(e["reason"] == "PolicyRefused" and e["involvedObject"]["name"] == "new-gw" for e in kube.events)
     unset = wait_for(
         lambda: [b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused" and b["policy"] == "no-secret"],
@@ -135,18 +141,23 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
     kube, policies, sink = service["kube"], service["policies"], service["sink"]
     path = policies / "good.yaml"
     text = GOOD.format(
-        name="good", source="istio-ingressgateway", target="istio-ingressgateway-asm", bake="1h", **service["workloads"]
+        ns=kube.ns,
+        name="good",
+        source="istio-ingressgateway",
+        target="istio-ingressgateway-asm",
+        bake="1h",
+        **service["workloads"],
     )
     path.write_text(text)
     svc = service["start"]()
     wait_for(
-        lambda: kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10", timeout=30, what="the policy to start"
+        lambda: kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10", timeout=30, what="the policy to start"
     )
     runner = svc.runners["good"]
 
     # a healthy bake writes nothing: once checks pass, more passing checks add no API writes
     def asm_state() -> dict:
-        return json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE])
+        return json.loads(kube.annotations("istio-ingressgateway-asm")[STATE])
 
     wait_for(lambda: asm_state()["last_verdict"] == "PASS", timeout=30, what="a passing check at weight 10")
     writes = len(kube.patches)
@@ -159,12 +170,12 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
     wait_for(lambda: "PolicyInvalid" in kinds(sink), timeout=20, what="the invalid-file alert")
     assert svc.runners["good"] is runner  # last good version keeps running
 
-    state_before = json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE])
+    state_before = json.loads(kube.annotations("istio-ingressgateway-asm")[STATE])
     path.write_text(text.replace("bakeTime: 1h", "bakeTime: 2h"))
     wait_for(lambda: svc.runners["good"] is not runner, timeout=20, what="the changed policy to be installed")
     state_after = wait_for(
         lambda: (
-            (s := json.loads(kube.annotations(NS, "istio-ingressgateway-asm")[STATE]))["fingerprint"]
+            (s := json.loads(kube.annotations("istio-ingressgateway-asm")[STATE]))["fingerprint"]
             != state_before["fingerprint"]
             and s
         ),
@@ -172,9 +183,9 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
         what="the bake to restart under the new policy",
     )
     assert state_after["step_started_at"] > state_before["step_started_at"]
-    assert kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10"  # kept its weight
+    assert kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10"  # kept its weight
 
     path.unlink()
     wait_for(lambda: "PolicyRemoved" in kinds(sink), timeout=20, what="the removal alert")
     assert "good" not in svc.runners
-    assert kube.annotations(NS, "istio-ingressgateway-asm")[WEIGHT] == "10"  # left where it was
+    assert kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10"  # left where it was

@@ -1,0 +1,49 @@
+"""``controller.rbac`` and ``gateway-canary rbac``: least privilege derived from the policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from controller.cli import main
+from controller.core.policy import ServiceRef
+from controller.rbac import controller_rbac
+from tests.helpers import make_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCOUNT = ServiceRef(namespace="ops", name="canary")
+
+
+def test_one_role_per_namespace_with_only_the_named_services() -> None:
+    across = make_policy(source={"service": "legacy/old-gw"}, target={"service": "mesh/asm-gw"})
+    local = make_policy(source={"service": "mesh/gw-a"}, target={"service": "mesh/gw-b"})
+    objects = controller_rbac([across, local], ACCOUNT)
+    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
+    assert sorted(roles) == ["legacy", "mesh"]
+    assert roles["mesh"]["rules"][0]["resourceNames"] == ["asm-gw", "gw-a", "gw-b"]
+    assert roles["mesh"]["rules"][0]["verbs"] == ["get", "patch"]
+    assert roles["legacy"]["rules"] == [
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": ["old-gw"], "verbs": ["get", "patch"]}
+    ]  # Events go beside the target only
+    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]} in roles["mesh"]["rules"]
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert len(bindings) == 2
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
+    verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
+    assert verbs == {"get", "patch", "create"}  # never list, watch, update or delete
+
+
+def test_rbac_command_prints_applyable_yaml_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
+    assert main(["rbac", str(ROOT / "policies"), "--service-account", "ops/canary"]) == 0
+    documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert {d["kind"] for d in documents} == {"Role", "RoleBinding"}
+
+    assert main(["rbac", str(ROOT / "policies"), "--service-account", "no-slash"]) == 2
+    assert "expected NAMESPACE/NAME" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metadata: {name: x}\nspec:\n  schedule: {steps: [50, 10]}\n")
+    assert main(["rbac", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.yaml:" in err and "no RBAC printed" in err
