@@ -65,7 +65,9 @@ build_etcd() {
 build_helm() {
   local gobin
   gobin=$(mktemp -d)
-  GOBIN=$gobin go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  # -X: `go install` does not stamp the release, so `helm version` would say only v3.N
+  GOBIN=$gobin go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$gobin/helm" "$out"
   rmdir "$gobin"
 }

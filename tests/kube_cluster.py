@@ -33,11 +33,14 @@ import requests
 
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.rbac import ROLE_NAME, controller_rbac
-from tests.servers import ManagedProcess, free_port, wait_for
+from tests.helpers import make_policy
+from tests.servers import LB_ID, VGROUP, WEIGHT, ManagedProcess, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS_FILE = ROOT / "tests" / "controlplane" / "versions.env"
 CONTROLLER_ACCOUNT = "gateway-canary"
+SOURCE, TARGET = "istio-ingressgateway", "istio-ingressgateway-asm"
+CLB = {LB_ID: "lb-test", VGROUP: "rsp-test:80"}
 _MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
 
@@ -293,6 +296,15 @@ class Cluster:
             "spec": {"type": "LoadBalancer", "ports": [{"name": "http2", "port": 80, "targetPort": 8080}]},
         }
         return self.plane.call("POST", f"/api/v1/namespaces/{self.ns}/services", body)
+
+    def add_gateways(self, target_weight: str = "0", source_weight: str = "100", **target_metadata: Any) -> None:
+        """The two gateway Services on one CLB, as the migration starts: ASM at 0, the old one at 100."""
+        self.add_service(TARGET, {**CLB, WEIGHT: target_weight}, **target_metadata)
+        self.add_service(SOURCE, {**CLB, WEIGHT: source_weight})
+
+    def policy(self, source: str = SOURCE, target: str = TARGET, **spec: Any) -> CanaryPolicy:
+        """A valid policy for Services in this namespace (``tests.helpers.make_policy`` otherwise)."""
+        return make_policy(source={"service": f"{self.ns}/{source}"}, target={"service": f"{self.ns}/{target}"}, **spec)
 
     def service(self, name: str) -> dict[str, Any]:
         return self.plane.call("GET", f"/api/v1/namespaces/{self.ns}/services/{name}")

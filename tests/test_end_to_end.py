@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import make_policy
+from tests.kube_cluster import SOURCE as SRC
+from tests.kube_cluster import TARGET as TGT
 from tests.kube_cluster import Cluster
 from tests.servers import (
-    LB_ID,
     STATE,
-    VGROUP,
     WEIGHT,
     ManagedProcess,
     TrafficExporter,
@@ -35,8 +34,6 @@ from tests.servers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
-CLB = {LB_ID: "lb-e2e", VGROUP: "rsp-e2e:80"}
 
 POLICY = """\
 apiVersion: gateway-canary.io/v1alpha1
@@ -94,9 +91,8 @@ def setup(
     alertmanager: str,
     tmp_path: Path,
 ) -> Iterator[dict]:
-    kube.add_service(TGT, {**CLB, WEIGHT: "0"})
-    kube.add_service(SRC, {**CLB, WEIGHT: "100"})
-    kube.grant(make_policy(source={"service": f"{kube.ns}/{SRC}"}, target={"service": f"{kube.ns}/{TGT}"}))
+    kube.add_gateways()
+    kube.grant(kube.policy())
 
     def share() -> float:
         target = int(kube.annotations(TGT).get(WEIGHT, "100"))

@@ -15,27 +15,17 @@ from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
 from controller.core.state import RolloutState, decode_state
 from controller.errors import AccessDenied, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
-from tests.helpers import T0, make_policy
-from tests.kube_cluster import Cluster
+from tests.helpers import T0
+from tests.kube_cluster import CLB, Cluster
+from tests.kube_cluster import SOURCE as SRC
+from tests.kube_cluster import TARGET as TGT
 from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, free_port
-
-SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
-CLB = {LB_ID: "lb-123", VGROUP: "rsp-abc:80"}
-
-
-def policy_in(kube: Cluster, source: str = SRC, target: str = TGT) -> CanaryPolicy:
-    return make_policy(source={"service": f"{kube.ns}/{source}"}, target={"service": f"{kube.ns}/{target}"})
 
 
 def pair_for(kube: Cluster, *policies: CanaryPolicy) -> KubernetesGatewayPair:
     """The adapter as the controller's ServiceAccount, granted exactly what the policies need."""
-    kube.grant(*(policies or (policy_in(kube),)))
+    kube.grant(*(policies or (kube.policy(),)))
     return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
-
-
-def seed(kube: Cluster, target_weight: str = "0", source_weight: str = "100", **extra) -> None:
-    kube.add_service(TGT, {**CLB, WEIGHT: target_weight}, **extra)
-    kube.add_service(SRC, {**CLB, WEIGHT: source_weight})
 
 
 def first_step(policy: CanaryPolicy) -> RolloutState:
@@ -43,8 +33,8 @@ def first_step(policy: CanaryPolicy) -> RolloutState:
 
 
 def test_observe_reads_weights_and_accepts_a_clb_pair(kube: Cluster) -> None:
-    seed(kube)
-    seen = pair_for(kube).observe(policy_in(kube))
+    kube.add_gateways()
+    seen = pair_for(kube).observe(kube.policy())
     assert (seen.target_weight, seen.source_weight, seen.refusal, seen.state) == (0, 100, None, None)
     assert all(v.isdigit() for v in seen.versions)
 
@@ -64,15 +54,15 @@ def test_refuses_services_the_cloud_controller_would_not_weight(
 ) -> None:
     kube.add_service(TGT, annotations)
     kube.add_service(SRC, {**CLB, WEIGHT: "100"})
-    seen = pair_for(kube).observe(policy_in(kube))
+    seen = pair_for(kube).observe(kube.policy())
     assert seen.refusal is not None and needle in seen.refusal
 
 
 def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
-    seed(kube, labels={"app": "gw", "team": "edge"}, finalizers=["keep.me/finalizer"])
+    kube.add_gateways(labels={"app": "gw", "team": "edge"}, finalizers=["keep.me/finalizer"])
     kube.edit(TGT, {"team.example.com/owner": "platform"})
     before = kube.service(TGT)
-    policy = policy_in(kube)
+    policy = kube.policy()
     pair = pair_for(kube, policy)
     state = first_step(policy)
     pair.apply(policy, pair.observe(policy), Weights(10, 90), state)
@@ -82,7 +72,7 @@ def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
     assert decode_state(after["metadata"]["annotations"][STATE]) == state
     # everything written by others survives: annotations, labels, finalizers, the spec
     assert after["metadata"]["annotations"]["team.example.com/owner"] == "platform"
-    assert after["metadata"]["annotations"][LB_ID] == "lb-123"
+    assert after["metadata"]["annotations"][LB_ID] == "lb-test"
     assert after["metadata"]["labels"] == {"app": "gw", "team": "edge"}
     assert after["metadata"]["finalizers"] == ["keep.me/finalizer"]
     assert after["spec"] == before["spec"]
@@ -100,8 +90,8 @@ def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
 
 
 def test_conflict_from_an_unrelated_change_is_retried(kube: Cluster) -> None:
-    seed(kube)
-    policy = policy_in(kube)
+    kube.add_gateways()
+    policy = kube.policy()
     pair = pair_for(kube, policy)
     seen = pair.observe(policy)
     kube.edit(TGT, {"someone.else/annotation": "x"})  # makes the version the controller read stale
@@ -113,8 +103,8 @@ def test_conflict_from_an_unrelated_change_is_retried(kube: Cluster) -> None:
 
 
 def test_conflict_from_a_weight_change_is_reported_not_overwritten(kube: Cluster) -> None:
-    seed(kube)
-    policy = policy_in(kube)
+    kube.add_gateways()
+    policy = kube.policy()
     pair = pair_for(kube, policy)
     seen = pair.observe(policy)
     kube.edit(TGT, {WEIGHT: "30"})  # a human
@@ -129,8 +119,8 @@ def test_conflict_from_a_weight_change_is_reported_not_overwritten(kube: Cluster
 
 
 def test_events_are_recorded_on_the_target_and_read_back(kube: Cluster) -> None:
-    seed(kube)
-    policy = policy_in(kube)
+    kube.add_gateways()
+    policy = kube.policy()
     pair = pair_for(kube, policy)
     pair.observe(policy)
     pair.record_event(policy, "RolledBack", "rolled back", warning=True)
@@ -141,11 +131,11 @@ def test_events_are_recorded_on_the_target_and_read_back(kube: Cluster) -> None:
 
 
 def test_errors_are_translated(kube: Cluster) -> None:
-    policy = policy_in(kube)
+    policy = kube.policy()
     pair = pair_for(kube, policy)
     with pytest.raises(ServiceNotFound):  # granted by name, not created yet
         pair.observe(policy)
-    seed(kube)
+    kube.add_gateways()
     kube.revoke(policy)
     with pytest.raises(AccessDenied, match=r"forbidden.*grant what `gateway-canary rbac` prints"):
         pair.observe(policy)
@@ -160,11 +150,11 @@ def test_errors_are_translated(kube: Cluster) -> None:
 
 
 def test_a_service_outside_the_grant_is_refused_before_any_write(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     kube.add_service("other-gw", {**CLB, WEIGHT: "100"})
-    granted = policy_in(kube)
+    granted = kube.policy()
     pair = pair_for(kube, granted)
-    outside = policy_in(kube, source="other-gw")
+    outside = kube.policy(source="other-gw")
     with pytest.raises(AccessDenied, match=f'services "other-gw" is forbidden.*{kube.ns}'):
         pair.observe(outside)
     assert kube.patches == []
@@ -172,8 +162,8 @@ def test_a_service_outside_the_grant_is_refused_before_any_write(kube: Cluster) 
 
 def test_read_but_not_patch_is_refused_naming_what_is_missing(kube: Cluster) -> None:
     """A Role that may read both Services but patch only one would fail halfway: refused up front."""
-    seed(kube)
-    policy = policy_in(kube)
+    kube.add_gateways()
+    policy = kube.policy()
     kube.set_rules(
         [
             {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},

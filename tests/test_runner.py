@@ -20,12 +20,12 @@ from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import make_policy
-from tests.kube_cluster import Cluster
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, free_port
+from tests.kube_cluster import CLB, Cluster
+from tests.kube_cluster import SOURCE as SRC
+from tests.kube_cluster import TARGET as TGT
+from tests.servers import STATE, WEIGHT, free_port
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
-SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
-CLB = {LB_ID: "lb", VGROUP: "v:80"}
 
 
 def runner(pair, metrics, stopping=None, policy: CanaryPolicy = POLICY) -> PolicyRunner:
@@ -75,17 +75,9 @@ def test_stop_during_a_check_abandons_a_raise_but_writes_a_rollback() -> None:
 
 
 def policy_in(kube: Cluster, source: str = SRC, steps: list[int] | None = None) -> CanaryPolicy:
-    return make_policy(
-        source={"service": f"{kube.ns}/{source}"},
-        target={"service": f"{kube.ns}/{TGT}"},
-        schedule={"steps": steps or [10, 100], "bakeTime": 0},
-        analysis={"failureThreshold": 1},
+    return kube.policy(
+        source=source, schedule={"steps": steps or [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1}
     )
-
-
-def seed(kube: Cluster, target: str = "0", source: str = "100") -> None:
-    kube.add_service(TGT, {**CLB, WEIGHT: target})
-    kube.add_service(SRC, {**CLB, WEIGHT: source})
 
 
 class TrafficFollowsTheCluster:
@@ -137,7 +129,7 @@ def run_until_settled(policy_runner: PolicyRunner, ticks: int = 12) -> list:
 
 
 def test_unreachable_prometheus_never_raises_a_weight(kube: Cluster) -> None:
-    seed(kube, target="10", source="90")
+    kube.add_gateways("10", "90")
     policy = policy_in(kube)
     kube.grant(policy)
     dead = PrometheusMetricsSource(
@@ -163,7 +155,7 @@ def test_unreachable_api_server_ends_the_tick_without_writes(kube: Cluster) -> N
 
 
 def test_dry_run_needs_only_read_access_progresses_in_memory_and_writes_nothing(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     kube.set_rules([{"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]}])
     policy = policy_in(kube)
     pair = DryRunGatewayPair(as_controller(kube, check_write_access=False))
@@ -176,7 +168,7 @@ def test_dry_run_needs_only_read_access_progresses_in_memory_and_writes_nothing(
 
 
 def test_the_documented_role_is_enough_for_a_whole_rollout(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)  # exactly what `gateway-canary rbac` prints for this policy
     outcomes = run_until_settled(runner(as_controller(kube), healthy_traffic(kube), policy=policy))
@@ -190,7 +182,7 @@ def test_the_documented_role_is_enough_for_a_whole_rollout(kube: Cluster) -> Non
 
 
 def test_a_service_outside_the_grant_is_refused_clearly_and_nothing_is_written(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     kube.add_service("someone-elses-gw", {**CLB, WEIGHT: "100"})
     kube.grant(policy_in(kube))
     outside = policy_in(kube, source="someone-elses-gw")
@@ -206,7 +198,7 @@ def test_a_service_outside_the_grant_is_refused_clearly_and_nothing_is_written(k
 
 
 def test_an_unrelated_concurrent_writer_neither_breaks_the_rollout_nor_loses_its_annotations(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     policy = policy_in(kube, steps=[10, 30, 60, 100])
     kube.grant(policy)
     touches = iter(range(1000))
@@ -230,7 +222,7 @@ def test_an_unrelated_concurrent_writer_neither_breaks_the_rollout_nor_loses_its
 
 
 def test_a_concurrent_weight_change_is_detected_reported_and_not_fought(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)
     policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=policy)
@@ -252,7 +244,7 @@ def test_a_concurrent_weight_change_is_detected_reported_and_not_fought(kube: Cl
 
 
 def test_a_source_write_lost_to_a_revoked_grant_is_completed_once_granted_again(kube: Cluster) -> None:
-    seed(kube)
+    kube.add_gateways()
     policy = policy_in(kube)
     kube.grant(policy)
     narrowed = [
