@@ -52,15 +52,26 @@ def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[Pol
     return list(conflicts.policies), errors + list(conflicts.errors)
 
 
-def _cmd_validate(paths: Sequence[str]) -> int:
+def _load_reporting_errors(
+    paths: Sequence[str],
+) -> tuple[list[Path], list[SourcedPolicy], list[PolicyError]] | None:
+    """Files, valid policies and errors, the errors already printed; None (printed) for a bad path."""
     try:
         files = _policy_files(paths)
     except FileNotFoundError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return None
     policies, errors = _read_policies(files)
     for error in errors:
         print(error, file=sys.stderr)
+    return files, policies, errors
+
+
+def _cmd_validate(paths: Sequence[str]) -> int:
+    loaded = _load_reporting_errors(paths)
+    if loaded is None:
+        return 2
+    files, policies, errors = loaded
     for item in policies:
         print(f"ok  {item.file}:{item.line}  {item.policy.name}")
     print(f"{len(policies)} valid, {len(errors)} error(s) in {len(files)} file(s)")
@@ -83,14 +94,10 @@ def _cmd_rbac(paths: Sequence[str], service_account: str) -> int:
     except ValidationError:
         print(f"--service-account {service_account!r}: expected NAMESPACE/NAME, both DNS labels", file=sys.stderr)
         return 2
-    try:
-        files = _policy_files(paths)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
+    loaded = _load_reporting_errors(paths)
+    if loaded is None:
         return 2
-    policies, errors = _read_policies(files)
-    for error in errors:
-        print(error, file=sys.stderr)
+    _, policies, errors = loaded
     if errors or not policies:
         print("no RBAC printed: fix the policy files first" if errors else "no policies found", file=sys.stderr)
         return 1
