@@ -320,9 +320,13 @@ class Cluster:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        """The Events in the namespace, read back through the API, oldest first."""
+        """gateway-canary's Events in the namespace, read back through the API, oldest first.
+
+        The API server records Events of its own here too (its ClusterIP repair loop does).
+        """
         items = self.plane.call("GET", f"/api/v1/namespaces/{self.ns}/events")["items"]
-        return sorted(items, key=lambda event: int(event["metadata"]["resourceVersion"]))
+        ours = [event for event in items if (event.get("source") or {}).get("component") == "gateway-canary"]
+        return sorted(ours, key=lambda event: int(event["metadata"]["resourceVersion"]))
 
     # -- what the controller did, from the audit log -------------------------------------------------
 

@@ -263,11 +263,32 @@ def test_a_source_write_lost_to_a_revoked_grant_is_completed_once_granted_again(
 
     pair = as_controller(kube)
     policy_runner = runner(pair, healthy_traffic(kube), policy=policy)
-    refused = policy_runner.tick()  # the grant is still narrow: the access check now refuses
-    assert refused.error is not None and f"may not patch services/{SRC}" in refused.error
+    denied = policy_runner.tick()  # the grant is still narrow: the completion is refused, and said so
+    assert denied.error is not None and f'services "{SRC}" is forbidden' in denied.error
     assert kube.annotations(SRC)[WEIGHT] == "100"
     kube.grant(policy)
     completed = policy_runner.tick()
     assert completed.decision is not None and completed.decision.action.value == "CompleteWrite"
     assert kube.annotations(SRC)[WEIGHT] == "90"
     assert not any(e["reason"] in ("Paused", "WeightChangedExternally") for e in kube.events)
+
+
+def test_a_rollback_cuts_the_target_even_when_the_source_patch_is_denied(kube: Cluster) -> None:
+    kube.add_gateways()
+    policy = policy_in(kube, steps=[10, 50, 100])
+    kube.grant(policy)
+    traffic = healthy_traffic(kube)
+    policy_runner = runner(as_controller(kube), traffic, policy=policy)
+    assert policy_runner.tick().decision is not None  # Start: 10/90
+    kube.set_rules(  # someone narrows the Role mid-rollout
+        [
+            {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
+        ]
+    )
+    kube.wait_until_allowed("patch", policy.spec.source.service, allowed=False)
+    traffic.error_ratio[GatewayRole.TARGET] = 0.5
+    outcome = policy_runner.tick()
+    assert outcome.error is not None and "403" in outcome.error
+    assert kube.annotations(TGT)[WEIGHT] == "0"  # the ASM gateway gets no traffic: 0 against 90
+    assert decode_state(kube.annotations(TGT)[STATE]).phase is Phase.ROLLED_BACK

@@ -4,9 +4,11 @@ Only this module imports ``kubernetes``. It reads both Services, refuses policie
 the cloud controller would not apply a weight to, writes ONLY the weight and state annotations
 with a JSON merge patch guarded by ``resourceVersion``, and emits Events on the target Service.
 
-Before its first write for a policy it asks the API server (SelfSubjectAccessReview) whether its
-identity may patch both Services, so a Role that covers only one of them refuses the policy with
-a clear reason instead of failing halfway through a weight change.
+Before the first write of a rollout (target weight 0) it asks the API server
+(SelfSubjectAccessReview) whether its identity may patch both Services, so a Role that covers only
+one of them refuses the policy with a clear reason instead of failing halfway through the first
+weight change. Once the target carries traffic it never refuses on permissions alone: a rollback
+must always be attempted, and the writes' own 403s are reported.
 
 Write order: the target first (weight + state in one patch, so they never disagree), then the
 source. A rollback therefore cuts the target's traffic with its first request, and a restart
@@ -214,7 +216,10 @@ class KubernetesGatewayPair:
                 f"Service {policy.spec.target.service} has no {WEIGHT_ANNOTATION}: the cloud controller gives it "
                 '100 per backend, already a large share; set it to "0" to start a migration'
             )
-        refusal = refusal or self._access_refusal(policy)
+        if refusal is None and target_weight == 0:
+            # Only while the target carries no traffic: later, a refusal would also hold back a
+            # rollback, and cutting the target to 0 works even when the source patch is denied.
+            refusal = self._access_refusal(policy)
         state: RolloutState | None = None
         state_error: str | None = None
         raw_state = target_ann.get(STATE_ANNOTATION)
