@@ -112,7 +112,7 @@ class AuditedWrite:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver, started by ``start()``; the admin client is plain ``requests``."""
+    """etcd + kube-apiserver for as long as ``running()`` lasts; the admin client is plain ``requests``."""
 
     def __init__(self, workdir: Path, binaries: dict[str, Path]) -> None:
         self.workdir = workdir
@@ -137,6 +137,7 @@ class ControlPlane:
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         with ExitStack() as stack:
+            stack.callback(self.admin.close)
             etcd = ManagedProcess(
                 [
                     str(self.binaries["etcd"]),
@@ -187,7 +188,6 @@ class ControlPlane:
             )
             self.startup_seconds = time.monotonic() - started
             yield self
-            self.admin.close()
 
     def _ready(self, *processes: ManagedProcess) -> bool:
         for process in processes:
