@@ -51,7 +51,7 @@ build_kube_apiserver() {
   local v=${KUBERNETES_VERSION#v}
   # -ldflags: a module build has no git tree to stamp the version from; without it the binary
   # reports v0.0.0-master, which clients treat as a pre-release.
-  (cd tests/controlplane/apiserver && GOFLAGS=-mod=readonly go build -trimpath -o "$out" \
+  (cd tests/controlplane/apiserver && GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -o "$out" \
     -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
       -X k8s.io/component-base/version.gitMajor=${v%%.*} \
       -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2)" \
@@ -59,7 +59,7 @@ build_kube_apiserver() {
 }
 
 build_etcd() {
-  (cd tests/controlplane/etcd && GOFLAGS=-mod=readonly go build -trimpath -ldflags "-s -w" -o "$out" .)
+  (cd tests/controlplane/etcd && GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -ldflags "-s -w" -o "$out" .)
 }
 
 build_helm() {
