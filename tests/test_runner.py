@@ -239,8 +239,12 @@ def test_a_concurrent_weight_change_is_detected_reported_and_not_fought(kube: Cl
         policy_runner.tick()
     assert kube.annotations(TGT)[WEIGHT] == "5"  # adopted, never written back
     assert kube.weight_writes(TGT, WEIGHT) == ["10"]
-    warnings = [(e["type"], e["reason"]) for e in kube.events if e["type"] == "Warning"]
-    assert ("Warning", "Paused") in warnings or ("Warning", "WeightChangedExternally") in warnings
+    paused_events = [e for e in kube.events if e["reason"] == "Paused"]
+    assert len(paused_events) == 1 and paused_events[0]["type"] == "Warning"
+    assert (
+        "weights changed outside gateway-canary: found target=5 source=90, expected target=10 source=90"
+        in paused_events[0]["message"]
+    )
 
 
 def test_a_source_write_lost_to_a_revoked_grant_is_completed_once_granted_again(kube: Cluster) -> None:
