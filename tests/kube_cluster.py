@@ -306,6 +306,12 @@ class Cluster:
         """A valid policy for Services in this namespace (``tests.helpers.make_policy`` otherwise)."""
         return make_policy(source={"service": f"{self.ns}/{source}"}, target={"service": f"{self.ns}/{target}"}, **spec)
 
+    def target_share(self) -> float:
+        """The ASM gateway's share of the CLB's traffic at the Services' current weights."""
+        target = int(self.annotations(TARGET).get(WEIGHT, "100"))
+        source = int(self.annotations(SOURCE).get(WEIGHT, "100"))
+        return 0.0 if target + source == 0 else target / (target + source)
+
     def service(self, name: str) -> dict[str, Any]:
         return self.plane.call("GET", f"/api/v1/namespaces/{self.ns}/services/{name}")
 
@@ -357,27 +363,26 @@ class Cluster:
         for obj in controller_rbac(policies, account):
             namespace = obj["metadata"]["namespace"]
             kind = "roles" if obj["kind"] == "Role" else "rolebindings"
-            base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}"
-            if self.plane.call("POST", base, obj, ok=(201, 409)).get("reason") == "AlreadyExists":
-                self.plane.call("PUT", f"{base}/{ROLE_NAME}", obj)
+            self._upsert(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}", obj)
         for policy in policies:  # RBAC reads its objects through a watch: wait until it has seen them
             for ref in (policy.spec.target.service, policy.spec.source.service):
                 self.wait_until_allowed("patch", ref, allowed=True)
 
     def set_rules(self, rules: list[dict[str, Any]]) -> None:
         """Replace the controller's Role with these rules (for identities narrower than documented)."""
-        role = {"metadata": {"name": ROLE_NAME}, "rules": rules}
-        base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{self.ns}/roles"
-        if self.plane.call("POST", base, role, ok=(201, 409)).get("reason") == "AlreadyExists":
-            self.plane.call("PUT", f"{base}/{ROLE_NAME}", role)
+        base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{self.ns}"
+        self._upsert(f"{base}/roles", {"metadata": {"name": ROLE_NAME}, "rules": rules})
         binding = {
             "metadata": {"name": ROLE_NAME},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE_NAME},
             "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_ACCOUNT, "namespace": self.ns}],
         }
-        self.plane.call(
-            "POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{self.ns}/rolebindings", binding, ok=(201, 409)
-        )
+        self._upsert(f"{base}/rolebindings", binding)
+
+    def _upsert(self, collection: str, obj: dict[str, Any]) -> None:
+        """Create ``obj`` in ``collection``, or replace the one already there under its name."""
+        if self.plane.call("POST", collection, obj, ok=(201, 409)).get("reason") == "AlreadyExists":
+            self.plane.call("PUT", f"{collection}/{obj['metadata']['name']}", obj)
 
     def revoke(self, policy: CanaryPolicy) -> None:
         """Take the controller's Role away (the binding stays, pointing at nothing)."""

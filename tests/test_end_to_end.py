@@ -94,12 +94,7 @@ def setup(
     kube.add_gateways()
     kube.grant(kube.policy())
 
-    def share() -> float:
-        target = int(kube.annotations(TGT).get(WEIGHT, "100"))
-        source = int(kube.annotations(SRC).get(WEIGHT, "100"))
-        return 0.0 if target + source == 0 else target / (target + source)
-
-    traffic.share = share
+    traffic.share = kube.target_share
     traffic.move_to(kube.ns)
     sink = WebhookSink()
     policies = tmp_path / "policies"

@@ -14,10 +14,9 @@ from controller.runtime.clock import SystemClock
 from controller.runtime.service import ControllerService
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import make_policy
-from tests.kube_cluster import Cluster
-from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, TrafficExporter, WebhookSink, wait_for
+from tests.kube_cluster import CLB, Cluster
+from tests.servers import LB_ID, STATE, WEIGHT, TrafficExporter, WebhookSink, wait_for
 
-CLB = {LB_ID: "lb-svc", VGROUP: "rsp-svc:80"}
 PAIRS = (("istio-ingressgateway", "istio-ingressgateway-asm"), ("old-gw", "new-gw"))
 GOOD = """\
 metadata: {{name: {name}}}
@@ -34,16 +33,11 @@ spec:
 def service(
     kube: Cluster, traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str, tmp_path: Path
 ) -> Iterator[dict]:
-    kube.add_service("istio-ingressgateway-asm", {**CLB, WEIGHT: "0"})
-    kube.add_service("istio-ingressgateway", {**CLB, WEIGHT: "100"})
+    kube.add_gateways()
     kube.add_service("new-gw", {LB_ID: "lb-2", WEIGHT: "0"})  # no vgroup-port: must be refused
     kube.add_service("old-gw", {**CLB, WEIGHT: "100"})
 
-    def share() -> float:
-        target = int(kube.annotations("istio-ingressgateway-asm")[WEIGHT])
-        return target / 100
-
-    traffic.share = share
+    traffic.share = kube.target_share
     traffic.move_to(kube.ns)
     sink = WebhookSink()
     kube.grant(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,17 @@ def _translate(exc: Exception, what: str) -> ClusterError:
     return ClusterUnavailable(f"{what}: API server unreachable: {type(exc).__name__}")
 
 
+def _json_call(what: str, call: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """Call the client for the raw JSON (no model classes); library errors become ours."""
+    try:
+        # _preload_content=False returns the raw urllib3 response, not a model object.
+        response = call(*args, _preload_content=False, _request_timeout=_TIMEOUT)
+        body: dict[str, Any] = json.loads(response.data)
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _translate(exc, what) from exc
+    return body
+
+
 def _api_message(exc: ApiException) -> str:
     try:
         return str(json.loads(exc.body or "{}").get("message", exc.reason))
@@ -143,18 +155,9 @@ class KubernetesGatewayPair:
             "spec": {"resourceAttributes": attributes},
         }
         try:
-            response = self._authz.create_self_subject_access_review(
-                body,  # type: ignore[arg-type]  # a plain dict is serialised as-is
-                _preload_content=False,
-                _request_timeout=_TIMEOUT,
-            )
-            answer: dict[str, Any] = json.loads(response.data)  # type: ignore[attr-defined]
-        except ApiException as exc:
-            if exc.status in (401, 403, 404):
-                return None  # self-reviews are not allowed here: the writes themselves will tell
-            raise _translate(exc, f"access review ({check})") from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _translate(exc, f"access review ({check})") from exc
+            answer = _json_call(f"access review ({check})", self._authz.create_self_subject_access_review, body)
+        except (AccessDenied, ServiceNotFound):
+            return None  # self-reviews are not allowed here: the writes themselves will tell
         return bool(answer.get("status", {}).get("allowed"))
 
     def _access_refusal(self, policy: CanaryPolicy) -> str | None:
@@ -187,14 +190,7 @@ class KubernetesGatewayPair:
     # -- reading ---------------------------------------------------------------------------------
 
     def _read(self, ref: ServiceRef) -> dict[str, Any]:
-        try:
-            response = self._api.read_namespaced_service(
-                ref.name, ref.namespace, _preload_content=False, _request_timeout=_TIMEOUT
-            )
-            # _preload_content=False returns the raw urllib3 response, not a V1Service.
-            body: dict[str, Any] = json.loads(response.data)  # type: ignore[attr-defined]
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _translate(exc, f"read Service {ref}") from exc
+        body = _json_call(f"read Service {ref}", self._api.read_namespaced_service, ref.name, ref.namespace)
         self._uids[str(ref)] = str(body.get("metadata", {}).get("uid", ""))
         return body
 
