@@ -81,7 +81,7 @@ def _cmd_validate(paths: Sequence[str]) -> int:
     return 1 if errors else 0
 
 
-def _cmd_rbac(paths: Sequence[str], service_account: str) -> int:
+def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str | None) -> int:
     """Print the Roles and RoleBindings the policies need; refuse while any policy file is bad."""
     import yaml
 
@@ -101,7 +101,7 @@ def _cmd_rbac(paths: Sequence[str], service_account: str) -> int:
     if errors or not policies:
         print("no RBAC printed: fix the policy files first" if errors else "no policies found", file=sys.stderr)
         return 1
-    objects = controller_rbac((item.policy for item in policies), account)
+    objects = controller_rbac((item.policy for item in policies), account, state_namespace=state_namespace)
     print(f"# gateway-canary RBAC for {len(policies)} policy(ies); ServiceAccount {account}")
     print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
@@ -142,8 +142,10 @@ def _cmd_demo(speed: float, verbose: bool) -> int:
 
 
 def _cmd_run(policies: str | None, dry_run: bool) -> int:
-    from controller.adapters.dry_run import DryRunGatewayPair
-    from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
+    from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
+    from controller.adapters.kube_api import build_api_client
+    from controller.adapters.kube_state import KubernetesStateStore
+    from controller.adapters.kubernetes import KubernetesGatewayPair
     from controller.adapters.prometheus import PrometheusMetricsSource
     from controller.runtime.clock import SystemClock
     from controller.runtime.service import ControllerService
@@ -163,13 +165,14 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
-        real = KubernetesGatewayPair(
-            build_api_client(settings.kubeconfig, settings.kube_context), check_write_access=not settings.dry_run
-        )
+        api = build_api_client(settings.kubeconfig, settings.kube_context)
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
+    real = KubernetesGatewayPair(api, state_namespace=settings.namespace, check_write_access=not settings.dry_run)
+    real_store = KubernetesStateStore(api, settings.namespace)
     pair = DryRunGatewayPair(real) if settings.dry_run else real
+    store = DryRunStateStore(real_store) if settings.dry_run else real_store
     sources: dict[tuple[object, ...], PrometheusMetricsSource] = {}
 
     def metrics_for(policy: CanaryPolicy) -> PrometheusMetricsSource:
@@ -179,7 +182,7 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
             sources[key] = PrometheusMetricsSource(connection)
         return sources[key]
 
-    ControllerService(settings, pair=pair, metrics_for=metrics_for, clock=SystemClock()).run_forever()
+    ControllerService(settings, pair=pair, store=store, metrics_for=metrics_for, clock=SystemClock()).run_forever()
     return 0
 
 
@@ -203,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="gateway-canary/gateway-canary",
         help="NAMESPACE/NAME the controller runs as (default gateway-canary/gateway-canary)",
     )
+    rbac.add_argument(
+        "--state-namespace",
+        help="where the controller keeps its state objects (GATEWAY_CANARY_NAMESPACE; default: the account's)",
+    )
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _cmd_validate(args.paths)
@@ -211,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return _cmd_demo(args.speed, args.verbose)
     if args.command == "rbac":
-        return _cmd_rbac(args.paths, args.service_account)
+        return _cmd_rbac(args.paths, args.service_account, args.state_namespace)
     return _cmd_run(args.policies, args.dry_run)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.adapters.memory import InMemoryGatewayPair
+from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.alerts import Alert
 from controller.core.enums import GatewayRole, Measure, Phase
 from controller.core.results import RenderedQuery
@@ -129,6 +129,7 @@ def run_demo(
     """Climb, inject 5xx on the target once it reaches ``inject_at_weight``, expect a rollback."""
     started = time.monotonic()
     pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    store = InMemoryStateStore()
     gateways = SimulatedGateways(pair)
     notifier = CollectingNotifier(on_alert)
     with tempfile.TemporaryDirectory(prefix="gateway-canary-demo-") as tmp:
@@ -142,6 +143,7 @@ def run_demo(
         service = ControllerService(
             settings,
             pair=pair,
+            store=store,
             metrics_for=lambda policy: gateways,
             clock=CompressedClock(speed),
             time_scale=speed,
@@ -157,7 +159,8 @@ def run_demo(
                 weights = (pair.target_weight, pair.source_weight)
                 if weights != last_seen:
                     last_seen = weights
-                    phase = pair.state.phase.value if pair.state is not None else "-"
+                    state = store.state_of("demo-shop")
+                    phase = state.phase.value if state is not None else "-"
                     on_change(f"weights target={weights[0]} source={weights[1]} phase={phase}")
                 highest = max(highest, pair.target_weight or 0)
                 if injected_at is None and (pair.target_weight or 0) >= inject_at_weight:
@@ -169,10 +172,12 @@ def run_demo(
                 ):
                     gateways.error_ratio[GatewayRole.TARGET] = error_ratio
                     on_change(f"injecting {error_ratio:.0%} 5xx on the ASM gateway at weight {pair.target_weight}")
-                if pair.state is not None and pair.state.phase is Phase.ROLLED_BACK and notifier.received.is_set():
+                state = store.state_of("demo-shop")
+                if state is not None and state.phase is Phase.ROLLED_BACK and notifier.received.is_set():
                     break
                 time.sleep(0.02)
         finally:
             service.stop()
-    rolled_back = pair.state is not None and pair.state.phase is Phase.ROLLED_BACK and pair.target_weight == 0
+    final = store.state_of("demo-shop")
+    rolled_back = final is not None and final.phase is Phase.ROLLED_BACK and pair.target_weight == 0
     return DemoResult(rolled_back, highest, tuple(notifier.alerts), time.monotonic() - started)

@@ -6,6 +6,7 @@
     │   ├── ClusterUnavailable     connection refused, timeout, 5xx: try again next check
     │   ├── AccessDenied           401/403: the controller's RBAC does not cover the object
     │   ├── ServiceNotFound        404: a Service the policy names does not exist
+    │   ├── Conflict               409: the object changed since it was read (state object)
     │   └── WeightChangedExternally  someone else changed a weight annotation mid-write
     └── NotificationError          an alert receiver failed (retried, never blocks a rollback)
 
@@ -18,6 +19,7 @@ __all__ = [
     "AccessDenied",
     "ClusterError",
     "ClusterUnavailable",
+    "Conflict",
     "GatewayCanaryError",
     "MetricsUnavailable",
     "NotificationError",
@@ -48,6 +50,10 @@ class AccessDenied(ClusterError):
 
 class ServiceNotFound(ClusterError):
     """A Service named by a policy does not exist."""
+
+
+class Conflict(ClusterError):
+    """The object changed between reading and writing it (optimistic concurrency)."""
 
 
 class WeightChangedExternally(ClusterError):

@@ -16,7 +16,7 @@ from controller.core.results import RenderedQuery
 from controller.core.schedule import Weights
 from controller.core.state import RolloutState
 
-__all__ = ["Clock", "GatewayPair", "MetricsSource", "Notifier", "PairSnapshot"]
+__all__ = ["Clock", "GatewayPair", "MetricsSource", "Notifier", "PairSnapshot", "StateStore", "StoredState"]
 
 
 class Clock(Protocol):
@@ -39,47 +39,78 @@ class MetricsSource(Protocol):
 class PairSnapshot:
     """Both gateways' Services as read at the start of a tick.
 
-    ``refusal`` says why the policy must not act on them (missing CLB annotations, weight
-    updates disabled, unparsable weight); ``state_error`` why a stored state was unreadable.
-    ``versions`` is opaque to the caller: the adapter's optimistic-concurrency token.
+    ``refusal`` says why the policy must not raise weights on them (missing CLB annotations,
+    weight updates disabled, unparsable weight, a permission missing). ``versions`` is opaque to
+    the caller: the adapter's optimistic-concurrency token. ``legacy_state`` is version 1's state
+    annotation on the target, if it is still there.
     """
 
     target_weight: int | None
     source_weight: int | None
-    state: RolloutState | None
     refusal: str | None = None
-    state_error: str | None = None
     versions: tuple[str, str] = ("", "")
+    legacy_state: str | None = None
 
 
 class GatewayPair(Protocol):
-    """The weight actuator and state store for one policy's two Services.
-
-    The state is written in the same write as the target weight, so the two never disagree.
-    """
+    """The weight actuator for one policy's two Services: weights and Events, nothing else."""
 
     def observe(self, policy: CanaryPolicy) -> PairSnapshot:
         """Read both Services. Raises ClusterError."""
         ...
 
-    def apply(
+    def write_weights(
         self,
         policy: CanaryPolicy,
         seen: PairSnapshot,
-        weights: Weights | None,
-        state: RolloutState,
+        weights: Weights,
         *,
         force: bool = False,
+        drop_legacy_state: bool = False,
     ) -> None:
-        """Write the weights (if any) and the state; skip what is unchanged.
+        """Write the target's weight, then the source's (None: leave it); skip what already shows it.
 
         Raises WeightChangedExternally when a weight moved since ``seen`` (unless ``force``, used
-        by rollbacks, which always win), or another ClusterError.
+        by rollbacks, which always win), or another ClusterError. ``drop_legacy_state`` removes
+        version 1's state annotation in the same patch as the target's weight.
         """
+        ...
+
+    def drop_legacy_state(self, policy: CanaryPolicy, seen: PairSnapshot) -> None:
+        """Remove version 1's state annotation on its own (a finished rollout). Raises ClusterError."""
         ...
 
     def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
         """Emit a Kubernetes Event on the target (or log it where there is no cluster)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """A policy's state as read from its store.
+
+    ``version`` is the store's concurrency token ("" when nothing is stored yet); ``error`` says
+    why what is stored (kept in ``raw``) could not be read.
+    """
+
+    state: RolloutState | None
+    version: str = ""
+    error: str | None = None
+    raw: str | None = None
+
+
+class StateStore(Protocol):
+    """Where a policy's RolloutState lives between ticks: one object per policy."""
+
+    def load(self, policy: CanaryPolicy) -> StoredState:
+        """Read the stored state (never raises for what is stored; raises ClusterError)."""
+        ...
+
+    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
+        """Replace ``previous`` with ``state``. Raises Conflict if it changed since, or ClusterError.
+
+        An unreadable ``previous`` is kept beside the new state for an operator to look at.
+        """
         ...
 
 

@@ -28,6 +28,17 @@ class LogFormat(enum.StrEnum):
     CONSOLE = "console"
 
 
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _pod_namespace() -> str:
+    """The namespace the pod runs in (mounted with its service account), else gateway-canary."""
+    try:
+        return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "gateway-canary"
+    except OSError:
+        return "gateway-canary"
+
+
 class Settings(BaseSettings):
     """Controller settings. Every field is ``GATEWAY_CANARY_<FIELD>`` in the environment."""
 
@@ -45,6 +56,15 @@ class Settings(BaseSettings):
     prometheus_timeout_seconds: float = Field(default=5.0, gt=0)
 
     kubeconfig: Path | None = Field(default=None, description="unset: in-cluster config, then ~/.kube/config")
+    namespace: str = Field(
+        default_factory=_pod_namespace,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="where the state objects live; unset: the pod's namespace, else gateway-canary",
+    )
+    unhealthy_after_seconds: float = Field(
+        default=300.0, gt=0, description="/healthz fails once a policy's ticks have kept failing this long"
+    )
     kube_context: str | None = None
     dry_run: bool = Field(default=False, description="log intended writes, write nothing")
 

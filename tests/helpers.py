@@ -12,7 +12,7 @@ from controller.core.results import CheckResult, GateResult, GatewaySamples, Que
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
-def make_policy(**spec_overrides: Any) -> CanaryPolicy:
+def make_policy(name: str = "shop", **spec_overrides: Any) -> CanaryPolicy:
     """A valid policy; top-level spec keys can be replaced."""
     spec: dict[str, Any] = {
         "source": {"service": "istio-system/istio-ingressgateway"},
@@ -22,7 +22,7 @@ def make_policy(**spec_overrides: Any) -> CanaryPolicy:
         "gates": {"errorRate": {"max": 0.01}},
     }
     spec.update(spec_overrides)
-    return CanaryPolicy.model_validate({"metadata": {"name": "shop"}, "spec": spec})
+    return CanaryPolicy.model_validate({"metadata": {"name": name}, "spec": spec})
 
 
 def at(seconds: float) -> datetime:
@@ -30,18 +30,31 @@ def at(seconds: float) -> datetime:
 
 
 def check(
-    verdict: Verdict, cause: InconclusiveCause | None = None, starved: tuple[GatewayRole, ...] = ()
+    verdict: Verdict,
+    cause: InconclusiveCause | None = None,
+    starved: tuple[GatewayRole, ...] = (),
+    *,
+    baseline: Verdict = Verdict.PASS,
 ) -> CheckResult:
+    """A check with one gate; ``baseline`` says whether the source was a real baseline (R7)."""
     gate = GateResult(
         gate="errorRate", verdict=verdict, reason=f"errorRate {verdict.value}", value=0.5, threshold=0.01, cause=cause
     )
-    return CheckResult(verdict=verdict, gates=(gate,), reason=gate.reason, cause=cause, starved=starved)
+    base = GateResult(gate="baseline", verdict=baseline, reason=f"baseline: {baseline.value}", threshold=50.0)
+    return CheckResult(verdict=verdict, gates=(gate,), reason=gate.reason, cause=cause, starved=starved, baseline=base)
 
 
 PASS = check(Verdict.PASS)
 FAIL = check(Verdict.FAIL)
 TARGET_QUIET = check(Verdict.INCONCLUSIVE, InconclusiveCause.TOO_FEW_REQUESTS, (GatewayRole.TARGET,))
-PROM_DOWN = check(Verdict.INCONCLUSIVE, InconclusiveCause.METRICS_UNAVAILABLE)
+#: the target is quiet (weight 0) and the source's queries errored: looks "ready" but is not (R7)
+SOURCE_ERRORING = check(
+    Verdict.INCONCLUSIVE,
+    InconclusiveCause.TOO_FEW_REQUESTS,
+    (GatewayRole.TARGET,),
+    baseline=Verdict.INCONCLUSIVE,
+)
+PROM_DOWN = check(Verdict.INCONCLUSIVE, InconclusiveCause.METRICS_UNAVAILABLE, baseline=Verdict.INCONCLUSIVE)
 NO_DATA = check(Verdict.INCONCLUSIVE, InconclusiveCause.NO_DATA)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import requests
 
 from controller.core.policy import CanaryPolicy, ServiceRef
-from controller.rbac import ROLE_NAME, controller_rbac
+from controller.rbac import ROLE_NAME, controller_rbac, state_object_name
 from tests.helpers import make_policy
 from tests.servers import LB_ID, VGROUP, WEIGHT, ManagedProcess, free_port, wait_for
 
@@ -93,7 +93,7 @@ omitStages: [RequestReceived]
 rules:
   - level: Request
     verbs: [create, patch, update, delete]
-    resources: [{group: "", resources: [services, events]}]
+    resources: [{group: "", resources: [services, events, configmaps]}]
   - level: None
 """
 
@@ -302,9 +302,11 @@ class Cluster:
         self.add_service(TARGET, {**CLB, WEIGHT: target_weight}, **target_metadata)
         self.add_service(SOURCE, {**CLB, WEIGHT: source_weight})
 
-    def policy(self, source: str = SOURCE, target: str = TARGET, **spec: Any) -> CanaryPolicy:
+    def policy(self, source: str = SOURCE, target: str = TARGET, name: str = "shop", **spec: Any) -> CanaryPolicy:
         """A valid policy for Services in this namespace (``tests.helpers.make_policy`` otherwise)."""
-        return make_policy(source={"service": f"{self.ns}/{source}"}, target={"service": f"{self.ns}/{target}"}, **spec)
+        return make_policy(
+            name, source={"service": f"{self.ns}/{source}"}, target={"service": f"{self.ns}/{target}"}, **spec
+        )
 
     def target_share(self) -> float:
         """The ASM gateway's share of the CLB's traffic at the Services' current weights."""
@@ -355,6 +357,19 @@ class Cluster:
             if name == service and annotation in body.get("metadata", {}).get("annotations", {})
         ]
 
+    def state(self, policy: str = "shop") -> dict[str, Any] | None:
+        """The policy's state object as stored (decoded JSON), None when there is none."""
+        answer = self.plane.call(
+            "GET", f"/api/v1/namespaces/{self.ns}/configmaps/{state_object_name(policy)}", ok=(200, 404)
+        )
+        if answer.get("kind") != "ConfigMap":
+            return None
+        return dict(json.loads(answer["data"]["state"]))
+
+    def service_patches(self) -> list[dict[str, Any]]:
+        """The annotation maps of every Service patch the controller got accepted."""
+        return [dict(body.get("metadata", {}).get("annotations", {})) for _, body in self.patches]
+
     # -- the controller's identity -------------------------------------------------------------------
 
     def grant(self, *policies: CanaryPolicy) -> None:
@@ -367,6 +382,14 @@ class Cluster:
         for policy in policies:  # RBAC reads its objects through a watch: wait until it has seen them
             for ref in (policy.spec.target.service, policy.spec.source.service):
                 self.wait_until_allowed("patch", ref, allowed=True)
+
+    def state_rules(self, *policies: str) -> list[dict[str, Any]]:
+        """The Role rules for the policies' state objects (for narrowed Roles that keep them)."""
+        names = sorted(state_object_name(policy) for policy in policies or ("shop",))
+        return [
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": names, "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        ]
 
     def set_rules(self, rules: list[dict[str, Any]]) -> None:
         """Replace the controller's Role with these rules (for identities narrower than documented)."""

@@ -1,239 +1,445 @@
-"""The pure rollout decision, driven with injected time: each rule of controller.core.decision."""
+"""The pure rollout decision, driven with injected time: each rule of controller.core.decision.
+
+``Rollout`` plays the runner's part without I/O: it feeds checks at given times, writes what a
+decision asks (completing the intent, as the runner's step 4 does) and keeps the weights the
+Services would show. Tests named ``test_r<N>_...`` guard rule R<N> of the module docstring.
+"""
 
 from __future__ import annotations
 
-from controller.core.decision import Action, Observation, decide, initial_state
-from controller.core.enums import AlertKind, Command, Phase, Severity
+import itertools
+from dataclasses import dataclass, field
+
+from controller.core.decision import Action, Decision, Observation, decide, initial_state, recovered_state
+from controller.core.enums import AlertKind, Command, InconclusiveCause, Phase, Severity
+from controller.core.policy import CanaryPolicy
+from controller.core.results import CheckResult
 from controller.core.state import RolloutState
-from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, TARGET_QUIET, at, make_policy
+from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, TARGET_QUIET, at, make_policy
 
-POLICY = make_policy()
-
-
-def start(policy=POLICY) -> RolloutState:
-    state = initial_state(policy, Observation(0, 100), at(0))
-    decision = decide(policy, state, Observation(0, 100, TARGET_QUIET), at(0))
-    assert decision.action is Action.START
-    return decision.state
+POLICY = make_policy()  # steps [10, 50, 100], bake 5m, interval 30s, failureThreshold 2
 
 
-def run(policy, state, weights, result, t, command=None):
-    return decide(policy, state, Observation(weights[0], weights[1], result, command), at(t))
+@dataclass
+class Rollout:
+    """A policy's state and the Services' weights, advanced one decision at a time."""
+
+    policy: CanaryPolicy
+    state: RolloutState
+    target: int | None = 0
+    source: int | None = 100
+    decisions: list[Decision] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, policy: CanaryPolicy = POLICY, target: int = 0, source: int = 100) -> Rollout:
+        return cls(policy, initial_state(policy, Observation(target, source), at(0)), target, source)
+
+    def tick(
+        self,
+        check: CheckResult | None,
+        t: float,
+        *,
+        command: Command | None = None,
+        refusal: str | None = None,
+        write: bool = True,
+    ) -> Decision:
+        decision = decide(
+            self.policy, self.state, Observation(self.target, self.source, check, command, refusal), at(t)
+        )
+        self.decisions.append(decision)
+        self.state = decision.state
+        if decision.weights is not None and write:
+            self.target = decision.weights.target
+            if decision.weights.source is not None:
+                self.source = decision.weights.source
+            self.state = self.state.evolve(pending=None)
+        return decision
+
+    def every(self, check: CheckResult, start: float, end: float, step: float = 30) -> list[Decision]:
+        t, out = start, []
+        while t <= end:
+            out.append(self.tick(check, t))
+            t += step
+        return out
+
+
+def started(policy: CanaryPolicy = POLICY) -> Rollout:
+    rollout = Rollout.fresh(policy)
+    assert rollout.tick(TARGET_QUIET, 0).action is Action.START
+    return rollout
+
+
+def kinds(decision: Decision) -> list[AlertKind]:
+    return [notice.kind for notice in decision.notices]
+
+
+# --- starting --------------------------------------------------------------------------------------
 
 
 def test_pending_starts_at_first_step_when_only_the_target_is_quiet() -> None:
-    state = initial_state(POLICY, Observation(0, 100), at(0))
-    assert state.phase is Phase.PENDING
-    decision = decide(POLICY, state, Observation(0, 100, TARGET_QUIET), at(0))
-    assert decision.action is Action.START
+    rollout = Rollout.fresh()
+    assert rollout.state.phase is Phase.PENDING
+    decision = rollout.tick(TARGET_QUIET, 0)
+    assert decision.action is Action.START and decision.transition
     assert (decision.weights.target, decision.weights.source) == (10, 90)
     assert decision.state.phase is Phase.PROGRESSING
-    assert decision.transition
+    assert decision.state.pending is not None and decision.state.pending.from_target == 0  # the intent
 
 
 def test_pending_never_starts_while_prometheus_is_unreachable() -> None:
-    state = initial_state(POLICY, Observation(0, 100), at(0))
-    for t in range(0, 3000, 30):
-        decision = decide(POLICY, state, Observation(0, 100, PROM_DOWN), at(t))
+    rollout = Rollout.fresh()
+    for decision in rollout.every(PROM_DOWN, 0, 3000):
         assert decision.weights is None
-        state = decision.state
-    assert state.phase is Phase.PENDING
+    assert rollout.state.phase is Phase.PENDING
 
 
-def test_advances_only_after_bake_and_on_a_passing_check() -> None:
-    state = start()
-    # passing checks before the bake time: stay
-    for t in (30, 60, 290):
-        decision = run(POLICY, state, (10, 90), PASS, t)
-        assert decision.weights is None, t
-        state = decision.state
-    # bake elapsed, but this check is inconclusive: stay (fresh evidence needed)
-    decision = run(POLICY, state, (10, 90), NO_DATA, 301)
-    assert decision.weights is None
-    state = decision.state
-    decision = run(POLICY, state, (10, 90), PASS, 330)
-    assert decision.action is Action.ADVANCE
-    assert (decision.weights.target, decision.weights.source) == (50, 50)
-    assert decision.state.step_started_at == at(330)
+def test_r7_an_erroring_source_is_no_baseline_to_start_against() -> None:
+    rollout = Rollout.fresh()
+    for decision in rollout.every(SOURCE_ERRORING, 0, 600):
+        assert decision.weights is None
+        assert "baseline" in decision.reason
+    assert rollout.tick(TARGET_QUIET, 630).action is Action.START
 
 
-def test_a_failed_check_below_threshold_restarts_the_bake() -> None:
-    state = start()
-    state = run(POLICY, state, (10, 90), PASS, 30).state
-    failed = run(POLICY, state, (10, 90), FAIL, 200)
+# --- baking and advancing (R4) -----------------------------------------------------------------------
+
+
+def test_r4_advances_only_once_passing_checks_cover_the_bake() -> None:
+    rollout = started()
+    for decision in rollout.every(PASS, 30, 300):  # covered: 270 s of the 300 s bake
+        assert decision.weights is None
+    assert rollout.state.covered_seconds == 270
+    decision = rollout.tick(PASS, 330)
+    assert decision.action is Action.ADVANCE and (decision.weights.target, decision.weights.source) == (50, 50)
+    assert decision.state.covered_seconds == 0 and decision.state.step_started_at == at(330)
+
+
+def test_r4_one_pass_after_a_long_gap_is_not_a_bake() -> None:
+    rollout = started()
+    rollout.tick(PASS, 30)
+    assert rollout.tick(PASS, 3600).weights is None  # the controller was down an hour: nothing covered
+    assert rollout.state.covered_seconds == 0
+    rollout.every(PASS, 3630, 3870)
+    assert rollout.state.target_weight == 10  # 240 s covered since the gap
+    assert rollout.tick(PASS, 3900).action is Action.ADVANCE
+
+
+def test_r4_inconclusive_time_does_not_count_and_a_pass_after_an_outage_does_not_advance() -> None:
+    rollout = started()
+    rollout.every(PASS, 30, 150)  # 120 s covered
+    rollout.every(PROM_DOWN, 180, 480)  # five minutes of Prometheus outage
+    assert rollout.state.covered_seconds == 120
+    assert rollout.tick(PASS, 510).weights is None  # the first pass after it restarts the run, adds nothing
+    assert rollout.state.covered_seconds == 120
+    rollout.every(PASS, 540, 660)
+    assert rollout.state.covered_seconds == 270
+    assert rollout.tick(PASS, 690).action is Action.ADVANCE
+
+
+def test_a_failed_check_below_threshold_empties_the_bake() -> None:
+    rollout = started()
+    rollout.every(PASS, 30, 210)
+    failed = rollout.tick(FAIL, 240)
     assert failed.action is Action.HOLD and failed.weights is None
-    assert failed.state.consecutive_failures == 1
-    state = run(POLICY, failed.state, (10, 90), PASS, 310).state  # 5m after start but not after the FAIL
-    assert state.target_weight == 10
-    decision = run(POLICY, state, (10, 90), PASS, 200 + 300)
-    assert decision.action is Action.ADVANCE
-
-
-def test_rolls_back_on_consecutive_failures_and_alerts_critical() -> None:
-    state = start()
-    state = run(POLICY, state, (10, 90), FAIL, 30).state
-    decision = run(POLICY, state, (10, 90), FAIL, 35)
-    assert decision.action is Action.ROLLBACK
-    assert (decision.weights.target, decision.weights.source) == (0, 100)
-    assert decision.state.phase is Phase.ROLLED_BACK
-    assert decision.alert is AlertKind.ROLLED_BACK and decision.severity is Severity.CRITICAL
-
-
-def test_inconclusive_neither_breaks_nor_extends_a_failure_run() -> None:
-    state = start()
-    state = run(POLICY, state, (10, 90), FAIL, 30).state
-    state = run(POLICY, state, (10, 90), PROM_DOWN, 60).state
-    assert state.consecutive_failures == 1
-    decision = run(POLICY, state, (10, 90), FAIL, 90)
-    assert decision.action is Action.ROLLBACK
-    # ...but a PASS resets it
-    state = start()
-    state = run(POLICY, state, (10, 90), FAIL, 30).state
-    state = run(POLICY, state, (10, 90), PASS, 60).state
-    assert run(POLICY, state, (10, 90), FAIL, 90).action is Action.HOLD
-
-
-def test_inconclusive_hold_warns_once_and_never_moves_weights() -> None:
-    policy = make_policy(analysis={"onMissingData": {"action": "hold", "afterChecks": 3}})
-    state = start(policy)
-    alerts = []
-    for i in range(10):
-        decision = run(policy, state, (10, 90), NO_DATA, 30 * (i + 1))
-        assert decision.weights is None
-        alerts.append(decision.alert)
-        state = decision.state
-    assert alerts.count(AlertKind.STUCK_INCONCLUSIVE) == 1
-    assert alerts.index(AlertKind.STUCK_INCONCLUSIVE) == 2
-
-
-def test_inconclusive_rollback_action_rolls_back_at_its_limit() -> None:
-    policy = make_policy(analysis={"onMetricsUnavailable": {"action": "rollback", "afterChecks": 2}})
-    state = start(policy)
-    state = run(policy, state, (10, 90), PROM_DOWN, 30).state
-    decision = run(policy, state, (10, 90), PROM_DOWN, 60)
-    assert decision.action is Action.ROLLBACK
-    assert "MetricsUnavailable" in decision.reason
+    assert failed.state.consecutive_failures == 1 and failed.state.covered_seconds == 0
+    rollout.every(PASS, 270, 540)
+    assert rollout.state.target_weight == 10  # 270 s covered since the failure
+    assert rollout.tick(PASS, 570).action is Action.ADVANCE
 
 
 def test_final_step_promotes_to_100_and_0() -> None:
     policy = make_policy(schedule={"steps": [50], "bakeTime": "1m"})
-    state = start(policy)
-    decision = run(policy, state, (50, 50), PASS, 61)
+    rollout = started(policy)
+    rollout.every(PASS, 30, 60)
+    decision = rollout.tick(PASS, 90)
     assert decision.action is Action.PROMOTE
     assert (decision.weights.target, decision.weights.source) == (100, 0)
-    assert decision.alert is AlertKind.PROMOTED
-    assert run(policy, decision.state, (100, 0), FAIL, 90).weights is None  # promoted is final
+    assert kinds(decision) == [AlertKind.PROMOTED]
 
 
-def test_rolled_back_stays_until_retry_or_policy_change() -> None:
-    state = start()
-    state = run(POLICY, state, (10, 90), FAIL, 30).state
-    state = run(POLICY, state, (10, 90), FAIL, 31).state
-    assert state.phase is Phase.ROLLED_BACK
+def test_adopts_an_existing_weight_and_bakes_before_raising() -> None:
+    rollout = Rollout.fresh(target=10, source=90)
+    assert rollout.state.phase is Phase.PROGRESSING and rollout.state.target_weight == 10
+    assert rollout.tick(PASS, 0).weights is None
+    rollout.every(PASS, 30, 270)
+    assert rollout.tick(PASS, 300).weights.target == 50
+
+
+# --- rolling back (R1, R2) ------------------------------------------------------------------------------
+
+
+def test_rolls_back_on_consecutive_failures_and_alerts_critical() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    decision = rollout.tick(FAIL, 45)
+    assert decision.action is Action.ROLLBACK and decision.force
+    assert (decision.weights.target, decision.weights.source) == (0, 100)
+    assert decision.state.phase is Phase.ROLLED_BACK
+    assert [(n.kind, n.severity) for n in decision.notices] == [(AlertKind.ROLLED_BACK, Severity.CRITICAL)]
+
+
+def test_inconclusive_neither_breaks_nor_extends_a_failure_run() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    rollout.tick(PROM_DOWN, 60)
+    assert rollout.state.consecutive_failures == 1
+    assert rollout.tick(FAIL, 90).action is Action.ROLLBACK
+    rollout = started()  # ...but a PASS resets it
+    rollout.tick(FAIL, 30)
+    rollout.tick(PASS, 60)
+    assert rollout.tick(FAIL, 90).action is Action.HOLD
+
+
+def test_r1_a_failing_check_is_judged_while_a_raise_is_half_written() -> None:
+    """The source patch of a raise failed: every later tick must still count the check."""
+    rollout = started()
+    rollout.every(PASS, 30, 300)
+    raised = rollout.tick(PASS, 330, write=False)  # decided 50/50, intent recorded...
+    assert raised.action is Action.ADVANCE
+    rollout.target = 50  # ...the target patch landed, the source patch did not
+    first = rollout.tick(FAIL, 360, write=False)  # completing would raise the share: held, but counted
+    assert first.action is Action.HOLD and first.weights is None and first.state.consecutive_failures == 1
+    second = rollout.tick(FAIL, 375, write=False)
+    assert second.action is Action.ROLLBACK, "a half-written raise must not shield a failing target"
+    assert (second.weights.target, second.weights.source) == (0, 100)
+
+
+def test_r1_an_unfinished_raise_is_completed_only_on_a_passing_check() -> None:
+    rollout = started()
+    rollout.every(PASS, 30, 300)
+    rollout.tick(PASS, 330, write=False)
+    held = rollout.tick(PROM_DOWN, 360)  # crash before any patch: nothing visible yet, Prometheus down
+    assert held.action is Action.HOLD and held.weights is None and held.state.pending is not None
+    completed = rollout.tick(PASS, 390)
+    assert completed.action is Action.COMPLETE_WRITE and (rollout.target, rollout.source) == (50, 50)
+
+
+def test_r2_a_rollback_not_yet_written_is_retried_and_a_pass_does_not_cancel_it() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    decided = rollout.tick(FAIL, 45, write=False)  # the patches failed (403, 409, a crash)
+    assert decided.action is Action.ROLLBACK and decided.state.pending.rollback
+    for t in (60, 90, 120):
+        again = rollout.tick(PASS, t, write=False)
+        assert again.action is Action.ROLLBACK and again.force
+        assert again.notices == () and not again.transition  # told once, when it was decided
+    rollout.target = 0  # the target patch lands, the source still shows 90
+    again = rollout.tick(PASS, 150)
+    assert again.action is Action.ROLLBACK and (rollout.target, rollout.source) == (0, 100)
+    assert rollout.tick(None, 180).action is Action.NONE and rollout.state.pending is None
+
+
+def test_r2_nothing_else_is_written_while_a_rollback_is_pending() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    rollout.tick(FAIL, 45, write=False)
+    changed = make_policy(schedule={"steps": [5, 100], "bakeTime": 0})
+    for command in (None, Command.RETRY, Command.RESUME):
+        rollout.policy = changed
+        decision = rollout.tick(PASS, 60, command=command, write=False)
+        assert decision.action is Action.ROLLBACK and decision.weights.target == 0
+
+
+def test_inconclusive_rollback_action_rolls_back_at_its_limit() -> None:
+    policy = make_policy(analysis={"onMetricsUnavailable": {"action": "rollback", "afterChecks": 2}})
+    rollout = started(policy)
+    rollout.tick(PROM_DOWN, 30)
+    decision = rollout.tick(PROM_DOWN, 60)
+    assert decision.action is Action.ROLLBACK and "MetricsUnavailable" in decision.reason
+
+
+# --- refusals (R3) ---------------------------------------------------------------------------------------
+
+
+def test_r3_a_refusal_stops_raising_never_the_rollback_and_is_reported_once() -> None:
+    refusal = "alerts[0].urlFromEnv: environment variable PAGER_URL is not set"
+    rollout = started()
+    rollout.every(PASS, 30, 300)
+    first = rollout.tick(PASS, 330, refusal=refusal)
+    assert first.weights is None and "not raising" in first.reason
+    assert kinds(first) == [AlertKind.POLICY_REFUSED]
+    for t in (360, 390):
+        assert rollout.tick(PASS, t, refusal=refusal).notices == ()  # once, not every tick
+    rollout.tick(FAIL, 420, refusal=refusal)
+    decision = rollout.tick(FAIL, 435, refusal=refusal)
+    assert decision.action is Action.ROLLBACK and rollout.target == 0
+    assert rollout.state.refusal == refusal
+
+
+def test_r3_a_refused_policy_does_not_start() -> None:
+    rollout = Rollout.fresh()
+    decision = rollout.tick(TARGET_QUIET, 0, refusal="Service x lacks the CLB id")
+    assert decision.weights is None and rollout.state.phase is Phase.PENDING
+    assert rollout.tick(TARGET_QUIET, 30).action is Action.START  # once the refusal is gone
+
+
+# --- terminal phases and unreadable state (R5) --------------------------------------------------------
+
+
+def test_r5_rolled_back_stays_until_retry_or_policy_change() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    rollout.tick(FAIL, 31)
+    assert rollout.state.phase is Phase.ROLLED_BACK
     for t in (60, 90, 5000):
-        assert run(POLICY, state, (0, 100), PASS, t).weights is None
-    retried = run(POLICY, state, (0, 100), None, 6000, Command.RETRY)
+        assert rollout.tick(PASS, t).weights is None
+    rolled = rollout.state
+    retried = rollout.tick(None, 6000, command=Command.RETRY)
     assert retried.state.phase is Phase.PENDING
     changed = make_policy(gates={"errorRate": {"max": 0.02}})
-    decision = run(changed, state, (0, 100), PASS, 6000)
-    assert decision.state.phase is Phase.PENDING
-    assert decision.state.fingerprint == changed.rollout_fingerprint()
+    decision = decide(changed, rolled, Observation(0, 100, PASS), at(6000))
+    assert decision.state.phase is Phase.PENDING and decision.state.fingerprint == changed.rollout_fingerprint()
 
 
-def test_policy_change_keeps_weight_and_restarts_bake() -> None:
-    state = start()
-    state = run(POLICY, state, (10, 90), PASS, 290).state
-    changed = make_policy(schedule={"steps": [10, 20, 100], "bakeTime": "5m"})
-    decision = run(changed, state, (10, 90), PASS, 310)
-    assert decision.action is Action.RESTART_BAKE and decision.weights is None
-    assert decision.state.step_started_at == at(310)
-    advanced = run(changed, decision.state, (10, 90), PASS, 611)
-    assert advanced.weights.target == 20
+def test_r5_a_weight_edit_after_promotion_is_reported_once_and_never_rolls_back() -> None:
+    policy = make_policy(schedule={"steps": [50], "bakeTime": 0})
+    rollout = started(policy)
+    assert rollout.tick(PASS, 30).action is Action.PROMOTE and rollout.state.phase is Phase.PROMOTED
+    rollout.target, rollout.source = 90, 10  # someone shifts a little traffic back
+    seen = rollout.tick(None, 60)
+    assert kinds(seen) == [AlertKind.WEIGHT_CHANGED_EXTERNALLY] and seen.weights is None
+    assert rollout.state.phase is Phase.PROMOTED
+    for t in (90, 120, 150):
+        decision = rollout.tick(FAIL, t)
+        assert decision.weights is None and decision.notices == ()
+    assert rollout.state.phase is Phase.PROMOTED and rollout.target == 90
+
+
+def test_r5_an_unreadable_state_holds_at_the_weights_seen_and_keeps_the_rollback_armed() -> None:
+    # a rolled-back rollout whose state got corrupted: never a Start
+    state = recovered_state(POLICY, Observation(0, 100), at(0), "not JSON")
+    rollout = Rollout(POLICY, state)
+    for t in (0, 30, 60, 90):
+        assert rollout.tick(TARGET_QUIET, t).weights is None
+    assert rollout.state.phase is Phase.PAUSED
+    # a live rollout at 50 whose state got corrupted: a failing target still goes to 0
+    live = Rollout(POLICY, recovered_state(POLICY, Observation(50, 50), at(0), "future version"), 50, 50)
+    live.tick(FAIL, 30)
+    assert live.tick(FAIL, 60).action is Action.ROLLBACK and live.target == 0
 
 
 def test_weight_changed_by_someone_else_pauses_and_is_reported() -> None:
-    state = start()
-    decision = run(POLICY, state, (40, 60), PASS, 30)
+    rollout = started()
+    rollout.target, rollout.source = 40, 60
+    decision = rollout.tick(PASS, 30)
     assert decision.action is Action.PAUSE and decision.weights is None
-    assert decision.alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY
+    assert kinds(decision) == [AlertKind.WEIGHT_CHANGED_EXTERNALLY]
     assert decision.state.target_weight == 40
-    # paused: no advancing however long it passes, but rollback stays armed
-    state = decision.state
-    assert run(POLICY, state, (40, 60), PASS, 5000).weights is None
-    state = run(POLICY, state, (40, 60), FAIL, 5030).state
-    assert run(POLICY, state, (40, 60), FAIL, 5060).action is Action.ROLLBACK
+    assert rollout.tick(PASS, 5000).weights is None  # paused: no advancing, rollback armed
+    rollout.tick(FAIL, 5030)
+    assert rollout.tick(FAIL, 5060).action is Action.ROLLBACK
+
+
+def test_an_unfinished_source_write_is_completed_not_mistaken_for_a_human() -> None:
+    rollout = Rollout.fresh()
+    rollout.tick(TARGET_QUIET, 0, write=False)
+    rollout.target = 10  # the target patch landed, the source patch did not
+    completing = rollout.tick(PASS, 30)
+    assert completing.action is Action.COMPLETE_WRITE and completing.notices == ()
+    assert (rollout.target, rollout.source) == (10, 90)
+    judged = rollout.tick(FAIL, 60)
+    assert judged.state.pending is None and judged.state.consecutive_failures == 1
+    other = Rollout.fresh()  # a different source value is someone else's edit
+    other.tick(TARGET_QUIET, 0, write=False)
+    other.target, other.source = 10, 70
+    assert kinds(other.tick(PASS, 30)) == [AlertKind.WEIGHT_CHANGED_EXTERNALLY]
+
+
+def test_a_source_without_a_weight_annotation_is_completed_not_taken_for_an_edit() -> None:
+    rollout = Rollout(POLICY, initial_state(POLICY, Observation(0, None), at(0)), 0, None)
+    rollout.tick(TARGET_QUIET, 0, write=False)
+    rollout.target = 10  # the source (no annotation before) was not written yet
+    decision = rollout.tick(PASS, 30)
+    assert decision.action is Action.COMPLETE_WRITE and rollout.source == 90
+    assert AlertKind.WEIGHT_CHANGED_EXTERNALLY not in kinds(decision)
+
+
+# --- inconclusive counters (R6) ------------------------------------------------------------------------
+
+
+def test_r6_each_inconclusive_cause_has_its_own_counter_and_limit() -> None:
+    policy = make_policy(
+        analysis={
+            "onMissingData": {"action": "hold", "afterChecks": 10},
+            "onMetricsUnavailable": {"action": "rollback", "afterChecks": 5},
+        }
+    )
+    rollout = started(policy)
+    for t in range(30, 150, 30):
+        rollout.tick(NO_DATA, t)  # four no-data checks
+    decision = rollout.tick(PROM_DOWN, 150)  # ...and one Prometheus error: not five of one cause
+    assert decision.action is not Action.ROLLBACK
+    assert rollout.state.inconclusive_count(InconclusiveCause.NO_DATA) == 4
+    assert rollout.state.inconclusive_count(InconclusiveCause.METRICS_UNAVAILABLE) == 1
+    for t in range(180, 300, 30):
+        rollout.tick(PROM_DOWN, t)
+    assert rollout.state.phase is Phase.ROLLED_BACK
+
+
+def test_inconclusive_hold_warns_once_and_never_moves_weights() -> None:
+    policy = make_policy(analysis={"onMissingData": {"action": "hold", "afterChecks": 3}})
+    rollout = started(policy)
+    alerts = []
+    for i in range(10):
+        decision = rollout.tick(NO_DATA, 30 * (i + 1))
+        assert decision.weights is None
+        alerts.append(kinds(decision))
+    assert alerts.count([AlertKind.STUCK_INCONCLUSIVE]) == 1
+    assert alerts.index([AlertKind.STUCK_INCONCLUSIVE]) == 2
+
+
+# --- commands, policy changes, modes ------------------------------------------------------------------
+
+
+def test_policy_change_keeps_weight_and_restarts_bake() -> None:
+    rollout = started()
+    rollout.every(PASS, 30, 270)
+    rollout.policy = make_policy(schedule={"steps": [10, 20, 100], "bakeTime": "5m"})
+    decision = rollout.tick(PASS, 300)
+    assert decision.action is Action.RESTART_BAKE and decision.weights is None
+    assert decision.state.step_started_at == at(300) and decision.state.covered_seconds == 0
+    rollout.every(PASS, 330, 600)
+    assert rollout.tick(PASS, 630).weights.target == 20
+
+
+def test_a_policy_change_continues_a_paused_rollout() -> None:
+    rollout = started()
+    rollout.target, rollout.source = 40, 60
+    assert rollout.tick(PASS, 30).state.phase is Phase.PAUSED
+    rollout.policy = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": "1m"})
+    decision = rollout.tick(PASS, 60)
+    assert decision.state.phase is Phase.PROGRESSING and decision.weights is None
+    rollout.every(PASS, 90, 120)
+    assert rollout.tick(PASS, 150).weights.target == 50
+
+
+def test_abort_and_pause_resume_commands() -> None:
+    rollout = started()
+    assert rollout.tick(None, 10, command=Command.PAUSE).state.phase is Phase.PAUSED
+    resumed = rollout.tick(None, 20, command=Command.RESUME).state
+    assert resumed.phase is Phase.PROGRESSING and resumed.step_started_at == at(20)
+    aborted = rollout.tick(None, 30, command=Command.ABORT)
+    assert aborted.action is Action.ROLLBACK and aborted.weights.target == 0
 
 
 def test_target_only_mode_leaves_source_and_never_both_zero() -> None:
     policy = make_policy(schedule={"steps": [10, 100], "bakeTime": "1m", "weightMode": "target-only"})
-    state = initial_state(policy, Observation(0, 0), at(0))
-    started = decide(policy, state, Observation(0, 0, TARGET_QUIET), at(0))
-    assert started.weights.source is None
-    state = run(policy, started.state, (10, 0), FAIL, 10).state
-    decision = run(policy, state, (10, 0), FAIL, 20)
+    rollout = Rollout.fresh(policy, target=0, source=0)
+    assert rollout.tick(TARGET_QUIET, 0).weights.source is None
+    rollout.tick(FAIL, 10)
+    decision = rollout.tick(FAIL, 20)
     assert decision.action is Action.ROLLBACK
     assert (decision.weights.target, decision.weights.source) == (0, 100)
 
 
-def test_adopts_an_existing_weight_and_bakes_before_raising() -> None:
-    state = initial_state(POLICY, Observation(10, 90), at(0))
-    assert state.phase is Phase.PROGRESSING and state.target_weight == 10
-    assert run(POLICY, state, (10, 90), PASS, 100).weights is None
-    assert run(POLICY, state, (10, 90), PASS, 301).weights.target == 50
-
-
-def test_abort_and_pause_resume_commands() -> None:
-    state = start()
-    paused = run(POLICY, state, (10, 90), None, 10, Command.PAUSE).state
-    assert paused.phase is Phase.PAUSED
-    resumed = run(POLICY, paused, (10, 90), None, 20, Command.RESUME).state
-    assert resumed.phase is Phase.PROGRESSING and resumed.step_started_at == at(20)
-    aborted = run(POLICY, resumed, (10, 90), None, 30, Command.ABORT)
-    assert aborted.action is Action.ROLLBACK and aborted.weights.target == 0
-
-
 def test_no_sequence_of_checks_sets_both_weights_to_zero() -> None:
-    import itertools
-
     results = [PASS, FAIL, NO_DATA, PROM_DOWN, TARGET_QUIET]
     for mode in ("complementary", "target-only"):
         policy = make_policy(
             schedule={"steps": [10, 50, 100], "bakeTime": "30s", "weightMode": mode}, analysis={"failureThreshold": 1}
         )
         for sequence in itertools.product(results, repeat=4):
-            state = initial_state(policy, Observation(0, 100), at(0))
-            weights = (0, 100)
+            rollout = Rollout.fresh(policy)
             for i, result in enumerate(sequence):
-                decision = decide(policy, state, Observation(weights[0], weights[1], result), at(40 * (i + 1)))
-                state = decision.state
-                if decision.weights is not None:
-                    source = decision.weights.source if decision.weights.source is not None else weights[1]
-                    weights = (decision.weights.target, source)
-                assert weights != (0, 0), (mode, sequence)
-
-
-def test_a_policy_change_continues_a_paused_rollout() -> None:
-    state = start()
-    paused = run(POLICY, state, (40, 60), PASS, 30).state  # someone else moved the weights
-    assert paused.phase is Phase.PAUSED
-    changed = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": "1m"})
-    decision = run(changed, paused, (40, 60), PASS, 60)
-    assert decision.state.phase is Phase.PROGRESSING and decision.weights is None
-    assert run(changed, decision.state, (40, 60), PASS, 121).weights.target == 50
-
-
-def test_an_unfinished_source_write_is_completed_not_mistaken_for_a_human() -> None:
-    started = decide(
-        POLICY, initial_state(POLICY, Observation(0, 100), at(0)), Observation(0, 100, TARGET_QUIET), at(0)
-    )
-    state = started.state
-    assert state.source_weight_before == 100
-    # the target patch (with the state) landed, the source patch did not
-    completing = run(POLICY, state, (10, 100), PASS, 30)
-    assert completing.action is Action.COMPLETE_WRITE and completing.alert is None
-    assert (completing.weights.target, completing.weights.source) == (10, 90)
-    # once the source shows it, the marker is cleared and the tick is judged as usual
-    judged = run(POLICY, completing.state, (10, 90), FAIL, 60)
-    assert judged.state.source_weight_before is None and judged.state.consecutive_failures == 1
-    # a different source value is someone else's edit
-    assert run(POLICY, state, (10, 70), PASS, 30).alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY
+                rollout.tick(result, 20 * (i + 1))
+                assert (rollout.target, rollout.source) != (0, 0), (mode, sequence)

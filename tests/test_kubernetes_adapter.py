@@ -7,14 +7,19 @@ for the humans and tools that share these Services.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
+from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_state import UNREADABLE_KEY, KubernetesStateStore
+from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.core.decision import Observation, initial_state
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
-from controller.core.state import RolloutState, decode_state
-from controller.errors import AccessDenied, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
+from controller.core.state import Intent, RolloutState
+from controller.errors import AccessDenied, ClusterUnavailable, Conflict, ServiceNotFound, WeightChangedExternally
+from controller.ports import StoredState
 from tests.helpers import T0
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
@@ -25,17 +30,23 @@ from tests.servers import LB_ID, STATE, VGROUP, WEIGHT, free_port
 def pair_for(kube: Cluster, *policies: CanaryPolicy) -> KubernetesGatewayPair:
     """The adapter as the controller's ServiceAccount, granted exactly what the policies need."""
     kube.grant(*(policies or (kube.policy(),)))
-    return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
+    return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns)
+
+
+def store_for(kube: Cluster) -> KubernetesStateStore:
+    return KubernetesStateStore(build_api_client(kube.write_kubeconfig()), kube.ns)
 
 
 def first_step(policy: CanaryPolicy) -> RolloutState:
-    return initial_state(policy, Observation(0, 100), T0).evolve(target_weight=10, source_weight=90)
+    return initial_state(policy, Observation(0, 100), T0).evolve(
+        target_weight=10, source_weight=90, pending=Intent(10, 90, 0, 100)
+    )
 
 
 def test_observe_reads_weights_and_accepts_a_clb_pair(kube: Cluster) -> None:
     kube.add_gateways()
     seen = pair_for(kube).observe(kube.policy())
-    assert (seen.target_weight, seen.source_weight, seen.refusal, seen.state) == (0, 100, None, None)
+    assert (seen.target_weight, seen.source_weight, seen.refusal, seen.legacy_state) == (0, 100, None, None)
     assert all(v.isdigit() for v in seen.versions)
 
 
@@ -58,18 +69,17 @@ def test_refuses_services_the_cloud_controller_would_not_weight(
     assert seen.refusal is not None and needle in seen.refusal
 
 
-def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
+def test_merge_patch_touches_only_the_weight(kube: Cluster) -> None:
     kube.add_gateways(labels={"app": "gw", "team": "edge"}, finalizers=["keep.me/finalizer"])
     kube.edit(TGT, {"team.example.com/owner": "platform"})
     before = kube.service(TGT)
     policy = kube.policy()
     pair = pair_for(kube, policy)
-    state = first_step(policy)
-    pair.apply(policy, pair.observe(policy), Weights(10, 90), state)
+    pair.write_weights(policy, pair.observe(policy), Weights(10, 90))
 
     after = kube.service(TGT)
     assert after["metadata"]["annotations"][WEIGHT] == "10"
-    assert decode_state(after["metadata"]["annotations"][STATE]) == state
+    assert STATE not in after["metadata"]["annotations"]
     # everything written by others survives: annotations, labels, finalizers, the spec
     assert after["metadata"]["annotations"]["team.example.com/owner"] == "platform"
     assert after["metadata"]["annotations"][LB_ID] == "lb-test"
@@ -83,9 +93,9 @@ def test_merge_patch_touches_only_weight_and_state(kube: Cluster) -> None:
     for _, patch in patches:
         assert set(patch) == {"metadata"}
         assert set(patch["metadata"]) == {"resourceVersion", "annotations"}
-        assert set(patch["metadata"]["annotations"]) <= {WEIGHT, STATE}
-    # unchanged state and weights: no write at all
-    pair.apply(policy, pair.observe(policy), Weights(10, 90), state)
+        assert set(patch["metadata"]["annotations"]) == {WEIGHT}
+    # unchanged weights: no write at all
+    pair.write_weights(policy, pair.observe(policy), Weights(10, 90))
     assert len(kube.patches) == len(patches)
 
 
@@ -95,7 +105,7 @@ def test_conflict_from_an_unrelated_change_is_retried(kube: Cluster) -> None:
     pair = pair_for(kube, policy)
     seen = pair.observe(policy)
     kube.edit(TGT, {"someone.else/annotation": "x"})  # makes the version the controller read stale
-    pair.apply(policy, seen, Weights(10, 90), first_step(policy))
+    pair.write_weights(policy, seen, Weights(10, 90))
     assert kube.annotations(TGT)[WEIGHT] == "10"
     assert kube.annotations(TGT)["someone.else/annotation"] == "x"
     codes = [w.code for w in kube.controller_writes() if w.name == TGT and w.verb == "patch"]
@@ -108,13 +118,12 @@ def test_conflict_from_a_weight_change_is_reported_not_overwritten(kube: Cluster
     pair = pair_for(kube, policy)
     seen = pair.observe(policy)
     kube.edit(TGT, {WEIGHT: "30"})  # a human
-    state = first_step(policy)
     with pytest.raises(WeightChangedExternally, match="from 0 to 30"):
-        pair.apply(policy, seen, Weights(10, 90), state)
+        pair.write_weights(policy, seen, Weights(10, 90))
     assert kube.annotations(TGT)[WEIGHT] == "30"
     assert kube.annotations(SRC)[WEIGHT] == "100"  # nothing half-written
     # a rollback wins regardless
-    pair.apply(policy, seen, Weights(0, 100), state.evolve(target_weight=0, source_weight=100), force=True)
+    pair.write_weights(policy, seen, Weights(0, 100), force=True)
     assert kube.annotations(TGT)[WEIGHT] == "0"
 
 
@@ -170,15 +179,71 @@ def test_read_but_not_patch_is_refused_naming_what_is_missing(kube: Cluster) -> 
             {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
         ]
     )
-    pair = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
+    pair = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns)
     seen = pair.observe(policy)
     assert seen.refusal is not None
     assert f"may not patch services/{SRC} in namespace {kube.ns}" in seen.refusal
     assert "nothing was written" in seen.refusal and "gateway-canary rbac" in seen.refusal
     # the dry run needs reading only
     assert (
-        KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), check_write_access=False)
+        KubernetesGatewayPair(
+            build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns, check_write_access=False
+        )
         .observe(policy)
         .refusal
         is None
     )
+
+
+def test_the_access_review_covers_the_state_object(kube: Cluster) -> None:
+    """A Role from before the state moved (Services only) refuses the first raise, naming the ConfigMap."""
+    kube.add_gateways()
+    policy = kube.policy()
+    kube.set_rules(
+        [{"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get", "patch"]}]
+    )
+    seen = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns).observe(policy)
+    assert seen.refusal is not None
+    assert f"may not get configmaps/gateway-canary-shop in namespace {kube.ns}" in seen.refusal
+    assert f"create configmaps in namespace {kube.ns}" in seen.refusal
+
+
+def test_state_store_round_trip_versions_and_labels(kube: Cluster) -> None:
+    policy = kube.policy()
+    kube.grant(policy)
+    store = store_for(kube)
+    assert store.load(policy) == StoredState(state=None)
+    state = first_step(policy)
+    saved = store.save(policy, state, store.load(policy))
+    loaded = store.load(policy)
+    assert loaded.state == state and loaded.version == saved.version and loaded.error is None
+    body = kube.plane.call("GET", f"/api/v1/namespaces/{kube.ns}/configmaps/gateway-canary-shop")
+    assert body["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "gateway-canary"
+    assert body["metadata"]["labels"]["gateway-canary.io/policy"] == "shop"
+    # a save against a version that moved is a Conflict, and nothing is overwritten
+    store.save(policy, state.evolve(reason="newer"), loaded)
+    with pytest.raises(Conflict):
+        store.save(policy, state.evolve(reason="stale"), loaded)
+    assert kube.state()["reason"] == "newer"
+    # creating what exists is a Conflict too (two controllers starting the same policy)
+    with pytest.raises(Conflict):
+        store.save(policy, state, StoredState(state=None))
+    assert {w.verb for w in kube.controller_writes() if w.resource == "configmaps"} == {"create", "update"}
+
+
+def test_state_store_reports_garbage_and_keeps_it_for_an_operator(kube: Cluster) -> None:
+    policy = kube.policy()
+    kube.grant(policy)
+    garbage = '{"v": 2, "policy": "shop", "target_weight": Infinity}'
+    kube.plane.call(
+        "POST",
+        f"/api/v1/namespaces/{kube.ns}/configmaps",
+        {"metadata": {"name": "gateway-canary-shop"}, "data": {"state": garbage}},
+    )
+    store = store_for(kube)
+    loaded = store.load(policy)
+    assert loaded.state is None and loaded.error is not None and "Infinity" in loaded.error
+    store.save(policy, first_step(policy), loaded)
+    body = kube.plane.call("GET", f"/api/v1/namespaces/{kube.ns}/configmaps/gateway-canary-shop")
+    assert body["data"][UNREADABLE_KEY] == garbage
+    assert json.loads(body["data"]["state"])["target_weight"] == 10

@@ -15,23 +15,44 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCOUNT = ServiceRef(namespace="ops", name="canary")
 
 
-def test_one_role_per_namespace_with_only_the_named_services() -> None:
-    across = make_policy(source={"service": "legacy/old-gw"}, target={"service": "mesh/asm-gw"})
-    local = make_policy(source={"service": "mesh/gw-a"}, target={"service": "mesh/gw-b"})
+def test_one_role_per_namespace_with_only_the_named_services_and_state_objects() -> None:
+    across = make_policy("across", source={"service": "legacy/old-gw"}, target={"service": "mesh/asm-gw"})
+    local = make_policy("local", source={"service": "mesh/gw-a"}, target={"service": "mesh/gw-b"})
     objects = controller_rbac([across, local], ACCOUNT)
     roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
-    assert sorted(roles) == ["legacy", "mesh"]
+    assert sorted(roles) == ["legacy", "mesh", "ops"]
     assert roles["mesh"]["rules"][0]["resourceNames"] == ["asm-gw", "gw-a", "gw-b"]
     assert roles["mesh"]["rules"][0]["verbs"] == ["get", "patch"]
     assert roles["legacy"]["rules"] == [
         {"apiGroups": [""], "resources": ["services"], "resourceNames": ["old-gw"], "verbs": ["get", "patch"]}
     ]  # Events go beside the target only
     assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]} in roles["mesh"]["rules"]
+    # the state objects: one ConfigMap per policy in the controller's own namespace, by name
+    assert roles["ops"]["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["gateway-canary-across", "gateway-canary-local"],
+            "verbs": ["get", "update"],
+        },
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},  # RBAC cannot name a create
+    ]
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
-    assert len(bindings) == 2
+    assert len(bindings) == 3
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
     verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
-    assert verbs == {"get", "patch", "create"}  # never list, watch, update or delete
+    assert verbs == {"get", "patch", "create", "update"}  # never list, watch or delete
+    services = {
+        r for role in roles.values() for rule in role["rules"] if "services" in rule["resources"] for r in rule["verbs"]
+    }
+    assert services == {"get", "patch"}  # the Services are never updated, only merge-patched
+
+
+def test_the_state_namespace_can_differ_from_the_accounts() -> None:
+    objects = controller_rbac([make_policy()], ACCOUNT, state_namespace="canary-state")
+    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
+    assert sorted(roles) == ["canary-state", "istio-system"]
+    assert roles["canary-state"]["rules"][0]["resourceNames"] == ["gateway-canary-shop"]
 
 
 def test_rbac_command_prints_applyable_yaml_and_refuses_bad_input(tmp_path: Path, capsys) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import threading
 
-from controller.adapters.dry_run import DryRunGatewayPair
-from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
-from controller.adapters.memory import InMemoryGatewayPair
+from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
+from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_state import KubernetesStateStore
+from controller.adapters.kubernetes import KubernetesGatewayPair
+from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import GatewayRole, Phase
 from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
-from controller.core.state import decode_state
 from controller.demo import SimulatedGateways
 from controller.notify.dispatcher import AlertDispatcher
 from controller.runtime.clock import SystemClock
@@ -23,15 +24,16 @@ from tests.helpers import make_policy
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
-from tests.servers import STATE, WEIGHT, free_port
+from tests.servers import WEIGHT, free_port
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
 
 
-def runner(pair, metrics, stopping=None, policy: CanaryPolicy = POLICY) -> PolicyRunner:
+def runner(pair, metrics, stopping=None, policy: CanaryPolicy = POLICY, store=None) -> PolicyRunner:
     return PolicyRunner(
         policy,
         pair=pair,
+        store=store if store is not None else InMemoryStateStore(),
         metrics=metrics,
         receivers=[],
         dispatcher=AlertDispatcher(),
@@ -101,7 +103,14 @@ def healthy_traffic(kube: Cluster) -> SimulatedGateways:
 
 
 def as_controller(kube: Cluster, *, check_write_access: bool = True) -> KubernetesGatewayPair:
-    return KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), check_write_access=check_write_access)
+    return KubernetesGatewayPair(
+        build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns, check_write_access=check_write_access
+    )
+
+
+def state_store(kube: Cluster) -> KubernetesStateStore:
+    """The state objects in the test's namespace, as the controller's identity."""
+    return KubernetesStateStore(build_api_client(kube.write_kubeconfig()), kube.ns)
 
 
 class OthersWriteAfterEachRead(KubernetesGatewayPair):
@@ -109,7 +118,7 @@ class OthersWriteAfterEachRead(KubernetesGatewayPair):
     the window a concurrent ``kubectl annotate`` lands in by chance, made to happen each time."""
 
     def __init__(self, kube: Cluster, edit) -> None:
-        super().__init__(build_api_client(kube.write_kubeconfig()))
+        super().__init__(build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns)
         self._edit = edit
 
     def observe(self, policy: CanaryPolicy):
@@ -137,7 +146,7 @@ def test_unreachable_prometheus_never_raises_a_weight(kube: Cluster) -> None:
             Settings(prometheus_url=f"http://127.0.0.1:{free_port()}", prometheus_timeout_seconds=0.5), None
         )
     )
-    policy_runner = runner(as_controller(kube), dead, policy=policy)
+    policy_runner = runner(as_controller(kube), dead, policy=policy, store=state_store(kube))
     for _ in range(3):
         outcome = policy_runner.tick()
         assert outcome.check is not None and outcome.check.cause is not None
@@ -156,22 +165,34 @@ def test_unreachable_api_server_ends_the_tick_without_writes(kube: Cluster) -> N
 
 def test_dry_run_needs_only_read_access_progresses_in_memory_and_writes_nothing(kube: Cluster) -> None:
     kube.add_gateways()
-    kube.set_rules([{"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]}])
+    kube.set_rules(
+        [
+            {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": ["gateway-canary-shop"],
+                "verbs": ["get"],
+            },
+        ]
+    )
     policy = policy_in(kube)
     pair = DryRunGatewayPair(as_controller(kube, check_write_access=False))
     gateways = SimulatedGateways(InMemoryGatewayPair(target_weight=0, source_weight=100))
-    first = runner(pair, gateways, policy=policy).tick()
+    first = runner(pair, gateways, policy=policy, store=DryRunStateStore(state_store(kube))).tick()
     assert first.decision is not None and first.decision.weights is not None
     assert pair.observe(policy).target_weight == 10  # the intended write is remembered
     assert kube.controller_writes() == [] and kube.events == []
-    assert STATE not in kube.annotations(TGT)
+    assert kube.state() is None
 
 
 def test_the_documented_role_is_enough_for_a_whole_rollout(kube: Cluster) -> None:
     kube.add_gateways()
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)  # exactly what `gateway-canary rbac` prints for this policy
-    outcomes = run_until_settled(runner(as_controller(kube), healthy_traffic(kube), policy=policy))
+    outcomes = run_until_settled(
+        runner(as_controller(kube), healthy_traffic(kube), policy=policy, store=state_store(kube))
+    )
     assert [o.error for o in outcomes if o.error] == []
     assert outcomes[-1].decision is not None and outcomes[-1].decision.state.phase is Phase.PROMOTED
     assert (kube.annotations(TGT)[WEIGHT], kube.annotations(SRC)[WEIGHT]) == ("100", "0")
@@ -192,7 +213,7 @@ def test_a_service_outside_the_grant_is_refused_clearly_and_nothing_is_written(k
         assert outcome.decision is None and outcome.error is not None
         assert "403" in outcome.error and 'services "someone-elses-gw" is forbidden' in outcome.error
     assert [w for w in kube.controller_writes() if w.resource == "services"] == []
-    assert kube.annotations(TGT)[WEIGHT] == "0" and STATE not in kube.annotations(TGT)
+    assert kube.annotations(TGT)[WEIGHT] == "0" and kube.state() is None
     refused = [e for e in kube.events if e["reason"] == "PolicyRefused"]
     assert len(refused) == 1 and "gateway-canary rbac" in refused[0]["message"]  # reported once, not per tick
 
@@ -209,13 +230,13 @@ def test_an_unrelated_concurrent_writer_neither_breaks_the_rollout_nor_loses_its
         kube.edit(SRC, {"team.example.com/last-touch": n})
 
     pair = OthersWriteAfterEachRead(kube, touch)
-    outcomes = run_until_settled(runner(pair, healthy_traffic(kube), policy=policy))
+    outcomes = run_until_settled(runner(pair, healthy_traffic(kube), policy=policy, store=state_store(kube)))
     assert outcomes[-1].decision is not None and outcomes[-1].decision.state.phase is Phase.PROMOTED
     assert kube.weight_writes(TGT, WEIGHT) == ["10", "30", "60", "100"]
     last = str(next(touches) - 1)
     for name in (TGT, SRC):
         assert kube.annotations(name)["team.example.com/last-touch"] == last
-    assert decode_state(kube.annotations(TGT)[STATE]).phase is Phase.PROMOTED
+    assert kube.state()["phase"] == "Promoted"
     conflicts = [w for w in kube.controller_writes() if w.verb == "patch" and w.code == 409]
     assert len(conflicts) >= 4  # every raise met a real 409 from the API server and retried
     assert not any(e["reason"] in ("Paused", "WeightChangedExternally", "PolicyRefused") for e in kube.events)
@@ -225,10 +246,13 @@ def test_a_concurrent_weight_change_is_detected_reported_and_not_fought(kube: Cl
     kube.add_gateways()
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)
-    policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=policy)
+    policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=policy, store=state_store(kube))
     assert policy_runner.tick().decision is not None  # Start: 10/90
     human = runner(
-        OthersWriteAfterEachRead(kube, lambda: kube.edit(TGT, {WEIGHT: "5"})), healthy_traffic(kube), policy=policy
+        OthersWriteAfterEachRead(kube, lambda: kube.edit(TGT, {WEIGHT: "5"})),
+        healthy_traffic(kube),
+        policy=policy,
+        store=state_store(kube),
     )
     raced = human.tick()
     assert raced.error is not None and "changed from 10 to 5 by someone else" in raced.error
@@ -255,18 +279,21 @@ def test_a_source_write_lost_to_a_revoked_grant_is_completed_once_granted_again(
         {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        *kube.state_rules(),
     ]
 
     def narrow_the_grant() -> None:  # after the access check passed, before the writes
         kube.set_rules(narrowed)
         kube.wait_until_allowed("patch", policy.spec.source.service, allowed=False)
 
-    first = runner(OthersWriteAfterEachRead(kube, narrow_the_grant), healthy_traffic(kube), policy=policy).tick()
+    first = runner(
+        OthersWriteAfterEachRead(kube, narrow_the_grant), healthy_traffic(kube), policy=policy, store=state_store(kube)
+    ).tick()
     assert first.error is not None and "403" in first.error
     assert kube.annotations(TGT)[WEIGHT] == "10" and kube.annotations(SRC)[WEIGHT] == "100"  # half-written
 
     pair = as_controller(kube)
-    policy_runner = runner(pair, healthy_traffic(kube), policy=policy)
+    policy_runner = runner(pair, healthy_traffic(kube), policy=policy, store=state_store(kube))
     denied = policy_runner.tick()  # the grant is still narrow: the completion is refused, and said so
     assert denied.error is not None and f'services "{SRC}" is forbidden' in denied.error
     assert kube.annotations(SRC)[WEIGHT] == "100"
@@ -282,12 +309,13 @@ def test_a_rollback_cuts_the_target_even_when_the_source_patch_is_denied(kube: C
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)
     traffic = healthy_traffic(kube)
-    policy_runner = runner(as_controller(kube), traffic, policy=policy)
+    policy_runner = runner(as_controller(kube), traffic, policy=policy, store=state_store(kube))
     assert policy_runner.tick().decision is not None  # Start: 10/90
     kube.set_rules(  # someone narrows the Role mid-rollout
         [
             {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]},
             {"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT], "verbs": ["patch"]},
+            *kube.state_rules(),
         ]
     )
     kube.wait_until_allowed("patch", policy.spec.source.service, allowed=False)
@@ -295,4 +323,4 @@ def test_a_rollback_cuts_the_target_even_when_the_source_patch_is_denied(kube: C
     outcome = policy_runner.tick()
     assert outcome.error is not None and "403" in outcome.error
     assert kube.annotations(TGT)[WEIGHT] == "0"  # the ASM gateway gets no traffic: 0 against 90
-    assert decode_state(kube.annotations(TGT)[STATE]).phase is Phase.ROLLED_BACK
+    assert kube.state()["phase"] == "RolledBack"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from controller.adapters.kubernetes import KubernetesGatewayPair, build_api_client
+from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_state import KubernetesStateStore
+from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.runtime.clock import SystemClock
 from controller.runtime.service import ControllerService
@@ -41,7 +42,10 @@ def service(
     traffic.move_to(kube.ns)
     sink = WebhookSink()
     kube.grant(
-        *(make_policy(source={"service": f"{kube.ns}/{s}"}, target={"service": f"{kube.ns}/{t}"}) for s, t in PAIRS)
+        *(
+            make_policy(name, source={"service": f"{kube.ns}/{s}"}, target={"service": f"{kube.ns}/{t}"})
+            for name, (s, t) in zip(("good", "refused"), PAIRS, strict=True)
+        )
     )
     policies = tmp_path / "policies"
     policies.mkdir()
@@ -53,12 +57,16 @@ def service(
         webhook_url=f"{sink.url}/global",
         prometheus_url=prometheus,
     )
-    pair = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()))
+    api = build_api_client(kube.write_kubeconfig())
+    pair = KubernetesGatewayPair(api, state_namespace=kube.ns)
+    store = KubernetesStateStore(api, kube.ns)
     metrics = PrometheusMetricsSource(PrometheusConnection(settings, None))
     made: list[ControllerService] = []
 
     def start() -> ControllerService:
-        svc = ControllerService(settings, pair=pair, metrics_for=lambda policy: metrics, clock=SystemClock())
+        svc = ControllerService(
+            settings, pair=pair, store=store, metrics_for=lambda policy: metrics, clock=SystemClock()
+        )
         made.append(svc)
         svc.start()
         return svc
@@ -121,6 +129,7 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
     )
     assert f"{kube.ns}/new-gw lacks" in refused["reason"] and "vgroup-port" in refused["reason"]
     assert kube.annotations("new-gw")[WEIGHT] == "0" and STATE not in kube.annotations("new-gw")
+    assert kube.state("refused") is None or kube.state("refused")["target_weight"] == 0
     assert kube.annotations("old-gw")[WEIGHT] == "100"
     assert any(e["reason"] == "PolicyRefused" and e["involvedObject"]["name"] == "new-gw" for e in kube.events)
     unset = wait_for(
@@ -149,30 +158,35 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
     )
     runner = svc.runners["good"]
 
-    # a healthy bake writes nothing: once checks pass, more passing checks add no API writes
-    def asm_state() -> dict:
-        return json.loads(kube.annotations("istio-ingressgateway-asm")[STATE])
-
-    wait_for(lambda: asm_state()["last_verdict"] == "PASS", timeout=30, what="a passing check at weight 10")
-    writes = len(kube.patches)
+    # a healthy bake writes nothing: once checks pass, more passing checks add no API writes at all
+    # (neither the Services nor the state object: the bake's covered time is written with the step)
+    wait_for(
+        lambda: (s := kube.state("good")) and s["last_verdict"] == "PASS" and s["run_started_at"],
+        timeout=30,
+        what="a passing check at weight 10",
+    )
     passes = svc.telemetry.checks.labels("good", "PASS")
+    wait_for(lambda: passes._value.get() >= 2, timeout=30, what="two passing checks")
+    writes = len(kube.controller_writes())
     seen = passes._value.get()
     wait_for(lambda: passes._value.get() >= seen + 3, timeout=30, what="three more passing checks")
-    assert len(kube.patches) == writes
+    assert len(kube.controller_writes()) == writes
 
     path.write_text(text.replace("gates:", "gatez:"))  # an on-call typo
     wait_for(lambda: "PolicyInvalid" in kinds(sink), timeout=20, what="the invalid-file alert")
-    assert svc.runners["good"] is runner  # last good version keeps running
+    assert svc.runners["good"] is runner  # last good version keeps running...
+    refused = wait_for(  # ...observing and ready to roll back, but refusing to raise (R3)
+        lambda: [b for b in sink.bodies("/global") if b["kind"] == "PolicyRefused" and b["policy"] == "good"],
+        timeout=20,
+        what="the refusal to raise while the file is invalid",
+    )
+    assert "its policy file is invalid" in refused[0]["reason"] and "gatez" in refused[0]["reason"]
 
-    state_before = json.loads(kube.annotations("istio-ingressgateway-asm")[STATE])
+    state_before = kube.state("good")
     path.write_text(text.replace("bakeTime: 1h", "bakeTime: 2h"))
     wait_for(lambda: svc.runners["good"] is not runner, timeout=20, what="the changed policy to be installed")
     state_after = wait_for(
-        lambda: (
-            (s := json.loads(kube.annotations("istio-ingressgateway-asm")[STATE]))["fingerprint"]
-            != state_before["fingerprint"]
-            and s
-        ),
+        lambda: (s := kube.state("good"))["fingerprint"] != state_before["fingerprint"] and s,
         timeout=20,
         what="the bake to restart under the new policy",
     )

@@ -1,56 +1,50 @@
-"""The two gateways' Services through the official ``kubernetes`` client.
+"""The two gateways' Services through the official ``kubernetes`` client: weights, nothing else.
 
-Only this module imports ``kubernetes``. It reads both Services, refuses policies whose Services
-the cloud controller would not apply a weight to, writes ONLY the weight and state annotations
-with a JSON merge patch guarded by ``resourceVersion``, and emits Events on the target Service.
+It reads both Services, refuses policies whose Services the cloud controller would not apply a
+weight to, and writes ONLY the weight annotation, with a JSON merge patch guarded by
+``resourceVersion``. The cloud controller reconciles the load balancer on every annotation change
+of a Service, so the rollout's state lives elsewhere (``controller.adapters.kube_state``); the one
+other annotation ever written here is the removal of version 1's state annotation, in the same
+patch as the next weight write (or once, for a finished rollout).
 
 Before the first write of a rollout (target weight 0) it asks the API server
-(SelfSubjectAccessReview) whether its identity may patch both Services, so a Role that covers only
-one of them refuses the policy with a clear reason instead of failing halfway through the first
-weight change. Once the target carries traffic it never refuses on permissions alone: a rollback
-must always be attempted, and the writes' own 403s are reported.
+(SelfSubjectAccessReview) whether its identity may do everything the policy needs (patch both
+Services, keep the state object), so a Role that covers only part refuses the raise with a clear
+reason instead of failing halfway through the first weight change. Once the target carries traffic
+it never refuses on permissions alone: a rollback must always be attempted, and the writes' own
+403s are reported.
 
-Write order: the target first (weight + state in one patch, so they never disagree), then the
-source. A rollback therefore cuts the target's traffic with its first request, and a restart
-between the two patches finds the state already describing the intended pair and completes it.
+Write order: the target first, then the source. A rollback therefore cuts the target's traffic
+with its first request.
 """
 
 from __future__ import annotations
 
-import json
 import socket
-from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
+from controller.adapters.kube_api import TIMEOUT, build_api_client, json_call, resource_version, translate
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.schedule import Weights
-from controller.core.state import RolloutState, decode_state, encode_state
-from controller.errors import (
-    AccessDenied,
-    ClusterError,
-    ClusterUnavailable,
-    ServiceNotFound,
-    WeightChangedExternally,
-)
+from controller.errors import AccessDenied, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.ports import PairSnapshot
 from controller.rbac import AccessCheck, access_needed
 
 __all__ = [
     "IGNORE_WEIGHT_ANNOTATION",
     "LB_ID_ANNOTATION",
-    "STATE_ANNOTATION",
+    "LEGACY_STATE_ANNOTATION",
     "VGROUP_ANNOTATION",
     "WEIGHT_ANNOTATION",
     "KubernetesGatewayPair",
     "build_api_client",
+    "parse_weight",
 ]
 
 _PREFIX = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-"
@@ -58,30 +52,12 @@ WEIGHT_ANNOTATION = _PREFIX + "weight"
 LB_ID_ANNOTATION = _PREFIX + "id"
 VGROUP_ANNOTATION = _PREFIX + "vgroup-port"
 IGNORE_WEIGHT_ANNOTATION = _PREFIX + "ignore-weight-update"
-STATE_ANNOTATION = "gateway-canary.io/state"
+#: Where gateway-canary 0.1 kept its state (version 1); adopted, then removed.
+LEGACY_STATE_ANNOTATION = "gateway-canary.io/state"
 
 _MERGE_PATCH = "application/merge-patch+json"
-_TIMEOUT = (3.0, 10.0)
 _CONFLICT_RETRIES = 5
 _log = structlog.get_logger("controller.kubernetes")
-
-
-def build_api_client(kubeconfig: Path | None = None, context: str | None = None) -> client.ApiClient:
-    """In-cluster config when running in a Pod, else the kubeconfig (explicit path or default)."""
-    if kubeconfig is None:
-        try:
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            return client.ApiClient(configuration)
-        except ConfigException:
-            pass
-    try:
-        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig) if kubeconfig else None, context=context
-        )
-        return api
-    except (ConfigException, OSError) as exc:
-        raise ClusterUnavailable(f"no usable Kubernetes configuration: {exc}") from exc
 
 
 def parse_weight(raw: str | None) -> int | None:
@@ -90,53 +66,24 @@ def parse_weight(raw: str | None) -> int | None:
         return None
     text = raw.strip()
     if not text.isdigit() or not 0 <= int(text) <= 100:
-        raise ValueError(f"weight annotation {raw!r} is not an integer in [0,100]")
+        raise ValueError(f"weight annotation {raw[:40]!r} is not an integer in [0,100]")
     return int(text)
-
-
-def _translate(exc: Exception, what: str) -> ClusterError:
-    if isinstance(exc, ApiException):
-        status = exc.status or 0
-        detail = _api_message(exc)
-        if status == 404:
-            return ServiceNotFound(f"{what}: not found")
-        if status in (401, 403):
-            return AccessDenied(
-                f"{what}: forbidden for the controller's identity ({status}): {detail}; "
-                "grant what `gateway-canary rbac` prints"
-            )
-        return ClusterUnavailable(f"{what}: API server answered {status}: {detail}")
-    return ClusterUnavailable(f"{what}: API server unreachable: {type(exc).__name__}")
-
-
-def _json_call(what: str, call: Callable[..., Any], *args: Any) -> dict[str, Any]:
-    """Call the client for the raw JSON (no model classes); library errors become ours."""
-    try:
-        # _preload_content=False returns the raw urllib3 response, not a model object.
-        response = call(*args, _preload_content=False, _request_timeout=_TIMEOUT)
-        body: dict[str, Any] = json.loads(response.data)
-    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _translate(exc, what) from exc
-    return body
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message", exc.reason))
-    except (ValueError, AttributeError):
-        return str(exc.reason)
 
 
 class KubernetesGatewayPair:
     """GatewayPair over two core/v1 Services.
 
-    ``check_write_access=False`` (dry run) skips the write-permission check: a read-only
+    ``state_namespace`` is where the state objects live (their permissions are part of the access
+    review). ``check_write_access=False`` (dry run) skips the write-permission check: a read-only
     identity is enough to watch what a rollout would do.
     """
 
-    def __init__(self, api_client: client.ApiClient, *, check_write_access: bool = True) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, *, state_namespace: str = "gateway-canary", check_write_access: bool = True
+    ) -> None:
         self._api = client.CoreV1Api(api_client)
         self._authz = client.AuthorizationV1Api(api_client)
+        self._state_namespace = state_namespace
         self._check_write_access = check_write_access
         self._access_verified: set[str] = set()
         self._uids: dict[str, str] = {}
@@ -155,19 +102,19 @@ class KubernetesGatewayPair:
             "spec": {"resourceAttributes": attributes},
         }
         try:
-            answer = _json_call(f"access review ({check})", self._authz.create_self_subject_access_review, body)
+            answer = json_call(f"access review ({check})", self._authz.create_self_subject_access_review, body)
         except (AccessDenied, ServiceNotFound):
             return None  # self-reviews are not allowed here: the writes themselves will tell
-        return bool(answer.get("status", {}).get("allowed"))
+        return bool((answer.get("status") or {}).get("allowed"))
 
     def _access_refusal(self, policy: CanaryPolicy) -> str | None:
-        """Why RBAC would stop this policy's writes, checked once per Service pair until a 403."""
-        key = f"{policy.spec.target.service}|{policy.spec.source.service}"
+        """Why RBAC would stop this policy's writes, checked once per policy until a 403."""
+        key = f"{policy.name}|{policy.spec.target.service}|{policy.spec.source.service}"
         if not self._check_write_access or key in self._access_verified:
             return None
         missing: list[AccessCheck] = []
-        for check in access_needed(policy):
-            if check.verb == "get":
+        for check in access_needed(policy, self._state_namespace):
+            if check.verb == "get" and check.resource == "services":
                 continue  # both Services were just read
             allowed = self._may(check)
             if allowed is None:
@@ -190,8 +137,8 @@ class KubernetesGatewayPair:
     # -- reading ---------------------------------------------------------------------------------
 
     def _read(self, ref: ServiceRef) -> dict[str, Any]:
-        body = _json_call(f"read Service {ref}", self._api.read_namespaced_service, ref.name, ref.namespace)
-        self._uids[str(ref)] = str(body.get("metadata", {}).get("uid", ""))
+        body = json_call(f"read Service {ref}", self._api.read_namespaced_service, ref.name, ref.namespace)
+        self._uids[str(ref)] = str((body.get("metadata") or {}).get("uid", ""))
         return body
 
     def observe(self, policy: CanaryPolicy) -> PairSnapshot:
@@ -216,81 +163,72 @@ class KubernetesGatewayPair:
             # Only while the target carries no traffic: later, a refusal would also hold back a
             # rollback, and cutting the target to 0 works even when the source patch is denied.
             refusal = self._access_refusal(policy)
-        state: RolloutState | None = None
-        state_error: str | None = None
-        raw_state = target_ann.get(STATE_ANNOTATION)
-        if raw_state:
-            try:
-                state = decode_state(raw_state)
-                if state.policy != policy.name:
-                    state_error = f"stored state belongs to policy {state.policy!r}"
-                    state = None
-            except ValueError as exc:
-                state_error = str(exc)
         return PairSnapshot(
             target_weight=target_weight,
             source_weight=source_weight,
-            state=state,
             refusal=refusal,
-            state_error=state_error,
-            versions=(_version(target), _version(source)),
+            versions=(resource_version(target), resource_version(source)),
+            legacy_state=target_ann.get(LEGACY_STATE_ANNOTATION),
         )
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def apply(
+    def write_weights(
         self,
         policy: CanaryPolicy,
         seen: PairSnapshot,
-        weights: Weights | None,
-        state: RolloutState,
+        weights: Weights,
         *,
         force: bool = False,
+        drop_legacy_state: bool = False,
     ) -> None:
-        """Patch the target (weight + state), then the source (weight); skip what is unchanged."""
+        """Patch the target's weight, then the source's; skip what already shows the value.
+
+        A forced write (rollback) always states both weights: what was seen may be stale.
+        """
         try:
-            self._write(policy, seen, weights, state, force)
+            target_changes: dict[str, str | None] = {}
+            if force or weights.target != seen.target_weight:
+                target_changes[WEIGHT_ANNOTATION] = str(weights.target)
+            if drop_legacy_state and seen.legacy_state is not None and target_changes:
+                target_changes[LEGACY_STATE_ANNOTATION] = None
+            if target_changes:
+                self._patch(policy.spec.target.service, target_changes, seen.versions[0], seen.target_weight, force)
+            if weights.source is not None and (force or weights.source != seen.source_weight):
+                self._patch(
+                    policy.spec.source.service,
+                    {WEIGHT_ANNOTATION: str(weights.source)},
+                    seen.versions[1],
+                    seen.source_weight,
+                    force,
+                )
         except AccessDenied:
             self._access_verified.clear()  # the grant changed under us: check again before writing
             raise
 
-    def _write(
-        self, policy: CanaryPolicy, seen: PairSnapshot, weights: Weights | None, state: RolloutState, force: bool
-    ) -> None:
-        target_changes: dict[str, str] = {}
-        # A forced write (rollback) always states both weights: what was seen may be stale.
-        if weights is not None and (force or weights.target != seen.target_weight):
-            target_changes[WEIGHT_ANNOTATION] = str(weights.target)
-        encoded = encode_state(state)
-        if seen.state is None or encode_state(seen.state) != encoded:
-            target_changes[STATE_ANNOTATION] = encoded
-        if target_changes:
-            self._patch(policy.spec.target.service, target_changes, seen.versions[0], seen.target_weight, force)
-        if weights is not None and weights.source is not None and (force or weights.source != seen.source_weight):
+    def drop_legacy_state(self, policy: CanaryPolicy, seen: PairSnapshot) -> None:
+        """Remove version 1's state annotation from the target once, when no weight write is coming."""
+        if seen.legacy_state is not None:
             self._patch(
-                policy.spec.source.service,
-                {WEIGHT_ANNOTATION: str(weights.source)},
-                seen.versions[1],
-                seen.source_weight,
-                force,
+                policy.spec.target.service, {LEGACY_STATE_ANNOTATION: None}, seen.versions[0], seen.target_weight, False
             )
 
     def _patch(
-        self, ref: ServiceRef, annotations: dict[str, str], version: str, expected: int | None, force: bool
+        self, ref: ServiceRef, annotations: dict[str, str | None], version: str, expected: int | None, force: bool
     ) -> None:
         for _attempt in range(_CONFLICT_RETRIES):
             body = {"metadata": {"resourceVersion": version, "annotations": annotations}}
             try:
                 self._api.patch_namespaced_service(
-                    ref.name, ref.namespace, body, _content_type=_MERGE_PATCH, _request_timeout=_TIMEOUT
+                    ref.name, ref.namespace, body, _content_type=_MERGE_PATCH, _request_timeout=TIMEOUT
                 )
                 _log.debug("patched", service=str(ref), annotations=sorted(annotations))
                 return
             except ApiException as exc:
                 if exc.status != 409:
-                    raise _translate(exc, f"patch Service {ref}") from exc
+                    raise translate(exc, f"patch Service {ref}") from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise _translate(exc, f"patch Service {ref}") from exc
+                raise translate(exc, f"patch Service {ref}") from exc
             fresh = self._read(ref)
             try:
                 now_weight = parse_weight(_annotations(fresh).get(WEIGHT_ANNOTATION))
@@ -302,7 +240,7 @@ class KubernetesGatewayPair:
                     "gateway-canary was writing; not overwriting it"
                 )
             _log.info("patch conflict, retrying on the new version", service=str(ref))
-            version = _version(fresh)
+            version = resource_version(fresh)
         raise ClusterUnavailable(f"patch Service {ref}: still conflicting after {_CONFLICT_RETRIES} attempts")
 
     def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
@@ -332,17 +270,13 @@ class KubernetesGatewayPair:
         }
         try:
             # The client serialises a plain dict as-is; its type hint names only the model class.
-            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=_TIMEOUT)  # type: ignore[arg-type]
+            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=TIMEOUT)  # type: ignore[arg-type]
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _translate(exc, f"create Event for {ref}") from exc
+            raise translate(exc, f"create Event for {ref}") from exc
 
 
 def _annotations(body: dict[str, Any]) -> dict[str, str]:
-    return dict(body.get("metadata", {}).get("annotations") or {})
-
-
-def _version(body: dict[str, Any]) -> str:
-    return str(body.get("metadata", {}).get("resourceVersion", ""))
+    return dict((body.get("metadata") or {}).get("annotations") or {})
 
 
 def _refusal(ref: ServiceRef, annotations: dict[str, str]) -> str | None:

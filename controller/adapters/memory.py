@@ -1,7 +1,8 @@
-"""An in-memory GatewayPair: the demo's simulated Services, and a fast fake for unit tests.
+"""In-memory adapters: the demo's simulated Services and state store, and fast fakes for tests.
 
-It keeps the same contract as the Kubernetes adapter (target written before source, a weight
-changed behind its back is detected on write), so decisions tested against it mean the same.
+They keep the contracts of the Kubernetes adapters (target written before source, a weight changed
+behind their back is detected on write, a state saved against a stale version is a Conflict), so
+decisions tested against them mean the same.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from dataclasses import dataclass, field
 
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
-from controller.core.state import RolloutState
-from controller.errors import WeightChangedExternally
-from controller.ports import PairSnapshot
+from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
+from controller.errors import Conflict, WeightChangedExternally
+from controller.ports import PairSnapshot, StoredState
 
-__all__ = ["InMemoryGatewayPair", "RecordedEvent"]
+__all__ = ["InMemoryGatewayPair", "InMemoryStateStore", "RecordedEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +30,12 @@ class RecordedEvent:
 
 @dataclass
 class InMemoryGatewayPair:
-    """Two simulated Services' weight annotations and the state annotation."""
+    """Two simulated Services' weight annotations."""
 
     target_weight: int | None = 0
     source_weight: int | None = 100
-    state: RolloutState | None = None
     refusal: str | None = None
+    legacy_state: str | None = None
     events: list[RecordedEvent] = field(default_factory=list)
     writes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -42,31 +43,78 @@ class InMemoryGatewayPair:
     def observe(self, policy: CanaryPolicy) -> PairSnapshot:
         """The current simulated annotations."""
         with self._lock:
-            return PairSnapshot(self.target_weight, self.source_weight, self.state, refusal=self.refusal)
+            return PairSnapshot(
+                self.target_weight, self.source_weight, refusal=self.refusal, legacy_state=self.legacy_state
+            )
 
-    def apply(
+    def write_weights(
         self,
         policy: CanaryPolicy,
         seen: PairSnapshot,
-        weights: Weights | None,
-        state: RolloutState,
+        weights: Weights,
         *,
         force: bool = False,
+        drop_legacy_state: bool = False,
     ) -> None:
         """Write like the real adapter: refuse if a weight moved since ``seen`` (unless forced)."""
         with self._lock:
-            moved = (self.target_weight, self.source_weight) != (seen.target_weight, seen.source_weight)
-            if moved and not force:
-                raise WeightChangedExternally("simulated weights changed since they were read")
-            if weights is not None:
+            if not force and self.target_weight != seen.target_weight:
+                raise WeightChangedExternally("simulated target weight changed since it was read")
+            if force or weights.target != self.target_weight:
                 self.target_weight = weights.target
-                if weights.source is not None:
-                    self.source_weight = weights.source
-            if state != self.state:
-                self.state = state
-            self.writes += 1
+                self.writes += 1
+                if drop_legacy_state:
+                    self.legacy_state = None
+            if weights.source is not None and (force or weights.source != self.source_weight):
+                if not force and self.source_weight != seen.source_weight:
+                    raise WeightChangedExternally("simulated source weight changed since it was read")
+                self.source_weight = weights.source
+                self.writes += 1
+
+    def drop_legacy_state(self, policy: CanaryPolicy, seen: PairSnapshot) -> None:
+        """Remove the version-1 state annotation."""
+        with self._lock:
+            self.legacy_state = None
 
     def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
         """Keep the Event for inspection."""
         with self._lock:
             self.events.append(RecordedEvent(reason, message, warning))
+
+
+@dataclass
+class InMemoryStateStore:
+    """Encoded states by policy name, with a version counter as the real store's resourceVersion."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    saves: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self, policy: CanaryPolicy) -> StoredState:
+        """Decode what is stored, reporting garbage as an error like the real store."""
+        with self._lock:
+            raw = self.texts.get(policy.name)
+            version = str(self.versions.get(policy.name, ""))
+        if raw is None:
+            return StoredState(state=None, version=version)
+        try:
+            return StoredState(state=decode_state(raw), version=version)
+        except StateUnreadable as exc:
+            return StoredState(state=None, version=version, error=str(exc), raw=raw)
+
+    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
+        """Store ``state`` if nothing changed since ``previous`` was read."""
+        with self._lock:
+            current = str(self.versions.get(policy.name, ""))
+            if current != previous.version:
+                raise Conflict(f"state of {policy.name} changed since it was read")
+            self.texts[policy.name] = encode_state(state)
+            self.versions[policy.name] = self.versions.get(policy.name, 0) + 1
+            self.saves += 1
+            return StoredState(state=state, version=str(self.versions[policy.name]))
+
+    def state_of(self, name: str) -> RolloutState | None:
+        """The decoded state of a policy (tests, the demo)."""
+        raw = self.texts.get(name)
+        return None if raw is None else decode_state(raw)

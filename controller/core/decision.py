@@ -1,38 +1,60 @@
 """The rollout decision: (policy, state, observation, now) -> (new state, action).
 
 Pure: no I/O, no clock, no clients. Every rule about when a weight moves lives here, so it can
-be tested exhaustively in milliseconds and read in one place.
+be tested exhaustively in milliseconds and read in one place. ``decide`` is four steps, and the
+safety rules are the shape of it, not the order of early returns::
 
-Rules
------
-* Start (weight 0 -> first step) when the metrics are reachable and the source gateway has
-  traffic: the target cannot have any yet, so that is the only evidence there can be.
-* Advance to the next step only on a check that PASSES, when the bake time at the current step
-  has elapsed, the step has had a passing check, and no check has FAILED since the bake began
-  (a FAIL below the threshold restarts the bake). Requiring the advancing check itself to pass
-  means a restarted controller always has fresh evidence before it raises a weight.
-* Roll back (target 0, source 100) on ``failureThreshold`` consecutive FAILs; an INCONCLUSIVE
-  check neither extends nor breaks that run, only a PASS does. Roll back as well when a run of
-  inconclusive checks reaches its limit and that cause's action is ``rollback``; with ``hold``
-  the rollout waits and reports itself stuck once.
-* Rollback stays armed while Paused: pausing stops advancing, never protection.
-* Weights observed on the Services that differ from the ones last written mean someone else
-  changed them: the rollout pauses, adopts what it sees and reports it, and does not fight.
-* RolledBack stays rolled back until an operator retries or the policy changes; a Paused rollout
-  continues when the policy changes (or an operator resumes). Promoted is final. Both weights
-  are never 0 at once.
+    counted  = _count_evidence(...)    R1, R4, R6: the check is counted, whatever else happens
+    rollback = _protection(...)        R1, R2: does the evidence (or a pending rollback) demand 0?
+    decision = _rollback(...)          ...if so, that is the decision: nothing else is considered
+             | _permit(_progress(...)) otherwise: everything else, and a raise needs permission
+    return _report_refusal(decision)   R3: each refusal reported once
+
+The rules
+---------
+R1  The check is always judged. Completing an unfinished write, adopting an outside change, a
+    policy change, a command, a refusal: none of them skips ``_count_evidence``, and
+    ``_protection`` reads only what it counted. A FAIL while the target carries traffic always
+    advances the failure count; reaching ``failureThreshold`` always rolls back.
+R2  A rollback always wins and is remembered. It is a pending ``Intent(rollback=True)`` in the
+    state until both Services show it; ``_protection`` returns it on every tick until then (a later
+    PASS cannot cancel it), and while it is pending nothing else is written.
+R3  Refusal stops advancing, never protection. A refusal (a missing receiver secret, an access
+    review that denies a patch, a Service that lost its CLB annotations, an unreadable state, an
+    invalid policy file) reaches only ``_permit``, which turns a write that would raise the ASM
+    gateway's share into a hold. Observation, counting and rollback go on. Each refusal is
+    reported once (remembered in ``state.refusal``).
+R4  A bake is covered by evidence. The bake clock runs only across a run of passing checks, each
+    at most ``COVERAGE_GAP_INTERVALS`` intervals after the previous one: an inconclusive check
+    closes the run (the time after its last pass is not counted), a gap (the controller down, a
+    scheduler stall) starts a new run, and a FAIL empties the bake. A step advances on a passing
+    check once the covered time (``state.covered_seconds``) reaches ``bakeTime``; one pass after a
+    long gap covers nothing. A restart closes the open run uncounted (the time of its last pass is
+    not stored, so a healthy bake writes nothing).
+R5  Terminal means terminal. Promoted and RolledBack are left only by an operator's retry or a
+    policy change. A weight edit seen there is adopted and reported once, and never re-arms a
+    rollback. A state that cannot be read becomes ``recovered_state``: Paused at the weights seen
+    (rollback armed while the target carries traffic), waiting for an operator; never a Start.
+R6  Counters per cause. Inconclusive checks are counted per cause since the last pass, each
+    compared with its own limit (``onMissingData`` for no data, too few requests and NaN;
+    ``onMetricsUnavailable`` for Prometheus errors).
+R7  The baseline must be real. Starting (0 -> first step) needs a check whose baseline passed:
+    every query answered and the source had ``minRequests``; an erroring source is not ready.
+
+Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
+change is adopted and reported, never fought), with rollback still armed; an unfinished raise is
+completed only with the permission a raise needs.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from controller.core.enums import (
     AlertKind,
     Command,
-    GatewayRole,
     InconclusiveCause,
     OnInconclusive,
     Phase,
@@ -43,9 +65,28 @@ from controller.core.enums import (
 from controller.core.policy import CanaryPolicy, InconclusivePolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import FULL, Weights, next_target_weight, target_steps, weights_for
-from controller.core.state import RolloutState
+from controller.core.state import Intent, RolloutState
 
-__all__ = ["Action", "Decision", "Observation", "decide", "initial_state"]
+__all__ = [
+    "ARMED_PHASES",
+    "COVERAGE_GAP_INTERVALS",
+    "TERMINAL_PHASES",
+    "Action",
+    "Decision",
+    "Notice",
+    "Observation",
+    "decide",
+    "initial_state",
+    "raises_share",
+    "recovered_state",
+]
+
+#: Phases in which a failing target that carries traffic is rolled back.
+ARMED_PHASES = frozenset({Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED})
+#: Phases left only by an operator's retry or a policy change (R5).
+TERMINAL_PHASES = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK})
+#: Two passing checks further apart than this many intervals do not cover the time between (R4).
+COVERAGE_GAP_INTERVALS = 2
 
 
 class Action(enum.StrEnum):
@@ -62,314 +103,219 @@ class Action(enum.StrEnum):
     RETRY = "Retry"
     RESTART_BAKE = "RestartBake"
     COMPLETE_WRITE = "CompleteWrite"
+    ADOPT = "Adopt"
 
 
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """What the edges saw this tick: the Services' weights, the check, an operator command.
+    """What the edges saw this tick.
 
-    ``check`` is None when no check ran (e.g. a command-only tick); a later issue adds a check
-    that is "not yet confirmed" (weight change not yet seen in the traffic), which the rules
-    already treat like any other non-PASS, non-FAIL verdict.
+    ``check`` is None when no check ran (terminal phases). ``refusal`` says why this policy may
+    not raise a weight now (R3); it never stops anything else.
     """
 
     target_weight: int | None
     source_weight: int | None
     check: CheckResult | None = None
     command: Command | None = None
+    refusal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An alert (and Event) the decision asks for."""
+
+    kind: AlertKind
+    severity: Severity
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The new state and what to do about it."""
+    """The new state, what to write now, and whom to tell.
+
+    ``weights`` is what to write this tick (None: nothing); ``state.pending`` the intent the
+    runner records before writing. ``force`` writes even over a concurrent change (rollbacks).
+    """
 
     state: RolloutState
     action: Action
     weights: Weights | None = None
-    alert: AlertKind | None = None
-    severity: Severity = Severity.INFO
+    notices: tuple[Notice, ...] = ()
     transition: bool = False
+    force: bool = False
 
     @property
     def reason(self) -> str:
         """Why, in a sentence (the new state's reason)."""
         return self.state.reason
 
+    def notify(self, *notices: Notice) -> Decision:
+        """The same decision with more notices."""
+        return replace(self, notices=self.notices + notices)
+
 
 def initial_state(policy: CanaryPolicy, observed: Observation, now: datetime) -> RolloutState:
-    """State for a policy seen for the first time (or whose stored state was unreadable).
+    """State for a policy seen for the first time (no stored state at all).
 
     An annotated non-zero target weight is adopted as the current step: the rollout must bake
     and pass there before going higher, so nothing unverified is ever raised.
     """
     target = observed.target_weight or 0
-    if target > 0:
-        return RolloutState(
-            policy=policy.name,
-            fingerprint=policy.rollout_fingerprint(),
-            phase=Phase.PROMOTED if target >= FULL else Phase.PROGRESSING,
-            reason=f"adopted the target weight {target} found on the Service; baking before going higher",
-            target_weight=target,
-            source_weight=observed.source_weight,
-            changed_at=now,
-            step_started_at=now,
-        )
-    return RolloutState(
+    base = RolloutState(
         policy=policy.name,
         fingerprint=policy.rollout_fingerprint(),
         phase=Phase.PENDING,
         reason="waiting for a check that shows metrics reachable and traffic on the source",
-        target_weight=0,
+        target_weight=target,
         source_weight=observed.source_weight,
         changed_at=now,
+    )
+    if target > 0:
+        return base.evolve(
+            phase=Phase.PROMOTED if target >= FULL else Phase.PROGRESSING,
+            reason=f"adopted the target weight {target} found on the Service; baking before going higher",
+            step_started_at=now,
+        )
+    return base
+
+
+def recovered_state(policy: CanaryPolicy, observed: Observation, now: datetime, why: str) -> RolloutState:
+    """State for a policy whose stored state cannot be read (R5).
+
+    Never a Start and never a silent restart of a rolled-back rollout: Paused at the weights the
+    Services show, rollback armed while the target carries traffic, waiting for an operator
+    (resume, retry, or a policy change).
+    """
+    return RolloutState(
+        policy=policy.name,
+        fingerprint=policy.rollout_fingerprint(),
+        phase=Phase.PAUSED,
+        reason=(
+            f"stored state cannot be used ({why}); holding at the weights the Services show, rollback armed; "
+            "resume or change the policy to continue"
+        ),
+        target_weight=observed.target_weight or 0,
+        source_weight=observed.source_weight,
+        changed_at=now,
+        step_started_at=now,
     )
 
 
 def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision:
-    """The single entry point: apply commands, then drift, then policy change, then the check."""
-    if observed.command is not None:
-        commanded = _apply_command(policy, state, observed, now)
-        if commanded is not None:
-            return commanded
-    if state.source_weight_before is not None and observed.source_weight == state.source_weight:
-        state = state.evolve(source_weight_before=None)  # our last write is complete
-    unfinished = _complete_unfinished_write(state, observed)
-    if unfinished is not None:
-        return unfinished
-    drift = _detect_external_change(state, observed, now)
-    if drift is not None:
-        return drift
-    if state.fingerprint != policy.rollout_fingerprint():
-        return _policy_changed(policy, state, now)
-    if state.phase is Phase.PROMOTED or state.phase is Phase.ROLLED_BACK:
-        return Decision(state=state, action=Action.NONE)
-    if observed.check is None:
-        return Decision(state=state, action=Action.NONE)
-    return _judge(policy, state, observed, observed.check, now)
+    """Count the evidence, protect, then progress with permission; see the module docstring."""
+    writes, written = _reconcile_writes(state, observed)
+    counted = _count_evidence(policy, written, observed.check, now)
+    why_rollback = _protection(policy, counted, observed)
+    if why_rollback is not None:
+        decision = _rollback(policy, counted, observed, now, why_rollback)
+    else:
+        decision = _permit(_progress(policy, counted, observed, writes, now), counted, observed)
+    return _report_refusal(_report_stuck(policy, decision), observed.refusal)
 
 
-# --- the parts, in the order decide() consults them ---------------------------------------------
+# --- 1. what the Services show against what we last wrote ------------------------------------
 
 
-def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision | None:
-    command = observed.command
-    if command is Command.ABORT and state.phase not in (Phase.ROLLED_BACK, Phase.PROMOTED):
-        return _rollback(policy, state, observed, now, "aborted by an operator")
-    if command is Command.RETRY and state.phase is Phase.ROLLED_BACK:
-        fresh = _reset_step(state, now).evolve(
-            phase=Phase.PENDING, reason="retry requested by an operator", changed_at=now
-        )
-        return Decision(state=fresh, action=Action.RETRY, transition=True)
-    if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING):
-        paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
-        return Decision(state=paused, action=Action.PAUSE, transition=True)
-    if command is Command.RESUME and state.phase is Phase.PAUSED:
-        phase = Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
-        resumed = _reset_step(state, now).evolve(
-            phase=phase, reason="resumed by an operator; the bake at this step restarts", changed_at=now
-        )
-        return Decision(state=resumed, action=Action.RESUME, transition=True)
-    return None
+class _Writes(enum.StrEnum):
+    SETTLED = "settled"  # the Services show what the state says
+    UNFINISHED = "unfinished"  # our own recorded change, partly visible
+    EXTERNAL = "external"  # someone else changed a weight
 
 
-def _complete_unfinished_write(state: RolloutState, observed: Observation) -> Decision | None:
-    """Finish a weight change whose source write did not land (crash or API error between patches).
+def _reconcile_writes(state: RolloutState, observed: Observation) -> tuple[_Writes, RolloutState]:
+    """Classify what the Services show; a change they fully show is no longer pending.
 
-    The target patch carries the state, so a state that names a source weight the Service does not
-    show, while the Service still shows the weight from before the change, is our own unfinished
-    write, not someone else's edit. (decide() clears the marker once the source shows the new weight.)
+    A target weight that cannot be read (None: absent or malformed, which the adapter refuses) is
+    not taken for an outside change: the refusal says it, and the rollback stays armed.
     """
-    before = state.source_weight_before
-    if before is not None and observed.target_weight == state.target_weight and observed.source_weight == before:
-        return Decision(
-            state=state.evolve(reason=f"{state.reason} (completing the source weight write)"),
-            action=Action.COMPLETE_WRITE,
-            weights=Weights(state.target_weight, state.source_weight),
-        )
-    return None
+    seen_target = state.target_weight if observed.target_weight is None else observed.target_weight
+    intent = state.pending
+    if intent is None:
+        moved = seen_target != state.target_weight or observed.source_weight != state.source_weight
+        return (_Writes.EXTERNAL if moved else _Writes.SETTLED), state
+    target_done = seen_target == intent.target
+    source_done = intent.source is None or observed.source_weight == intent.source
+    if target_done and source_done:
+        return _Writes.SETTLED, state.evolve(pending=None)
+    target_ours = target_done or seen_target == intent.from_target
+    source_ours = source_done or observed.source_weight == intent.from_source
+    return (_Writes.UNFINISHED if target_ours and source_ours else _Writes.EXTERNAL), state
 
 
-def _detect_external_change(state: RolloutState, observed: Observation, now: datetime) -> Decision | None:
-    target_moved = observed.target_weight is not None and observed.target_weight != state.target_weight
-    source_moved = state.source_weight is not None and observed.source_weight != state.source_weight
-    if not (target_moved or source_moved):
-        return None
-    expected = Weights(state.target_weight, state.source_weight)
-    seen = Weights(observed.target_weight or 0, observed.source_weight)
-    paused = state.evolve(
-        phase=Phase.PAUSED if state.phase is not Phase.ROLLED_BACK else state.phase,
-        reason=(
-            f"weights changed outside gateway-canary: found {seen}, expected {expected}; "
-            "adopted them and paused (resume or change the policy to continue)"
-        ),
-        target_weight=seen.target,
-        source_weight=seen.source,
-        changed_at=now,
-    )
-    return Decision(
-        state=paused,
-        action=Action.PAUSE,
-        alert=AlertKind.WEIGHT_CHANGED_EXTERNALLY,
-        severity=Severity.WARNING,
-        transition=True,
-    )
+# --- 2. the evidence: always counted (R1, R4, R6) ----------------------------------------------
 
 
-def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decision:
-    updated = _reset_step(state, now).evolve(fingerprint=policy.rollout_fingerprint(), changed_at=now)
-    if state.phase is Phase.ROLLED_BACK:
-        pending = updated.evolve(phase=Phase.PENDING, reason="policy changed after a rollback; starting again")
-        return Decision(state=pending, action=Action.RETRY, transition=True)
-    if state.phase is Phase.PROMOTED:
-        return Decision(
-            state=updated.evolve(reason="policy changed after promotion; nothing to do"), action=Action.NONE
-        )
-    phase = state.phase
-    if phase is Phase.PAUSED:  # a changed policy is how a paused rollout is continued
-        phase = Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
-    restarted = updated.evolve(
-        phase=phase,
-        reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake",
-    )
-    return Decision(state=restarted, action=Action.RESTART_BAKE, transition=True)
-
-
-def _judge(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, check: CheckResult, now: datetime
-) -> Decision:
-    analysis = policy.spec.analysis
+def _count_evidence(
+    policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime
+) -> RolloutState:
+    if check is None:
+        return state
     if check.verdict is Verdict.FAIL:
-        failures = state.consecutive_failures + 1
-        gate = check.failing[0].gate if check.failing else None
-        failed = state.evolve(
-            consecutive_failures=failures,
+        return state.evolve(
+            consecutive_failures=state.consecutive_failures + 1,
             last_verdict=Verdict.FAIL,
-            last_failed_gate=gate,
-            first_pass_at=None,
-            step_started_at=now if state.phase is not Phase.PENDING else state.step_started_at,
+            last_failed_gate=check.failing[0].gate if check.failing else None,
+            baked_seconds=0.0,
+            run_started_at=None,
+            last_pass_at=None,
         )
-        if failures >= analysis.failure_threshold and state.target_weight > 0:
-            return _rollback(
-                policy,
-                failed,
-                observed,
-                now,
-                f"{failures} consecutive failed check(s) (threshold {analysis.failure_threshold}): {check.reason}",
-            )
-        return Decision(
-            state=failed.evolve(
-                reason=f"check failed ({failures}/{analysis.failure_threshold}); bake restarts: {check.reason}"
-            ),
-            action=Action.HOLD,
-        )
-    if check.verdict is Verdict.PASS:
-        passed = state.evolve(
-            consecutive_failures=0,
-            consecutive_inconclusive=0,
-            inconclusive_cause=None,
-            stuck_reported=False,
-            last_verdict=Verdict.PASS,
-            last_failed_gate=None,
-            first_pass_at=state.first_pass_at or now,
-        )
-        return _maybe_advance(policy, passed, check, now)
-    return _inconclusive(policy, state, observed, check, now)
-
-
-def _inconclusive(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, check: CheckResult, now: datetime
-) -> Decision:
-    cause = check.cause or InconclusiveCause.NO_DATA
-    if state.phase is Phase.PENDING and _baseline_ready(check):
-        return _start(policy, state, now)
-    count = state.consecutive_inconclusive + 1
-    limits = _limit_for(policy, cause)
-    waiting = state.evolve(consecutive_inconclusive=count, inconclusive_cause=cause, last_verdict=Verdict.INCONCLUSIVE)
-    if count < limits.after_checks:
-        return Decision(
-            state=waiting.evolve(reason=f"inconclusive ({count}/{limits.after_checks}): {check.reason}"),
-            action=Action.HOLD,
-        )
-    if limits.action is OnInconclusive.ROLLBACK and state.target_weight > 0:
-        return _rollback(
-            policy,
-            waiting,
-            observed,
-            now,
-            f"{count} inconclusive checks in a row ({cause.value}), policy says rollback: {check.reason}",
-        )
-    reason = f"stuck: {count} inconclusive checks in a row ({cause.value}), holding: {check.reason}"
-    if state.stuck_reported:
-        return Decision(state=waiting.evolve(reason=reason), action=Action.HOLD)
-    return Decision(
-        state=waiting.evolve(reason=reason, stuck_reported=True),
-        action=Action.HOLD,
-        alert=AlertKind.STUCK_INCONCLUSIVE,
-        severity=Severity.WARNING,
+    if check.verdict is Verdict.INCONCLUSIVE:
+        cause = check.cause or InconclusiveCause.NO_DATA
+        return _close_run(state.count_inconclusive(cause)).evolve(last_verdict=Verdict.INCONCLUSIVE)
+    passed = state.evolve(
+        consecutive_failures=0,
+        inconclusive=(),
+        stuck_reported=(),
+        last_verdict=Verdict.PASS,
+        last_failed_gate=None,
     )
+    if state.pending is not None:  # a step is baked only once it is fully written
+        return passed.evolve(run_started_at=None, last_pass_at=None)
+    if _extends_run(policy, state, now):
+        return passed.evolve(last_pass_at=now)
+    return _close_run(passed).evolve(run_started_at=now, last_pass_at=now)
 
 
-def _maybe_advance(policy: CanaryPolicy, state: RolloutState, check: CheckResult, now: datetime) -> Decision:
-    if state.phase is Phase.PENDING:
-        return _start(policy, state, now)
-    if state.phase is Phase.PAUSED:
-        return Decision(state=state.evolve(reason=f"paused; check passed: {check.reason}"), action=Action.HOLD)
-    bake = policy.spec.schedule.bake_time
-    started = state.step_started_at or now
-    elapsed = now - started
-    if elapsed < bake:
-        # Stable wording (no elapsed time): the reason is persisted, and an unchanged state is not rewritten.
-        until = (started + bake).isoformat()
-        return Decision(
-            state=state.evolve(reason=f"baking at target weight {state.target_weight} until {until}; checks pass"),
-            action=Action.NONE,
+def _extends_run(policy: CanaryPolicy, state: RolloutState, now: datetime) -> bool:
+    """A pass extends the current run if the previous pass is at most a few intervals back (R4)."""
+    if state.run_started_at is None or state.last_pass_at is None:
+        return False
+    gap = now - state.last_pass_at
+    return timedelta(0) <= gap <= policy.spec.analysis.interval * COVERAGE_GAP_INTERVALS
+
+
+def _close_run(state: RolloutState) -> RolloutState:
+    """End the current run of passes, keeping what it covered up to its last pass."""
+    return state.evolve(baked_seconds=state.covered_seconds, run_started_at=None, last_pass_at=None)
+
+
+# --- 3. protection: does the evidence demand a rollback? (R1, R2) ------------------------------
+
+
+def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation) -> str | None:
+    """Why the target must go to 0 now, or None. Reads only counted evidence and the pending write."""
+    pending = state.pending
+    if pending is not None and pending.rollback:
+        return "the rollback is not fully written yet; writing it again"
+    if observed.command is Command.ABORT and state.phase in ARMED_PHASES:
+        return "aborted by an operator"
+    carries_traffic = max(state.target_weight, observed.target_weight or 0) > 0
+    if state.phase not in ARMED_PHASES or not carries_traffic:
+        return None
+    analysis = policy.spec.analysis
+    check = observed.check
+    evidence = f": {check.reason}" if check is not None else ""
+    if state.consecutive_failures >= analysis.failure_threshold:
+        return (
+            f"{state.consecutive_failures} consecutive failed check(s) "
+            f"(threshold {analysis.failure_threshold}){evidence}"
         )
-    upcoming = next_target_weight(policy.spec.schedule, state.target_weight)
-    if upcoming is None:
-        return _promote(policy, state, now)
-    return _step_to(policy, state, upcoming, now, Action.ADVANCE)
-
-
-def _start(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decision:
-    first = target_steps(policy.spec.schedule)[0]
-    return _step_to(policy, state, first, now, Action.START)
-
-
-def _step_to(policy: CanaryPolicy, state: RolloutState, weight: int, now: datetime, action: Action) -> Decision:
-    if weight >= FULL:
-        return _promote(policy, state, now)
-    weights = _never_both_zero(weights_for(weight, policy.spec.schedule.weight_mode), state.source_weight)
-    moved = _reset_step(state, now).evolve(
-        phase=Phase.PROGRESSING,
-        reason=f"target weight {state.target_weight} -> {weight} after a passing bake",
-        target_weight=weights.target,
-        source_weight=weights.source if weights.source is not None else state.source_weight,
-        source_weight_before=_before(weights, state),
-        changed_at=now,
-    )
-    if action is Action.START:
-        moved = moved.evolve(reason=f"started: target weight 0 -> {weight}; metrics reachable, source has traffic")
-    return Decision(state=moved, action=action, weights=weights, transition=True)
-
-
-def _promote(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decision:
-    weights = weights_for(FULL, policy.spec.schedule.weight_mode, promoted=True)
-    promoted = _reset_step(state, now).evolve(
-        phase=Phase.PROMOTED,
-        reason=f"promoted: target weight {state.target_weight} -> {FULL}, source -> {weights.source}",
-        target_weight=weights.target,
-        source_weight=weights.source,
-        source_weight_before=_before(weights, state),
-        changed_at=now,
-    )
-    return Decision(
-        state=promoted,
-        action=Action.PROMOTE,
-        weights=weights,
-        alert=AlertKind.PROMOTED,
-        severity=Severity.INFO,
-        transition=True,
-    )
+    for cause, count in state.inconclusive:
+        limit = _limit_for(policy, cause)
+        if limit.action is OnInconclusive.ROLLBACK and count >= limit.after_checks:
+            return f"{count} inconclusive checks ({cause.value}) since the last pass, policy says rollback{evidence}"
+    return None
 
 
 def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str) -> Decision:
@@ -377,44 +323,321 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
     weights = weights_for(0, mode)
     if mode is WeightMode.TARGET_ONLY:
         weights = _never_both_zero(weights, observed.source_weight)
+    retry = state.pending is not None and state.pending.rollback
+    intent = Intent(
+        target=0,
+        source=weights.source,
+        from_target=observed.target_weight,
+        from_source=observed.source_weight,
+        rollback=True,
+    )
     rolled = state.evolve(
         phase=Phase.ROLLED_BACK,
-        reason=f"rolled back from target weight {state.target_weight}: {why}",
         target_weight=0,
-        source_weight=weights.source if weights.source is not None else state.source_weight,
-        source_weight_before=_before(weights, state),
+        source_weight=weights.source if weights.source is not None else observed.source_weight,
+        pending=intent,
+    )
+    if retry:  # R2: the same rollback again; told once, when it was decided
+        return Decision(state=rolled, action=Action.ROLLBACK, weights=weights, force=True)
+    rolled = rolled.evolve(
+        reason=f"rolled back from target weight {state.target_weight}: {why}",
         changed_at=now,
         step_started_at=None,
-        first_pass_at=None,
+        baked_seconds=0.0,
+        run_started_at=None,
+        last_pass_at=None,
     )
     return Decision(
         state=rolled,
         action=Action.ROLLBACK,
         weights=weights,
-        alert=AlertKind.ROLLED_BACK,
-        severity=Severity.CRITICAL,
+        notices=(Notice(AlertKind.ROLLED_BACK, Severity.CRITICAL, rolled.reason),),
+        transition=True,
+        force=True,
+    )
+
+
+# --- 4. everything else, in order of precedence ---------------------------------------------------
+
+
+def _progress(
+    policy: CanaryPolicy, state: RolloutState, observed: Observation, writes: _Writes, now: datetime
+) -> Decision:
+    if writes is _Writes.EXTERNAL:
+        return _adopt_external_change(state, observed, now)
+    if writes is _Writes.UNFINISHED:
+        return _complete(state)
+    commanded = _apply_command(state, observed.command, now)
+    if commanded is not None:
+        return commanded
+    if state.fingerprint != policy.rollout_fingerprint():
+        return _policy_changed(policy, state, now)
+    check = observed.check
+    if state.phase in TERMINAL_PHASES or check is None:
+        return Decision(state=state, action=Action.NONE)
+    if state.phase is Phase.PENDING:
+        return _start(policy, state, observed, now)
+    if state.phase is Phase.PAUSED:
+        return Decision(state=state, action=Action.HOLD)
+    return _progressing(policy, state, observed, check, now)
+
+
+def _adopt_external_change(state: RolloutState, observed: Observation, now: datetime) -> Decision:
+    """Someone else moved a weight: adopt it, say so once, never fight it."""
+    intent = state.pending
+    expected = Weights(state.target_weight, state.source_weight)
+    in_progress = ""
+    if intent is not None:  # what stood before our change, or the change itself
+        expected = Weights(intent.from_target or 0, intent.from_source)
+        in_progress = f" (or {intent.weights}, a change in progress)"
+    seen = Weights(
+        state.target_weight if observed.target_weight is None else observed.target_weight, observed.source_weight
+    )
+    terminal = state.phase in TERMINAL_PHASES
+    what = f"weights changed outside gateway-canary: found {seen}, expected {expected}{in_progress}"
+    # R5: a terminal rollout stays terminal; a live one pauses with its rollback still armed.
+    reason = (
+        f"{what}; adopted them, the rollout stays {state.phase.value}"
+        if terminal
+        else f"{what}; adopted them and paused (resume or change the policy to continue)"
+    )
+    adopted = state.evolve(
+        phase=state.phase if terminal else Phase.PAUSED,
+        reason=reason,
+        target_weight=seen.target,
+        source_weight=seen.source,
+        pending=None,
+        changed_at=now,
+    )
+    return Decision(
+        state=adopted,
+        action=Action.ADOPT if terminal else Action.PAUSE,
+        notices=(Notice(AlertKind.WEIGHT_CHANGED_EXTERNALLY, Severity.WARNING, reason),),
         transition=True,
     )
+
+
+def _complete(state: RolloutState) -> Decision:
+    """Finish our own change that is partly visible (crash, API error or conflict between the writes)."""
+    assert state.pending is not None  # _reconcile_writes says UNFINISHED only with an intent
+    return Decision(
+        state=state.evolve(reason=_completing_reason(state)),
+        action=Action.COMPLETE_WRITE,
+        weights=state.pending.weights,
+    )
+
+
+def _apply_command(state: RolloutState, command: Command | None, now: datetime) -> Decision | None:
+    """Operator commands (ABORT is protection's, in ``_protection``)."""
+    if command is Command.RETRY and state.phase is Phase.ROLLED_BACK:
+        fresh = _reset_step(state, now).evolve(phase=Phase.PENDING, reason="retry requested by an operator")
+        return Decision(state=fresh, action=Action.RETRY, transition=True)
+    if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING):
+        paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
+        return Decision(state=paused, action=Action.PAUSE, transition=True)
+    if command is Command.RESUME and state.phase is Phase.PAUSED:
+        resumed = _reset_step(state, now).evolve(
+            phase=Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING,
+            reason="resumed by an operator; the bake at this step restarts",
+        )
+        return Decision(state=resumed, action=Action.RESUME, transition=True)
+    return None
+
+
+def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decision:
+    updated = state.evolve(fingerprint=policy.rollout_fingerprint())
+    if state.phase is Phase.PROMOTED:
+        return Decision(
+            state=updated.evolve(reason="policy changed after promotion; nothing to do"), action=Action.NONE
+        )
+    restarted = _reset_step(updated, now)
+    if state.phase is Phase.ROLLED_BACK:
+        pending = restarted.evolve(phase=Phase.PENDING, reason="policy changed after a rollback; starting again")
+        return Decision(state=pending, action=Action.RETRY, transition=True)
+    phase = state.phase
+    if phase is Phase.PAUSED:  # a changed policy is how a paused rollout is continued
+        phase = Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
+    restarted = restarted.evolve(
+        phase=phase, reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake"
+    )
+    return Decision(state=restarted, action=Action.RESTART_BAKE, transition=True)
+
+
+def _start(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision:
+    """Pending: start once the baseline is real (R7); the target cannot have traffic of its own yet."""
+    why_not = _start_blocker(observed.check)
+    if why_not is not None:
+        return Decision(state=state.evolve(reason=f"waiting to start: {why_not}"), action=Action.HOLD)
+    first = target_steps(policy.spec.schedule)[0]
+    return _step_to(policy, state, observed, first, now, action=Action.START)
+
+
+def _progressing(
+    policy: CanaryPolicy, state: RolloutState, observed: Observation, check: CheckResult, now: datetime
+) -> Decision:
+    if check.verdict is Verdict.FAIL:
+        threshold = policy.spec.analysis.failure_threshold
+        return Decision(
+            state=state.evolve(
+                reason=f"check failed ({state.consecutive_failures}/{threshold}); bake restarts: {check.reason}"
+            ),
+            action=Action.HOLD,
+        )
+    if check.verdict is Verdict.INCONCLUSIVE:
+        cause = check.cause or InconclusiveCause.NO_DATA
+        limit = _limit_for(policy, cause)
+        count = state.inconclusive_count(cause)
+        return Decision(
+            state=state.evolve(reason=f"inconclusive ({cause.value} {count}/{limit.after_checks}): {check.reason}"),
+            action=Action.HOLD,
+        )
+    bake = policy.spec.schedule.bake_time.total_seconds()
+    if state.covered_seconds < bake:
+        # Stable wording (no running numbers): the state is persisted only when it changes.
+        return Decision(
+            state=state.evolve(
+                reason=f"baking at target weight {state.target_weight}: checks pass, {bake:g}s of passing checks needed"
+            ),
+            action=Action.NONE,
+        )
+    upcoming = next_target_weight(policy.spec.schedule, state.target_weight)
+    return _step_to(policy, state, observed, upcoming if upcoming is not None else FULL, now, action=Action.ADVANCE)
+
+
+def _step_to(
+    policy: CanaryPolicy, state: RolloutState, observed: Observation, weight: int, now: datetime, *, action: Action
+) -> Decision:
+    promoting = weight >= FULL
+    mode = policy.spec.schedule.weight_mode
+    weights = weights_for(FULL, mode, promoted=True) if promoting else weights_for(weight, mode)
+    weights = _never_both_zero(weights, observed.source_weight)
+    intent = Intent(
+        target=weights.target,
+        source=weights.source,
+        from_target=observed.target_weight,
+        from_source=observed.source_weight,
+    )
+    if promoting:
+        reason = f"promoted: target weight {state.target_weight} -> {FULL}, source -> {weights.source}"
+    elif action is Action.START:
+        reason = f"started: target weight 0 -> {weight}; baseline ready: source has traffic, metrics answer"
+    else:
+        reason = f"target weight {state.target_weight} -> {weight} after a covered bake"
+    moved = _reset_step(state, now).evolve(
+        phase=Phase.PROMOTED if promoting else Phase.PROGRESSING,
+        reason=reason,
+        target_weight=weights.target,
+        source_weight=weights.source if weights.source is not None else state.source_weight,
+        pending=intent,
+    )
+    notices = (Notice(AlertKind.PROMOTED, Severity.INFO, reason),) if promoting else ()
+    return Decision(
+        state=moved,
+        action=Action.PROMOTE if promoting else action,
+        weights=weights,
+        notices=notices,
+        transition=True,
+    )
+
+
+# --- 5. permission: a raise needs evidence and no refusal (R3, R7) --------------------------------
+
+
+def raises_share(weights: Weights, target: int | None, source: int | None) -> bool:
+    """Whether writing ``weights`` over (``target``, ``source``) gives the ASM gateway a larger share."""
+    up = weights.target > (target or 0)
+    source_down = weights.source is not None and source is not None and weights.source < source
+    return up or (source_down and weights.target > 0)
+
+
+def _permit(proposal: Decision, counted: RolloutState, observed: Observation) -> Decision:
+    """Let a write that raises the ASM share through only on this tick's evidence and no refusal.
+
+    A refused new step is dropped (the state stays as counted); a refused completion of an
+    unfinished raise keeps its intent and waits.
+    """
+    weights = proposal.weights
+    if weights is None or not raises_share(weights, observed.target_weight, observed.source_weight):
+        return proposal
+    blocker = observed.refusal or _raise_blocker(observed.check, observed.target_weight or 0)
+    if blocker is None:
+        return proposal
+    if proposal.action is Action.COMPLETE_WRITE:
+        held = proposal.state.evolve(reason=f"unfinished weight change waits: {blocker}")
+    else:
+        held = counted.evolve(reason=f"not raising the weight: {blocker}")
+    return Decision(state=held, action=Action.HOLD)
+
+
+def _raise_blocker(check: CheckResult | None, from_target: int) -> str | None:
+    """What this tick's evidence lacks for a raise: a pass, or at weight 0 a real baseline (R7)."""
+    if from_target == 0:
+        return _start_blocker(check)
+    if check is None:
+        return "no check this tick"
+    if check.verdict is not Verdict.PASS:
+        return f"this tick's check is {check.verdict.value}: {check.reason}"
+    return None
+
+
+def _start_blocker(check: CheckResult | None) -> str | None:
+    if check is None:
+        return "no check this tick"
+    if check.verdict is Verdict.FAIL:
+        return f"check failed: {check.reason}"
+    if check.baseline.verdict is not Verdict.PASS:
+        return check.baseline.reason
+    if check.verdict is Verdict.INCONCLUSIVE and check.cause is not InconclusiveCause.TOO_FEW_REQUESTS:
+        return f"inconclusive: {check.reason}"
+    return None
+
+
+# --- 6. telling people: once per refusal and per stuck cause (R3, R6) ----------------------------
+
+
+def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
+    state = decision.state
+    if refusal == state.refusal:
+        return decision
+    updated = replace(decision, state=state.evolve(refusal=refusal))
+    if refusal is None:
+        return updated
+    why = f"refused to raise weights (observing and rollback continue): {refusal}"
+    return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.WARNING, why))
+
+
+def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:
+    """Warn once per cause whose count reached its limit without a rollback."""
+    state = decision.state
+    if decision.action is Action.ROLLBACK:
+        return decision
+    stuck = [
+        (cause, count)
+        for cause, count in state.inconclusive
+        if count >= _limit_for(policy, cause).after_checks and cause not in state.stuck_reported
+    ]
+    if not stuck:
+        return decision
+    reason = "; ".join(
+        f"stuck: {count} inconclusive checks ({cause.value}) since the last pass, holding" for cause, count in stuck
+    )
+    reported = state.evolve(stuck_reported=tuple(sorted({*state.stuck_reported, *(c for c, _ in stuck)})))
+    return replace(decision, state=reported).notify(Notice(AlertKind.STUCK_INCONCLUSIVE, Severity.WARNING, reason))
 
 
 # --- small helpers -------------------------------------------------------------------------------
 
 
-def _before(weights: Weights, state: RolloutState) -> int | None:
-    """The source weight a change replaces, when the change writes the source at all."""
-    if weights.source is None or weights.source == state.source_weight:
-        return None
-    return state.source_weight
-
-
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
     return state.evolve(
         step_started_at=now,
-        first_pass_at=None,
+        changed_at=now,
+        baked_seconds=0.0,
+        run_started_at=None,
+        last_pass_at=None,
         consecutive_failures=0,
-        consecutive_inconclusive=0,
-        inconclusive_cause=None,
-        stuck_reported=False,
+        inconclusive=(),
+        stuck_reported=(),
     )
 
 
@@ -425,13 +648,13 @@ def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:
     return weights
 
 
-def _baseline_ready(check: CheckResult) -> bool:
-    """At weight 0 the target has no traffic by design; the source and Prometheus must be fine."""
-    return check.cause is InconclusiveCause.TOO_FEW_REQUESTS and check.starved == (GatewayRole.TARGET,)
-
-
 def _limit_for(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePolicy:
     analysis = policy.spec.analysis
     if cause is InconclusiveCause.METRICS_UNAVAILABLE:
         return analysis.on_metrics_unavailable
     return analysis.on_missing_data
+
+
+def _completing_reason(state: RolloutState) -> str:
+    suffix = " (completing the weight write)"
+    return state.reason if state.reason.endswith(suffix) else state.reason + suffix

@@ -14,6 +14,7 @@ __all__ = [
     "GatewayRole",
     "InconclusiveCause",
     "Measure",
+    "OnEmpty",
     "OnInconclusive",
     "Phase",
     "Severity",
@@ -63,6 +64,13 @@ class OnInconclusive(enum.StrEnum):
     ROLLBACK = "rollback"
 
 
+class OnEmpty(enum.StrEnum):
+    """What an empty answer (no series) to a custom gate's query means."""
+
+    ZERO = "zero"
+    INCONCLUSIVE = "inconclusive"
+
+
 class GatewayRole(enum.StrEnum):
     """Which side of the migration a value belongs to."""
 
@@ -97,6 +105,7 @@ class AlertKind(enum.StrEnum):
     POLICY_REMOVED = "PolicyRemoved"
     WEIGHT_CHANGED_EXTERNALLY = "WeightChangedExternally"
     POLICY_INVALID = "PolicyInvalid"
+    TICK_FAILED = "TickFailed"
 
 
 class Command(enum.StrEnum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from controller.core.enums import InconclusiveCause, Verdict
+from controller.core.enums import GatewayRole, InconclusiveCause, OnEmpty, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome
 
@@ -170,9 +170,14 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
         baseline = source.custom.get(custom.name)
 
         def measured(
-            o: QueryOutcome = outcome, b: QueryOutcome | None = baseline, name: str = custom.name
+            o: QueryOutcome = outcome,
+            b: QueryOutcome | None = baseline,
+            name: str = custom.name,
+            zero: bool = custom.on_empty is OnEmpty.ZERO,
         ) -> tuple[float, float | None]:
             base = b.value if b is not None and b.has_number else None
+            if zero and o.error is None and o.value is None:
+                return 0.0, base  # the policy says an empty answer means "none of it"
             return _number(o, f"target {name}"), base
 
         if custom.max is not None:
@@ -212,5 +217,42 @@ def _combine(
     else:
         verdict, reason = Verdict.PASS, "; ".join(r.reason for r in results)
     return CheckResult(
-        verdict=verdict, gates=results, reason=reason, cause=cause, starved=starved, source=source, target=target
+        verdict=verdict,
+        gates=results,
+        reason=reason,
+        cause=cause,
+        starved=starved,
+        source=source,
+        target=target,
+        baseline=_baseline(source, target, minimum),
+    )
+
+
+def _baseline(source: GatewaySamples, target: GatewaySamples, minimum: int) -> GateResult:
+    """Is the source a baseline to start against (R7)? Every query answered, enough source traffic.
+
+    An erroring query is never "ready": the source's numbers are unknown, and so is whether
+    Prometheus can see the target once it gets traffic.
+    """
+    errors = [o for samples in (source, target) for o in samples.outcomes() if o.error is not None]
+    requests = source.requests
+    count = requests.value if requests.has_number and requests.value is not None else 0.0
+    if errors:
+        verdict, cause = Verdict.INCONCLUSIVE, InconclusiveCause.METRICS_UNAVAILABLE
+        reason = f"baseline: {len(errors)} quer{'y' if len(errors) == 1 else 'ies'} failed: {errors[0].error}"
+    elif count < minimum:
+        verdict, cause = Verdict.INCONCLUSIVE, InconclusiveCause.TOO_FEW_REQUESTS
+        reason = f"baseline: {GatewayRole.SOURCE.value} had {count:.0f} requests in the window, needs {minimum}"
+    else:
+        verdict, cause = Verdict.PASS, None
+        reason = f"baseline: {GatewayRole.SOURCE.value} answered with {count:.0f} requests"
+    return GateResult(
+        gate="baseline",
+        verdict=verdict,
+        reason=reason,
+        value=None if errors else count,
+        threshold=float(minimum),
+        comparator=">=",
+        cause=cause,
+        query=requests.query.promql,
     )

@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from controller.core.durations import format_promql_duration, parse_duration
-from controller.core.enums import GatewayRole, OnInconclusive, WeightMode
+from controller.core.enums import GatewayRole, OnEmpty, OnInconclusive, WeightMode
 
 __all__ = [
     "AlertmanagerReceiver",
@@ -66,6 +66,9 @@ Duration = Annotated[
 ]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+#: Prometheus label names; names starting with "__" are reserved for Prometheus itself.
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TEMPLATE_KEY = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 #: Placeholders a custom gate's PromQL template may use; anything else is an error at load time.
 TEMPLATE_KEYS = frozenset({"selector", "window", "namespace", "workload", "service"})
@@ -110,18 +113,38 @@ class GatewaySpec(_Model):
     service: Annotated[ServiceRef, BeforeValidator(_split_service_ref)]
     workload: str | None = Field(
         default=None,
-        description="source_workload label value; defaults to the Service name",
+        max_length=253,
+        description="source_workload label value (a Kubernetes workload name); defaults to the Service name",
     )
     labels: dict[str, str] | None = Field(
         default=None,
         description="Prometheus label matchers that replace the default Istio selector entirely",
     )
 
+    @field_validator("workload")
+    @classmethod
+    def _workload_name(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(f"{value[:80]!r} is not a workload name (lowercase letters, digits, '-' and '.')")
+        return value
+
     @field_validator("labels")
     @classmethod
     def _labels_not_empty(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and not value:
+        if value is None:
+            return value
+        if not value:
             raise ValueError("an empty selector would match every gateway: name at least one label")
+        for key, text in value.items():
+            if not _LABEL_NAME.match(key) or key.startswith("__"):
+                raise ValueError(
+                    f"{key[:80]!r} is not a Prometheus label name (letters, digits and '_', not starting "
+                    "with a digit or '__')"
+                )
+            if not text:
+                raise ValueError(f"label {key}: an empty value matches every series without the label; give a value")
+            if len(text) > 1024:
+                raise ValueError(f"label {key}: value longer than 1024 characters")
         return value
 
     def selector(self) -> dict[str, str]:
@@ -285,9 +308,13 @@ class CustomGate(_Model):
     """Any PromQL, rendered per gateway with ``{{ selector }}``, ``{{ window }}`` and friends."""
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
-    query: str = Field(min_length=1)
+    query: str = Field(min_length=1, max_length=8192)
     max: float | None = None
     min: float | None = None
+    on_empty: OnEmpty = Field(
+        default=OnEmpty.INCONCLUSIVE,
+        description="what an empty answer means: 'zero' (e.g. no resets at all) or 'inconclusive' (no data)",
+    )
 
     @field_validator("query")
     @classmethod

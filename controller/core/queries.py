@@ -29,7 +29,10 @@ def render_selector(labels: dict[str, str], extra: str = "") -> str:
 
 
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """The inside of a double-quoted PromQL string literal (the escapes PromQL's lexer accepts there)."""
+    return (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    )
 
 
 class CheckQueries:
@@ -57,12 +60,15 @@ class CheckQueries:
             Measure.LATENCY,
             role,
         )
+        # Names are substituted as the inside of a PromQL string literal ("{{ workload }}" stands
+        # between quotes in a template), escaped so that no value can end the literal and widen
+        # the selector; the selector and window are PromQL syntax built here from escaped parts.
         values = {
             "selector": selector[1:-1],
             "window": window,
-            "namespace": gateway.service.namespace,
-            "workload": gateway.workload or gateway.service.name,
-            "service": gateway.service.name,
+            "namespace": _escape(gateway.service.namespace),
+            "workload": _escape(gateway.workload or gateway.service.name),
+            "service": _escape(gateway.service.name),
         }
         self.custom = {
             gate.name: RenderedQuery(_render_template(gate, values), Measure.CUSTOM, role, gate=gate.name)

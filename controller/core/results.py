@@ -116,6 +116,12 @@ class CheckResult:
     starved: tuple[GatewayRole, ...] = ()
     source: GatewaySamples | None = None
     target: GatewaySamples | None = None
+    #: whether the source is a real baseline: every query answered and enough source traffic (R7)
+    baseline: GateResult = field(
+        default_factory=lambda: GateResult(
+            gate="baseline", verdict=Verdict.INCONCLUSIVE, reason="baseline: not measured", cause=None
+        )
+    )
 
     @property
     def failing(self) -> tuple[GateResult, ...]:

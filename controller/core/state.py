@@ -1,23 +1,80 @@
 """The rollout state a controller persists between checks and across restarts.
 
-Stored as JSON in an annotation on the target Service, written in the same merge patch as the
-target's weight, so that the weight and the record of why it is there can never disagree.
-Only fields that matter for decisions are stored, and a write is skipped when the encoding is
-unchanged: a healthy bake produces no API writes.
+Since version 2 it lives in an object of its own (a ConfigMap per policy, see
+``controller.adapters.kubernetes``), never on the gateway Services: the cloud controller reconciles
+the load balancer on every annotation change of a Service, so the Services receive weight changes
+and nothing else. Version 1 lived in the annotation ``gateway-canary.io/state`` on the target
+Service; ``decode_state`` still reads it and migrates it (``migrate_v1``).
+
+The state carries the write-ahead record of a weight change (``pending``, an ``Intent``): it is
+persisted before the Services are patched and cleared once both show it (the protocol is described
+in ``controller.runtime.reconciler``).
+
+Decoding is strict, because what is stored can be wrong: a hand edit, a newer controller, a
+truncated write. Bad JSON, ``Infinity``/``NaN``, naive timestamps, unknown fields, weights outside
+0..100, oversized text or an unknown version all raise ``StateUnreadable`` with the reason; the
+decision then holds at the observed weights (rule R5) instead of guessing.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from controller.core.enums import InconclusiveCause, Phase, Verdict
+from controller.core.schedule import Weights
 
-__all__ = ["STATE_VERSION", "RolloutState", "decode_state", "encode_state"]
+__all__ = [
+    "MAX_REASON_CHARS",
+    "MAX_STATE_BYTES",
+    "STATE_VERSION",
+    "Intent",
+    "RolloutState",
+    "StateUnreadable",
+    "bounded",
+    "decode_state",
+    "encode_state",
+]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Free text that is persisted (reasons, refusals) is cut to this many characters.
+MAX_REASON_CHARS = 600
+#: A stored state larger than this is not read (a valid one is about 1 KiB).
+MAX_STATE_BYTES = 16 * 1024
+
+
+class StateUnreadable(ValueError):
+    """The stored state cannot be trusted; the message says why."""
+
+
+def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marked as cut."""
+    return text if len(text) <= limit else text[: limit - 15] + " …[truncated]"
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A weight change decided and recorded before it is written: the write-ahead record.
+
+    ``source`` None means the change does not write the source (target-only mode).
+    ``from_target``/``from_source`` are what the Services showed when it was decided (None: no
+    annotation), so a half-written change is told apart from someone else's edit.
+    """
+
+    target: int
+    source: int | None
+    from_target: int | None
+    from_source: int | None
+    rollback: bool = False
+
+    @property
+    def weights(self) -> Weights:
+        """The pair this intent writes."""
+        return Weights(self.target, self.source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +82,14 @@ class RolloutState:
     """Where one policy's rollout stands.
 
     ``target_weight``/``source_weight`` are the values this controller last wrote (or adopted);
-    a difference from the Service annotations means someone else changed them.
+    a difference from the Services means someone else changed them, unless ``pending`` explains it.
+    Bake coverage (rule R4): ``baked_seconds`` is what closed runs of passing checks covered at
+    this step, ``run_started_at`` the first pass of the current run, ``last_pass_at`` its latest.
+    ``last_pass_at`` is deliberately NOT stored: it changes on every check, and a healthy bake must
+    write nothing. A restarted controller therefore closes the open run without counting it
+    (conservative: the bake runs a little longer, never shorter).
+    ``inconclusive`` counts inconclusive checks since the last pass, per cause (rule R6).
+    ``refusal`` is the refusal last reported, so each is reported once (rule R3).
     """
 
     policy: str
@@ -36,76 +100,244 @@ class RolloutState:
     source_weight: int | None
     changed_at: datetime
     step_started_at: datetime | None = None
-    first_pass_at: datetime | None = None
+    baked_seconds: float = 0.0
+    run_started_at: datetime | None = None
+    last_pass_at: datetime | None = None
     consecutive_failures: int = 0
-    consecutive_inconclusive: int = 0
-    inconclusive_cause: InconclusiveCause | None = None
-    stuck_reported: bool = False
+    inconclusive: tuple[tuple[InconclusiveCause, int], ...] = ()
+    stuck_reported: tuple[InconclusiveCause, ...] = ()
     last_verdict: Verdict | None = None
     last_failed_gate: str | None = None
-    #: the source weight before this controller's last change of it, until the change is seen
-    #: on the Service: tells our own unfinished write apart from someone else's edit
-    source_weight_before: int | None = None
+    pending: Intent | None = None
+    refusal: str | None = None
+
+    def __post_init__(self) -> None:
+        # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
+        object.__setattr__(self, "reason", bounded(self.reason))
+        if self.refusal is not None:
+            object.__setattr__(self, "refusal", bounded(self.refusal))
 
     def evolve(self, **changes: Any) -> RolloutState:
         """A copy with some fields changed (dataclasses.replace, typed as ours)."""
         return replace(self, **changes)
 
+    @property
+    def open_run_seconds(self) -> float:
+        """What the current run of passing checks covers so far."""
+        if self.run_started_at is None or self.last_pass_at is None:
+            return 0.0
+        return max(0.0, (self.last_pass_at - self.run_started_at).total_seconds())
+
+    @property
+    def covered_seconds(self) -> float:
+        """Bake time covered by passing checks at this step."""
+        return self.baked_seconds + self.open_run_seconds
+
+    def inconclusive_count(self, cause: InconclusiveCause) -> int:
+        """Inconclusive checks of ``cause`` since the last pass."""
+        return dict(self.inconclusive).get(cause, 0)
+
+    def count_inconclusive(self, cause: InconclusiveCause) -> RolloutState:
+        """One more inconclusive check of ``cause``; the other causes' counts are kept apart."""
+        counts = dict(self.inconclusive)
+        counts[cause] = counts.get(cause, 0) + 1
+        return self.evolve(inconclusive=tuple(sorted(counts.items())))
+
+
+# --- the stored form ----------------------------------------------------------------------------
+
+_Weight = Annotated[int, Field(ge=0, le=100)]
+_Text = Annotated[str, Field(max_length=MAX_REASON_CHARS)]
+_Name = Annotated[str, Field(min_length=1, max_length=253)]
+_Count = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class _Stored(BaseModel):
+    """Strict: JSON types only, no coercion, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _IntentV2(_Stored):
+    target: _Weight
+    source: _Weight | None
+    from_target: _Weight | None
+    from_source: _Weight | None
+    rollback: bool
+
+
+class _StateV2(_Stored):
+    v: Literal[2]
+    policy: _Name
+    fingerprint: Annotated[str, Field(max_length=64)]
+    phase: Phase
+    reason: _Text
+    target_weight: _Weight
+    source_weight: _Weight | None
+    changed_at: AwareDatetime
+    step_started_at: AwareDatetime | None
+    baked_seconds: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+    run_started_at: AwareDatetime | None
+    consecutive_failures: _Count
+    inconclusive: dict[InconclusiveCause, _Count]
+    stuck_reported: list[InconclusiveCause]
+    last_verdict: Verdict | None
+    last_failed_gate: Annotated[str, Field(max_length=128)] | None
+    pending: _IntentV2 | None
+    refusal: _Text | None
+
+
+class _StateV1(_Stored):
+    """What gateway-canary 0.1 kept in the ``gateway-canary.io/state`` annotation."""
+
+    v: Literal[1]
+    policy: _Name
+    fingerprint: Annotated[str, Field(max_length=64)]
+    phase: Phase
+    reason: Annotated[str, Field(max_length=64 * 1024)]
+    target_weight: _Weight
+    source_weight: _Weight | None
+    changed_at: AwareDatetime
+    step_started_at: AwareDatetime | None = None
+    first_pass_at: AwareDatetime | None = None
+    consecutive_failures: _Count = 0
+    consecutive_inconclusive: _Count = 0
+    inconclusive_cause: InconclusiveCause | None = None
+    stuck_reported: bool = False
+    last_verdict: Verdict | None = None
+    last_failed_gate: Annotated[str, Field(max_length=128)] | None = None
+    source_weight_before: _Weight | None = None
+
 
 def encode_state(state: RolloutState) -> str:
-    """Compact JSON for the annotation, stable so that unchanged state encodes identically."""
-    raw = asdict(state)
-    payload: dict[str, Any] = {"v": STATE_VERSION}
-    for key, value in raw.items():
-        if isinstance(value, datetime):
-            payload[key] = value.isoformat()
-        elif isinstance(value, Phase | Verdict | InconclusiveCause):
-            payload[key] = value.value
-        else:
-            payload[key] = value
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    """Compact JSON, stable so that an unchanged state encodes identically (and is not rewritten)."""
+    pending = state.pending
+    payload: dict[str, Any] = {
+        "v": STATE_VERSION,
+        "policy": state.policy,
+        "fingerprint": state.fingerprint,
+        "phase": state.phase.value,
+        "reason": state.reason,
+        "target_weight": state.target_weight,
+        "source_weight": state.source_weight,
+        "changed_at": state.changed_at.isoformat(),
+        "step_started_at": _iso(state.step_started_at),
+        "baked_seconds": round(state.baked_seconds, 3),
+        "run_started_at": _iso(state.run_started_at),
+        "consecutive_failures": state.consecutive_failures,
+        "inconclusive": {cause.value: count for cause, count in state.inconclusive},
+        "stuck_reported": [cause.value for cause in state.stuck_reported],
+        "last_verdict": None if state.last_verdict is None else state.last_verdict.value,
+        "last_failed_gate": state.last_failed_gate,
+        "pending": None
+        if pending is None
+        else {
+            "target": pending.target,
+            "source": pending.source,
+            "from_target": pending.from_target,
+            "from_source": pending.from_source,
+            "rollback": pending.rollback,
+        },
+        "refusal": state.refusal,
+    }
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _datetime(value: Any) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(str(value))
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _reject_constant(name: str) -> Any:
+    raise StateUnreadable(f"{name} is not a valid value in a stored state")
 
 
 def decode_state(text: str) -> RolloutState:
-    """Parse an annotation written by ``encode_state``.
+    """Parse a stored state of any known version (older ones are migrated).
 
-    Raises ValueError naming what is wrong; the caller decides how to continue safely.
+    Raises StateUnreadable naming what is wrong; the caller decides how to continue safely.
     """
+    if len(text.encode("utf-8", "replace")) > MAX_STATE_BYTES:
+        raise StateUnreadable(f"stored state is larger than {MAX_STATE_BYTES} bytes")
     try:
-        payload = json.loads(text)
-        if not isinstance(payload, dict):
-            raise ValueError("state is not a JSON object")
-        if payload.get("v") != STATE_VERSION:
-            raise ValueError(f"state version {payload.get('v')!r} is not {STATE_VERSION}")
-        changed_at = _datetime(payload["changed_at"])
-        assert changed_at is not None
-        cause = payload.get("inconclusive_cause")
-        verdict = payload.get("last_verdict")
-        return RolloutState(
-            policy=str(payload["policy"]),
-            fingerprint=str(payload["fingerprint"]),
-            phase=Phase(payload["phase"]),
-            reason=str(payload["reason"]),
-            target_weight=int(payload["target_weight"]),
-            source_weight=_optional_int(payload.get("source_weight")),
-            changed_at=changed_at,
-            step_started_at=_datetime(payload.get("step_started_at")),
-            first_pass_at=_datetime(payload.get("first_pass_at")),
-            consecutive_failures=int(payload.get("consecutive_failures", 0)),
-            consecutive_inconclusive=int(payload.get("consecutive_inconclusive", 0)),
-            inconclusive_cause=None if cause is None else InconclusiveCause(cause),
-            stuck_reported=bool(payload.get("stuck_reported", False)),
-            last_verdict=None if verdict is None else Verdict(verdict),
-            last_failed_gate=payload.get("last_failed_gate"),
-            source_weight_before=_optional_int(payload.get("source_weight_before")),
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise StateUnreadable(f"stored state is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise StateUnreadable("stored state is not a JSON object")
+    version = payload.get("v")
+    try:
+        if version == STATE_VERSION:
+            return _from_v2(_StateV2.model_validate_json(text))
+        if version == 1:
+            return migrate_v1(_StateV1.model_validate_json(text))
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "state"
+        raise StateUnreadable(f"stored state is invalid at {where}: {first['msg']}") from exc
+    if isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION:
+        raise StateUnreadable(
+            f"stored state has version {version}, newer than this controller understands ({STATE_VERSION})"
         )
-    except (KeyError, TypeError, AssertionError, json.JSONDecodeError) as exc:
-        raise ValueError(f"unreadable rollout state: {exc}") from exc
+    raise StateUnreadable(f"stored state has an unknown version {str(version)[:20]!r}")
+
+
+def _from_v2(stored: _StateV2) -> RolloutState:
+    pending = stored.pending
+    return RolloutState(
+        policy=stored.policy,
+        fingerprint=stored.fingerprint,
+        phase=stored.phase,
+        reason=stored.reason,
+        target_weight=stored.target_weight,
+        source_weight=stored.source_weight,
+        changed_at=stored.changed_at,
+        step_started_at=stored.step_started_at,
+        baked_seconds=stored.baked_seconds,
+        run_started_at=stored.run_started_at,
+        consecutive_failures=stored.consecutive_failures,
+        inconclusive=tuple(sorted(stored.inconclusive.items())),
+        stuck_reported=tuple(stored.stuck_reported),
+        last_verdict=stored.last_verdict,
+        last_failed_gate=stored.last_failed_gate,
+        pending=None
+        if pending is None
+        else Intent(pending.target, pending.source, pending.from_target, pending.from_source, pending.rollback),
+        refusal=stored.refusal,
+    )
+
+
+def migrate_v1(old: _StateV1) -> RolloutState:
+    """Version 1 (the annotation) -> version 2.
+
+    The bake coverage was not recorded in version 1, so the step's bake starts again (never the
+    other way round). An unfinished source write (``source_weight_before``) becomes a pending
+    intent, which the next tick completes or resolves by a rollback.
+    """
+    pending = None
+    if old.source_weight_before is not None:
+        pending = Intent(
+            target=old.target_weight,
+            source=old.source_weight,
+            from_target=old.target_weight,
+            from_source=old.source_weight_before,
+            rollback=old.phase is Phase.ROLLED_BACK,
+        )
+    inconclusive: tuple[tuple[InconclusiveCause, int], ...] = ()
+    if old.inconclusive_cause is not None and old.consecutive_inconclusive:
+        inconclusive = ((old.inconclusive_cause, old.consecutive_inconclusive),)
+    return RolloutState(
+        policy=old.policy,
+        fingerprint=old.fingerprint,
+        phase=old.phase,
+        reason=old.reason,
+        target_weight=old.target_weight,
+        source_weight=old.source_weight,
+        changed_at=old.changed_at,
+        step_started_at=old.step_started_at,
+        consecutive_failures=old.consecutive_failures,
+        inconclusive=inconclusive,
+        stuck_reported=(old.inconclusive_cause,) if old.stuck_reported and old.inconclusive_cause else (),
+        last_verdict=old.last_verdict,
+        last_failed_gate=old.last_failed_gate,
+        pending=pending,
+    )

@@ -28,18 +28,26 @@ def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int) -> str:
     return value
 
 
-def policy_receivers(policy: CanaryPolicy, settings: Settings) -> list[Notifier]:
-    """Build the receivers a policy names. Raises ValueError naming the receiver that cannot be built."""
+def policy_receivers(policy: CanaryPolicy, settings: Settings) -> tuple[list[Notifier], list[str]]:
+    """The receivers a policy names that can be built, and why each of the others cannot.
+
+    A receiver that cannot be built (its secret is not set) never costs the others: the policy
+    keeps observing and rolling back, and refuses only to raise weights (rule R3).
+    """
     timeout = settings.notify_timeout_seconds
     built: list[Notifier] = []
+    problems: list[str] = []
     for index, receiver in enumerate(policy.spec.alerts):
-        if isinstance(receiver, SlackReceiver):
-            built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
-        elif isinstance(receiver, WebhookReceiver):
-            built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
-        elif isinstance(receiver, AlertmanagerReceiver):
-            built.append(AlertmanagerNotifier(receiver.url, name=receiver.name, timeout=timeout))
-    return built
+        try:
+            if isinstance(receiver, SlackReceiver):
+                built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+            elif isinstance(receiver, WebhookReceiver):
+                built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+            elif isinstance(receiver, AlertmanagerReceiver):
+                built.append(AlertmanagerNotifier(receiver.url, name=receiver.name, timeout=timeout))
+        except ValueError as exc:
+            problems.append(str(exc))
+    return built, problems
 
 
 def global_receivers(settings: Settings) -> list[Notifier]:

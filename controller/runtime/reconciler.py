@@ -1,9 +1,27 @@
-"""One tick of one policy: observe -> measure -> decide -> apply -> tell.
+"""One tick of one policy: observe -> load state -> measure -> decide -> write -> tell.
 
-The only module that sequences the edges around the pure decision. Failure handling, in short:
-an unreachable API server or Prometheus ends the tick without writing (never a weight up); a
-rollback is written even while the service is stopping; a raise is abandoned if a stop arrives
-before it is written; alerts go to the dispatcher and never wait.
+The only module that sequences the edges around the pure decision.
+
+Write-ahead protocol for a weight change (the crash points are numbered)::
+
+    decide  -> state' with pending = Intent(to: target/source, from: what the Services showed)
+    1. save state' (the intent) in the state object            crash here: nothing visible
+    2. patch the target's weight                                crash here: target only
+    3. patch the source's weight                                crash here: both, intent still open
+    4. save state' with the intent cleared                      done
+
+On every tick (and so after a restart) ``decide`` compares the Services with an open intent: both
+show it -> complete (the intent is cleared); each side shows either its "from" or its "to" value ->
+our own unfinished change, completed (a raise only with the permission a raise needs, R3/R4) or
+superseded by a rollback when the check says so (R1); anything else -> someone else's edit.
+
+Failures: a raise is written only after its intent is durable (step 1 failing abandons it);
+a rollback is written whatever the state store says, and a failing patch leaves the rollback
+pending, retried on every tick (R2). An unreachable API server or Prometheus ends the tick without
+raising anything. A raise is abandoned if a stop arrives before it is written; a rollback is
+written even while stopping. Alerts go to the dispatcher and never wait. Nothing escapes a tick:
+an unexpected exception is logged with its traceback, counted, reported once, and the next tick
+runs (``failing_since`` feeds ``/healthz``).
 """
 
 from __future__ import annotations
@@ -16,14 +34,16 @@ from typing import Any
 import structlog
 
 from controller.core.alerts import build_alert
-from controller.core.decision import Action, Decision, Observation, decide, initial_state
-from controller.core.enums import AlertKind, Command, Phase, Severity, Verdict
+from controller.core.decision import TERMINAL_PHASES, Action, Decision, Notice, Observation, decide, initial_state
+from controller.core.decision import recovered_state as recovered
+from controller.core.enums import AlertKind, Command, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
+from controller.core.state import RolloutState, StateUnreadable, bounded, decode_state, encode_state
 from controller.errors import AccessDenied, ClusterError, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
-from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot
+from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
 from controller.runtime.collector import Collector
 from controller.runtime.telemetry import Telemetry
 
@@ -38,6 +58,7 @@ _EVENT_REASONS = {
     Action.RESUME: "Resumed",
     Action.RETRY: "Retried",
     Action.RESTART_BAKE: "BakeRestarted",
+    Action.ADOPT: "WeightChangedExternally",
 }
 
 
@@ -59,6 +80,7 @@ class PolicyRunner:
         policy: CanaryPolicy,
         *,
         pair: GatewayPair,
+        store: StateStore,
         metrics: MetricsSource,
         receivers: list[Notifier],
         dispatcher: AlertDispatcher,
@@ -70,6 +92,7 @@ class PolicyRunner:
     ) -> None:
         self.policy = policy
         self._pair = pair
+        self._store = store
         self._metrics = metrics
         self._receivers = receivers
         self._dispatcher = dispatcher
@@ -77,60 +100,156 @@ class PolicyRunner:
         self._clock = clock
         self._telemetry = telemetry
         self._stopping = stopping
-        self._config_error = config_error
+        #: why this policy may not raise weights, from its configuration (e.g. a missing secret)
+        self.config_error = config_error
+        #: why its policy file is currently invalid (the last good version keeps running)
+        self.file_problem: str | None = None
+        #: monotonic time since when ticks keep crashing (None: the last tick finished)
+        self.failing_since: float | None = None
         self._lock = threading.Lock()
-        self._reported_refusal: str | None = None
+        self._memory: RolloutState | None = None  # the last state this runner decided, for store outages
+        self._reported: str | None = None  # the last trouble reported outside the state (observe, crash)
+        self._provisional_refusal: str | None = None  # reported while no state could be read
         self.log = structlog.get_logger("controller.rollout").bind(policy=policy.name)
 
     # -- the tick ----------------------------------------------------------------------------------
 
     def tick(self, command: Command | None = None) -> TickOutcome:
-        """Run one tick; never raises for cluster, metrics or receiver trouble."""
+        """Run one tick. Never raises."""
         with self._lock:
-            if self._config_error is not None:
-                self._refuse(self._config_error)
-                return TickOutcome(None, None, error=self._config_error)
             try:
-                seen = self._pair.observe(self.policy)
-            except ClusterError as exc:
-                return self._cluster_trouble(exc, "observe")
-            if seen.refusal is not None:
-                self._refuse(seen.refusal)
-                return TickOutcome(None, None, error=seen.refusal)
-            self._reported_refusal = None
-            return self._decide_and_apply(seen, command)
+                outcome = self._tick(command)
+            except Exception as exc:  # the promise: a bug costs one tick, never the controller
+                return self._crashed(exc)
+            self.failing_since = None
+            return outcome
 
-    def _decide_and_apply(self, seen: PairSnapshot, command: Command | None) -> TickOutcome:
-        state = seen.state
-        if state is None:
-            if seen.state_error:
-                self.log.warning("stored state unreadable; starting from the observed weights", error=seen.state_error)
-            state = initial_state(self.policy, Observation(seen.target_weight, seen.source_weight), self._clock.now())
-        check = None
-        terminal = state.phase in (Phase.PROMOTED, Phase.ROLLED_BACK)
-        if not terminal or state.fingerprint != self.policy.rollout_fingerprint():
-            started = time.perf_counter()
-            check = self._collector.check(self.policy, self._metrics)
-            seconds = time.perf_counter() - started
-            self._telemetry.record_check(self.policy.name, check, seconds)
-            self._log_check(check, state.target_weight, seconds)
+    def _tick(self, command: Command | None) -> TickOutcome:
+        try:
+            seen = self._pair.observe(self.policy)
+        except ClusterError as exc:
+            return self._cluster_trouble(exc, "observe")
+        stored, store_problem = self._load()
+        state, state_problem = self._state_for(stored, seen, store_problem)
+        refusals = [self.config_error, self.file_problem, seen.refusal, store_problem, state_problem]
+        refusal = "; ".join(r for r in refusals if r) or None
+        check = self._check(state)
+        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal)
+        decision = decide(self.policy, state, observed, self._clock.now())
+        provisional = stored is None and self._memory is None
+        outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
+        if provisional:  # decided without any state: held this tick, never remembered as the truth
+            self._memory = None
+            self._provisional_refusal = decision.state.refusal  # ...but what was reported is
+        return outcome
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _load(self) -> tuple[StoredState | None, str | None]:
+        try:
+            return self._store.load(self.policy), None
+        except ClusterError as exc:
+            self._telemetry.errors.labels(self.policy.name, "state_store").inc()
+            return None, f"state store unavailable: {exc}"
+
+    def _state_for(
+        self, stored: StoredState | None, seen: PairSnapshot, store_problem: str | None
+    ) -> tuple[RolloutState, str | None]:
+        """The state to decide from, and why it cannot be trusted for a raise (if so)."""
+        observed = Observation(seen.target_weight, seen.source_weight)
         now = self._clock.now()
-        decision = decide(self.policy, state, Observation(seen.target_weight, seen.source_weight, check, command), now)
-        rolling_back = decision.action is Action.ROLLBACK
-        if self._stopping.is_set() and decision.weights is not None and not rolling_back:
+        if stored is not None and stored.state is not None:
+            if self._memory is not None and encode_state(self._memory) == encode_state(stored.state):
+                return self._memory, None  # the same state, with what is not stored (the last pass)
+            return stored.state, None
+        if stored is not None and stored.error is not None:
+            why = f"stored state unreadable: {stored.error}"
+            return recovered(self.policy, observed, now, stored.error), why
+        if self._memory is not None:
+            return self._memory, None  # the store is unreachable or was emptied: what this process decided
+        if seen.legacy_state is not None:
+            try:
+                legacy = decode_state(seen.legacy_state)
+            except StateUnreadable as exc:
+                return recovered(self.policy, observed, now, str(exc)), f"version-1 state unreadable: {exc}"
+            if legacy.policy == self.policy.name:
+                self.log.info("adopting the version-1 state annotation into the state object")
+                return legacy, None
+        if stored is None:  # no store, no memory: never guess a Start (R5)
+            held = recovered(self.policy, observed, now, store_problem or "state store unavailable")
+            return held.evolve(refusal=self._provisional_refusal), None
+        return initial_state(self.policy, observed, now), None
+
+    def _save(self, state: RolloutState, base: StoredState) -> StoredState | None:
+        """Persist ``state`` unless unchanged; None when the store refused (logged, counted)."""
+        self._memory = state
+        if base.state is not None and base.error is None and encode_state(base.state) == encode_state(state):
+            return base
+        try:
+            return self._store.save(self.policy, state, base)
+        except ClusterError as exc:
+            self._telemetry.errors.labels(self.policy.name, "state_store").inc()
+            self.log.error("could not save the rollout state", error=str(exc))
+            return None
+
+    # -- measuring -----------------------------------------------------------------------------------
+
+    def _check(self, state: RolloutState) -> CheckResult | None:
+        settled_terminal = state.phase in TERMINAL_PHASES and state.pending is None
+        if settled_terminal and state.fingerprint == self.policy.rollout_fingerprint():
+            return None
+        started = time.perf_counter()
+        check = self._collector.check(self.policy, self._metrics)
+        seconds = time.perf_counter() - started
+        self._telemetry.record_check(self.policy.name, check, seconds)
+        self._log_check(check, state.target_weight, seconds)
+        return check
+
+    # -- writing (the write-ahead protocol) ----------------------------------------------------------
+
+    def _apply(
+        self, decision: Decision, seen: PairSnapshot, stored: StoredState, check: CheckResult | None
+    ) -> TickOutcome:
+        state, weights = decision.state, decision.weights
+        failing = check is not None and check.verdict is Verdict.FAIL and decision.action is not Action.ROLLBACK
+        if weights is None:
+            saved = self._save(state, stored)
+            if saved is not None and saved.version and seen.legacy_state is not None and state.phase in TERMINAL_PHASES:
+                self._drop_legacy(seen)
+            self._tell(seen, decision, check)
+            return TickOutcome(decision, check, recheck_soon=failing)
+        if self._stopping.is_set() and not decision.force:
             self.log.info("stopping: weight change abandoned before it was written", action=decision.action.value)
             return TickOutcome(None, check)
-        try:
-            self._pair.apply(self.policy, seen, decision.weights, decision.state, force=rolling_back)
+        recorded = self._save(state, stored)  # 1. the intent is durable before any Service changes
+        if recorded is None and not decision.force:
+            return TickOutcome(None, check, error="weight change abandoned: its intent could not be recorded")
+        try:  # 2. + 3. the target, then the source
+            self._pair.write_weights(
+                self.policy,
+                seen,
+                weights,
+                force=decision.force,
+                drop_legacy_state=recorded is not None and bool(recorded.version),
+            )
         except WeightChangedExternally as exc:
             self.log.warning("weight changed by someone else during the write; re-reading next tick", error=str(exc))
             return TickOutcome(None, check, recheck_soon=True, error=str(exc))
         except ClusterError as exc:
-            return self._cluster_trouble(exc, "apply", check=check, urgent=rolling_back)
-        self._telemetry.record_state(decision.state)
-        self._tell(state_before=Weights(state.target_weight, state.source_weight), decision=decision, check=check)
-        failing = check is not None and check.verdict is Verdict.FAIL and not rolling_back
+            # The intent stays recorded: the next tick completes it, or (a rollback) writes it again.
+            if decision.force:  # a rollback is decided: people hear of it now, not once it lands
+                self._tell(seen, decision, check)
+            return self._cluster_trouble(exc, "write weights", check=check, urgent=decision.force)
+        self._save(state.evolve(pending=None), recorded or stored)  # 4. done
+        self._tell(seen, decision, check)
         return TickOutcome(decision, check, recheck_soon=failing)
+
+    def _drop_legacy(self, seen: PairSnapshot) -> None:
+        try:
+            self._pair.drop_legacy_state(self.policy, seen)
+            self.log.info("removed the version-1 state annotation from the target Service")
+        except ClusterError as exc:
+            self.log.warning("could not remove the version-1 state annotation", error=str(exc))
 
     # -- what the tick tells people ----------------------------------------------------------------
 
@@ -150,8 +269,10 @@ class PolicyRunner:
         fields["gates"] = [gate.as_dict() for gate in check.gates]
         self.log.info("check", **fields)
 
-    def _tell(self, *, state_before: Weights, decision: Decision, check: CheckResult | None) -> None:
+    def _tell(self, seen: PairSnapshot, decision: Decision, check: CheckResult | None) -> None:
         state = decision.state
+        self._telemetry.record_state(state)
+        before = Weights(seen.target_weight or 0, seen.source_weight)
         after = decision.weights or Weights(state.target_weight, state.source_weight)
         if decision.transition:
             self.log.info(
@@ -159,28 +280,20 @@ class PolicyRunner:
                 action=decision.action.value,
                 phase=state.phase.value,
                 reason=state.reason,
-                weights_before=str(state_before),
+                weights_before=str(before),
                 weights_after=str(after),
             )
             reason = _EVENT_REASONS.get(decision.action, decision.action.value)
-            warning = decision.action is Action.ROLLBACK or decision.alert is AlertKind.WEIGHT_CHANGED_EXTERNALLY
-            self._event(reason, f"{state.reason} (weights {state_before} -> {after})", warning=warning)
+            warning = decision.action in (Action.ROLLBACK, Action.PAUSE, Action.ADOPT)
+            self._event(reason, f"{state.reason} (weights {before} -> {after})", warning=warning)
         elif decision.action is not Action.NONE:
             self.log.info("no transition", action=decision.action.value, phase=state.phase.value, reason=state.reason)
-        if decision.action is Action.ROLLBACK:
+        if decision.action is Action.ROLLBACK and decision.transition:
             self._telemetry.rollbacks.labels(self.policy.name).inc()
-        if decision.alert is not None:
-            if not decision.transition:
-                self._event(decision.alert.value, state.reason, warning=decision.severity is not Severity.INFO)
-            self._alert(
-                decision.alert,
-                decision.severity,
-                state.reason,
-                before=state_before,
-                after=after,
-                check=check,
-                suffix=state.changed_at.isoformat(),
-            )
+        for notice in decision.notices:
+            if not decision.transition or notice.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):
+                self._event(notice.kind.value, notice.reason, warning=notice.severity is not Severity.INFO)
+            self._alert(notice, before=before, after=after, check=check, suffix=f"{state.changed_at.isoformat()}")
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
         try:
@@ -190,9 +303,7 @@ class PolicyRunner:
 
     def _alert(
         self,
-        kind: AlertKind,
-        severity: Severity,
-        reason: str,
+        notice: Notice,
         *,
         suffix: str,
         before: Weights | None = None,
@@ -200,23 +311,23 @@ class PolicyRunner:
         check: CheckResult | None = None,
     ) -> None:
         alert = build_alert(
-            kind=kind,
-            severity=severity,
+            kind=notice.kind,
+            severity=notice.severity,
             policy=self.policy.name,
-            reason=reason,
+            reason=notice.reason,
             at=self._clock.now(),
             source_service=str(self.policy.spec.source.service),
             target_service=str(self.policy.spec.target.service),
             weights_before=before,
             weights_after=after,
             check=check,
-            dedup_suffix=suffix,
+            dedup_suffix=f"{suffix}/{notice.reason}"[:300],
         )
         self.log.warning(
             "alert",
-            kind=kind.value,
-            severity=severity.value,
-            reason=reason,
+            kind=notice.kind.value,
+            severity=notice.severity.value,
+            reason=notice.reason,
             receivers=[r.name for r in self._receivers],
         )
         self._dispatcher.submit(alert, self._receivers)
@@ -226,20 +337,17 @@ class PolicyRunner:
         self.log.warning("policy removed; weights left as they are")
         self._event(AlertKind.POLICY_REMOVED.value, "policy removed; weights left as they are", warning=True)
         self._alert(
-            AlertKind.POLICY_REMOVED,
-            Severity.WARNING,
-            "the policy was removed from the policies directory",
+            Notice(AlertKind.POLICY_REMOVED, Severity.WARNING, "the policy was removed from the policies directory"),
             suffix=self._clock.now().isoformat(),
         )
 
-    def _refuse(self, why: str) -> None:
-        self._telemetry.errors.labels(self.policy.name, "refused").inc()
-        if why == self._reported_refusal:
+    def _report_once(self, kind: AlertKind, why: str) -> None:
+        """Trouble that happens before a state can be decided on (observe failed, a crash): once each."""
+        if why == self._reported:
             return
-        self._reported_refusal = why
-        self.log.error("policy refused; no weights changed", reason=why)
-        self._event(AlertKind.POLICY_REFUSED.value, f"refused: {why}", warning=True)
-        self._alert(AlertKind.POLICY_REFUSED, Severity.WARNING, why, suffix=why)
+        self._reported = why
+        self._event(kind.value, why, warning=True)
+        self._alert(Notice(kind, Severity.WARNING, why), suffix=why)
 
     def _cluster_trouble(
         self, exc: ClusterError, step: str, *, check: CheckResult | None = None, urgent: bool = False
@@ -247,12 +355,23 @@ class PolicyRunner:
         kind = type(exc).__name__
         self._telemetry.errors.labels(self.policy.name, kind).inc()
         if isinstance(exc, AccessDenied | ServiceNotFound):
-            self._refuse(str(exc))
+            self.log.error("policy refused; the API server denied what it needs", step=step, reason=str(exc))
+            why = "; ".join(str(r) for r in (exc, self.config_error, self.file_problem) if r)
+            self._report_once(AlertKind.POLICY_REFUSED, f"refused: {why}")
         else:
             self.log.error(
-                "Kubernetes API trouble; nothing changed this tick",
-                step=step,
-                error=str(exc),
-                rollback_pending=urgent,
+                "Kubernetes API trouble; nothing changed this tick", step=step, error=str(exc), rollback_pending=urgent
             )
         return TickOutcome(None, check, recheck_soon=urgent, error=str(exc))
+
+    def _crashed(self, exc: Exception) -> TickOutcome:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self._telemetry.errors.labels(self.policy.name, "crash").inc()
+        self.log.exception("tick failed unexpectedly; the next tick runs as scheduled")
+        why = bounded(f"tick failed unexpectedly: {type(exc).__name__}: {exc}", 300)
+        try:
+            self._report_once(AlertKind.TICK_FAILED, why)
+        except Exception:  # reporting must not turn one failure into two
+            self.log.exception("could not report the failed tick")
+        return TickOutcome(None, None, error=why)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -21,9 +22,11 @@ from controller.core.alerts import build_alert
 from controller.core.enums import AlertKind, Severity
 from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
+from controller.core.results import RenderedQuery
+from controller.errors import MetricsUnavailable
 from controller.notify.dispatcher import AlertDispatcher
 from controller.notify.factory import global_receivers, policy_receivers
-from controller.ports import Clock, GatewayPair, MetricsSource, Notifier
+from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, StateStore
 from controller.runtime.collector import Collector
 from controller.runtime.http import StatusServer
 from controller.runtime.policy_source import PolicyCatalog
@@ -44,6 +47,7 @@ class ControllerService:
         settings: Settings,
         *,
         pair: GatewayPair,
+        store: StateStore,
         metrics_for: Callable[[CanaryPolicy], MetricsSource],
         clock: Clock,
         time_scale: float = 1.0,
@@ -56,6 +60,7 @@ class ControllerService:
         self.stopping = threading.Event()
         self.runners: dict[str, PolicyRunner] = {}
         self._pair = pair
+        self._store = store
         self._metrics_for = metrics_for
         self._clock = clock
         self._scale = time_scale
@@ -77,11 +82,19 @@ class ControllerService:
                 settings.http_host,
                 settings.http_port,
                 self.telemetry.registry,
-                healthy=lambda: self._scheduler.running and not self.stopping.is_set(),
+                healthy=self.healthy,
                 ready=lambda: self._loaded.is_set() and self._scheduler.running and not self.stopping.is_set(),
             )
 
     # -- lifecycle -----------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Scheduling, not stopping, and no policy whose ticks keep failing past the setting."""
+        if not self._scheduler.running or self.stopping.is_set():
+            return False
+        limit = self.settings.unhealthy_after_seconds
+        now = time.monotonic()
+        return all(r.failing_since is None or now - r.failing_since < limit for r in list(self.runners.values()))
 
     def start(self) -> None:
         """Load policies, start ticking and serving."""
@@ -145,25 +158,31 @@ class ControllerService:
                 self.telemetry.forget(name)
             for name, sourced in snapshot.policies.items():
                 current = self.runners.get(name)
-                if current is not None and current.policy == sourced.policy:
-                    continue
-                self._install(sourced.policy, replacing=current is not None)
+                if current is None or current.policy != sourced.policy:
+                    current = self._install(sourced.policy, replacing=current is not None)
+                # R3: a file that turned invalid keeps its last good policy observing and rolling
+                # back, but refuses raises until it is fixed.
+                problems = [str(error) for error in snapshot.errors if error.file == sourced.file]
+                current.file_problem = f"its policy file is invalid: {'; '.join(problems)}" if problems else None
             self.telemetry.policies.set(len(self.runners))
 
-    def _install(self, policy: CanaryPolicy, *, replacing: bool) -> None:
-        config_error: str | None = None
-        # If the policy's own receivers cannot be built, the global ones still hear about it.
-        receivers: list[Notifier] = global_receivers(self.settings) + self._extra_receivers
-        metrics: MetricsSource | None = None
+    def _install(self, policy: CanaryPolicy, *, replacing: bool) -> PolicyRunner:
+        # Receivers that cannot be built are refusals (no raise), never a reason to stop watching:
+        # the ones that can be built, and the global ones, still hear about everything.
+        own, problems = policy_receivers(policy, self.settings)
+        receivers: list[Notifier] = own + global_receivers(self.settings) + self._extra_receivers
+        metrics: MetricsSource
         try:
-            receivers = policy_receivers(policy, self.settings) + receivers
             metrics = self._metrics_for(policy)
         except ValueError as exc:
-            config_error = str(exc)
+            problems.append(str(exc))
+            metrics = _NoMetrics(str(exc))
+        config_error = "; ".join(problems) or None
         runner = PolicyRunner(
             policy,
             pair=self._pair,
-            metrics=metrics or _NoMetrics(),
+            store=self._store,
+            metrics=metrics,
             receivers=receivers,
             dispatcher=self._dispatcher,
             collector=self._collector,
@@ -191,6 +210,7 @@ class ControllerService:
             interval_s=policy.spec.analysis.interval.total_seconds(),
             receivers=[r.name for r in receivers],
         )
+        return runner
 
     def _unschedule(self, name: str) -> None:
         if self._scheduler.get_job(name) is not None:
@@ -237,7 +257,10 @@ class ControllerService:
 
 
 class _NoMetrics:
-    """Stands in for a metrics source that could not be built; the runner refuses before using it."""
+    """Stands in for a metrics source that could not be built: every query is unavailable, with why."""
 
-    def query(self, query: object) -> float | None:
-        return None
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def query(self, query: RenderedQuery) -> float | None:
+        raise MetricsUnavailable(self._why)
