@@ -229,3 +229,33 @@ class WebhookSink:
 
     def close(self) -> None:
         self.server.close()
+
+
+# --- a Prometheus that answers wrongly -----------------------------------------------------------
+
+
+class MalformedPrometheus:
+    """EMULATOR (not Prometheus): answers ``/api/v1/query`` with whatever body the test sets.
+
+    A real Prometheus never sends a 200 without ``data`` or a string sample; proxies, gateways and
+    half-compatible backends do. This serves exactly such bodies so the adapter's handling of them
+    can be tested; every test of well-formed answers uses the real Prometheus.
+    """
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body: Any = {"status": "success", "data": {"resultType": "vector", "result": []}}
+        server_self = self
+
+        class Handler(_Quiet):
+            def do_GET(self) -> None:
+                body = server_self.body
+                self.reply(server_self.status, body if isinstance(body, bytes) else json.dumps(body).encode())
+
+            do_POST = do_GET
+
+        self.server = _Server(Handler)
+        self.url = self.server.url
+
+    def close(self) -> None:
+        self.server.close()

@@ -15,10 +15,14 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from controller.core.results import RenderedQuery
+from controller.core.state import bounded
 from controller.errors import MetricsUnavailable
 from controller.settings import PrometheusConnection
 
 __all__ = ["PrometheusMetricsSource"]
+
+#: Prometheus error bodies can be long (a whole PromQL parse error); reasons stay readable.
+_MAX_ERROR_CHARS = 300
 
 
 class PrometheusMetricsSource:
@@ -39,20 +43,32 @@ class PrometheusMetricsSource:
         )
 
     def query(self, query: RenderedQuery) -> float | None:
-        """Run an instant query; raise MetricsUnavailable with the cause, never return a guess."""
+        """Run an instant query; raise MetricsUnavailable with the cause, never return a guess.
+
+        A 200 answer that is not what the API promises (no ``data``, another ``resultType``, a
+        string or infinite value, many series) is unavailable too, with the reason: it is never a
+        number to judge and never an exception out of the collector. Error bodies are cut short
+        before they reach a reason, an Event or an alert.
+        """
         try:
             result = self._client.custom_query(query.promql, timeout=self._timeout)
         except PrometheusApiClientException as exc:
-            raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {exc}") from exc
+            raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {_short(exc)}") from exc
+        except (requests.exceptions.JSONDecodeError, KeyError, TypeError, IndexError) as exc:  # no data.result
+            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {_short(exc)}") from exc
         except requests.RequestException as exc:
             raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
-        except ValueError as exc:  # a body that is not JSON
-            raise MetricsUnavailable(f"Prometheus at {self._url} sent an unreadable answer: {exc}") from exc
+        except ValueError as exc:  # a body that is not JSON, from an older requests
+            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {_short(exc)}") from exc
         return _scalar(result)
 
     def close(self) -> None:
         """Release the HTTP connection pool."""
         self._client.close()
+
+
+def _short(exc: BaseException) -> str:
+    return bounded(f"{type(exc).__name__}: {exc}", _MAX_ERROR_CHARS)
 
 
 def _scalar(result: object) -> float | None:
@@ -70,12 +86,18 @@ def _scalar(result: object) -> float | None:
     sample = result[0]
     if not isinstance(sample, dict) or "value" not in sample:
         raise MetricsUnavailable("the query returned a range, a gate needs an instant vector")
-    return _float(sample["value"][1])
+    value = sample["value"]
+    if not isinstance(value, list) or len(value) != 2:
+        raise MetricsUnavailable(f"malformed sample {bounded(repr(value), 80)}")
+    return _float(value[1])
 
 
 def _float(text: object) -> float:
+    """A sample's value: NaN is kept (a judged "not a number"), infinities and text are malformed."""
     try:
         value = float(str(text))
     except ValueError as exc:
-        raise MetricsUnavailable(f"not a number in the answer: {text!r}") from exc
-    return value if not math.isnan(value) else math.nan
+        raise MetricsUnavailable(f"not a number in the answer: {bounded(repr(text), 80)}") from exc
+    if math.isinf(value):
+        raise MetricsUnavailable(f"the answer is {text}: no finite value to judge")
+    return value

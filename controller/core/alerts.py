@@ -92,6 +92,7 @@ _SUMMARIES = {
     AlertKind.POLICY_REMOVED: "{policy}: policy removed, weights left as they are",
     AlertKind.WEIGHT_CHANGED_EXTERNALLY: "{policy}: weights changed outside gateway-canary, rollout paused",
     AlertKind.POLICY_INVALID: "{policy}: policy file invalid, last good version keeps running",
+    AlertKind.TICK_FAILED: "{policy}: a check failed unexpectedly, the next one runs as scheduled",
 }
 
 
