@@ -40,16 +40,18 @@ def _policy_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[PolicyError]]:
-    """Every valid policy in the files, and every error (with file and line), conflicts included."""
+def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[PolicyError], list[PolicyError]]:
+    """Every valid policy in the files, every error (with file and line, conflicts included), warnings."""
     policies: list[SourcedPolicy] = []
     errors: list[PolicyError] = []
+    warnings: list[PolicyError] = []
     for file in files:
         result = parse_policy_text(file.read_text(encoding="utf-8"), str(file))
         policies.extend(result.policies)
         errors.extend(result.errors)
+        warnings.extend(result.warnings)
     conflicts = check_conflicts(policies)
-    return list(conflicts.policies), errors + list(conflicts.errors)
+    return list(conflicts.policies), errors + list(conflicts.errors), warnings
 
 
 def _load_reporting_errors(
@@ -61,9 +63,9 @@ def _load_reporting_errors(
     except FileNotFoundError as exc:
         print(exc, file=sys.stderr)
         return None
-    policies, errors = _read_policies(files)
-    for error in errors:
-        print(error, file=sys.stderr)
+    policies, errors, warnings = _read_policies(files)
+    for problem in [*errors, *warnings]:
+        print(problem, file=sys.stderr)
     return files, policies, errors
 
 

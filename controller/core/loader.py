@@ -46,10 +46,14 @@ class SourcedPolicy:
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
-    """What a file (or a directory) yielded: the good policies and the errors."""
+    """What a file (or a directory) yielded: the good policies, the errors, and warnings.
+
+    A warning does not stop a policy (it is valid) but points at what is likely a mistake.
+    """
 
     policies: tuple[SourcedPolicy, ...]
     errors: tuple[PolicyError, ...]
+    warnings: tuple[PolicyError, ...] = ()
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -87,6 +91,7 @@ def parse_policy_text(text: str, file: str) -> LoadResult:
         return LoadResult((), (PolicyError(file, 1, "", f"not valid YAML: {exc}"),))
     policies: list[SourcedPolicy] = []
     errors: list[PolicyError] = []
+    warnings: list[PolicyError] = []
     loader = _LineLoader("")
     for node in nodes:
         if node is None:
@@ -116,7 +121,32 @@ def parse_policy_text(text: str, file: str) -> LoadResult:
             errors.extend(_located(exc, file, lines, doc_line))
             continue
         policies.append(SourcedPolicy(policy, file, doc_line))
-    return LoadResult(tuple(policies), tuple(errors))
+        warnings.extend(_likely_mistakes(policy, file, lines, doc_line))
+    return LoadResult(tuple(policies), tuple(errors), tuple(warnings))
+
+
+def _likely_mistakes(policy: CanaryPolicy, file: str, lines: dict[_Path, int], doc_line: int) -> list[PolicyError]:
+    """Valid, but probably not meant.
+
+    ``sum(...)`` over series that may not exist yet (resets, a response flag) is an EMPTY vector,
+    not 0, on a healthy gateway: "no data", which holds a healthy rollout. Say which it means.
+    """
+    found: list[PolicyError] = []
+    for index, gate in enumerate(policy.spec.gates.custom):
+        query = " ".join(gate.query.split())
+        if "sum(" in query and "or vector(0)" not in query and "on_empty" not in gate.model_fields_set:
+            path: _Path = ("spec", "gates", "custom", index, "query")
+            found.append(
+                PolicyError(
+                    file,
+                    _nearest_line(path, lines, doc_line),
+                    f"spec.gates.custom[{index}].query",
+                    "warning: sum(...) is an empty answer (no data, which holds the rollout) when no series "
+                    "match, e.g. no resets on a healthy gateway; add `or vector(0)` to the query or set "
+                    "onEmpty: zero (or onEmpty: inconclusive if no series really means no data)",
+                )
+            )
+    return found
 
 
 def _located(exc: ValidationError, file: str, lines: dict[_Path, int], doc_line: int) -> list[PolicyError]:

@@ -37,6 +37,7 @@ class PolicySnapshot:
 
     policies: dict[str, SourcedPolicy]
     errors: tuple[PolicyError, ...]
+    warnings: tuple[PolicyError, ...] = ()
 
 
 class PolicyCatalog:
@@ -54,6 +55,7 @@ class PolicyCatalog:
         if texts == self._texts:
             return None
         errors: list[PolicyError] = []
+        warnings: list[PolicyError] = []
         if not self.directory.is_dir():
             errors.append(PolicyError(str(self.directory), 0, "", "policies directory does not exist"))
         good: dict[str, tuple[SourcedPolicy, ...]] = {}
@@ -65,6 +67,7 @@ class PolicyCatalog:
                 result = parse_policy_text(text, file)
                 result_policies = result.policies
                 errors.extend(result.errors)
+                warnings.extend(result.warnings)
             kept = result_policies
             if errors and any(e.file == file for e in errors):
                 fresh = {item.policy.name for item in result_policies}
@@ -79,4 +82,4 @@ class PolicyCatalog:
         checked = check_conflicts(running_first)
         errors.extend(checked.errors)
         self._running = {item.policy.name: item for item in checked.policies}
-        return PolicySnapshot(dict(self._running), tuple(errors))
+        return PolicySnapshot(dict(self._running), tuple(errors), tuple(warnings))

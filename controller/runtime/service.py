@@ -150,6 +150,8 @@ class ControllerService:
             if snapshot is None:
                 return
             self._report_errors(snapshot.errors)
+            for warning in snapshot.warnings:
+                _log.warning("policy file warning", warning=str(warning))
             self.telemetry.policy_file_errors.set(len(snapshot.errors))
             for name in sorted(set(self.runners) - set(snapshot.policies)):
                 runner = self.runners.pop(name)
