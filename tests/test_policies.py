@@ -182,3 +182,13 @@ def test_run_without_any_cluster_config_says_so(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("cannot start: no usable Kubernetes configuration")
+
+
+def test_the_fingerprint_ignores_defaults_so_an_upgrade_does_not_look_like_a_policy_change() -> None:
+    gate = {"name": "resets", "query": "sum(x) or vector(0)", "max": 1}
+    plain = make_policy(gates={"custom": [gate]})
+    spelled_out = make_policy(gates={"custom": [{**gate, "onEmpty": "inconclusive"}]})
+    assert plain.rollout_fingerprint() == spelled_out.rollout_fingerprint()
+    assert make_policy(gates={"custom": [{**gate, "onEmpty": "zero"}]}).rollout_fingerprint() != (
+        plain.rollout_fingerprint()
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
@@ -24,7 +25,7 @@ from tests.helpers import make_policy
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
-from tests.servers import WEIGHT, free_port
+from tests.servers import STATE, WEIGHT, free_port
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
 
@@ -324,3 +325,51 @@ def test_a_rollback_cuts_the_target_even_when_the_source_patch_is_denied(kube: C
     assert outcome.error is not None and "403" in outcome.error
     assert kube.annotations(TGT)[WEIGHT] == "0"  # the ASM gateway gets no traffic: 0 against 90
     assert kube.state()["phase"] == "RolledBack"
+
+
+def _v1_state(phase: str, target: int, source: int) -> str:
+    """What gateway-canary 0.1 wrote into the target Service's annotation."""
+    return json.dumps(
+        {
+            "v": 1,
+            "policy": "shop",
+            "fingerprint": "0123456789abcdef",
+            "phase": phase,
+            "reason": "written by 0.1",
+            "target_weight": target,
+            "source_weight": source,
+            "changed_at": "2026-11-24T12:00:00+00:00",
+            "step_started_at": "2026-11-24T12:00:00+00:00",
+            "consecutive_failures": 0,
+            "consecutive_inconclusive": 0,
+            "stuck_reported": False,
+        }
+    )
+
+
+def test_a_version_1_state_annotation_is_adopted_and_removed_with_the_next_weight_write(kube: Cluster) -> None:
+    kube.add_gateways("10", "90")
+    kube.edit(TGT, {STATE: _v1_state("Progressing", 10, 90)})
+    policy = policy_in(kube, steps=[10, 50, 100])
+    kube.grant(policy)
+    policy_runner = runner(as_controller(kube), healthy_traffic(kube), policy=policy, store=state_store(kube))
+    outcome = policy_runner.tick()
+    # adopted (not a fresh start at 10), so the next step follows: 10 -> 50 (bake 0)
+    assert outcome.decision is not None and outcome.decision.action.value == "Advance"
+    assert STATE not in kube.annotations(TGT)
+    removal = [p for p in kube.service_patches() if STATE in p]
+    assert removal == [{WEIGHT: "50", STATE: None}]  # in the same patch as the weight, one reconcile
+    assert kube.state()["target_weight"] == 50
+
+
+def test_a_finished_version_1_rollout_has_its_annotation_removed_at_once(kube: Cluster) -> None:
+    kube.add_gateways("0", "100")
+    kube.edit(TGT, {STATE: _v1_state("RolledBack", 0, 100)})
+    policy = policy_in(kube)
+    kube.grant(policy)
+    outcome = runner(as_controller(kube), healthy_traffic(kube), policy=policy, store=state_store(kube)).tick()
+    assert outcome.decision is not None
+    assert kube.state()["phase"] == "RolledBack"  # terminal stays terminal: no Start
+    assert STATE not in kube.annotations(TGT)
+    assert kube.service_patches() == [{STATE: None}]
+    assert kube.annotations(TGT)[WEIGHT] == "0"

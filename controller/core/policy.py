@@ -460,8 +460,13 @@ class CanaryPolicy(_Model):
 
         Persisted with the state: when it differs, the policy changed and the bake restarts.
         """
+        # Defaults are left out, so that a field added in a later release (with a default that keeps
+        # today's behaviour) does not make every running policy look changed after an upgrade.
         steering = self.spec.model_dump(
-            mode="json", by_alias=True, include={"source", "target", "schedule", "analysis", "gates"}
+            mode="json",
+            by_alias=True,
+            exclude_defaults=True,
+            include={"source", "target", "schedule", "analysis", "gates"},
         )
         encoded = json.dumps(steering, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]

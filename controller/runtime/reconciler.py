@@ -173,8 +173,10 @@ class PolicyRunner:
             except StateUnreadable as exc:
                 return recovered(self.policy, observed, now, str(exc)), f"version-1 state unreadable: {exc}"
             if legacy.policy == self.policy.name:
+                # Version 1 computed its fingerprint differently: the policy is taken as unchanged
+                # by the upgrade (never as changed, which would restart a rolled-back rollout).
                 self.log.info("adopting the version-1 state annotation into the state object")
-                return legacy, None
+                return legacy.evolve(fingerprint=self.policy.rollout_fingerprint()), None
         if stored is None:  # no store, no memory: never guess a Start (R5)
             held = recovered(self.policy, observed, now, store_problem or "state store unavailable")
             return held.evolve(refusal=self._provisional_refusal), None
