@@ -14,8 +14,9 @@ reason instead of failing halfway through the first weight change. Once the targ
 it never refuses on permissions alone: a rollback must always be attempted, and the writes' own
 403s are reported.
 
-Write order: the target first, then the source. A rollback therefore cuts the target's traffic
-with its first request.
+Write order: the target first, then the source, so a rollback cuts the target's traffic with its
+first request; except when that would show both weights at 0 (the source at 0), then the source
+goes first (``controller.core.schedule.source_first``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.adapters.kube_api import TIMEOUT, build_api_client, json_call, resource_version, translate
 from controller.core.policy import CanaryPolicy, ServiceRef
-from controller.core.schedule import Weights
+from controller.core.schedule import Weights, source_first
 from controller.errors import AccessDenied, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.ports import PairSnapshot
 from controller.rbac import AccessCheck, access_needed
@@ -186,22 +187,24 @@ class KubernetesGatewayPair:
 
         A forced write (rollback) always states both weights: what was seen may be stale.
         """
-        try:
-            target_changes: dict[str, str | None] = {}
-            if force or weights.target != seen.target_weight:
-                target_changes[WEIGHT_ANNOTATION] = str(weights.target)
-            if drop_legacy_state and seen.legacy_state is not None and target_changes:
-                target_changes[LEGACY_STATE_ANNOTATION] = None
+        target_changes: dict[str, str | None] = {}
+        if force or weights.target != seen.target_weight:
+            target_changes[WEIGHT_ANNOTATION] = str(weights.target)
+        if drop_legacy_state and seen.legacy_state is not None and target_changes:
+            target_changes[LEGACY_STATE_ANNOTATION] = None
+
+        def target() -> None:
             if target_changes:
                 self._patch(policy.spec.target.service, target_changes, seen.versions[0], seen.target_weight, force)
+
+        def source() -> None:
             if weights.source is not None and (force or weights.source != seen.source_weight):
-                self._patch(
-                    policy.spec.source.service,
-                    {WEIGHT_ANNOTATION: str(weights.source)},
-                    seen.versions[1],
-                    seen.source_weight,
-                    force,
-                )
+                changes: dict[str, str | None] = {WEIGHT_ANNOTATION: str(weights.source)}
+                self._patch(policy.spec.source.service, changes, seen.versions[1], seen.source_weight, force)
+
+        try:
+            for write in (source, target) if source_first(weights, seen.source_weight) else (target, source):
+                write()
         except AccessDenied:
             self._access_verified.clear()  # the grant changed under us: check again before writing
             raise

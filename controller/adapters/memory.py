@@ -10,8 +10,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from controller.core.enums import GatewayRole
 from controller.core.policy import CanaryPolicy
-from controller.core.schedule import Weights
+from controller.core.schedule import Weights, source_first
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
 from controller.errors import Conflict, WeightChangedExternally
 from controller.ports import PairSnapshot, StoredState
@@ -57,15 +58,29 @@ class InMemoryGatewayPair:
         drop_legacy_state: bool = False,
     ) -> None:
         """Write like the real adapter: refuse if a weight moved since ``seen`` (unless forced)."""
+        first_source = source_first(weights, seen.source_weight)
+        for role in (
+            (GatewayRole.SOURCE, GatewayRole.TARGET) if first_source else (GatewayRole.TARGET, GatewayRole.SOURCE)
+        ):
+            self.write_one(role, seen, weights, force=force, drop_legacy_state=drop_legacy_state)
+
+    def write_one(
+        self, role: GatewayRole, seen: PairSnapshot, weights: Weights, *, force: bool, drop_legacy_state: bool = False
+    ) -> None:
+        """One Service's patch, as the real adapter makes it (a test can fail between the two)."""
         with self._lock:
-            if not force and self.target_weight != seen.target_weight:
-                raise WeightChangedExternally("simulated target weight changed since it was read")
-            if force or weights.target != self.target_weight:
+            if role is GatewayRole.TARGET and (force or weights.target != self.target_weight):
+                if not force and self.target_weight != seen.target_weight:
+                    raise WeightChangedExternally("simulated target weight changed since it was read")
                 self.target_weight = weights.target
                 self.writes += 1
                 if drop_legacy_state:
                     self.legacy_state = None
-            if weights.source is not None and (force or weights.source != self.source_weight):
+            if (
+                role is GatewayRole.SOURCE
+                and weights.source is not None
+                and (force or weights.source != self.source_weight)
+            ):
                 if not force and self.source_weight != seen.source_weight:
                     raise WeightChangedExternally("simulated source weight changed since it was read")
                 self.source_weight = weights.source

@@ -15,7 +15,8 @@ The rules
 R1  The check is always judged. Completing an unfinished write, adopting an outside change, a
     policy change, a command, a refusal: none of them skips ``_count_evidence``, and
     ``_protection`` reads only what it counted. A FAIL while the target carries traffic always
-    advances the failure count; reaching ``failureThreshold`` always rolls back.
+    advances the failure count; reaching ``failureThreshold`` always rolls back. A FAIL also voids
+    a raise that is not fully written (the bake it stood on is gone).
 R2  A rollback always wins and is remembered. It is a pending ``Intent(rollback=True)`` in the
     state until both Services show it; ``_protection`` returns it on every tick until then (a later
     PASS cannot cancel it), and while it is pending nothing else is written.
@@ -185,15 +186,16 @@ def recovered_state(policy: CanaryPolicy, observed: Observation, now: datetime, 
 
     Never a Start and never a silent restart of a rolled-back rollout: Paused at the weights the
     Services show, rollback armed while the target carries traffic, waiting for an operator
-    (resume, retry, or a policy change).
+    (resume, retry, or a policy change). A target at 100 is taken as promoted, as on first sight.
     """
+    promoted = (observed.target_weight or 0) >= FULL  # all traffic already moved: never sent back
     return RolloutState(
         policy=policy.name,
         fingerprint=policy.rollout_fingerprint(),
-        phase=Phase.PAUSED,
+        phase=Phase.PROMOTED if promoted else Phase.PAUSED,
         reason=(
-            f"stored state cannot be used ({why}); holding at the weights the Services show, rollback armed; "
-            "resume or change the policy to continue"
+            f"stored state cannot be used ({why}); holding at the weights the Services show"
+            + ("" if promoted else ", rollback armed; resume or change the policy to continue")
         ),
         target_weight=observed.target_weight or 0,
         source_weight=observed.source_weight,
@@ -206,6 +208,8 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     """Count the evidence, protect, then progress with permission; see the module docstring."""
     writes, written = _reconcile_writes(state, observed)
     counted = _count_evidence(policy, written, observed.check, now)
+    if writes is _Writes.UNFINISHED and _failed(observed.check) and not _pending_rollback(counted):
+        writes, counted = _Writes.SETTLED, _void_unfinished_raise(counted, observed)
     why_rollback = _protection(policy, counted, observed)
     if why_rollback is not None:
         decision = _rollback(policy, counted, observed, now, why_rollback)
@@ -290,13 +294,34 @@ def _close_run(state: RolloutState) -> RolloutState:
     return state.evolve(baked_seconds=state.covered_seconds, run_started_at=None, last_pass_at=None)
 
 
+def _failed(check: CheckResult | None) -> bool:
+    return check is not None and check.verdict is Verdict.FAIL
+
+
+def _pending_rollback(state: RolloutState) -> bool:
+    return state.pending is not None and state.pending.rollback
+
+
+def _void_unfinished_raise(state: RolloutState, observed: Observation) -> RolloutState:
+    """A FAIL empties the bake, and so voids a raise that is not fully written (R1, R4).
+
+    The rollout stays at what the Services show (our own partial write included), bakes there
+    again, and the rollback stays armed; nothing is written to undo or finish the raise.
+    """
+    return state.evolve(
+        pending=None,
+        target_weight=state.target_weight if observed.target_weight is None else observed.target_weight,
+        source_weight=observed.source_weight,
+        reason="a check failed before the raise was fully written; staying at the weights the Services show",
+    )
+
+
 # --- 3. protection: does the evidence demand a rollback? (R1, R2) ------------------------------
 
 
 def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation) -> str | None:
     """Why the target must go to 0 now, or None. Reads only counted evidence and the pending write."""
-    pending = state.pending
-    if pending is not None and pending.rollback:
+    if _pending_rollback(state):
         return "the rollback is not fully written yet; writing it again"
     if observed.command is Command.ABORT and state.phase in ARMED_PHASES:
         return "aborted by an operator"
@@ -333,6 +358,8 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
     )
     rolled = state.evolve(
         phase=Phase.ROLLED_BACK,
+        # decided under this policy: an edit made before the rollback never restarts it (R5)
+        fingerprint=policy.rollout_fingerprint(),
         target_weight=0,
         source_weight=weights.source if weights.source is not None else observed.source_weight,
         pending=intent,
@@ -436,7 +463,7 @@ def _apply_command(state: RolloutState, command: Command | None, now: datetime) 
         paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
         return Decision(state=paused, action=Action.PAUSE, transition=True)
     if command is Command.RESUME and state.phase is Phase.PAUSED:
-        resumed = _reset_step(state, now).evolve(
+        resumed = _restart_bake(state, now).evolve(
             phase=Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING,
             reason="resumed by an operator; the bake at this step restarts",
         )
@@ -450,8 +477,9 @@ def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) ->
         return Decision(
             state=updated.evolve(reason="policy changed after promotion; nothing to do"), action=Action.NONE
         )
-    restarted = _reset_step(updated, now)
+    restarted = _restart_bake(updated, now)
     if state.phase is Phase.ROLLED_BACK:
+        restarted = _reset_step(updated, now)  # a new rollout: the old evidence led to the rollback
         pending = restarted.evolve(phase=Phase.PENDING, reason="policy changed after a rollback; starting again")
         return Decision(state=pending, action=Action.RETRY, transition=True)
     phase = state.phase
@@ -628,17 +656,14 @@ def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:
 # --- small helpers -------------------------------------------------------------------------------
 
 
+def _restart_bake(state: RolloutState, now: datetime) -> RolloutState:
+    """The bake starts again; the evidence about the target's health is kept (R1)."""
+    return state.evolve(step_started_at=now, changed_at=now, baked_seconds=0.0, run_started_at=None, last_pass_at=None)
+
+
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
-    return state.evolve(
-        step_started_at=now,
-        changed_at=now,
-        baked_seconds=0.0,
-        run_started_at=None,
-        last_pass_at=None,
-        consecutive_failures=0,
-        inconclusive=(),
-        stuck_reported=(),
-    )
+    """A new step (or an operator's retry): the bake and the counters start again."""
+    return _restart_bake(state, now).evolve(consecutive_failures=0, inconclusive=(), stuck_reported=())
 
 
 def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:

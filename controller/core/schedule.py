@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from controller.core.enums import WeightMode
 from controller.core.policy import ScheduleSpec
 
-__all__ = ["FULL", "Weights", "next_target_weight", "target_steps", "weights_for"]
+__all__ = ["FULL", "Weights", "next_target_weight", "source_first", "target_steps", "weights_for"]
 
 #: The weight a promoted target ends at.
 FULL = 100
@@ -65,3 +65,13 @@ def weights_for(target: int, mode: WeightMode, *, promoted: bool = False) -> Wei
     if mode is WeightMode.COMPLEMENTARY or promoted:
         return Weights(target=target, source=FULL - target)
     return Weights(target=target, source=None)
+
+
+def source_first(weights: Weights, shown_source: int | None) -> bool:
+    """Whether to patch the source before the target: only when target first would show both at 0.
+
+    Target first is the rule (a rollback cuts the ASM gateway's traffic with its first request);
+    but cutting the target to 0 while the source shows 0 would leave the CLB with no weight at all
+    until the second patch lands (or forever, if it fails). Then the source goes first.
+    """
+    return weights.target == 0 and shown_source == 0 and weights.source is not None and weights.source > 0

@@ -36,7 +36,7 @@ import structlog
 from controller.core.alerts import build_alert
 from controller.core.decision import TERMINAL_PHASES, Action, Decision, Notice, Observation, decide, initial_state
 from controller.core.decision import recovered_state as recovered
-from controller.core.enums import AlertKind, Command, Severity, Verdict
+from controller.core.enums import AlertKind, Command, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
@@ -108,8 +108,10 @@ class PolicyRunner:
         self.failing_since: float | None = None
         self._lock = threading.Lock()
         self._memory: RolloutState | None = None  # the last state this runner decided, for store outages
+        self._version: str | None = None  # the state object's version this process last read or wrote
         self._reported: str | None = None  # the last trouble reported outside the state (observe, crash)
-        self._provisional_refusal: str | None = None  # reported while no state could be read
+        self._provisional: RolloutState | None = None  # decided while no state could be read
+        self._provisional_passed = False  # ...and whether a check passed meanwhile
         self.log = structlog.get_logger("controller.rollout").bind(policy=policy.name)
 
     # -- the tick ----------------------------------------------------------------------------------
@@ -138,29 +140,66 @@ class PolicyRunner:
         decision = decide(self.policy, state, observed, self._clock.now())
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
-        if provisional:  # decided without any state: held this tick, never remembered as the truth
+        # Decided without any state (the store unreadable since this process started): never
+        # remembered as the truth, but its evidence, a rollback it wrote, and what it reported are.
+        self._provisional = decision.state if provisional else None
+        passed = check is not None and check.verdict is Verdict.PASS
+        self._provisional_passed = provisional and (passed or self._provisional_passed)
+        if provisional:
             self._memory = None
-            self._provisional_refusal = decision.state.refusal  # ...but what was reported is
         return outcome
 
     # -- state -------------------------------------------------------------------------------------
 
     def _load(self) -> tuple[StoredState | None, str | None]:
         try:
-            return self._store.load(self.policy), None
+            stored = self._store.load(self.policy)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             return None, f"state store unavailable: {exc}"
+        if stored.version not in (self._version, ""):
+            self._memory = None  # someone else wrote it since: what is stored wins over what was remembered
+        self._version = stored.version
+        return stored, None
 
     def _state_for(
+        self, stored: StoredState | None, seen: PairSnapshot, store_problem: str | None
+    ) -> tuple[RolloutState, str | None]:
+        """The state to decide from, with what was counted while no state could be read."""
+        state, problem = self._stored_or_new(stored, seen, store_problem)
+        held = self._provisional
+        if held is None:
+            return state, problem
+        if held.phase is Phase.ROLLED_BACK:  # a rollback written while the store was down stands
+            return held.evolve(fingerprint=state.fingerprint), problem
+        if self._provisional_passed:  # a pass since the store went away: its counts are the ones
+            return state.evolve(
+                consecutive_failures=held.consecutive_failures,
+                inconclusive=held.inconclusive,
+                refusal=state.refusal or held.refusal,
+            ), problem
+        # what was counted while the store was unreadable follows what the store had counted before
+        merged = dict(state.inconclusive)
+        for cause, count in held.inconclusive:
+            merged[cause] = merged.get(cause, 0) + count
+        carried = state.evolve(
+            consecutive_failures=state.consecutive_failures + held.consecutive_failures,
+            inconclusive=tuple(sorted(merged.items())),
+            refusal=state.refusal or held.refusal,
+        )
+        return carried, problem
+
+    def _stored_or_new(
         self, stored: StoredState | None, seen: PairSnapshot, store_problem: str | None
     ) -> tuple[RolloutState, str | None]:
         """The state to decide from, and why it cannot be trusted for a raise (if so)."""
         observed = Observation(seen.target_weight, seen.source_weight)
         now = self._clock.now()
+        if stored is not None and self._memory is not None and stored.version == self._version:
+            # Nobody wrote the object since this process did (or read it): what this process decided
+            # is the truth, with what is not stored (the last pass) and what failed to be saved.
+            return self._memory, None
         if stored is not None and stored.state is not None:
-            if self._memory is not None and encode_state(self._memory) == encode_state(stored.state):
-                return self._memory, None  # the same state, with what is not stored (the last pass)
             return stored.state, None
         if stored is not None and stored.error is not None:
             why = f"stored state unreadable: {stored.error}"
@@ -178,8 +217,7 @@ class PolicyRunner:
                 self.log.info("adopting the version-1 state annotation into the state object")
                 return legacy.evolve(fingerprint=self.policy.rollout_fingerprint()), None
         if stored is None:  # no store, no memory: never guess a Start (R5)
-            held = recovered(self.policy, observed, now, store_problem or "state store unavailable")
-            return held.evolve(refusal=self._provisional_refusal), None
+            return recovered(self.policy, observed, now, store_problem or "state store unavailable"), None
         return initial_state(self.policy, observed, now), None
 
     def _save(self, state: RolloutState, base: StoredState) -> StoredState | None:
@@ -188,11 +226,13 @@ class PolicyRunner:
         if base.state is not None and base.error is None and encode_state(base.state) == encode_state(state):
             return base
         try:
-            return self._store.save(self.policy, state, base)
+            saved = self._store.save(self.policy, state, base)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
             return None
+        self._version = saved.version
+        return saved
 
     # -- measuring -----------------------------------------------------------------------------------
 
