@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of controller/core/{decision,gates}.py, killed only by the fast unit tests
-# (tests/test_decision.py, tests/test_gates.py); config in pyproject.toml [tool.mutmut].
+# (tests/test_decision.py, test_gates.py, test_kernel_details.py, test_write_protocol.py); config in pyproject.toml.
 # Starts from an empty mutants/ (git-ignored) each run, prints per-file counts, score
 # = killed / (total - skipped) and survivors per function (`.venv/bin/mutmut show <name>` for a diff).
 # Exits 0 whatever the score; non-zero only if mutmut itself fails (e.g. a red clean run).
