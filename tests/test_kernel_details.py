@@ -210,3 +210,38 @@ def test_an_outside_change_in_a_terminal_phase_is_adopted_once() -> None:
     assert decision.reason.startswith("weights changed outside gateway-canary: found target=20 source=80, expected")
     again = decide(POLICY, decision.state, Observation(20, 80), at(60))
     assert again.notices == () and again.action is Action.NONE
+
+
+def test_boundaries_a_value_at_its_threshold_passes_and_min_requests_is_enough() -> None:
+    policy = make_policy(gates={"errorRate": {"max": 0.05}, "latency": {"maxRatio": 2}})
+    at_limit = judge(
+        policy, samples(S, requests=50, latency=100), samples(T, requests=50, error_rate=0.05, latency=200)
+    )
+    assert at_limit.verdict is Verdict.PASS and at_limit.starved == ()
+    below = judge(policy, samples(S, requests=50), samples(T, requests=49))
+    assert below.verdict is Verdict.INCONCLUSIVE and below.starved == (T,)
+    no_source_latency = judge(policy, samples(S, latency=0.0), samples(T, latency=10.0))
+    assert no_source_latency.cause is InconclusiveCause.NOT_A_NUMBER
+    assert {g.gate: g.reason for g in no_source_latency.gates}["latencyP99Ratio"] == (
+        "latencyP99Ratio: source latency is 0.0, no ratio"
+    )
+    one_ms = judge(policy, samples(S, latency=1.0), samples(T, latency=1.5))
+    assert one_ms.verdict is Verdict.PASS  # a source at 1 ms is a baseline, not "no ratio"
+
+
+def test_weight_1_carries_traffic_and_is_protected() -> None:
+    state = initial_state(POLICY, Observation(1, 99), at(0)).evolve(consecutive_failures=1)
+    assert decide(POLICY, state, Observation(1, 99, FAIL), at(30)).action is Action.ROLLBACK
+    assert initial_state(POLICY, Observation(1, 99), at(0)).phase is Phase.PROGRESSING
+    assert initial_state(POLICY, Observation(100, 0), at(0)).phase is Phase.PROMOTED
+    assert initial_state(POLICY, Observation(99, 1), at(0)).phase is Phase.PROGRESSING
+
+
+def test_passes_exactly_two_intervals_apart_cover_the_gap_and_a_step_more_does_not() -> None:
+    policy = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": "120s"})  # interval 30s
+    state = initial_state(policy, Observation(10, 90), at(0))
+    state = decide(policy, state, Observation(10, 90, PASS), at(0)).state
+    covered = decide(policy, state, Observation(10, 90, PASS), at(60)).state
+    assert covered.covered_seconds == 60
+    gap = decide(policy, state, Observation(10, 90, PASS), at(61)).state
+    assert gap.covered_seconds == 0 and gap.run_started_at == at(61)
