@@ -99,7 +99,7 @@ class CollectingNotifier:
         self.alerts: list[Alert] = []
         self.received = threading.Event()
 
-    def send(self, alert: Alert) -> None:
+    def send(self, alert: Alert, *, timeout: float = 0.0) -> None:
         """Keep, forward, and flag that an alert arrived."""
         self.alerts.append(alert)
         self._on_alert(alert)

@@ -9,6 +9,7 @@
     │   ├── Conflict               409: the object changed since it was read (state object)
     │   └── WeightChangedExternally  someone else changed a weight annotation mid-write
     └── NotificationError          an alert receiver failed (retried, never blocks a rollback)
+        └── NotificationTimeout    no answer in time: it may have arrived ("unknown")
 
 The original exception is always chained (``raise ... from exc``) for the logs.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "GatewayCanaryError",
     "MetricsUnavailable",
     "NotificationError",
+    "NotificationTimeout",
     "ServiceNotFound",
     "WeightChangedExternally",
 ]
@@ -62,3 +64,7 @@ class WeightChangedExternally(ClusterError):
 
 class NotificationError(GatewayCanaryError):
     """An alert could not be delivered to one receiver."""
+
+
+class NotificationTimeout(NotificationError):
+    """The receiver did not answer in time; the alert may or may not have arrived."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from controller.core.alerts import Alert
+from controller.core.alerts import Alert, OutboxEntry
 from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
 from controller.core.schedule import Weights
@@ -90,13 +90,15 @@ class StoredState:
     """A policy's state as read from its store.
 
     ``version`` is the store's concurrency token ("" when nothing is stored yet); ``error`` says
-    why what is stored (kept in ``raw``) could not be read.
+    why what is stored (kept in ``raw``) could not be read. ``outbox`` holds the alerts not yet
+    delivered, so that a restarted controller delivers them (with the same ids).
     """
 
     state: RolloutState | None
     version: str = ""
     error: str | None = None
     raw: str | None = None
+    outbox: tuple[OutboxEntry, ...] = ()
 
 
 class StateStore(Protocol):
@@ -106,8 +108,10 @@ class StateStore(Protocol):
         """Read the stored state (never raises for what is stored; raises ClusterError)."""
         ...
 
-    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
-        """Replace ``previous`` with ``state``. Raises Conflict if it changed since, or ClusterError.
+    def save(
+        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+    ) -> StoredState:
+        """Replace ``previous`` with ``state`` and ``outbox``. Raises Conflict if it changed since, or ClusterError.
 
         An unreadable ``previous`` is kept beside the new state for an operator to look at.
         """
@@ -122,6 +126,7 @@ class Notifier(Protocol):
         """A name for logs and metrics; never the secret URL."""
         ...
 
-    def send(self, alert: Alert) -> None:
-        """Deliver once. Raises NotificationError; retries are the dispatcher's job."""
+    def send(self, alert: Alert, *, timeout: float) -> None:
+        """Deliver once within ``timeout`` seconds. Raises NotificationError (NotificationTimeout
+        when the answer did not come: it may have arrived); retries are the dispatcher's job."""
         ...

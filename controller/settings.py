@@ -77,9 +77,24 @@ class Settings(BaseSettings):
     alertmanager_url: str | None = Field(default=None, description="receiver added to every policy")
     slack_webhook_url: SecretStr | None = Field(default=None, description="receiver added to every policy")
     webhook_url: SecretStr | None = Field(default=None, description="receiver added to every policy")
-    notify_attempts: int = Field(default=5, ge=1, le=50, description="delivery attempts per alert")
-    notify_backoff_seconds: float = Field(default=0.5, ge=0, description="first retry delay, doubling")
-    notify_timeout_seconds: float = Field(default=5.0, gt=0)
+    notify_backoff_seconds: float = Field(default=0.5, ge=0, le=3600, description="first retry delay, doubling")
+    notify_backoff_max_seconds: float = Field(default=60.0, gt=0, le=3600, description="longest retry delay")
+    notify_timeout_seconds: float = Field(default=5.0, gt=0, le=300, description="per delivery (warning, info)")
+    notify_critical_timeout_seconds: float = Field(
+        default=60.0, gt=0, le=600, description="per delivery of a critical alert: wait rather than re-send"
+    )
+    notify_deadline_seconds: float = Field(
+        default=3600.0, gt=0, le=7 * 86400, description="keep retrying a warning or info alert this long"
+    )
+    notify_critical_deadline_seconds: float = Field(
+        default=6 * 3600.0, gt=0, le=7 * 86400, description="keep retrying a critical alert (a rollback) this long"
+    )
+    forbidden_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="a 403 right after the API server was unreachable is retried this long before it is a refusal",
+    )
 
     @field_validator("prometheus_url", "alertmanager_url")
     @classmethod

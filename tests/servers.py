@@ -209,7 +209,9 @@ class WebhookSink:
 
     def __init__(self, status: int = 200) -> None:
         self.received: list[tuple[str, Any]] = []
+        self.headers: list[tuple[str, dict[str, str]]] = []
         self.status = status
+        self.delay = 0.0  # seconds before answering (a slow receiver)
         self._lock = threading.Lock()
         sink = self
 
@@ -218,6 +220,9 @@ class WebhookSink:
                 body = self.body()
                 with sink._lock:
                     sink.received.append((self.path, body))
+                    sink.headers.append((self.path, dict(self.headers.items())))
+                if sink.delay:
+                    time.sleep(sink.delay)  # the behaviour under test: a receiver that answers late
                 self.reply(sink.status, {})
 
         self.server = _Server(Handler)

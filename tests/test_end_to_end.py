@@ -155,7 +155,8 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
     wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the weight to climb to 25")
     assert kube.weight_writes(TGT, WEIGHT)[:2] == ["10", "25"]
-    assert kube.annotations(SRC)[WEIGHT] == "75"
+    # the source's patch follows the target's (a few ms later)
+    wait_for(lambda: kube.annotations(SRC)[WEIGHT] == "75", timeout=5, what="the source to follow at 75")
 
     traffic.target.error_ratio = 0.5
     injected = time.monotonic()

@@ -29,7 +29,7 @@ from controller.core.state import (
     encode_state,
 )
 from controller.errors import MetricsUnavailable
-from controller.notify.dispatcher import AlertDispatcher
+from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.runtime.clock import SystemClock
 from controller.runtime.collector import Collector
 from controller.runtime.reconciler import PolicyRunner
@@ -192,7 +192,7 @@ class Recording:
     def __init__(self) -> None:
         self.alerts: list = []
 
-    def send(self, alert) -> None:
+    def send(self, alert, *, timeout: float) -> None:
         self.alerts.append(alert)
 
 
@@ -203,7 +203,7 @@ def _runner(store, metrics, receiver, pair=None) -> PolicyRunner:
         store=store,
         metrics=metrics,
         receivers=[receiver],
-        dispatcher=AlertDispatcher(backoff_seconds=0.01),
+        dispatcher=AlertDispatcher(DeliveryPolicy(backoff_seconds=0.01)),
         collector=Collector(),
         clock=SystemClock(),
         telemetry=Telemetry(),

@@ -139,10 +139,10 @@ class FaultyPair(InMemoryGatewayPair):
 class FaultyStore(InMemoryStateStore):
     failing: bool = False
 
-    def save(self, policy, state, previous: StoredState) -> StoredState:  # type: ignore[no-untyped-def]
+    def save(self, policy, state, previous: StoredState, outbox=()) -> StoredState:  # type: ignore[no-untyped-def]
         if self.failing:
             raise ClusterUnavailable("injected: the state object could not be written")
-        return super().save(policy, state, previous)
+        return super().save(policy, state, previous, outbox)
 
     def load(self, policy):  # type: ignore[no-untyped-def]
         if self.failing:

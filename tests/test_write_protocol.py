@@ -43,8 +43,8 @@ class CrashingPair(InMemoryGatewayPair):
 class CrashingStore(InMemoryStateStore):
     crash_on_save: int | None = None  # die after this many more successful saves
 
-    def save(self, policy, state, previous: StoredState) -> StoredState:  # type: ignore[no-untyped-def]
-        saved = super().save(policy, state, previous)
+    def save(self, policy, state, previous: StoredState, outbox=()) -> StoredState:  # type: ignore[no-untyped-def]
+        saved = super().save(policy, state, previous, outbox)
         if self.crash_on_save is not None:
             self.crash_on_save -= 1
             if self.crash_on_save < 0:

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import structlog
 
+from controller.core.alerts import OutboxEntry
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
 from controller.core.state import RolloutState
@@ -82,8 +83,10 @@ class DryRunStateStore:
         """What this dry run wrote, else what is really stored."""
         return self._written.get(policy.name) or self._inner.load(policy)
 
-    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
+    def save(
+        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+    ) -> StoredState:
         """Remember, write nothing."""
-        saved = StoredState(state=state, version=f"dry-run-{id(state)}")
+        saved = StoredState(state=state, version=f"dry-run-{id(state)}", outbox=outbox)
         self._written[policy.name] = saved
         return saved

@@ -17,20 +17,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from kubernetes import client
 
 from controller.adapters.kube_api import json_call, resource_version
+from controller.core.alerts import OutboxEntry, decode_outbox, encode_outbox
 from controller.core.policy import CanaryPolicy
 from controller.core.state import RolloutState, StateUnreadable, bounded, decode_state, encode_state
 from controller.errors import ServiceNotFound
 from controller.ports import StoredState
 from controller.rbac import state_object_name
 
-__all__ = ["STATE_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
+__all__ = ["OUTBOX_KEY", "STATE_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
 
 STATE_KEY = "state"
+OUTBOX_KEY = "outbox"
 UNREADABLE_KEY = "unreadable-state"
 _KEEP_UNREADABLE_CHARS = 16 * 1024
+_log = structlog.get_logger("controller.state")
 
 
 class KubernetesStateStore:
@@ -51,25 +55,30 @@ class KubernetesStateStore:
             return StoredState(state=None)
         version = resource_version(body)
         data = body.get("data") or {}
+        outbox = _outbox(data)
         raw = data.get(STATE_KEY) if isinstance(data, dict) else None
         if not isinstance(raw, str):
-            return StoredState(state=None, version=version, error="the state object has no state in it", raw=None)
+            error = "the state object has no state in it"
+            return StoredState(state=None, version=version, error=error, raw=None, outbox=outbox)
         try:
             state = decode_state(raw)
         except StateUnreadable as exc:
-            return StoredState(state=None, version=version, error=str(exc), raw=raw)
+            return StoredState(state=None, version=version, error=str(exc), raw=raw, outbox=outbox)
         if state.policy != policy.name:
-            return StoredState(
-                state=None, version=version, error=f"stored state belongs to policy {state.policy!r}", raw=raw
-            )
-        return StoredState(state=state, version=version)
+            error = f"stored state belongs to policy {state.policy!r}"
+            return StoredState(state=None, version=version, error=error, raw=raw, outbox=outbox)
+        return StoredState(state=state, version=version, outbox=outbox)
 
-    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
+    def save(
+        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+    ) -> StoredState:
         """Create or replace the object, guarded by the version read; Conflict if it moved."""
         name = state_object_name(policy.name)
         data = {STATE_KEY: encode_state(state)}
         if previous.error is not None and previous.raw is not None:
             data[UNREADABLE_KEY] = bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
+        if outbox:
+            data[OUTBOX_KEY] = encode_outbox(outbox)
         metadata: dict[str, Any] = {
             "name": name,
             "namespace": self.namespace,
@@ -86,4 +95,16 @@ class KubernetesStateStore:
             answer = json_call(what, self._api.replace_namespaced_config_map, name, self.namespace, body)
         else:
             answer = json_call(what, self._api.create_namespaced_config_map, self.namespace, body)
-        return StoredState(state=state, version=resource_version(answer))
+        return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+
+
+def _outbox(data: Any) -> tuple[OutboxEntry, ...]:
+    """The undelivered alerts; an unreadable outbox is dropped (logged), never a reason to stop."""
+    text = data.get(OUTBOX_KEY) if isinstance(data, dict) else None
+    if not isinstance(text, str) or not text:
+        return ()
+    try:
+        return decode_outbox(text)
+    except ValueError as exc:
+        _log.error("the stored outbox is unreadable; its alerts are lost", error=str(exc)[:300])
+        return ()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from controller.core.alerts import OutboxEntry
 from controller.core.enums import GatewayRole
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights, source_first
@@ -103,6 +104,7 @@ class InMemoryStateStore:
 
     texts: dict[str, str] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    outboxes: dict[str, tuple[OutboxEntry, ...]] = field(default_factory=dict)
     saves: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -111,23 +113,27 @@ class InMemoryStateStore:
         with self._lock:
             raw = self.texts.get(policy.name)
             version = str(self.versions.get(policy.name, ""))
+            outbox = self.outboxes.get(policy.name, ())
         if raw is None:
-            return StoredState(state=None, version=version)
+            return StoredState(state=None, version=version, outbox=outbox)
         try:
-            return StoredState(state=decode_state(raw), version=version)
+            return StoredState(state=decode_state(raw), version=version, outbox=outbox)
         except StateUnreadable as exc:
-            return StoredState(state=None, version=version, error=str(exc), raw=raw)
+            return StoredState(state=None, version=version, error=str(exc), raw=raw, outbox=outbox)
 
-    def save(self, policy: CanaryPolicy, state: RolloutState, previous: StoredState) -> StoredState:
+    def save(
+        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+    ) -> StoredState:
         """Store ``state`` if nothing changed since ``previous`` was read."""
         with self._lock:
             current = str(self.versions.get(policy.name, ""))
             if current != previous.version:
                 raise Conflict(f"state of {policy.name} changed since it was read")
             self.texts[policy.name] = encode_state(state)
+            self.outboxes[policy.name] = outbox
             self.versions[policy.name] = self.versions.get(policy.name, 0) + 1
             self.saves += 1
-            return StoredState(state=state, version=str(self.versions[policy.name]))
+            return StoredState(state=state, version=str(self.versions[policy.name]), outbox=outbox)
 
     def state_of(self, name: str) -> RolloutState | None:
         """The decoded state of a policy (tests, the demo)."""

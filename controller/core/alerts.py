@@ -5,6 +5,8 @@ Built from the decision and the check that caused it; the notifiers only format 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -13,12 +15,15 @@ from controller.core.enums import AlertKind, Severity
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
 
-__all__ = ["Alert", "build_alert"]
+__all__ = ["MAX_OUTBOX", "Alert", "OutboxEntry", "alert_from_dict", "build_alert", "decode_outbox", "encode_outbox"]
+
+#: Undelivered alerts kept per policy; beyond it the oldest are dropped (and logged by the runner).
+MAX_OUTBOX = 50
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    """One alert. ``dedup_key`` is the same for repeats of the same event."""
+    """One alert. ``dedup_key`` (and so ``id``) is the same for repeats of the same event."""
 
     kind: AlertKind
     severity: Severity
@@ -35,9 +40,16 @@ class Alert:
     target_numbers: dict[str, float | None] = field(default_factory=dict)
     dedup_key: str = ""
 
+    @property
+    def id(self) -> str:
+        """Stable id of the event: the idempotency key receivers see, the same after a restart."""
+        return hashlib.sha256(f"{self.policy}/{self.dedup_key}".encode()).hexdigest()[:20]
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (generic webhook body, logs)."""
+        """JSON-ready form (generic webhook body, logs, the outbox)."""
         return {
+            "id": self.id,
+            "dedupKey": self.dedup_key,
             "kind": self.kind.value,
             "severity": self.severity.value,
             "policy": self.policy,
@@ -128,3 +140,73 @@ def build_alert(
         target_numbers=check.target.summary() if check is not None and check.target is not None else {},
         dedup_key=f"{policy}/{kind.value}/{dedup_suffix}",
     )
+
+
+def alert_from_dict(data: dict[str, Any]) -> Alert:
+    """The alert ``as_dict`` wrote (an outbox entry); ValueError when it is not one."""
+    try:
+
+        def weights(value: Any) -> Weights | None:
+            return None if value is None else Weights(int(value["target"]), _opt_int(value["source"]))
+
+        return Alert(
+            kind=AlertKind(data["kind"]),
+            severity=Severity(data["severity"]),
+            policy=str(data["policy"]),
+            summary=str(data["summary"]),
+            reason=str(data["reason"]),
+            at=datetime.fromisoformat(str(data["at"])),
+            source_service=str(data["sourceService"]),
+            target_service=str(data["targetService"]),
+            weights_before=weights(data.get("weightsBefore")),
+            weights_after=weights(data.get("weightsAfter")),
+            failing_gates=tuple(dict(gate) for gate in data.get("failingGates", ())),
+            source_numbers=dict(data.get("source") or {}),
+            target_numbers=dict(data.get("target") or {}),
+            dedup_key=str(data["dedupKey"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not an alert: {exc}") from exc
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """An alert not yet delivered to ``receivers`` (names), first queued at ``queued_at``."""
+
+    alert: Alert
+    receivers: tuple[str, ...]
+    queued_at: datetime
+
+
+def encode_outbox(entries: tuple[OutboxEntry, ...]) -> str:
+    """Compact, stable JSON for the state object's ``outbox`` key."""
+    return json.dumps(
+        [
+            {"alert": e.alert.as_dict(), "receivers": list(e.receivers), "queuedAt": e.queued_at.isoformat()}
+            for e in entries[-MAX_OUTBOX:]
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def decode_outbox(text: str) -> tuple[OutboxEntry, ...]:
+    """What ``encode_outbox`` wrote; ValueError (with why) for anything else."""
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError("not a list")
+        return tuple(
+            OutboxEntry(
+                alert=alert_from_dict(item["alert"]),
+                receivers=tuple(str(name) for name in item["receivers"]),
+                queued_at=datetime.fromisoformat(str(item["queuedAt"])),
+            )
+            for item in raw[-MAX_OUTBOX:]
+        )
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"unreadable outbox: {exc}") from exc

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from controller.core.alerts import Alert
 from controller.notify.http import post_json, safe_host
 
 __all__ = ["AlertmanagerNotifier"]
 
+#: How long an event stays firing in Alertmanager (it is an event, not a condition).
+_LIFETIME = timedelta(hours=1)
+
 
 class AlertmanagerNotifier:
     """POSTs one alert to ``/api/v2/alerts``; labels route it, annotations carry the evidence."""
 
-    def __init__(self, url: str, *, name: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, name: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("an Alertmanager URL must start with http:// or https://")
         self._endpoint = url.rstrip("/") + "/api/v2/alerts"
-        self._timeout = timeout
         self.name = f"alertmanager:{name or safe_host(url)}"
 
-    def send(self, alert: Alert) -> None:
-        """One delivery attempt."""
+    def send(self, alert: Alert, *, timeout: float) -> None:
+        """One delivery attempt.
+
+        Each event is its own Alertmanager alert: the ``event_id`` label (the alert's stable id)
+        keeps a second rollback from merging into the first (which would page nobody), while a
+        repeat of the same event has the same labels and is de-duplicated by Alertmanager. The
+        ``endsAt`` (an hour after this delivery) lets an event resolve on its own instead of
+        lingering for the resolve timeout, and never resolves one that arrives late.
+        """
         namespace, _, service = alert.target_service.partition("/")
         annotations = {
             "summary": alert.summary,
@@ -44,9 +55,12 @@ class AlertmanagerNotifier:
                     "policy": alert.policy,
                     "namespace": namespace,
                     "service": service,
+                    "event_id": alert.id,
                 },
                 "annotations": annotations,
                 "startsAt": alert.at.isoformat(),
+                # from the delivery, not the event: a page delayed by an outage must still fire
+                "endsAt": (datetime.now(UTC) + _LIFETIME).isoformat(),
             }
         ]
-        post_json(self.name, self._endpoint, body, timeout=self._timeout)
+        post_json(self.name, self._endpoint, body, timeout=timeout)

@@ -34,17 +34,16 @@ def policy_receivers(policy: CanaryPolicy, settings: Settings) -> tuple[list[Not
     A receiver that cannot be built (its secret is not set) never costs the others: the policy
     keeps observing and rolling back, and refuses only to raise weights (rule R3).
     """
-    timeout = settings.notify_timeout_seconds
     built: list[Notifier] = []
     problems: list[str] = []
     for index, receiver in enumerate(policy.spec.alerts):
         try:
             if isinstance(receiver, SlackReceiver):
-                built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+                built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name))
             elif isinstance(receiver, WebhookReceiver):
-                built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name, timeout=timeout))
+                built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name))
             elif isinstance(receiver, AlertmanagerReceiver):
-                built.append(AlertmanagerNotifier(receiver.url, name=receiver.name, timeout=timeout))
+                built.append(AlertmanagerNotifier(receiver.url, name=receiver.name))
         except ValueError as exc:
             problems.append(str(exc))
     return built, problems
@@ -52,12 +51,11 @@ def policy_receivers(policy: CanaryPolicy, settings: Settings) -> tuple[list[Not
 
 def global_receivers(settings: Settings) -> list[Notifier]:
     """Receivers every policy (and every policy-file error) is reported to."""
-    timeout = settings.notify_timeout_seconds
     built: list[Notifier] = []
     if settings.alertmanager_url:
-        built.append(AlertmanagerNotifier(settings.alertmanager_url, name="global", timeout=timeout))
+        built.append(AlertmanagerNotifier(settings.alertmanager_url, name="global"))
     if settings.slack_webhook_url is not None:
-        built.append(SlackNotifier(settings.slack_webhook_url.get_secret_value(), name="global", timeout=timeout))
+        built.append(SlackNotifier(settings.slack_webhook_url.get_secret_value(), name="global"))
     if settings.webhook_url is not None:
-        built.append(WebhookNotifier(settings.webhook_url.get_secret_value(), name="global", timeout=timeout))
+        built.append(WebhookNotifier(settings.webhook_url.get_secret_value(), name="global"))
     return built

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from controller.errors import NotificationError
+from controller.errors import NotificationError, NotificationTimeout
 
 __all__ = ["post_json", "safe_host"]
 
@@ -21,6 +21,8 @@ def post_json(name: str, url: str, body: Any, *, timeout: float, headers: dict[s
     """POST ``body`` as JSON; any failure is a NotificationError naming the receiver, not the URL."""
     try:
         response = requests.post(url, json=body, timeout=timeout, headers=headers)
+    except requests.Timeout as exc:
+        raise NotificationTimeout(f"{name}: no answer within {timeout:g}s (it may have arrived)") from exc
     except requests.RequestException as exc:
         raise NotificationError(f"{name}: {type(exc).__name__}") from exc
     if not 200 <= response.status_code < 300:

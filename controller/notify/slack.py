@@ -18,15 +18,14 @@ _ICON = {
 class SlackNotifier:
     """Posts the alert as a message; the URL is a secret and never appears in names or logs."""
 
-    def __init__(self, url: str, *, name: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, name: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("a Slack webhook URL must start with http:// or https://")
         self._url = url
-        self._timeout = timeout
         self.name = f"slack:{name}" if name else "slack"
 
-    def send(self, alert: Alert) -> None:
-        """One delivery attempt."""
+    def send(self, alert: Alert, *, timeout: float) -> None:
+        """One delivery attempt; the id is shown so a repeat after a lost answer can be recognised."""
         title, _, rest = alert.text().partition("\n")
-        body = {"text": f"{_ICON[alert.severity]} *{title}*\n```{rest}```"}
-        post_json(self.name, self._url, body, timeout=self._timeout)
+        body = {"text": f"{_ICON[alert.severity]} *{title}*\n```{rest}```\nalert id {alert.id}"}
+        post_json(self.name, self._url, body, timeout=timeout)

@@ -9,15 +9,15 @@ __all__ = ["WebhookNotifier"]
 
 
 class WebhookNotifier:
-    """POSTs ``Alert.as_dict()``."""
+    """POSTs ``Alert.as_dict()``, with the alert's id as ``Idempotency-Key`` (and ``id`` in the body)."""
 
-    def __init__(self, url: str, *, name: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, name: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("a webhook URL must start with http:// or https://")
         self._url = url
-        self._timeout = timeout
         self.name = f"webhook:{name or safe_host(url)}"
 
-    def send(self, alert: Alert) -> None:
+    def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt."""
-        post_json(self.name, self._url, alert.as_dict(), timeout=self._timeout)
+        headers = {"Idempotency-Key": alert.id}
+        post_json(self.name, self._url, alert.as_dict(), timeout=timeout, headers=headers)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
 
-from controller.core.alerts import build_alert
+from controller.core.alerts import MAX_OUTBOX, Alert, OutboxEntry, build_alert
 from controller.core.decision import TERMINAL_PHASES, Action, Decision, Notice, Observation, decide, initial_state
 from controller.core.decision import recovered_state as recovered
 from controller.core.enums import AlertKind, Command, Phase, Severity, Verdict
@@ -112,6 +113,7 @@ class PolicyRunner:
         self._reported: str | None = None  # the last trouble reported outside the state (observe, crash)
         self._provisional: RolloutState | None = None  # decided while no state could be read
         self._provisional_passed = False  # ...and whether a check passed meanwhile
+        self._restored = False  # the stored outbox was handed to the dispatcher
         self.log = structlog.get_logger("controller.rollout").bind(policy=policy.name)
 
     # -- the tick ----------------------------------------------------------------------------------
@@ -132,6 +134,9 @@ class PolicyRunner:
         except ClusterError as exc:
             return self._cluster_trouble(exc, "observe")
         stored, store_problem = self._load()
+        if stored is not None and not self._restored:
+            self._restored = True
+            self._restore(stored.outbox)
         state, state_problem = self._state_for(stored, seen, store_problem)
         refusals = [self.config_error, self.file_problem, seen.refusal, store_problem, state_problem]
         refusal = "; ".join(r for r in refusals if r) or None
@@ -220,13 +225,14 @@ class PolicyRunner:
             return recovered(self.policy, observed, now, store_problem or "state store unavailable"), None
         return initial_state(self.policy, observed, now), None
 
-    def _save(self, state: RolloutState, base: StoredState) -> StoredState | None:
-        """Persist ``state`` unless unchanged; None when the store refused (logged, counted)."""
+    def _save(self, state: RolloutState, base: StoredState, outbox: tuple[OutboxEntry, ...]) -> StoredState | None:
+        """Persist ``state`` and the outbox unless unchanged; None when the store refused (logged, counted)."""
         self._memory = state
-        if base.state is not None and base.error is None and encode_state(base.state) == encode_state(state):
+        unchanged = base.state is not None and base.error is None and encode_state(base.state) == encode_state(state)
+        if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox):
             return base
         try:
-            saved = self._store.save(self.policy, state, base)
+            saved = self._store.save(self.policy, state, base, outbox)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
@@ -254,16 +260,20 @@ class PolicyRunner:
     ) -> TickOutcome:
         state, weights = decision.state, decision.weights
         failing = check is not None and check.verdict is Verdict.FAIL and decision.action is not Action.ROLLBACK
+        # The alerts of this decision are in the outbox of the very save that records it: a crash
+        # right after cannot lose them, and a restarted controller sends them with the same ids.
+        alerts = self._alerts(decision, seen, check)
+        outbox = self._outbox(alerts)
         if weights is None:
-            saved = self._save(state, stored)
+            saved = self._save(state, stored, outbox)
             if saved is not None and saved.version and seen.legacy_state is not None and state.phase in TERMINAL_PHASES:
                 self._drop_legacy(seen)
-            self._tell(seen, decision, check)
+            self._tell(seen, decision, alerts)
             return TickOutcome(decision, check, recheck_soon=failing)
         if self._stopping.is_set() and not decision.force:
             self.log.info("stopping: weight change abandoned before it was written", action=decision.action.value)
             return TickOutcome(None, check)
-        recorded = self._save(state, stored)  # 1. the intent is durable before any Service changes
+        recorded = self._save(state, stored, outbox)  # 1. the intent is durable before any Service changes
         if recorded is None and not decision.force:
             return TickOutcome(None, check, error="weight change abandoned: its intent could not be recorded")
         try:  # 2. + 3. the target, then the source
@@ -280,11 +290,36 @@ class PolicyRunner:
         except ClusterError as exc:
             # The intent stays recorded: the next tick completes it, or (a rollback) writes it again.
             if decision.force:  # a rollback is decided: people hear of it now, not once it lands
-                self._tell(seen, decision, check)
+                self._tell(seen, decision, alerts)
             return self._cluster_trouble(exc, "write weights", check=check, urgent=decision.force)
-        self._save(state.evolve(pending=None), recorded or stored)  # 4. done
-        self._tell(seen, decision, check)
+        self._save(state.evolve(pending=None), recorded or stored, outbox)  # 4. done
+        self._tell(seen, decision, alerts)
         return TickOutcome(decision, check, recheck_soon=failing)
+
+    def _outbox(self, new: list[Alert]) -> tuple[OutboxEntry, ...]:
+        """What is not delivered yet: the dispatcher's pending alerts of this policy and ``new``."""
+        now = self._clock.now()
+        entries = [
+            OutboxEntry(alert, receivers, now - timedelta(seconds=age))
+            for alert, receivers, age in self._dispatcher.pending(self.policy.name)
+        ]
+        names = tuple(sorted(r.name for r in self._receivers))
+        entries += [OutboxEntry(alert, names, now) for alert in new if names]
+        entries.sort(key=lambda e: e.queued_at)
+        if len(entries) > MAX_OUTBOX:
+            self.log.error("outbox full: the oldest undelivered alerts are dropped", dropped=len(entries) - MAX_OUTBOX)
+        return tuple(entries[-MAX_OUTBOX:])
+
+    def _restore(self, outbox: tuple[OutboxEntry, ...]) -> None:
+        """After a restart: deliver what the previous process had not (same ids, deadline kept)."""
+        by_name = {r.name: r for r in self._receivers}
+        now = self._clock.now()
+        for entry in outbox:
+            receivers = [by_name[name] for name in entry.receivers if name in by_name]
+            if receivers:
+                self.log.info("re-sending an undelivered alert", kind=entry.alert.kind.value, alert_id=entry.alert.id)
+                age = max(0.0, (now - entry.queued_at).total_seconds())
+                self._dispatcher.submit(entry.alert, receivers, age_seconds=age)
 
     def _drop_legacy(self, seen: PairSnapshot) -> None:
         try:
@@ -311,11 +346,24 @@ class PolicyRunner:
         fields["gates"] = [gate.as_dict() for gate in check.gates]
         self.log.info("check", **fields)
 
-    def _tell(self, seen: PairSnapshot, decision: Decision, check: CheckResult | None) -> None:
+    def _alerts(self, decision: Decision, seen: PairSnapshot, check: CheckResult | None) -> list[Alert]:
+        state = decision.state
+        before, after = self._weights(seen, decision)
+        return [
+            self._build(notice, before=before, after=after, check=check, suffix=state.changed_at.isoformat())
+            for notice in decision.notices
+        ]
+
+    @staticmethod
+    def _weights(seen: PairSnapshot, decision: Decision) -> tuple[Weights, Weights]:
+        state = decision.state
+        before = Weights(seen.target_weight or 0, seen.source_weight)
+        return before, decision.weights or Weights(state.target_weight, state.source_weight)
+
+    def _tell(self, seen: PairSnapshot, decision: Decision, alerts: list[Alert]) -> None:
         state = decision.state
         self._telemetry.record_state(state)
-        before = Weights(seen.target_weight or 0, seen.source_weight)
-        after = decision.weights or Weights(state.target_weight, state.source_weight)
+        before, after = self._weights(seen, decision)
         if decision.transition:
             self.log.info(
                 "transition",
@@ -332,10 +380,10 @@ class PolicyRunner:
             self.log.info("no transition", action=decision.action.value, phase=state.phase.value, reason=state.reason)
         if decision.action is Action.ROLLBACK and decision.transition:
             self._telemetry.rollbacks.labels(self.policy.name).inc()
-        for notice in decision.notices:
-            if not decision.transition or notice.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):
-                self._event(notice.kind.value, notice.reason, warning=notice.severity is not Severity.INFO)
-            self._alert(notice, before=before, after=after, check=check, suffix=f"{state.changed_at.isoformat()}")
+        for alert in alerts:
+            if not decision.transition or alert.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):
+                self._event(alert.kind.value, alert.reason, warning=alert.severity is not Severity.INFO)
+            self._send(alert)
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
         try:
@@ -343,7 +391,7 @@ class PolicyRunner:
         except ClusterError as exc:
             self.log.warning("could not record Kubernetes Event", reason=reason, error=str(exc))
 
-    def _alert(
+    def _build(
         self,
         notice: Notice,
         *,
@@ -351,8 +399,8 @@ class PolicyRunner:
         before: Weights | None = None,
         after: Weights | None = None,
         check: CheckResult | None = None,
-    ) -> None:
-        alert = build_alert(
+    ) -> Alert:
+        return build_alert(
             kind=notice.kind,
             severity=notice.severity,
             policy=self.policy.name,
@@ -365,11 +413,14 @@ class PolicyRunner:
             check=check,
             dedup_suffix=f"{suffix}/{notice.reason}"[:300],
         )
+
+    def _send(self, alert: Alert) -> None:
         self.log.warning(
             "alert",
-            kind=notice.kind.value,
-            severity=notice.severity.value,
-            reason=notice.reason,
+            kind=alert.kind.value,
+            severity=alert.severity.value,
+            reason=alert.reason,
+            alert_id=alert.id,
             receivers=[r.name for r in self._receivers],
         )
         self._dispatcher.submit(alert, self._receivers)
@@ -378,10 +429,10 @@ class PolicyRunner:
         """The policy file is gone: its weights stay where they are, and people are told."""
         self.log.warning("policy removed; weights left as they are")
         self._event(AlertKind.POLICY_REMOVED.value, "policy removed; weights left as they are", warning=True)
-        self._alert(
-            Notice(AlertKind.POLICY_REMOVED, Severity.WARNING, "the policy was removed from the policies directory"),
-            suffix=self._clock.now().isoformat(),
+        notice = Notice(
+            AlertKind.POLICY_REMOVED, Severity.WARNING, "the policy was removed from the policies directory"
         )
+        self._send(self._build(notice, suffix=self._clock.now().isoformat()))
 
     def _report_once(self, kind: AlertKind, why: str) -> None:
         """Trouble that happens before a state can be decided on (observe failed, a crash): once each."""
@@ -389,7 +440,7 @@ class PolicyRunner:
             return
         self._reported = why
         self._event(kind.value, why, warning=True)
-        self._alert(Notice(kind, Severity.WARNING, why), suffix=why)
+        self._send(self._build(Notice(kind, Severity.WARNING, why), suffix=why))
 
     def _cluster_trouble(
         self, exc: ClusterError, step: str, *, check: CheckResult | None = None, urgent: bool = False
@@ -417,3 +468,7 @@ class PolicyRunner:
         except Exception:  # reporting must not turn one failure into two
             self.log.exception("could not report the failed tick")
         return TickOutcome(None, None, error=why)
+
+
+def _outbox_key(outbox: tuple[OutboxEntry, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    return sorted((entry.alert.id, entry.receivers) for entry in outbox)

@@ -24,7 +24,7 @@ from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
 from controller.errors import MetricsUnavailable
-from controller.notify.dispatcher import AlertDispatcher
+from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.notify.factory import global_receivers, policy_receivers
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, StateStore
 from controller.runtime.collector import Collector
@@ -68,10 +68,17 @@ class ControllerService:
         self._catalog = PolicyCatalog(settings.policies_dir)
         self._collector = Collector()
         self._dispatcher = AlertDispatcher(
-            attempts=settings.notify_attempts,
-            backoff_seconds=settings.notify_backoff_seconds,
-            on_outcome=lambda receiver, outcome: self.telemetry.notifications.labels(receiver, outcome).inc(),
+            DeliveryPolicy(
+                backoff_seconds=settings.notify_backoff_seconds,
+                backoff_max_seconds=settings.notify_backoff_max_seconds,
+                timeout_seconds=settings.notify_timeout_seconds,
+                critical_timeout_seconds=settings.notify_critical_timeout_seconds,
+                deadline_seconds=settings.notify_deadline_seconds,
+                critical_deadline_seconds=settings.notify_critical_deadline_seconds,
+            ),
+            on_outcome=self.telemetry.notified,
         )
+        self.telemetry.oldest_undelivered.set_function(self._dispatcher.oldest_pending_seconds)
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()

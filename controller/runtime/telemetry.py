@@ -59,11 +59,24 @@ class Telemetry:
             "gateway_canary_check_seconds", "Whole check (all queries) latency", ["policy"], registry=r
         )
         self.notifications = Counter(
-            "gateway_canary_notifications", "Alert deliveries by outcome", ["receiver", "outcome"], registry=r
+            "gateway_canary_notifications",
+            "Alert delivery attempts by receiver, alert kind and outcome (delivered, delivered_late, failed, "
+            "unknown: timed out, expired: deadline passed, deduplicated)",
+            ["receiver", "kind", "outcome"],
+            registry=r,
+        )
+        self.oldest_undelivered = Gauge(
+            "gateway_canary_oldest_undelivered_alert_seconds",
+            "Age of the oldest alert not yet delivered to some receiver (0: none): alerting itself is broken",
+            registry=r,
         )
         self.errors = Counter("gateway_canary_errors", "Ticks that failed, by kind", ["policy", "kind"], registry=r)
         self.policies = Gauge("gateway_canary_policies", "Policies loaded and running", registry=r)
         self.policy_file_errors = Gauge("gateway_canary_policy_file_errors", "Errors in policy files", registry=r)
+
+    def notified(self, receiver: str, kind: str, outcome: str) -> None:
+        """One delivery outcome (the dispatcher's callback)."""
+        self.notifications.labels(receiver, kind, outcome).inc()
 
     def record_state(self, state: RolloutState) -> None:
         """Weights and phase of a policy."""
