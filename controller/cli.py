@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from controller.core.alerts import Alert
-from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, parse_policy_text
+from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, decode_policy_file, parse_policy_text
 from controller.core.policy import CanaryPolicy
 from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
@@ -46,10 +46,19 @@ def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[Pol
     errors: list[PolicyError] = []
     warnings: list[PolicyError] = []
     for file in files:
-        result = parse_policy_text(file.read_text(encoding="utf-8"), str(file))
+        try:
+            text = decode_policy_file(file.read_bytes(), str(file))
+        except OSError as exc:
+            text = PolicyError(str(file), 1, "", f"cannot read the file: {exc.strerror or exc}")
+        if isinstance(text, PolicyError):
+            errors.append(text)
+            continue
+        result = parse_policy_text(text, str(file))
         policies.extend(result.policies)
         errors.extend(result.errors)
         warnings.extend(result.warnings)
+        if not result.policies and not result.errors:
+            errors.append(PolicyError(str(file), 1, "", "no policy in this file (empty, or only comments)"))
     conflicts = check_conflicts(policies)
     return list(conflicts.policies), errors + list(conflicts.errors), warnings
 

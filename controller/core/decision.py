@@ -120,6 +120,8 @@ class Observation:
     check: CheckResult | None = None
     command: Command | None = None
     refusal: str | None = None
+    #: a refusal its source has already reported (an invalid policy file): blocks raises, no alert
+    reported_refusal: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,7 +589,9 @@ def _permit(proposal: Decision, counted: RolloutState, observed: Observation) ->
     weights = proposal.weights
     if weights is None or not raises_share(weights, observed.target_weight, observed.source_weight):
         return proposal
-    blocker = observed.refusal or _raise_blocker(observed.check, observed.target_weight or 0)
+    blocker = (
+        observed.refusal or observed.reported_refusal or _raise_blocker(observed.check, observed.target_weight or 0)
+    )
     if blocker is None:
         return proposal
     if proposal.action is Action.COMPLETE_WRITE:

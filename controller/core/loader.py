@@ -16,7 +16,18 @@ from pydantic import BaseModel, ValidationError
 
 from controller.core.policy import CanaryPolicy
 
-__all__ = ["LoadResult", "PolicyError", "SourcedPolicy", "check_conflicts", "parse_policy_text"]
+__all__ = [
+    "MAX_ALIASES",
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NODES",
+    "LoadResult",
+    "PolicyError",
+    "SourcedPolicy",
+    "check_conflicts",
+    "decode_policy_file",
+    "parse_policy_text",
+]
 
 _Path = tuple[str | int, ...]
 
@@ -31,8 +42,9 @@ class PolicyError:
     message: str
 
     def __str__(self) -> str:
+        # One line, always: a message that spans lines would lose its file:line in a log or terminal.
         where = f"{self.field}: " if self.field else ""
-        return f"{self.file}:{self.line}: {where}{self.message}"
+        return " ".join(f"{self.file}:{self.line}: {where}{self.message}".split())
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,51 +68,145 @@ class LoadResult:
     warnings: tuple[PolicyError, ...] = ()
 
 
+#: Limits on what a policy file may be; hostile or broken input is rejected for that file alone,
+#: in well under a second and bounded memory (billion laughs, recursion, huge files).
+MAX_FILE_BYTES = 256 * 1024
+MAX_ALIASES = 20  # *references in a file; policies rarely need one
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_NODES = 20_000  # values after aliases are expanded
+
+
+class _Limit(yaml.MarkedYAMLError):
+    """A file beyond the limits above."""
+
+
 class _LineLoader(yaml.SafeLoader):
-    """A safe loader that also records the line of every mapping key and sequence item."""
+    """A safe loader that also records the line of every mapping key and sequence item,
+    and counts aliases as it composes (a recursive or fanned-out alias is refused, not expanded)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _Limit(None, None, f"more than {MAX_ALIASES} aliases (*references)", event.start_mark)
+        node: yaml.Node | None = super().compose_node(parent, index)
+        return node
 
 
-def _construct_with_lines(loader: _LineLoader, node: yaml.Node, path: _Path, lines: dict[_Path, int]) -> Any:
-    """Build plain Python data from a node, recording where each key and item stood."""
+class _Budget:
+    """Nodes left to build; aliases can make a small file expand to an enormous one."""
+
+    def __init__(self) -> None:
+        self.left = MAX_NODES
+
+    def spend(self, node: yaml.Node, depth: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Limit(None, None, f"expands to more than {MAX_NODES} values (aliases?)", node.start_mark)
+        if depth > MAX_DEPTH:
+            raise _Limit(None, None, f"nested deeper than {MAX_DEPTH} levels (a recursive alias?)", node.start_mark)
+
+
+def _construct_with_lines(
+    loader: _LineLoader, node: yaml.Node, path: _Path, lines: dict[_Path, int], budget: _Budget
+) -> Any:
+    """Build plain Python data from a node, recording where each key and item stood.
+
+    Duplicate keys are an error naming both lines: YAML lets the second silently win, which turned
+    ``bakeTime: 10m`` followed by ``bakeTime: 0s`` into no bake at all.
+    """
+    budget.spend(node, len(path))
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
+        first_line: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            budget.spend(key_node, len(path) + 1)
             key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             if key == "<<":
-                raise yaml.YAMLError("merge keys (<<) are not supported in policies")
+                raise _Limit(None, None, "merge keys (<<) are not supported in policies", key_node.start_mark)
+            if not isinstance(key, str | int | float | bool) or key is None:
+                raise _Limit(None, None, "a key must be a plain word", key_node.start_mark)
+            if key in first_line:
+                raise _Limit(
+                    None,
+                    None,
+                    f"duplicate key {str(key)[:40]!r} (lines {first_line[key]} and {line}); the second would "
+                    "silently replace the first",
+                    key_node.start_mark,
+                )
+            first_line[key] = line
             child = (*path, str(key))
-            lines[child] = key_node.start_mark.line + 1
-            result[key] = _construct_with_lines(loader, value_node, child, lines)
-            lines[child] = key_node.start_mark.line + 1
+            lines[child] = line
+            result[key] = _construct_with_lines(loader, value_node, child, lines, budget)
+            lines[child] = line
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_construct_with_lines(loader, item, (*path, index), lines) for index, item in enumerate(node.value)]
+        return [
+            _construct_with_lines(loader, item, (*path, index), lines, budget) for index, item in enumerate(node.value)
+        ]
     return loader.construct_object(node, deep=True)
 
 
-def parse_policy_text(text: str, file: str) -> LoadResult:
-    """Validate every YAML document of one file."""
+def decode_policy_file(data: bytes, file: str) -> str | PolicyError:
+    """A policy file's text, or why it is not one (too large, not UTF-8 text)."""
+    if len(data) > MAX_FILE_BYTES:
+        return PolicyError(file, 1, "", f"the file is {len(data)} bytes; a policy file may have {MAX_FILE_BYTES}")
     try:
-        nodes = list(yaml.compose_all(text, Loader=_LineLoader))
-    except yaml.MarkedYAMLError as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return PolicyError(file, line, "", f"not UTF-8 text (byte {exc.start}); save the file as UTF-8")
+    if "\x00" in text:
+        return PolicyError(file, text[: text.index("\x00")].count("\n") + 1, "", "a NUL byte: this is not a text file")
+    return text
+
+
+def _yaml_error(exc: yaml.YAMLError, file: str) -> PolicyError:
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        return LoadResult((), (PolicyError(file, line, "", f"not valid YAML: {exc.problem or exc}"),))
+        prefix = "" if isinstance(exc, _Limit) else "not valid YAML: "
+        return PolicyError(file, line, "", f"{prefix}{exc.problem or exc}")
+    return PolicyError(file, 1, "", f"not valid YAML: {exc}")
+
+
+def parse_policy_text(text: str, file: str) -> LoadResult:
+    """Validate every YAML document of one file. Never raises; every problem has a line."""
+    if len(text) > MAX_FILE_BYTES:
+        return LoadResult((), (PolicyError(file, 1, "", f"the file is larger than {MAX_FILE_BYTES} bytes"),))
+    loader = _LineLoader(text)
+    nodes: list[yaml.Node] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                nodes.append(node)
     except yaml.YAMLError as exc:
-        return LoadResult((), (PolicyError(file, 1, "", f"not valid YAML: {exc}"),))
+        return LoadResult((), (_yaml_error(exc, file),))
+    except RecursionError:
+        return LoadResult((), (PolicyError(file, 1, "", f"nested deeper than {MAX_DEPTH} levels"),))
+    finally:
+        loader.dispose()
     policies: list[SourcedPolicy] = []
     errors: list[PolicyError] = []
     warnings: list[PolicyError] = []
-    loader = _LineLoader("")
+    builder = _LineLoader("")
     for node in nodes:
-        if node is None:
-            continue
         lines: dict[_Path, int] = {}
         try:
-            data = _construct_with_lines(loader, node, (), lines)
+            data = _construct_with_lines(builder, node, (), lines, _Budget())
         except yaml.YAMLError as exc:
-            errors.append(PolicyError(file, node.start_mark.line + 1, "", str(exc)))
+            errors.append(_yaml_error(exc, file))
+            continue
+        except RecursionError:
+            errors.append(PolicyError(file, node.start_mark.line + 1, "", f"nested deeper than {MAX_DEPTH} levels"))
             continue
         doc_line = node.start_mark.line + 1
         if data is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     SecretStr,
+    StrictInt,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -64,6 +66,56 @@ Duration = Annotated[
         }
     ),
 ]
+
+
+def _real_number(value: Any) -> Any:
+    """A YAML number: not a boolean (``true`` is 1 to Python), not text, not inf or nan."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{str(value)[:40]!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    return value
+
+
+#: Numbers in policies: strict (no booleans, no strings), finite.
+Number = Annotated[float, BeforeValidator(_real_number)]
+
+
+_URL = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#\[\]]*@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#\[\]@]*)(?::(?P<port>[0-9]*))?(?P<rest>[/?#].*)?$"
+)
+
+
+def checked_url(text: str) -> str:
+    """An http(s) URL with a host; ValueError saying what is wrong, never echoing the URL (a secret).
+
+    Parsed here by a pattern, not urllib (the core imports no I/O library, urllib included).
+    """
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError("the URL contains spaces or control characters")
+    match = _URL.match(text)
+    if not text.lower().startswith(("http://", "https://")):
+        raise ValueError("the URL must start with http:// or https://")
+    if match is None:
+        raise ValueError("not a URL (its host or port is malformed, e.g. unbalanced [ ])")
+    if not match.group("host"):
+        raise ValueError("the URL has no host")
+    port = match.group("port")
+    if port is not None and (not port or not 0 < int(port) < 65536):
+        raise ValueError("the URL's port is not a number from 1 to 65535")
+    return text
+
+
+def _printable(value: str | None) -> str | None:
+    if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("contains control characters (newlines, tabs, escapes)")
+    return value
+
+
+#: Free text people give things: no control characters (they would forge log lines and alert text).
+Text = Annotated[str, BeforeValidator(lambda v: _printable(v) if isinstance(v, str) else v)]
+Url = Annotated[str, BeforeValidator(lambda v: checked_url(v) if isinstance(v, str) else v)]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -116,7 +168,7 @@ class GatewaySpec(_Model):
         max_length=253,
         description="source_workload label value (a Kubernetes workload name); defaults to the Service name",
     )
-    labels: dict[str, str] | None = Field(
+    labels: dict[str, Text] | None = Field(
         default=None,
         description="Prometheus label matchers that replace the default Istio selector entirely",
     )
@@ -161,11 +213,11 @@ class GatewaySpec(_Model):
 class ScheduleSpec(_Model):
     """Which target weights to pass through, how long to bake at each, how the source follows."""
 
-    steps: list[int] | None = Field(
+    steps: list[StrictInt] | None = Field(
         default=None, description="explicit target weights, strictly increasing, each 1..100"
     )
-    step_weight: int | None = Field(default=None, ge=1, le=100)
-    max_weight: int | None = Field(default=None, ge=1, le=100)
+    step_weight: StrictInt | None = Field(default=None, ge=1, le=100)
+    max_weight: StrictInt | None = Field(default=None, ge=1, le=100)
     bake_time: Duration = Field(default=timedelta(minutes=5))
     weight_mode: WeightMode = WeightMode.COMPLEMENTARY
 
@@ -206,7 +258,7 @@ class InconclusivePolicy(_Model):
     """What a run of inconclusive checks leads to, and after how many in a row."""
 
     action: OnInconclusive = OnInconclusive.HOLD
-    after_checks: int = Field(default=10, ge=1, le=10_000)
+    after_checks: StrictInt = Field(default=10, ge=1, le=10_000)
 
 
 class AnalysisSpec(_Model):
@@ -214,8 +266,10 @@ class AnalysisSpec(_Model):
 
     interval: Duration = Field(default=timedelta(seconds=30))
     window: Duration = Field(default=timedelta(minutes=1))
-    min_requests: int = Field(default=50, ge=1, description="requests per window needed on EACH gateway to judge")
-    failure_threshold: int = Field(default=2, ge=1, le=100, description="consecutive FAIL checks that roll back")
+    min_requests: StrictInt = Field(
+        default=50, ge=1, le=1_000_000_000, description="requests per window needed on EACH gateway to judge"
+    )
+    failure_threshold: StrictInt = Field(default=2, ge=1, le=100, description="consecutive FAIL checks that roll back")
     on_missing_data: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
     on_metrics_unavailable: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
 
@@ -237,8 +291,8 @@ class AnalysisSpec(_Model):
 class ErrorRateGate(_Model):
     """5xx ratio: an absolute ceiling on the target and/or an allowed increase over the source."""
 
-    max: float | None = Field(default=None, ge=0, le=1, description="highest 5xx ratio on the target")
-    max_increase: float | None = Field(default=None, ge=0, le=1, description="highest (target - source) 5xx ratio")
+    max: Number | None = Field(default=None, ge=0, le=1, description="highest 5xx ratio on the target")
+    max_increase: Number | None = Field(default=None, ge=0, le=1, description="highest (target - source) 5xx ratio")
 
     @model_validator(mode="after")
     def _some_limit(self) -> ErrorRateGate:
@@ -250,7 +304,7 @@ class ErrorRateGate(_Model):
 class MaxLimit(_Model):
     """An absolute ceiling."""
 
-    max: float = Field(gt=0)
+    max: Number = Field(gt=0)
 
 
 _PERCENTILE_FIELDS = {"p50_ms": 0.5, "p90_ms": 0.9, "p95_ms": 0.95, "p99_ms": 0.99, "p999_ms": 0.999}
@@ -267,7 +321,7 @@ class LatencyGate(_Model):
     p95_ms: MaxLimit | None = None
     p99_ms: MaxLimit | None = None
     p999_ms: MaxLimit | None = None
-    max_ratio: float | None = Field(
+    max_ratio: Number | None = Field(
         default=None, ge=1, le=100, description="highest target/source ratio of the quantile"
     )
 
@@ -309,8 +363,8 @@ class CustomGate(_Model):
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
     query: str = Field(min_length=1, max_length=8192)
-    max: float | None = None
-    min: float | None = None
+    max: Number | None = None
+    min: Number | None = None
     on_empty: OnEmpty = Field(
         default=OnEmpty.INCONCLUSIVE,
         description="what an empty answer means: 'zero' (e.g. no resets at all) or 'inconclusive' (no data)",
@@ -357,16 +411,16 @@ class GatesSpec(_Model):
 class _SecretUrlReceiver(_Model):
     """A receiver whose URL is a secret: given inline or, better, named by an environment variable."""
 
-    name: str | None = Field(default=None, max_length=63)
+    name: Text | None = Field(default=None, max_length=63)
     url: SecretStr | None = None
-    url_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    url_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
 
     @model_validator(mode="after")
     def _one_url(self) -> _SecretUrlReceiver:
         if (self.url is None) == (self.url_from_env is None):
             raise ValueError("give exactly one of url or urlFromEnv (the name of an environment variable)")
-        if self.url is not None and not self.url.get_secret_value().startswith(("http://", "https://")):
-            raise ValueError("url must start with http:// or https://")
+        if self.url is not None:
+            checked_url(self.url.get_secret_value())
         return self
 
 
@@ -386,8 +440,8 @@ class AlertmanagerReceiver(_Model):
     """An Alertmanager (v2 API), so on-call routing goes through the team's existing config."""
 
     type: Literal["alertmanager"]
-    name: str | None = Field(default=None, max_length=63)
-    url: str = Field(pattern=r"^https?://")
+    name: Text | None = Field(default=None, max_length=63)
+    url: Url
 
 
 Receiver = Annotated[SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Field(discriminator="type")]
@@ -396,14 +450,14 @@ Receiver = Annotated[SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Fie
 class PrometheusSpec(_Model):
     """Per-policy override of the Prometheus connection in the settings."""
 
-    url: str | None = Field(default=None, pattern=r"^https?://")
-    token_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    auth_scheme: str | None = Field(
+    url: Url | None = None
+    token_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    auth_scheme: Text | None = Field(
         default=None, description="'Bearer' (default) or '' for a raw 'Authorization: <token>' (ARMS)"
     )
-    username: str | None = None
-    password_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    ca_file: str | None = None
+    username: Text | None = Field(default=None, max_length=256)
+    password_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    ca_file: Text | None = Field(default=None, max_length=4096)
     timeout: Duration | None = None
 
 

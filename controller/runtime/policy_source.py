@@ -11,23 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, parse_policy_text
+from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, decode_policy_file, parse_policy_text
 
 __all__ = ["PolicyCatalog", "PolicySnapshot", "read_policy_texts"]
 
 
-def read_policy_texts(directory: Path) -> dict[str, str]:
-    """``*.yaml``/``*.yml`` files (through symlinks), hidden entries such as ``..data`` skipped."""
-    texts: dict[str, str] = {}
+def read_policy_texts(directory: Path) -> dict[str, str | PolicyError]:
+    """``*.yaml``/``*.yml`` files (through symlinks), hidden entries such as ``..data`` skipped.
+
+    A file that cannot be read, is too large or is not UTF-8 text is its error, located.
+    """
+    texts: dict[str, str | PolicyError] = {}
     if not directory.is_dir():
         return texts
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or path.suffix not in (".yaml", ".yml") or not path.is_file():
             continue
         try:
-            texts[str(path)] = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            texts[str(path)] = "\x00unreadable"
+            texts[str(path)] = decode_policy_file(path.read_bytes(), str(path))
+        except OSError as exc:
+            texts[str(path)] = PolicyError(str(path), 1, "", f"cannot read the file: {exc.strerror or exc}")
     return texts
 
 
@@ -45,7 +48,7 @@ class PolicyCatalog:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._texts: dict[str, str] | None = None
+        self._texts: dict[str, str | PolicyError] | None = None
         self._good: dict[str, tuple[SourcedPolicy, ...]] = {}
         self._running: dict[str, SourcedPolicy] = {}
 
@@ -60,14 +63,16 @@ class PolicyCatalog:
             errors.append(PolicyError(str(self.directory), 0, "", "policies directory does not exist"))
         good: dict[str, tuple[SourcedPolicy, ...]] = {}
         for file, text in texts.items():
-            if "\x00unreadable" in text:
+            if isinstance(text, PolicyError):
                 result_policies: tuple[SourcedPolicy, ...] = ()
-                errors.append(PolicyError(file, 0, "", "cannot read the file as UTF-8 text"))
+                errors.append(text)
             else:
                 result = parse_policy_text(text, file)
                 result_policies = result.policies
                 errors.extend(result.errors)
                 warnings.extend(result.warnings)
+                if not result.policies and not result.errors:
+                    warnings.append(PolicyError(file, 1, "", "no policy in this file (empty, or only comments)"))
             kept = result_policies
             if errors and any(e.file == file for e in errors):
                 fresh = {item.policy.name for item in result_policies}

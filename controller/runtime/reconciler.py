@@ -103,7 +103,9 @@ class PolicyRunner:
         self._stopping = stopping
         #: why this policy may not raise weights, from its configuration (e.g. a missing secret)
         self.config_error = config_error
-        #: why its policy file is currently invalid (the last good version keeps running)
+        #: the file it was read from, and why that file is currently invalid (the last good version
+        #: keeps running; the service reports it once, as PolicyInvalid)
+        self.file: str | None = None
         self.file_problem: str | None = None
         #: monotonic time since when ticks keep crashing (None: the last tick finished)
         self.failing_since: float | None = None
@@ -138,10 +140,10 @@ class PolicyRunner:
             self._restored = True
             self._restore(stored.outbox)
         state, state_problem = self._state_for(stored, seen, store_problem)
-        refusals = [self.config_error, self.file_problem, seen.refusal, store_problem, state_problem]
+        refusals = [self.config_error, seen.refusal, store_problem, state_problem]
         refusal = "; ".join(r for r in refusals if r) or None
         check = self._check(state)
-        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal)
+        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal, self.file_problem)
         decision = decide(self.policy, state, observed, self._clock.now())
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
@@ -384,6 +386,15 @@ class PolicyRunner:
             if not decision.transition or alert.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):
                 self._event(alert.kind.value, alert.reason, warning=alert.severity is not Severity.INFO)
             self._send(alert)
+
+    @property
+    def receivers(self) -> list[Notifier]:
+        """Who hears about this policy."""
+        return list(self._receivers)
+
+    def event(self, reason: str, message: str) -> None:
+        """A Warning Event on the policy's target Service (for what the service reports)."""
+        self._event(reason, message, warning=True)
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
         try:

@@ -149,31 +149,40 @@ class ControllerService:
     # -- policies -----------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read the directory and add, replace or remove runners to match it."""
+        """Re-read the directory and add, replace or remove runners to match it. Never raises:
+        a reload that fails keeps every running policy as it is and is logged with its traceback."""
         with self._reload_lock:
             if self.stopping.is_set():
                 return
-            snapshot = self._catalog.refresh()
-            if snapshot is None:
-                return
-            self._report_errors(snapshot.errors)
-            for warning in snapshot.warnings:
-                _log.warning("policy file warning", warning=str(warning))
-            self.telemetry.policy_file_errors.set(len(snapshot.errors))
-            for name in sorted(set(self.runners) - set(snapshot.policies)):
-                runner = self.runners.pop(name)
-                self._unschedule(name)
-                runner.alert_removed()
-                self.telemetry.forget(name)
-            for name, sourced in snapshot.policies.items():
-                current = self.runners.get(name)
-                if current is None or current.policy != sourced.policy:
-                    current = self._install(sourced.policy, replacing=current is not None)
-                # R3: a file that turned invalid keeps its last good policy observing and rolling
-                # back, but refuses raises until it is fixed.
-                problems = [str(error) for error in snapshot.errors if error.file == sourced.file]
-                current.file_problem = f"its policy file is invalid: {'; '.join(problems)}" if problems else None
-            self.telemetry.policies.set(len(self.runners))
+            try:
+                self._reload()
+            except Exception:  # a bug here must not stop the reload job, nor any policy's protection
+                _log.exception("reloading the policies failed; the running policies keep running")
+                self.telemetry.errors.labels("-", "reload").inc()
+
+    def _reload(self) -> None:
+        snapshot = self._catalog.refresh()
+        if snapshot is None:
+            return
+        for warning in snapshot.warnings:
+            _log.warning("policy file warning", warning=str(warning))
+        self.telemetry.policy_file_errors.set(len(snapshot.errors))
+        for name in sorted(set(self.runners) - set(snapshot.policies)):
+            runner = self.runners.pop(name)
+            self._unschedule(name)
+            runner.alert_removed()
+            self.telemetry.forget(name)
+        for name, sourced in snapshot.policies.items():
+            current = self.runners.get(name)
+            if current is None or current.policy != sourced.policy:
+                current = self._install(sourced.policy, replacing=current is not None)
+            current.file = sourced.file
+            # R3: a file that turned invalid keeps its last good policy observing and rolling
+            # back, but refuses raises until it is fixed (reported once, as PolicyInvalid below).
+            problems = [str(error) for error in snapshot.errors if error.file == sourced.file]
+            current.file_problem = f"its policy file is invalid: {'; '.join(problems)}" if problems else None
+        self.telemetry.policies.set(len(self.runners))
+        self._report_errors(snapshot.errors)
 
     def _install(self, policy: CanaryPolicy, *, replacing: bool) -> PolicyRunner:
         # Receivers that cannot be built are refusals (no raise), never a reason to stop watching:
@@ -243,15 +252,18 @@ class ControllerService:
                 job.modify(next_run_time=soon)
 
     def _report_errors(self, errors: tuple[PolicyError, ...]) -> None:
-        """Log every current error; alert the global receivers once per distinct error."""
+        """Log every current error; report each distinct one once: one PolicyInvalid alert (global
+        receivers and those of the policy the file holds) and one Event on that policy's target."""
         for error in errors:
             _log.error("policy file invalid", error=str(error))
         fresh = [error for error in errors if error not in self._reported_errors]
         self._reported_errors = set(errors)
-        if not fresh:
-            return
-        receivers = global_receivers(self.settings) + self._extra_receivers
         for error in fresh:
+            affected = [runner for runner in self.runners.values() if runner.file == error.file]
+            receivers = {r.name: r for r in global_receivers(self.settings) + self._extra_receivers}
+            for runner in affected:
+                receivers.update({r.name: r for r in runner.receivers})
+                runner.event(AlertKind.POLICY_INVALID.value, f"{error}; the last good version keeps running")
             alert = build_alert(
                 kind=AlertKind.POLICY_INVALID,
                 severity=Severity.WARNING,
@@ -262,7 +274,7 @@ class ControllerService:
                 target_service="-",
                 dedup_suffix=str(error),
             )
-            self._dispatcher.submit(alert, receivers)
+            self._dispatcher.submit(alert, list(receivers.values()))
 
 
 class _NoMetrics:
