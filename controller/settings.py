@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -110,6 +111,36 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https:// (value not shown: it is a secret)")
         return value
 
+    secret_env_pattern: str = Field(
+        default=r"^GATEWAY_CANARY_POLICY_[A-Z0-9_]+$",
+        description="environment variables a policy may name (urlFromEnv, tokenFromEnv, passwordFromEnv)",
+    )
+
+    @field_validator("secret_env_pattern")
+    @classmethod
+    def _a_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+    def secret_from_env(self, name: str, where: str) -> str:
+        """A secret a policy names, if the name is allowed and set; ValueError saying which it is not.
+
+        The allow-list keeps a policy author (who edits a ConfigMap) from reading any other
+        secret of the pod into a header or a URL of their choosing.
+        """
+        if not re.fullmatch(self.secret_env_pattern, name):
+            raise ValueError(
+                f"{where}: environment variable {name} may not be read by a policy; allowed names match "
+                f"{self.secret_env_pattern} (GATEWAY_CANARY_SECRET_ENV_PATTERN)"
+            )
+        value = os.environ.get(name, "")
+        if not value:
+            raise ValueError(f"{where}: environment variable {name} is not set")
+        return value
+
     failure_recheck_seconds: float = Field(
         default=15.0,
         ge=0,
@@ -126,26 +157,23 @@ class PrometheusConnection:
     def __init__(self, settings: Settings, override: PrometheusSpec | None) -> None:
         spec = override or PrometheusSpec()
         self.url = (spec.url or settings.prometheus_url).rstrip("/")
+        # Credentials follow their URL: the controller-wide token and password go to the
+        # controller-wide Prometheus only; a policy that names another URL brings its own.
+        own_url = self.url != settings.prometheus_url.rstrip("/")
         token: str | None = None
         if spec.token_from_env:
-            token = os.environ.get(spec.token_from_env)
-            if not token:
-                raise ValueError(f"prometheus.tokenFromEnv: environment variable {spec.token_from_env} is not set")
-        elif settings.prometheus_token is not None:
+            token = settings.secret_from_env(spec.token_from_env, "prometheus.tokenFromEnv")
+        elif settings.prometheus_token is not None and not own_url:
             token = settings.prometheus_token.get_secret_value()
         scheme = spec.auth_scheme if spec.auth_scheme is not None else settings.prometheus_auth_scheme
         self.headers: dict[str, str] = {}
         if token:
             self.headers["Authorization"] = f"{scheme} {token}".strip()
-        username = spec.username or settings.prometheus_username
+        username = spec.username or (settings.prometheus_username if not own_url else None)
         password: str | None = None
         if spec.password_from_env:
-            password = os.environ.get(spec.password_from_env)
-            if password is None:
-                raise ValueError(
-                    f"prometheus.passwordFromEnv: environment variable {spec.password_from_env} is not set"
-                )
-        elif settings.prometheus_password is not None:
+            password = settings.secret_from_env(spec.password_from_env, "prometheus.passwordFromEnv")
+        elif settings.prometheus_password is not None and not own_url:
             password = settings.prometheus_password.get_secret_value()
         self.basic_auth = (username, password or "") if username else None
         self.ca_file = spec.ca_file or (str(settings.prometheus_ca_file) if settings.prometheus_ca_file else None)

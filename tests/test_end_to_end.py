@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
-from tests.kube_cluster import Cluster
 from tests.servers import (
     STATE,
     WEIGHT,
@@ -92,7 +92,8 @@ def setup(
     tmp_path: Path,
 ) -> Iterator[dict]:
     kube.add_gateways()
-    kube.grant(*(kube.policy(name=name) for name in ("e2e-resume", *(f"e2e-rollback-{run}" for run in range(RUNS)))))
+    names = ("e2e-resume", "e2e-secrets", *(f"e2e-rollback-{run}" for run in range(RUNS)))
+    kube.grant(*(kube.policy(name=name) for name in names))
 
     traffic.share = kube.target_share
     traffic.move_to(kube.ns)
@@ -263,3 +264,82 @@ def test_killed_controller_resumes_at_its_step_beside_a_concurrent_writer(setup:
         assert kube.annotations(name)[Annotator.KEY] == str(touches)
     assert kube.state("e2e-resume")["target_weight"] == 30 and STATE not in kube.annotations(TGT)
     assert not any(e["reason"] in ("Paused", "WeightChangedExternally") for e in kube.events)
+
+
+SECRET = "s3cr3t"  # every secret below contains it; no output may
+
+
+def test_no_secret_reaches_any_log_line_alert_event_state_or_metric(
+    setup: dict, alert_sink: WebhookSink, prometheus: str
+) -> None:
+    """A noisy rollout (a refusal, an unreachable Prometheus, a rollback) with secrets everywhere."""
+    kube, traffic, sink, env = setup["kube"], setup["traffic"], setup["sink"], setup["env"]
+    kube.add_service("dead-gw", {**CLB, WEIGHT: "100"})
+    kube.add_service("dead-gw-asm", {**CLB, WEIGHT: "0"})
+    kube.grant(kube.policy(name="e2e-secrets"), kube.policy("dead-gw", "dead-gw-asm", name="e2e-dead"))
+    host = prometheus.removeprefix("http://")
+    env.update(
+        {
+            "GATEWAY_CANARY_PROMETHEUS_URL": f"http://canary:PROMPASS-{SECRET}@{host}",
+            "GATEWAY_CANARY_PROMETHEUS_TOKEN": f"PROMTOKEN-{SECRET}",
+            "GATEWAY_CANARY_WEBHOOK_URL": f"{sink.url}/global/GLOBALPATH-{SECRET}?token=GLOBALQ-{SECRET}",
+            "GATEWAY_CANARY_POLICY_HOOK": f"{sink.url}/hook/POLICYPATH-{SECRET}?key=POLICYQ-{SECRET}",
+            "GATEWAY_CANARY_POLICY_DEAD_TOKEN": f"DEADTOKEN-{SECRET}",
+            "HOME_SECRET": f"NOTALLOWED-{SECRET}",
+        }
+    )
+    setup["write_policy"]("e2e-secrets", "[10, 25, 50, 100]", "2s", f"{sink.url}/inline/INLINEPATH-{SECRET}")
+    dead_port = free_port()
+    (setup["policies"] / "dead.yaml").write_text(
+        f"""\
+metadata: {{name: e2e-dead}}
+spec:
+  source: {{service: {kube.ns}/dead-gw}}
+  target: {{service: {kube.ns}/dead-gw-asm}}
+  schedule: {{steps: [10, 100]}}
+  analysis: {{interval: 1s, onMetricsUnavailable: {{action: hold, afterChecks: 2}}}}
+  gates: {{errorRate: {{max: 0.05}}}}
+  prometheus:
+    url: http://user:DEADPASS-{SECRET}@127.0.0.1:{dead_port}/prom?t=DEADQ-{SECRET}
+    tokenFromEnv: GATEWAY_CANARY_POLICY_DEAD_TOKEN
+  alerts:
+    - {{type: webhook, urlFromEnv: GATEWAY_CANARY_POLICY_HOOK}}
+    - {{type: webhook, name: sneaky, urlFromEnv: HOME_SECRET}}
+"""
+    )
+    controller = setup["start"]()
+    wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the rollout to reach 25")
+    traffic.target.error_ratio = 0.5
+    wait_for(lambda: target_weight(kube) == 0, timeout=60, interval=0.1, what="the rollback")
+    wait_for(lambda: [b for b in sink.bodies() if b.get("kind") == "RolledBack"], timeout=30, what="the alert")
+    wait_for(
+        lambda: [b for b in sink.bodies() if b.get("kind") == "StuckInconclusive" and b["policy"] == "e2e-dead"],
+        timeout=30,
+        what="the dead Prometheus to be reported",
+    )
+    refused = [b for b in sink.bodies() if b.get("kind") == "PolicyRefused" and b["policy"] == "e2e-dead"]
+    assert refused and "HOME_SECRET may not be read by a policy" in refused[0]["reason"]
+    metrics = controller.get("/metrics")
+    assert metrics is not None
+    assert controller.stop() == 0
+
+    outputs = {
+        "log": controller.log.read_text(),
+        "webhook bodies": json.dumps(sink.bodies()),
+        "webhook headers": json.dumps([headers for _, headers in sink.headers]),
+        "alertmanager": json.dumps(alert_sink.bodies("/alertmanager")),
+        "events": json.dumps(kube.events),
+        "state objects": json.dumps([kube.state("e2e-secrets"), kube.state("e2e-dead")]),
+        "annotations": json.dumps([kube.annotations(name) for name in (TGT, SRC, "dead-gw", "dead-gw-asm")]),
+        "metrics": metrics.text,
+    }
+    # the secrets were in use (requests went to the secret paths) and their URLs were said, shortened
+    paths = [path for path, _ in sink.received]
+    assert any(f"GLOBALPATH-{SECRET}" in p for p in paths) and any(f"POLICYPATH-{SECRET}" in p for p in paths)
+    assert any(f"INLINEPATH-{SECRET}" in p for p in paths)
+    said = " ".join(json.dumps(line) for line in controller.lines())
+    assert f"Prometheus at http://127.0.0.1:{dead_port}/\\u2026 unreachable" in said
+    leaked = {where: text.count(SECRET) for where, text in outputs.items() if SECRET in text}
+    assert leaked == {}, leaked
+    assert sum(1 for line in outputs["log"].splitlines() if "Retrying" in line) == 0  # urllib3's noise is off
+    assert all(line.startswith("{") for line in outputs["log"].splitlines() if line.strip())  # all JSON

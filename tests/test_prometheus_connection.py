@@ -69,10 +69,37 @@ def api():
 
 
 def test_arms_raw_token_header_from_the_policy(api: RecordingApi, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ARMS_TOKEN_FOR_TEST", "tok-123")
-    spec = PrometheusSpec(url=api.url, token_from_env="ARMS_TOKEN_FOR_TEST", auth_scheme="")
+    monkeypatch.setenv("GATEWAY_CANARY_POLICY_ARMS_TOKEN", "tok-123")
+    spec = PrometheusSpec(url=api.url, token_from_env="GATEWAY_CANARY_POLICY_ARMS_TOKEN", auth_scheme="")
     assert PrometheusMetricsSource(PrometheusConnection(Settings(), spec)).query(QUERY) == 0.25
     assert api.headers[-1]["Authorization"] == "tok-123"
+
+
+def test_credentials_follow_their_url(api: RecordingApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller-wide token and password go to the controller-wide Prometheus only."""
+    settings = Settings(prometheus_token="global-token", prometheus_username="ak", prometheus_password="global-pw")
+    elsewhere = PrometheusSpec(url=api.url)  # a policy that points somewhere else, naming no credentials
+    PrometheusMetricsSource(PrometheusConnection(settings, elsewhere)).query(QUERY)
+    assert "Authorization" not in api.headers[-1]
+    monkeypatch.setenv("GATEWAY_CANARY_POLICY_OWN", "own-token")
+    own = PrometheusSpec(url=api.url, token_from_env="GATEWAY_CANARY_POLICY_OWN")
+    PrometheusMetricsSource(PrometheusConnection(settings, own)).query(QUERY)
+    assert api.headers[-1]["Authorization"] == "Bearer own-token"
+    same = Settings(prometheus_url=api.url, prometheus_token="global-token")
+    PrometheusMetricsSource(PrometheusConnection(same, PrometheusSpec(timeout=3))).query(QUERY)
+    assert api.headers[-1]["Authorization"] == "Bearer global-token"  # the same URL keeps them
+
+
+def test_a_policy_may_read_only_allowed_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_PASSWORD", "hunter2")
+    with pytest.raises(ValueError, match="DATABASE_PASSWORD may not be read by a policy") as caught:
+        PrometheusConnection(Settings(), PrometheusSpec(url="http://evil.example", token_from_env="DATABASE_PASSWORD"))
+    assert "hunter2" not in str(caught.value)
+    custom = Settings(secret_env_pattern=r"^TEAM_[A-Z]+$")
+    monkeypatch.setenv("TEAM_TOKEN", "t")
+    assert PrometheusConnection(custom, PrometheusSpec(token_from_env="TEAM_TOKEN")).headers["Authorization"] == (
+        "Bearer t"
+    )
 
 
 def test_bearer_token_and_basic_auth_from_settings(api: RecordingApi) -> None:
@@ -86,7 +113,7 @@ def test_bearer_token_and_basic_auth_from_settings(api: RecordingApi) -> None:
 
 def test_missing_token_variable_is_an_error_naming_it() -> None:
     with pytest.raises(ValueError, match="NOT_SET_ANYWHERE_TOKEN is not set"):
-        PrometheusConnection(Settings(), PrometheusSpec(token_from_env="NOT_SET_ANYWHERE_TOKEN"))
+        PrometheusConnection(Settings(), PrometheusSpec(token_from_env="GATEWAY_CANARY_POLICY_NOT_SET_ANYWHERE_TOKEN"))
 
 
 def test_ca_bundle_is_used_for_tls(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
     )
     (policies / "d-no-secret.yaml").write_text(
         GOOD.format(ns=kube.ns, name="no-secret", source="third-gw", target="fourth-gw", bake="1s", sw="o", tw="p")
-        + "  alerts:\n    - {type: slack, urlFromEnv: GATEWAY_CANARY_TEST_UNSET_SECRET}\n"
+        + "  alerts:\n    - {type: slack, urlFromEnv: GATEWAY_CANARY_POLICY_TEST_UNSET}\n"
     )
     (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
     service["start"]()
@@ -137,7 +137,7 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
         timeout=20,
         what="the refusal of the policy whose secret is missing, on the global receiver",
     )
-    assert "urlFromEnv: environment variable GATEWAY_CANARY_TEST_UNSET_SECRET is not set" in unset[0]["reason"]
+    assert "urlFromEnv: environment variable GATEWAY_CANARY_POLICY_TEST_UNSET is not set" in unset[0]["reason"]
 
 
 def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alerts_removal(service: dict) -> None:

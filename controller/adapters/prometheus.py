@@ -15,7 +15,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from controller.core.results import RenderedQuery
-from controller.core.state import bounded
+from controller.core.state import bounded, redact_urls
 from controller.errors import MetricsUnavailable
 from controller.settings import PrometheusConnection
 
@@ -31,7 +31,7 @@ class PrometheusMetricsSource:
     def __init__(self, connection: PrometheusConnection) -> None:
         session = requests.Session()
         session.verify = connection.ca_file or True
-        self._url = connection.url
+        self._url = redact_urls(connection.url)  # for messages: where, never who or which token
         self._timeout = connection.timeout_seconds
         self._client = PrometheusConnect(
             url=connection.url,

@@ -14,6 +14,7 @@ from typing import Any
 from controller.core.enums import AlertKind, Severity
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
+from controller.core.state import redact_urls
 
 __all__ = ["MAX_OUTBOX", "Alert", "OutboxEntry", "alert_from_dict", "build_alert", "decode_outbox", "encode_outbox"]
 
@@ -129,7 +130,7 @@ def build_alert(
         severity=severity,
         policy=policy,
         summary=_SUMMARIES[kind].format(policy=policy),
-        reason=reason,
+        reason=redact_urls(reason),
         at=at,
         source_service=source_service,
         target_service=target_service,

@@ -19,6 +19,7 @@ decision then holds at the observed weights (rule R5) instead of guessing.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -38,6 +39,7 @@ __all__ = [
     "bounded",
     "decode_state",
     "encode_state",
+    "redact_urls",
 ]
 
 STATE_VERSION = 2
@@ -51,8 +53,28 @@ class StateUnreadable(ValueError):
     """The stored state cannot be trusted; the message says why."""
 
 
+#: A URL in free text: scheme, then what may hold secrets (userinfo, path tokens, query).
+_URL = re.compile(r"\b(https?)://([^\s/?#'\"<>]+)([^\s'\"<>]*)")
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in ``text`` reduced to scheme://host[:port]: no userinfo, no path, no query.
+
+    Secrets live in all three (``http://user:password@host``, Slack's path token, ``?token=``), so
+    free text that is logged, persisted, sent in an alert or put in an Event shows only where.
+    """
+
+    def shorten(match: re.Match[str]) -> str:
+        host = match.group(2).rsplit("@", 1)[-1]
+        rest = "/…" if match.group(3) not in ("", "/") else ""
+        return f"{match.group(1)}://{host}{rest}"
+
+    return _URL.sub(shorten, text)
+
+
 def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, marked as cut."""
+    """``text`` with URLs redacted, cut to ``limit`` characters, marked as cut."""
+    text = redact_urls(text)
     return text if len(text) <= limit else text[: limit - 15] + " …[truncated]"
 
 

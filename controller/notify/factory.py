@@ -6,8 +6,6 @@ An unknown type cannot reach here (the policy model rejects it); a secret named 
 
 from __future__ import annotations
 
-import os
-
 from controller.core.policy import AlertmanagerReceiver, CanaryPolicy, SlackReceiver, WebhookReceiver
 from controller.notify.alertmanager import AlertmanagerNotifier
 from controller.notify.slack import SlackNotifier
@@ -18,14 +16,11 @@ from controller.settings import Settings
 __all__ = ["global_receivers", "policy_receivers"]
 
 
-def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int) -> str:
+def _secret_url(receiver: SlackReceiver | WebhookReceiver, index: int, settings: Settings) -> str:
     if receiver.url is not None:
         return receiver.url.get_secret_value()
     assert receiver.url_from_env is not None
-    value = os.environ.get(receiver.url_from_env, "")
-    if not value:
-        raise ValueError(f"alerts[{index}].urlFromEnv: environment variable {receiver.url_from_env} is not set")
-    return value
+    return settings.secret_from_env(receiver.url_from_env, f"alerts[{index}].urlFromEnv")
 
 
 def policy_receivers(policy: CanaryPolicy, settings: Settings) -> tuple[list[Notifier], list[str]]:
@@ -39,9 +34,9 @@ def policy_receivers(policy: CanaryPolicy, settings: Settings) -> tuple[list[Not
     for index, receiver in enumerate(policy.spec.alerts):
         try:
             if isinstance(receiver, SlackReceiver):
-                built.append(SlackNotifier(_secret_url(receiver, index), name=receiver.name))
+                built.append(SlackNotifier(_secret_url(receiver, index, settings), name=receiver.name))
             elif isinstance(receiver, WebhookReceiver):
-                built.append(WebhookNotifier(_secret_url(receiver, index), name=receiver.name))
+                built.append(WebhookNotifier(_secret_url(receiver, index, settings), name=receiver.name))
             elif isinstance(receiver, AlertmanagerReceiver):
                 built.append(AlertmanagerNotifier(receiver.url, name=receiver.name))
         except ValueError as exc:

@@ -398,7 +398,7 @@ class PolicyRunner:
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
         try:
-            self._pair.record_event(self.policy, reason, message, warning=warning)
+            self._pair.record_event(self.policy, reason, bounded(message, 1024), warning=warning)
         except ClusterError as exc:
             self.log.warning("could not record Kubernetes Event", reason=reason, error=str(exc))
 

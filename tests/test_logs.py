@@ -1,0 +1,47 @@
+"""Every log line is JSON in JSON mode (the libraries' too), and no URL in it carries a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from controller.core.state import redact_urls
+from controller.logs import configure_logging
+from controller.settings import LogFormat
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Prometheus at http://user:pw@prom:9090 unreachable", "Prometheus at http://prom:9090 unreachable"),
+        ("hook https://hooks.slack.com/services/T0/B0/XYZ failed", "hook https://hooks.slack.com/… failed"),
+        ("to http://h/x?token=abc.", "to http://h/…"),
+        ("see http://h/ and https://h2", "see http://h and https://h2"),
+        ("no url here", "no url here"),
+    ],
+)
+def test_urls_lose_userinfo_path_and_query(text: str, shown: str) -> None:
+    assert redact_urls(text) == shown
+
+
+def test_the_libraries_log_json_through_structlog_and_urllib3_retries_are_quiet() -> None:
+    out = io.StringIO()
+    configure_logging(LogFormat.JSON, "INFO", stream=out)
+    try:
+        structlog.get_logger("controller.test").info("ours", url="http://a:b@c/d?e=f")
+        logging.getLogger("apscheduler.scheduler").warning("job missed http://u:secret@h:1/p")
+        logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=0)) after ...")
+        logging.getLogger("kubernetes.client.rest").warning("noise")
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h.get_name() == "gateway-canary"]:
+            root.removeHandler(handler)
+    assert [line["event"] for line in lines] == ["ours", "job missed http://h:1/…"]
+    assert lines[0]["url"] == "http://c/…" and lines[1]["logger"] == "apscheduler.scheduler"
+    assert "secret" not in out.getvalue()
