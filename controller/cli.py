@@ -159,6 +159,7 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     from controller.adapters.kubernetes import KubernetesGatewayPair
     from controller.adapters.prometheus import PrometheusMetricsSource
     from controller.runtime.clock import SystemClock
+    from controller.runtime.preflight import settings_problems
     from controller.runtime.service import ControllerService
     from controller.settings import PrometheusConnection
 
@@ -172,7 +173,13 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
-            print(f"{name}: {str(error['msg']).removeprefix('Value error, ')}", file=sys.stderr)
+            message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+            print(f"{name}: {message}", file=sys.stderr)
+        return 2
+    problems = settings_problems(settings)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
@@ -193,7 +200,15 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
             sources[key] = PrometheusMetricsSource(connection)
         return sources[key]
 
-    ControllerService(settings, pair=pair, store=store, metrics_for=metrics_for, clock=SystemClock()).run_forever()
+    try:
+        service = ControllerService(settings, pair=pair, store=store, metrics_for=metrics_for, clock=SystemClock())
+    except OSError as exc:  # the port was taken between the check and now
+        print(
+            f"GATEWAY_CANARY_HTTP_PORT: cannot serve on {settings.http_host}:{settings.http_port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    service.run_forever()
     return 0
 
 

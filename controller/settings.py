@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from controller.core.policy import PrometheusSpec
+from controller.core.policy import PrometheusSpec, checked_url
 
 __all__ = ["LogFormat", "PrometheusConnection", "Settings"]
 
@@ -43,10 +43,11 @@ def _pod_namespace() -> str:
 class Settings(BaseSettings):
     """Controller settings. Every field is ``GATEWAY_CANARY_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_CANARY_", extra="ignore")
+    # Numbers are finite (no inf/nan) and bounded; each bad value is one line naming the variable.
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_CANARY_", extra="ignore", allow_inf_nan=False)
 
     policies_dir: Path = Field(default=Path("policies"), description="directory of *.yaml policies")
-    reload_interval_seconds: float = Field(default=5.0, gt=0, description="how often policies are re-read")
+    reload_interval_seconds: float = Field(default=5.0, gt=0, le=3600, description="how often policies are re-read")
 
     prometheus_url: str = Field(default="http://127.0.0.1:9090")
     prometheus_token: SecretStr | None = Field(default=None, description="sent as Authorization header")
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     prometheus_username: str | None = None
     prometheus_password: SecretStr | None = None
     prometheus_ca_file: Path | None = None
-    prometheus_timeout_seconds: float = Field(default=5.0, gt=0)
+    prometheus_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
 
     kubeconfig: Path | None = Field(default=None, description="unset: in-cluster config, then ~/.kube/config")
     namespace: str = Field(
@@ -64,7 +65,10 @@ class Settings(BaseSettings):
         description="where the state objects live; unset: the pod's namespace, else gateway-canary",
     )
     unhealthy_after_seconds: float = Field(
-        default=300.0, gt=0, description="/healthz fails once a policy's ticks have kept failing this long"
+        default=300.0,
+        gt=0,
+        le=7 * 86400,
+        description="/healthz fails once a policy's ticks have kept failing this long",
     )
     kube_context: str | None = None
     dry_run: bool = Field(default=False, description="log intended writes, write nothing")
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 = any")
 
     log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     alertmanager_url: str | None = Field(default=None, description="receiver added to every policy")
     slack_webhook_url: SecretStr | None = Field(default=None, description="receiver added to every policy")
@@ -100,16 +104,23 @@ class Settings(BaseSettings):
     @field_validator("prometheus_url", "alertmanager_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} must start with http:// or https://")
+        if value is not None:
+            checked_url(value)  # its messages never echo the URL (it may hold a password)
         return value
 
     @field_validator("slack_webhook_url", "webhook_url")
     @classmethod
     def _secret_http_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https:// (value not shown: it is a secret)")
+        if value is not None:
+            checked_url(value.get_secret_value())
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"{value[:20]!r} is not a log level; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
 
     secret_env_pattern: str = Field(
         default=r"^GATEWAY_CANARY_POLICY_[A-Z0-9_]+$",

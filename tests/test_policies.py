@@ -153,33 +153,63 @@ def test_fingerprint_ignores_alert_receivers_but_not_gates() -> None:
     assert isinstance(base, CanaryPolicy)
 
 
-def test_run_refuses_bad_settings_with_one_clear_line_per_problem(tmp_path: Path) -> None:
+def _run(env_changes: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     import os
 
-    env = {
-        **os.environ,
-        "GATEWAY_CANARY_ALERTMANAGER_URL": "alertmanager:9093",
-        "GATEWAY_CANARY_SLACK_WEBHOOK_URL": "hooks.slack.com/services/T/B/SECRETVALUE",
-        "GATEWAY_CANARY_HTTP_PORT": "99999",
-    }
-    result = subprocess.run(
+    env = {**os.environ, "GATEWAY_CANARY_HTTP_PORT": "0", "HOME": str(tmp_path), **env_changes}
+    return subprocess.run(
         [sys.executable, "-m", "controller", "run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
     )
+
+
+def _bad_settings(tmp_path: Path, busy_port: int) -> list[tuple[str, str, str]]:
+    not_yaml = tmp_path / "not-yaml"
+    not_yaml.write_text("clusters: [unclosed\n")
+    return [
+        ("PROMETHEUS_TIMEOUT_SECONDS", "inf", "finite number"),
+        ("NOTIFY_CRITICAL_DEADLINE_SECONDS", "1e30", "less than or equal to 604800"),
+        ("HTTP_PORT", "99999", "less than or equal to 65535"),
+        ("PROMETHEUS_URL", "http://no-such-host.invalid:9090", "the host no-such-host.invalid does not resolve"),
+        ("HTTP_PORT", str(busy_port), "is already in use"),
+        ("KUBECONFIG", str(not_yaml), "is not a kubeconfig"),
+        ("KUBECONFIG", str(tmp_path), "is not a file"),
+        ("LOG_LEVEL", "LOUD", "is not a log level"),
+        ("ALERTMANAGER_URL", "http://", "the URL has no host"),
+        ("ALERTMANAGER_URL", "alertmanager:9093", "must start with http:// or https://"),
+        ("WEBHOOK_URL", "https://hooks example/SECRETVALUE", "spaces or control characters"),
+        ("SLACK_WEBHOOK_URL", "hooks.slack.com/services/T/B/SECRETVALUE", "must start with http"),
+        ("SECRET_ENV_PATTERN", "[", "not a regular expression"),
+        ("NAMESPACE", "Bad_NS", "should match pattern"),
+    ]
+
+
+def test_every_bad_setting_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        for name, value, needle in _bad_settings(tmp_path, busy.getsockname()[1]):
+            result = _run({f"GATEWAY_CANARY_{name}": value}, tmp_path)
+            assert result.returncode == 2, (name, value, result.stderr)
+            assert "Traceback" not in result.stderr and "SECRETVALUE" not in result.stderr, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert any(line.startswith(f"GATEWAY_CANARY_{name}: ") and needle in line for line in lines), (
+                name,
+                value,
+                lines,
+            )
+
+
+def test_several_bad_settings_are_all_reported_at_once(tmp_path: Path) -> None:
+    result = _run({"GATEWAY_CANARY_LOG_LEVEL": "LOUD", "GATEWAY_CANARY_HTTP_PORT": "-1"}, tmp_path)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert "GATEWAY_CANARY_ALERTMANAGER_URL: 'alertmanager:9093' must start with http:// or https://" in lines
-    assert any(line.startswith("GATEWAY_CANARY_SLACK_WEBHOOK_URL: must start with http") for line in lines)
-    assert any(line.startswith("GATEWAY_CANARY_HTTP_PORT: ") for line in lines)
-    assert "SECRETVALUE" not in result.stderr
+    names = sorted(line.split(":", 1)[0] for line in result.stderr.strip().splitlines())
+    assert names == ["GATEWAY_CANARY_HTTP_PORT", "GATEWAY_CANARY_LOG_LEVEL"]
 
 
 def test_run_without_any_cluster_config_says_so(tmp_path: Path) -> None:
-    import os
-
-    env = {**os.environ, "GATEWAY_CANARY_KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "controller", "run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
-    )
+    result = _run({}, tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("cannot start: no usable Kubernetes configuration")
 
