@@ -153,41 +153,53 @@ class ControlPlane:
                 self.workdir / "etcd.log",
             )
             stack.callback(etcd.stop)
-            apiserver = ManagedProcess(
-                [
-                    str(self.binaries["kube-apiserver"]),
-                    f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    f"--secure-port={api_port}",
-                    f"--tls-cert-file={self.workdir / 'serving.crt'}",
-                    f"--tls-private-key-file={self.workdir / 'serving.key'}",
-                    f"--client-ca-file={self.ca_file}",
-                    f"--token-auth-file={self.workdir / 'tokens.csv'}",
-                    "--authorization-mode=RBAC",
-                    "--service-account-issuer=https://kubernetes.default.svc",
-                    f"--service-account-key-file={self.workdir / 'sa.pub'}",
-                    f"--service-account-signing-key-file={self.workdir / 'sa.key'}",
-                    "--service-cluster-ip-range=10.0.0.0/16",
-                    # the default reconciler writes the kubernetes Endpoints for a real node address
-                    "--endpoint-reconciler-type=none",
-                    f"--audit-policy-file={self.workdir / 'audit-policy.yaml'}",
-                    f"--audit-log-path={self.audit_log}",
-                    "--audit-log-mode=blocking",  # the entry is written before the client gets its answer
-                    f"--cert-dir={self.workdir / 'certs'}",
-                ],
-                self.workdir / "kube-apiserver.log",
-            )
-            stack.callback(apiserver.stop)
+            self._apiserver_args = [
+                str(self.binaries["kube-apiserver"]),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={self.workdir / 'serving.crt'}",
+                f"--tls-private-key-file={self.workdir / 'serving.key'}",
+                f"--client-ca-file={self.ca_file}",
+                f"--token-auth-file={self.workdir / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={self.workdir / 'sa.pub'}",
+                f"--service-account-signing-key-file={self.workdir / 'sa.key'}",
+                "--service-cluster-ip-range=10.0.0.0/16",
+                # the default reconciler writes the kubernetes Endpoints for a real node address
+                "--endpoint-reconciler-type=none",
+                f"--audit-policy-file={self.workdir / 'audit-policy.yaml'}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-mode=blocking",  # the entry is written before the client gets its answer
+                f"--cert-dir={self.workdir / 'certs'}",
+            ]
+            self._etcd = etcd
+            self._apiserver = ManagedProcess(self._apiserver_args, self.workdir / "kube-apiserver.log")
+            stack.callback(lambda: self._apiserver.stop())
             self.url = f"https://127.0.0.1:{api_port}"
-            wait_for(
-                lambda: self._ready(apiserver, etcd),
-                timeout=90,
-                interval=0.1,
-                what=f"kube-apiserver /readyz (logs in {self.workdir})",
-            )
+            self._wait_ready()
             self.startup_seconds = time.monotonic() - started
             yield self
+
+    def _wait_ready(self) -> None:
+        wait_for(
+            lambda: self._ready(self._apiserver, self._etcd),
+            timeout=90,
+            interval=0.1,
+            what=f"kube-apiserver /readyz (logs in {self.workdir})",
+        )
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (etcd keeps running, with everything in it)."""
+        self._apiserver.stop()
+
+    def start_apiserver(self, *, wait: bool = True) -> None:
+        """Start kube-apiserver again on the same port, certificates and etcd."""
+        self._apiserver = ManagedProcess(self._apiserver_args, self.workdir / "kube-apiserver.log")
+        if wait:
+            self._wait_ready()
 
     def _ready(self, *processes: ManagedProcess) -> bool:
         for process in processes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
 from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
@@ -25,7 +27,7 @@ from tests.helpers import make_policy
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
-from tests.servers import STATE, WEIGHT, free_port
+from tests.servers import STATE, WEIGHT, free_port, wait_for
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
 
@@ -373,3 +375,76 @@ def test_a_finished_version_1_rollout_has_its_annotation_removed_at_once(kube: C
     assert STATE not in kube.annotations(TGT)
     assert kube.service_patches() == [{STATE: None}]
     assert kube.annotations(TGT)[WEIGHT] == "0"
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.alerts: list = []
+
+    def send(self, alert, *, timeout: float) -> None:
+        self.alerts.append(alert)
+
+
+class FlakyCluster(InMemoryGatewayPair):
+    """Unreachable, then 403 (an authorizer warming up), then fine: what a restarted API server does."""
+
+    script: list = []
+
+    def observe(self, policy: CanaryPolicy):
+        if self.script:
+            raise self.script.pop(0)
+        return super().observe(policy)
+
+
+@pytest.mark.parametrize(("grace", "paged"), [(30.0, False), (0.0, True)])
+def test_a_403_right_after_the_api_server_was_unreachable_is_retried_before_it_pages(grace: float, paged: bool) -> None:
+    from controller.errors import AccessDenied, ClusterUnavailable
+
+    pair = FlakyCluster(target_weight=10, source_weight=90)
+    pair.script = [ClusterUnavailable("unreachable"), AccessDenied("forbidden (403)"), AccessDenied("forbidden (403)")]
+    recorder, dispatcher = Recorder(), AlertDispatcher()
+    policy_runner = PolicyRunner(
+        POLICY, pair=pair, store=InMemoryStateStore(), metrics=SimulatedGateways(pair), receivers=[recorder],
+        dispatcher=dispatcher, collector=Collector(), clock=SystemClock(), telemetry=Telemetry(),
+        stopping=threading.Event(), forbidden_grace_seconds=grace,
+    )  # fmt: skip
+    outcomes = [policy_runner.tick() for _ in range(4)]
+    assert [o.error is not None for o in outcomes] == [True, True, True, False]
+    dispatcher.close(timeout=5)
+    refused = [a for a in recorder.alerts if a.kind.value == "PolicyRefused"]
+    assert bool(refused) is paged
+    assert not [e for e in pair.events if e.reason == "PolicyRefused"] or paged
+
+
+def test_restarting_the_real_api_server_mid_rollout_pages_nobody(kube: Cluster) -> None:
+    kube.add_gateways()
+    policy = policy_in(kube, steps=[10, 50, 100])
+    kube.grant(policy)
+    recorder, dispatcher = Recorder(), AlertDispatcher()
+    traffic = SimulatedGateways(InMemoryGatewayPair(target_weight=10, source_weight=90))
+    policy_runner = PolicyRunner(
+        policy, pair=as_controller(kube), store=state_store(kube), metrics=traffic, receivers=[recorder],
+        dispatcher=dispatcher, collector=Collector(), clock=SystemClock(), telemetry=Telemetry(),
+        stopping=threading.Event(), forbidden_grace_seconds=30.0,
+    )  # fmt: skip
+    assert policy_runner.tick().decision is not None  # Start: 10/90
+    kube.plane.stop_apiserver()
+    down = policy_runner.tick()
+    assert down.error is not None and "unreachable" in down.error
+    kube.plane.start_apiserver(wait=False)  # etcd kept; the controller ticks while it comes up
+    outcomes = []
+
+    def recovered() -> bool:
+        outcomes.append(policy_runner.tick())
+        return outcomes[-1].error is None
+
+    wait_for(recovered, timeout=90, interval=0.2, what="the controller to work again after the restart")
+    kube.plane._wait_ready()
+    forbidden = sum(1 for o in outcomes if o.error and ("403" in o.error or "forbidden" in o.error))
+    print(f"\nMEASURED API server restart: {len(outcomes)} ticks until recovered, {forbidden} answered 403")
+    dispatcher.close(timeout=5)
+    assert not [a for a in recorder.alerts if a.kind.value in ("PolicyRefused", "TickFailed")]
+    assert not [e for e in kube.events if e["reason"] == "PolicyRefused"]
+    assert int(kube.annotations(TGT)[WEIGHT]) >= 10  # and the rollout goes on from where it was

@@ -42,7 +42,7 @@ from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
 from controller.core.state import RolloutState, StateUnreadable, bounded, decode_state, encode_state
-from controller.errors import AccessDenied, ClusterError, ServiceNotFound, WeightChangedExternally
+from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
 from controller.runtime.collector import Collector
@@ -90,6 +90,7 @@ class PolicyRunner:
         telemetry: Telemetry,
         stopping: threading.Event,
         config_error: str | None = None,
+        forbidden_grace_seconds: float = 30.0,
     ) -> None:
         self.policy = policy
         self._pair = pair
@@ -109,6 +110,8 @@ class PolicyRunner:
         self.file_problem: str | None = None
         #: monotonic time since when ticks keep crashing (None: the last tick finished)
         self.failing_since: float | None = None
+        self._forbidden_grace = forbidden_grace_seconds
+        self._unreachable_at: float | None = None  # monotonic time the API server was last unreachable
         self._lock = threading.Lock()
         self._memory: RolloutState | None = None  # the last state this runner decided, for store outages
         self._version: str | None = None  # the state object's version this process last read or wrote
@@ -142,8 +145,13 @@ class PolicyRunner:
         state, state_problem = self._state_for(stored, seen, store_problem)
         refusals = [self.config_error, seen.refusal, store_problem, state_problem]
         refusal = "; ".join(r for r in refusals if r) or None
+        quiet = self.file_problem  # already reported by the service
+        if refusal is not None and self._warming_up():
+            # A refusal right after the API server was unreachable may be its authorizer warming
+            # up: it blocks raising at once, and is reported only if it outlasts the grace period.
+            quiet, refusal = "; ".join(r for r in (quiet, refusal) if r), None
         check = self._check(state)
-        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal, self.file_problem)
+        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal, quiet)
         decision = decide(self.policy, state, observed, self._clock.now())
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
@@ -163,6 +171,8 @@ class PolicyRunner:
             stored = self._store.load(self.policy)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
+            if isinstance(exc, ClusterUnavailable):
+                self._unreachable_at = time.monotonic()
             return None, f"state store unavailable: {exc}"
         if stored.version not in (self._version, ""):
             self._memory = None  # someone else wrote it since: what is stored wins over what was remembered
@@ -453,11 +463,26 @@ class PolicyRunner:
         self._event(kind.value, why, warning=True)
         self._send(self._build(Notice(kind, Severity.WARNING, why), suffix=why))
 
+    def _warming_up(self) -> bool:
+        """Whether the API server was unreachable within the grace period (its 403s may be spurious)."""
+        since = self._unreachable_at
+        return since is not None and time.monotonic() - since < self._forbidden_grace
+
     def _cluster_trouble(
         self, exc: ClusterError, step: str, *, check: CheckResult | None = None, urgent: bool = False
     ) -> TickOutcome:
         kind = type(exc).__name__
         self._telemetry.errors.labels(self.policy.name, kind).inc()
+        if isinstance(exc, ClusterUnavailable):
+            self._unreachable_at = time.monotonic()
+        if isinstance(exc, AccessDenied) and self._warming_up():
+            self.log.warning(
+                "403 right after the API server was unreachable; retrying before calling it a refusal",
+                step=step,
+                grace_s=self._forbidden_grace,
+                error=str(exc),
+            )
+            return TickOutcome(None, check, recheck_soon=True, error=str(exc))
         if isinstance(exc, AccessDenied | ServiceNotFound):
             self.log.error("policy refused; the API server denied what it needs", step=step, reason=str(exc))
             why = "; ".join(str(r) for r in (exc, self.config_error, self.file_problem) if r)

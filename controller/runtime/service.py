@@ -208,6 +208,7 @@ class ControllerService:
             telemetry=self.telemetry,
             stopping=self.stopping,
             config_error=config_error,
+            forbidden_grace_seconds=self.settings.forbidden_grace_seconds,
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale
