@@ -85,3 +85,25 @@ def samples(
             for name, value in (custom if custom is not None else {"resets": 0.0}).items()
         },
     )
+
+
+def runner_for(policy: CanaryPolicy, *, pair: Any, store: Any, metrics: Any, **overrides: Any) -> Any:
+    """A PolicyRunner with in-process defaults (no receivers, a fresh dispatcher, the wall clock)."""
+    import threading
+
+    from controller.notify.dispatcher import AlertDispatcher
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.collector import Collector
+    from controller.runtime.reconciler import PolicyRunner
+    from controller.runtime.telemetry import Telemetry
+
+    arguments: dict[str, Any] = {
+        "receivers": [],
+        "dispatcher": AlertDispatcher(),
+        "collector": Collector(),
+        "clock": SystemClock(),
+        "telemetry": Telemetry(),
+        "stopping": threading.Event(),
+        **overrides,
+    }
+    return PolicyRunner(policy, pair=pair, store=store, metrics=metrics, **arguments)

@@ -177,7 +177,7 @@ class ControlPlane:
             ]
             self._etcd = etcd
             self._apiserver = ManagedProcess(self._apiserver_args, self.workdir / "kube-apiserver.log")
-            stack.callback(lambda: self._apiserver.stop())
+            stack.callback(self.stop_apiserver)  # whichever process runs then (restarts replace it)
             self.url = f"https://127.0.0.1:{api_port}"
             self._wait_ready()
             self.startup_seconds = time.monotonic() - started

@@ -23,8 +23,7 @@ from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.notify.slack import SlackNotifier
 from controller.notify.webhook import WebhookNotifier
 from controller.runtime.reconciler import PolicyRunner
-from controller.runtime.telemetry import Telemetry
-from tests.helpers import FAIL, T0, TARGET_QUIET, check, make_policy
+from tests.helpers import FAIL, T0, TARGET_QUIET, check, make_policy, runner_for
 from tests.servers import WebhookSink, wait_for
 
 FAST = DeliveryPolicy(backoff_seconds=0.02, backoff_max_seconds=0.1, timeout_seconds=2, critical_timeout_seconds=2)
@@ -255,10 +254,10 @@ def test_an_undelivered_rollback_alert_survives_a_restart_and_is_sent_with_the_s
     down = Flaky(failures=10_000, name="pager")
 
     def runner(receiver, dispatcher) -> PolicyRunner:  # type: ignore[no-untyped-def]
-        return PolicyRunner(
-            policy, pair=pair, store=store, metrics=object(), receivers=[receiver],  # type: ignore[arg-type]
-            dispatcher=dispatcher, collector=checks, clock=type("C", (), {"now": lambda self: T0})(),  # type: ignore[arg-type]
-            telemetry=Telemetry(), stopping=threading.Event(),
+        clock = type("C", (), {"now": lambda self: T0})()
+        return runner_for(
+            policy, pair=pair, store=store, metrics=object(), receivers=[receiver], dispatcher=dispatcher,
+            collector=checks, clock=clock,
         )  # fmt: skip
 
     first_dispatcher = AlertDispatcher(FAST)

@@ -202,6 +202,10 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     assert metrics is not None and f'gateway_canary_target_weight{{policy="e2e-rollback-{run}"}} 0.0' in metrics.text
     assert f'gateway_canary_rollbacks_total{{policy="e2e-rollback-{run}"}} 1.0' in metrics.text
     assert f'gateway_canary_gate_threshold{{gate="errorRate",policy="e2e-rollback-{run}"}} 0.05' in metrics.text
+    assert 'gateway_canary_notifications_total{kind="RolledBack",outcome="delivered",receiver="webhook:e2e"} 1.0' in (
+        metrics.text
+    )
+    assert "gateway_canary_oldest_undelivered_alert_seconds 0.0" in metrics.text
 
     checks = [line for line in controller.lines() if line.get("event") == "check"]
     assert checks and all(line["policy"] == f"e2e-rollback-{run}" for line in checks)

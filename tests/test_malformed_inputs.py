@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +33,8 @@ from controller.runtime.clock import SystemClock
 from controller.runtime.collector import Collector
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.service import ControllerService
-from controller.runtime.telemetry import Telemetry
 from controller.settings import PrometheusConnection, Settings
-from tests.helpers import T0, make_policy
+from tests.helpers import T0, make_policy, runner_for
 from tests.servers import MalformedPrometheus, wait_for
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
@@ -197,18 +195,9 @@ class Recording:
 
 
 def _runner(store, metrics, receiver, pair=None) -> PolicyRunner:
-    return PolicyRunner(
-        POLICY,
-        pair=pair or InMemoryGatewayPair(target_weight=0, source_weight=100),
-        store=store,
-        metrics=metrics,
-        receivers=[receiver],
-        dispatcher=AlertDispatcher(DeliveryPolicy(backoff_seconds=0.01)),
-        collector=Collector(),
-        clock=SystemClock(),
-        telemetry=Telemetry(),
-        stopping=threading.Event(),
-    )
+    pair = pair or InMemoryGatewayPair(target_weight=0, source_weight=100)
+    dispatcher = AlertDispatcher(DeliveryPolicy(backoff_seconds=0.01))
+    return runner_for(POLICY, pair=pair, store=store, metrics=metrics, receivers=[receiver], dispatcher=dispatcher)
 
 
 def test_no_exception_escapes_a_tick_it_is_reported_once_and_the_next_tick_runs() -> None:

@@ -23,7 +23,7 @@ from controller.runtime.collector import Collector
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
 from controller.settings import PrometheusConnection, Settings
-from tests.helpers import make_policy
+from tests.helpers import make_policy, runner_for
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
@@ -405,10 +405,9 @@ def test_a_403_right_after_the_api_server_was_unreachable_is_retried_before_it_p
     pair = FlakyCluster(target_weight=10, source_weight=90)
     pair.script = [ClusterUnavailable("unreachable"), AccessDenied("forbidden (403)"), AccessDenied("forbidden (403)")]
     recorder, dispatcher = Recorder(), AlertDispatcher()
-    policy_runner = PolicyRunner(
+    policy_runner = runner_for(
         POLICY, pair=pair, store=InMemoryStateStore(), metrics=SimulatedGateways(pair), receivers=[recorder],
-        dispatcher=dispatcher, collector=Collector(), clock=SystemClock(), telemetry=Telemetry(),
-        stopping=threading.Event(), forbidden_grace_seconds=grace,
+        dispatcher=dispatcher, forbidden_grace_seconds=grace,
     )  # fmt: skip
     outcomes = [policy_runner.tick() for _ in range(4)]
     assert [o.error is not None for o in outcomes] == [True, True, True, False]
@@ -424,10 +423,9 @@ def test_restarting_the_real_api_server_mid_rollout_pages_nobody(kube: Cluster) 
     kube.grant(policy)
     recorder, dispatcher = Recorder(), AlertDispatcher()
     traffic = SimulatedGateways(InMemoryGatewayPair(target_weight=10, source_weight=90))
-    policy_runner = PolicyRunner(
+    policy_runner = runner_for(
         policy, pair=as_controller(kube), store=state_store(kube), metrics=traffic, receivers=[recorder],
-        dispatcher=dispatcher, collector=Collector(), clock=SystemClock(), telemetry=Telemetry(),
-        stopping=threading.Event(), forbidden_grace_seconds=30.0,
+        dispatcher=dispatcher, forbidden_grace_seconds=30.0,
     )  # fmt: skip
     assert policy_runner.tick().decision is not None  # Start: 10/90
     kube.plane.stop_apiserver()

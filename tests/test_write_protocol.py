@@ -8,19 +8,15 @@ memory) works from what the Services and the state object show.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.enums import GatewayRole, Phase
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import PairSnapshot, StoredState
 from controller.runtime.reconciler import PolicyRunner
-from controller.runtime.telemetry import Telemetry
-from tests.helpers import FAIL, PASS, T0, TARGET_QUIET, make_policy
+from tests.helpers import FAIL, PASS, T0, TARGET_QUIET, make_policy, runner_for
 
 POLICY = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
 
@@ -67,18 +63,7 @@ class Clock:
 
 
 def new_runner(pair: InMemoryGatewayPair, store: InMemoryStateStore, checks: Checks) -> PolicyRunner:
-    return PolicyRunner(
-        POLICY,
-        pair=pair,
-        store=store,
-        metrics=object(),  # type: ignore[arg-type]
-        receivers=[],
-        dispatcher=AlertDispatcher(),
-        collector=checks,  # type: ignore[arg-type]
-        clock=Clock(),
-        telemetry=Telemetry(),
-        stopping=threading.Event(),
-    )
+    return runner_for(POLICY, pair=pair, store=store, metrics=object(), collector=checks, clock=Clock())
 
 
 def started() -> tuple[CrashingPair, CrashingStore, Checks]:
