@@ -61,7 +61,8 @@ def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "INFO", *, s
         if use_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False)
     )
-    tail: list[Any] = [structlog.processors.format_exc_info, redact, renderer] if use_json else [redact, renderer]
+    # Tracebacks are made text before redaction, in both modes: an exception's message may hold a URL.
+    tail: list[Any] = [structlog.processors.format_exc_info, redact, renderer]
     structlog.configure(
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -155,6 +155,7 @@ class Settings(BaseSettings):
     failure_recheck_seconds: float = Field(
         default=15.0,
         ge=0,
+        le=3600,
         description=(
             "after a FAIL, check again this soon (0: at the normal interval); keep it at least the scrape "
             "interval, or the re-check sees the same samples and counts the same evidence twice"

@@ -128,9 +128,89 @@ def test_webhook_and_slack_bodies_carry_the_alert_id() -> None:
         sink.close()
 
 
-def test_receiver_names_never_contain_the_secret_url() -> None:
+def test_receiver_names_never_contain_the_secret_url_and_never_collide() -> None:
     assert "SECRET" not in SlackNotifier("https://hooks.slack.com/services/T/B/SECRET").name
-    assert WebhookNotifier("https://user:pw@hooks.example.com/x?token=SECRET").name == "webhook:hooks.example.com"
+    hook = WebhookNotifier("https://user:pw@hooks.example.com/x?token=SECRET")
+    assert hook.name.startswith("webhook:hooks.example.com#") and "SECRET" not in hook.name and "pw" not in hook.name
+    # two channels on one host are two receivers (names key delivery and de-duplication)
+    one, two = (
+        SlackNotifier("https://hooks.slack.com/services/T/B/ONE"),
+        SlackNotifier("https://hooks.slack.com/services/T/B/TWO"),
+    )
+    assert one.name != two.name
+    assert WebhookNotifier("https://x.example/a", name="ops").name == "webhook:ops"
+
+
+def test_two_receivers_on_one_host_both_get_the_rollback() -> None:
+    sink = WebhookSink()
+    dispatcher = AlertDispatcher(FAST)
+    try:
+        receivers = [WebhookNotifier(f"{sink.url}/one"), WebhookNotifier(f"{sink.url}/two")]
+        dispatcher.submit(rollback_alert("both"), receivers)
+        wait_for(lambda: len(sink.bodies("/one")) == 1 and len(sink.bodies("/two")) == 1, timeout=10, what="both")
+    finally:
+        dispatcher.close()
+        sink.close()
+
+
+def test_an_alert_with_nan_in_its_numbers_is_still_delivered() -> None:
+    """A failing check often carries NaN (a latency with no samples); JSON has no NaN."""
+    sink = WebhookSink()
+    try:
+        alert = rollback_alert("nan")
+        nan = build_alert(
+            kind=alert.kind, severity=alert.severity, policy=alert.policy, reason=alert.reason, at=alert.at,
+            source_service=alert.source_service, target_service=alert.target_service,
+            check=check(Verdict.FAIL), dedup_suffix="nan",
+        )  # fmt: skip
+        object.__setattr__(nan, "target_numbers", {"requests": 10.0, "latencyMs": float("nan")})
+        object.__setattr__(nan, "failing_gates", ({"gate": "errorRate", "value": float("inf")},))
+        WebhookNotifier(f"{sink.url}/nan").send(nan, timeout=5)
+        body = sink.bodies("/nan")[0]
+        assert body["target"]["latencyMs"] is None and body["failingGates"][0]["value"] is None
+    finally:
+        sink.close()
+
+
+def test_closing_gives_every_queued_alert_one_last_attempt() -> None:
+    """A rollback decided just before SIGTERM still goes out."""
+    release = threading.Event()
+    slow = Flaky(failures=0, name="slow")
+    original = slow.send
+
+    def send(alert: Alert, *, timeout: float) -> None:
+        release.wait(5)
+        original(alert, timeout=timeout)
+
+    slow.send = send  # type: ignore[method-assign]
+    dispatcher = AlertDispatcher(FAST)
+    for suffix in ("q1", "q2", "q3"):
+        dispatcher.submit(rollback_alert(suffix), [slow])
+    release.set()
+    dispatcher.close(timeout=5)
+    assert len(slow.calls) == 3
+
+
+def test_a_receiver_that_raises_something_unexpected_keeps_its_worker() -> None:
+    class Buggy:
+        name = "buggy"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def send(self, alert: Alert, *, timeout: float) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyError("a bug in a receiver")
+
+    outcomes = Outcomes()
+    buggy = Buggy()
+    dispatcher = AlertDispatcher(FAST, on_outcome=outcomes)
+    dispatcher.submit(rollback_alert("bug"), [buggy])
+    wait_for(lambda: outcomes.of("buggy") == ["failed", "delivered"], timeout=5, what="a retry after the bug")
+    dispatcher.submit(rollback_alert("bug2"), [buggy])
+    wait_for(lambda: outcomes.of("buggy")[-1:] == ["delivered"] and buggy.calls == 3, timeout=5, what="the next")
+    dispatcher.close()
 
 
 # --- the dispatcher ------------------------------------------------------------------------------------

@@ -443,3 +443,53 @@ def test_no_sequence_of_checks_sets_both_weights_to_zero() -> None:
             for i, result in enumerate(sequence):
                 rollout.tick(result, 20 * (i + 1))
                 assert (rollout.target, rollout.source) != (0, 0), (mode, sequence)
+
+
+# --- found by review ---------------------------------------------------------------------------------------
+
+
+def test_a_failing_check_during_an_unfinished_promotion_keeps_the_rollback_armed() -> None:
+    policy = make_policy(schedule={"steps": [50], "bakeTime": 0})
+    rollout = started(policy)
+    promoting = rollout.tick(PASS, 30, write=False)  # decided 100/0, the target patch failed
+    assert promoting.action is Action.PROMOTE and rollout.state.phase is Phase.PROMOTED
+    voided = rollout.tick(FAIL, 45, write=False)  # the Services still show 50/50, and the target fails
+    assert voided.state.phase is Phase.PROGRESSING and voided.state.pending is None
+    assert rollout.tick(FAIL, 60).action is Action.ROLLBACK and rollout.target == 0
+
+
+def test_a_pending_start_that_never_landed_is_not_traffic_to_roll_back() -> None:
+    policy = make_policy(analysis={"onMetricsUnavailable": {"action": "rollback", "afterChecks": 2}})
+    rollout = Rollout.fresh(policy)
+    rollout.tick(TARGET_QUIET, 0, write=False)  # START recorded; the target patch failed: still 0/100
+    for t in (30, 60, 90):
+        decision = rollout.tick(PROM_DOWN, t, write=False)
+        assert decision.action is not Action.ROLLBACK, "a CRITICAL page for a gateway that never got traffic"
+
+
+def test_an_abort_at_weight_0_is_no_critical_page() -> None:
+    rollout = Rollout.fresh()
+    decision = rollout.tick(None, 0, command=Command.ABORT)
+    assert decision.action is Action.ROLLBACK
+    assert [n.severity for n in decision.notices] == [Severity.WARNING]
+
+
+def test_a_retry_at_an_adopted_weight_bakes_there_before_raising() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    rollout.tick(FAIL, 45)
+    assert rollout.state.phase is Phase.ROLLED_BACK
+    rollout.target, rollout.source = 30, 70  # an operator puts some traffic back by hand...
+    rollout.tick(None, 60)
+    retried = rollout.tick(None, 90, command=Command.RETRY)  # ...and retries
+    assert retried.state.phase is Phase.PROGRESSING  # not Pending: 30 is a step to bake at first
+    assert rollout.tick(PASS, 120).weights is None  # one pass is no bake
+
+
+def test_no_stuck_warning_after_a_rollback_for_inconclusive_checks() -> None:
+    policy = make_policy(analysis={"onMetricsUnavailable": {"action": "rollback", "afterChecks": 2}})
+    rollout = started(policy)
+    rollout.tick(PROM_DOWN, 30)
+    assert rollout.tick(PROM_DOWN, 60).action is Action.ROLLBACK
+    after = rollout.tick(None, 90)
+    assert after.notices == ()

@@ -22,6 +22,7 @@ from controller.settings import LogFormat
         ("to http://h/x?token=abc.", "to http://h/…"),
         ("see http://h/ and https://h2", "see http://h and https://h2"),
         ("no url here", "no url here"),
+        ("HTTPS://user:pw@Prom:9090/x unreachable", "HTTPS://Prom:9090/… unreachable"),
     ],
 )
 def test_urls_lose_userinfo_path_and_query(text: str, shown: str) -> None:
@@ -45,3 +46,19 @@ def test_the_libraries_log_json_through_structlog_and_urllib3_retries_are_quiet(
     assert [line["event"] for line in lines] == ["ours", "job missed http://h:1/…"]
     assert lines[0]["url"] == "http://c/…" and lines[1]["logger"] == "apscheduler.scheduler"
     assert "secret" not in out.getvalue()
+
+
+def test_console_tracebacks_are_redacted_too() -> None:
+    out = io.StringIO()
+    configure_logging(LogFormat.CONSOLE, "INFO", stream=out)
+    try:
+        try:
+            raise RuntimeError("cannot reach http://user:topsecret@prom:9090/api")
+        except RuntimeError:
+            structlog.get_logger("controller.test").exception("boom")
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h.get_name() == "gateway-canary"]:
+            root.removeHandler(handler)
+    assert "topsecret" not in out.getvalue() and "http://prom:9090/…" in out.getvalue()

@@ -338,7 +338,8 @@ class RolloutMachine(RuleBasedStateMachine):
             self.expect.rolled_back = True
         if self.last_phase in (Phase.PROMOTED, Phase.ROLLED_BACK) and not self.policy_changed:
             assert state.phase is self.last_phase, f"I4/R5: {self.last_phase} became {state.phase}"
-        self.last_phase = state.phase
+        # a terminal phase counts once it is written (an unfinished promotion is no promotion)
+        self.last_phase = state.phase if state.pending is None else None
         # a policy change counts until the rollout has taken it in
         self.policy_changed = self.policy_changed and state.fingerprint != self.policy.rollout_fingerprint()
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from controller.core.durations import parse_duration
 from controller.core.enums import Phase
 from controller.core.loader import check_conflicts, parse_policy_text
@@ -222,3 +224,24 @@ def test_the_fingerprint_ignores_defaults_so_an_upgrade_does_not_look_like_a_pol
     assert make_policy(gates={"custom": [{**gate, "onEmpty": "zero"}]}).rollout_fingerprint() != (
         plain.rollout_fingerprint()
     )
+
+
+def test_receiver_names_are_distinct_and_not_global() -> None:
+    twice = [{"type": "webhook", "name": "ops", "url": "https://a.example"}] * 2
+    errors = parse_policy_text(
+        yaml.safe_dump({"metadata": {"name": "p"}, "spec": {**_SPEC, "alerts": twice}}), "p.yaml"
+    ).errors
+    assert any("ops is used twice" in e.message for e in errors)
+    taken = [{"type": "webhook", "name": "global", "url": "https://a.example"}]
+    errors = parse_policy_text(
+        yaml.safe_dump({"metadata": {"name": "p"}, "spec": {**_SPEC, "alerts": taken}}), "p.yaml"
+    ).errors
+    assert any("'global' is taken" in e.message for e in errors)
+
+
+_SPEC = {
+    "source": {"service": "a/b"},
+    "target": {"service": "a/c"},
+    "schedule": {"steps": [10, 100]},
+    "gates": {"errorRate": {"max": 0.01}},
+}

@@ -446,3 +446,25 @@ def test_restarting_the_real_api_server_mid_rollout_pages_nobody(kube: Cluster) 
     assert not [a for a in recorder.alerts if a.kind.value in ("PolicyRefused", "TickFailed")]
     assert not [e for e in kube.events if e["reason"] == "PolicyRefused"]
     assert int(kube.annotations(TGT)[WEIGHT]) >= 10  # and the rollout goes on from where it was
+
+
+def test_trouble_that_returns_after_it_cleared_is_reported_again_and_blindness_pages() -> None:
+    from controller.errors import AccessDenied
+
+    pair = FlakyCluster(target_weight=10, source_weight=90)
+    recorder, dispatcher = Recorder(), AlertDispatcher()
+    policy_runner = runner_for(
+        POLICY, pair=pair, store=InMemoryStateStore(), metrics=SimulatedGateways(pair), receivers=[recorder],
+        dispatcher=dispatcher, forbidden_grace_seconds=0.0,
+    )  # fmt: skip
+    assert policy_runner.tick().error is None  # the rollout runs at 10: the ASM gateway carries traffic
+    pair.script = [AccessDenied("read Service a/b: forbidden (403)")] * 2
+    policy_runner.tick()
+    policy_runner.tick()  # the same trouble twice in a row: once
+    assert policy_runner.tick().error is None  # cleared
+    pair.script = [AccessDenied("read Service a/b: forbidden (403)")]
+    policy_runner.tick()  # and back: said again
+    dispatcher.close(timeout=5)
+    refused = [a for a in recorder.alerts if a.kind.value == "PolicyRefused"]
+    assert len(refused) == 2 and len({a.id for a in refused}) == 2
+    assert all(a.severity.value == "critical" and "protection is blind" in a.reason for a in refused)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -61,9 +62,9 @@ class Alert:
             "targetService": self.target_service,
             "weightsBefore": _weights(self.weights_before),
             "weightsAfter": _weights(self.weights_after),
-            "failingGates": list(self.failing_gates),
-            "source": self.source_numbers,
-            "target": self.target_numbers,
+            "failingGates": [_finite(gate) for gate in self.failing_gates],
+            "source": _finite(self.source_numbers),
+            "target": _finite(self.target_numbers),
         }
 
     def text(self) -> str:
@@ -83,6 +84,11 @@ class Alert:
         if self.source_numbers:
             lines.append(f"source {self.source_service}: {_numbers(self.source_numbers)}")
         return "\n".join(lines)
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as null: JSON has no such numbers, and a receiver must not choke on one."""
+    return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in values.items()}
 
 
 def _weights(weights: Weights | None) -> dict[str, int | None] | None:

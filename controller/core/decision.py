@@ -310,9 +310,12 @@ def _void_unfinished_raise(state: RolloutState, observed: Observation) -> Rollou
     The rollout stays at what the Services show (our own partial write included), bakes there
     again, and the rollback stays armed; nothing is written to undo or finish the raise.
     """
+    target = state.target_weight if observed.target_weight is None else observed.target_weight
     return state.evolve(
         pending=None,
-        target_weight=state.target_weight if observed.target_weight is None else observed.target_weight,
+        # an unfinished promotion is no promotion: the rollout stays live, and armed
+        phase=Phase.PROGRESSING if target > 0 else Phase.PENDING,
+        target_weight=target,
         source_weight=observed.source_weight,
         reason="a check failed before the raise was fully written; staying at the weights the Services show",
     )
@@ -327,8 +330,7 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
         return "the rollback is not fully written yet; writing it again"
     if observed.command is Command.ABORT and state.phase in ARMED_PHASES:
         return "aborted by an operator"
-    carries_traffic = max(state.target_weight, observed.target_weight or 0) > 0
-    if state.phase not in ARMED_PHASES or not carries_traffic:
+    if not _armed(state) or not _carries_traffic(state, observed):
         return None
     analysis = policy.spec.analysis
     check = observed.check
@@ -343,6 +345,22 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
         if limit.action is OnInconclusive.ROLLBACK and count >= limit.after_checks:
             return f"{count} inconclusive checks ({cause.value}) since the last pass, policy says rollback{evidence}"
     return None
+
+
+def _armed(state: RolloutState) -> bool:
+    """A live phase, or a raise (even a promotion) not fully written: its target may carry traffic."""
+    unfinished_raise = state.pending is not None and not state.pending.rollback
+    return state.phase in ARMED_PHASES or unfinished_raise
+
+
+def _carries_traffic(state: RolloutState, observed: Observation) -> bool:
+    """Whether the ASM gateway gets traffic: what the Services show, or what we wrote and they may
+    show late; a raise recorded but not written yet (a START whose patch failed) is not traffic."""
+    seen = observed.target_weight or 0
+    pending = state.pending
+    if pending is not None and not pending.rollback:
+        return seen > 0
+    return max(state.target_weight, seen) > 0
 
 
 def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str) -> Decision:
@@ -368,6 +386,9 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
     )
     if retry:  # R2: the same rollback again; told once, when it was decided
         return Decision(state=rolled, action=Action.ROLLBACK, weights=weights, force=True)
+    # A rollback of a gateway that carried traffic pages; one that carried none (an abort before
+    # the start landed) is said, not paged.
+    severity = Severity.CRITICAL if _carries_traffic(state, observed) else Severity.WARNING
     rolled = rolled.evolve(
         reason=f"rolled back from target weight {state.target_weight}: {why}",
         changed_at=now,
@@ -380,7 +401,7 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         state=rolled,
         action=Action.ROLLBACK,
         weights=weights,
-        notices=(Notice(AlertKind.ROLLED_BACK, Severity.CRITICAL, rolled.reason),),
+        notices=(Notice(AlertKind.ROLLED_BACK, severity, rolled.reason),),
         transition=True,
         force=True,
     )
@@ -459,14 +480,14 @@ def _complete(state: RolloutState) -> Decision:
 def _apply_command(state: RolloutState, command: Command | None, now: datetime) -> Decision | None:
     """Operator commands (ABORT is protection's, in ``_protection``)."""
     if command is Command.RETRY and state.phase is Phase.ROLLED_BACK:
-        fresh = _reset_step(state, now).evolve(phase=Phase.PENDING, reason="retry requested by an operator")
+        fresh = _reset_step(state, now).evolve(phase=_live_phase(state), reason="retry requested by an operator")
         return Decision(state=fresh, action=Action.RETRY, transition=True)
     if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING):
         paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
         return Decision(state=paused, action=Action.PAUSE, transition=True)
     if command is Command.RESUME and state.phase is Phase.PAUSED:
         resumed = _restart_bake(state, now).evolve(
-            phase=Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING,
+            phase=_live_phase(state),
             reason="resumed by an operator; the bake at this step restarts",
         )
         return Decision(state=resumed, action=Action.RESUME, transition=True)
@@ -482,11 +503,10 @@ def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) ->
     restarted = _restart_bake(updated, now)
     if state.phase is Phase.ROLLED_BACK:
         restarted = _reset_step(updated, now)  # a new rollout: the old evidence led to the rollback
-        pending = restarted.evolve(phase=Phase.PENDING, reason="policy changed after a rollback; starting again")
+        pending = restarted.evolve(phase=_live_phase(state), reason="policy changed after a rollback; starting again")
         return Decision(state=pending, action=Action.RETRY, transition=True)
-    phase = state.phase
-    if phase is Phase.PAUSED:  # a changed policy is how a paused rollout is continued
-        phase = Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
+    # a changed policy is how a paused rollout is continued
+    phase: Phase = _live_phase(state) if state.phase is Phase.PAUSED else state.phase
     restarted = restarted.evolve(
         phase=phase, reason=f"policy changed; keeping target weight {state.target_weight} and restarting the bake"
     )
@@ -641,8 +661,8 @@ def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
 def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:
     """Warn once per cause whose count reached its limit without a rollback."""
     state = decision.state
-    if decision.action is Action.ROLLBACK:
-        return decision
+    if decision.action is Action.ROLLBACK or state.phase in TERMINAL_PHASES:
+        return decision  # nothing is held in a finished rollout
     stuck = [
         (cause, count)
         for cause, count in state.inconclusive
@@ -668,6 +688,11 @@ def _restart_bake(state: RolloutState, now: datetime) -> RolloutState:
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
     """A new step (or an operator's retry): the bake and the counters start again."""
     return _restart_bake(state, now).evolve(consecutive_failures=0, inconclusive=(), stuck_reported=())
+
+
+def _live_phase(state: RolloutState) -> Phase:
+    """Where a rollout continues: Pending at 0 (start on a real baseline), else bake where it stands."""
+    return Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
 
 
 def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:

@@ -486,6 +486,16 @@ class PolicySpec(_Model):
     prometheus: PrometheusSpec | None = None
 
     @model_validator(mode="after")
+    def _receiver_names(self) -> PolicySpec:
+        names = [receiver.name for receiver in self.alerts if receiver.name]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"alert receivers need distinct names: {', '.join(repeated)} is used twice")
+        if "global" in names:
+            raise ValueError("the receiver name 'global' is taken by the receivers in the settings")
+        return self
+
+    @model_validator(mode="after")
     def _two_services(self) -> PolicySpec:
         if self.source.service == self.target.service:
             raise ValueError(f"source and target are the same Service {self.source.service}")

@@ -54,7 +54,7 @@ class StateUnreadable(ValueError):
 
 
 #: A URL in free text: scheme, then what may hold secrets (userinfo, path tokens, query).
-_URL = re.compile(r"\b(https?)://([^\s/?#'\"<>]+)([^\s'\"<>]*)")
+_URL = re.compile(r"\b(https?)://([^\s/?#'\"<>]+)([^\s'\"<>]*)", re.IGNORECASE)
 
 
 def redact_urls(text: str) -> str:

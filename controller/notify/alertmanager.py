@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from controller.core.alerts import Alert
-from controller.notify.http import post_json, safe_host
+from controller.notify.http import post_json, receiver_name
 
 __all__ = ["AlertmanagerNotifier"]
 
@@ -20,7 +20,7 @@ class AlertmanagerNotifier:
         if not url.startswith(("http://", "https://")):
             raise ValueError("an Alertmanager URL must start with http:// or https://")
         self._endpoint = url.rstrip("/") + "/api/v2/alerts"
-        self.name = f"alertmanager:{name or safe_host(url)}"
+        self.name = receiver_name("alertmanager", name, url)
 
     def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt.

@@ -92,6 +92,7 @@ class AlertDispatcher:
         self._pending: dict[tuple[str, str], _Job] = {}
         self._delivered: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._closing = threading.Event()
+        self._flush_until = 0.0
         self._seq = itertools.count()
 
     # -- submitting --------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class AlertDispatcher:
             for receiver in receivers:
                 key = (receiver.name, alert.id)
                 if key in self._delivered or key in self._pending:
-                    self._on_outcome(receiver.name, alert.kind.value, "deduplicated")
+                    self._outcome(receiver.name, alert.kind.value, "deduplicated")
                     continue
                 if self._closing.is_set():
                     _log.warning("alert not queued: shutting down", receiver=receiver.name, policy=alert.policy)
@@ -143,13 +144,14 @@ class AlertDispatcher:
     # -- delivering ----------------------------------------------------------------------------------
 
     def work(self, queue: _ReceiverQueue) -> None:
-        """The worker of one receiver: deliver due jobs, one at a time, until closing."""
+        """The worker of one receiver: deliver due jobs, one at a time. When closing, every queued
+        job gets one more attempt (a rollback decided just before SIGTERM still goes out)."""
         while True:
             with self.lock:
                 while not self._closing.is_set() and (not queue.jobs or queue.jobs[0].due > self._clock()):
                     wait = None if not queue.jobs else max(0.0, queue.jobs[0].due - self._clock())
                     queue.wake.wait(wait)
-                if self._closing.is_set():
+                if not queue.jobs or (self._closing.is_set() and time.monotonic() > self._flush_until):
                     return
                 job = heapq.heappop(queue.jobs)
             self._attempt(job, queue)
@@ -162,10 +164,12 @@ class AlertDispatcher:
         timeout = self.policy.timeout(alert)
         try:
             receiver.send(alert, timeout=timeout)
-        except NotificationError as exc:
-            outcome = "unknown" if isinstance(exc, NotificationTimeout) else "failed"
-            self._on_outcome(receiver.name, alert.kind.value, outcome)
-            self._retry_or_expire(job, queue, log, outcome, str(exc))
+        except Exception as exc:  # a receiver's bug must not kill its worker and strand its queue
+            timed_out = isinstance(exc, NotificationTimeout)
+            outcome = "unknown" if timed_out else "failed"
+            error = str(exc) if isinstance(exc, NotificationError) else f"{type(exc).__name__} in the receiver"
+            self._outcome(receiver.name, alert.kind.value, outcome)
+            self._retry_or_expire(job, queue, log, outcome, error)
             return
         took = self._clock() - started
         with self.lock:
@@ -174,18 +178,27 @@ class AlertDispatcher:
             while len(self._delivered) > _REMEMBERED:
                 self._delivered.popitem(last=False)
         late = took > self.policy.timeout_seconds
-        self._on_outcome(receiver.name, alert.kind.value, "delivered_late" if late else "delivered")
+        self._outcome(receiver.name, alert.kind.value, "delivered_late" if late else "delivered")
         log.info("alert delivered", attempt=job.attempts, seconds=round(took, 3), late=late)
+
+    def _outcome(self, receiver: str, kind: str, outcome: str) -> None:
+        try:
+            self._on_outcome(receiver, kind, outcome)
+        except Exception:  # counting must never stop delivering
+            _log.exception("could not count a delivery outcome", receiver=receiver)
 
     def _retry_or_expire(
         self, job: _Job, queue: _ReceiverQueue, log: structlog.typing.FilteringBoundLogger, outcome: str, error: str
     ) -> None:
         now = self._clock()
         job.delay = min(self.policy.backoff_max_seconds, max(self.policy.backoff_seconds, job.delay * 2))
+        if self._closing.is_set():
+            log.warning("alert not delivered before shutdown; the outbox keeps it for the next start")
+            return
         if now + job.delay > job.give_up_at:
             with self.lock:
                 self._pending.pop((job.receiver.name, job.alert.id), None)
-            self._on_outcome(job.receiver.name, job.alert.kind.value, "expired")
+            self._outcome(job.receiver.name, job.alert.kind.value, "expired")
             log.error("alert not delivered before its deadline", attempts=job.attempts, error=error)
             return
         log.warning("alert delivery failed; retrying", attempt=job.attempts, outcome=outcome, error=error,
@@ -196,9 +209,10 @@ class AlertDispatcher:
             queue.wake.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop waiting and retrying; a delivery in flight gets up to ``timeout`` seconds to finish."""
+        """Stop retrying: each queued alert gets one last attempt, all within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self.lock:
+            self._flush_until = deadline
             self._closing.set()
             for queue in self._queues.values():
                 queue.wake.notify_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -9,12 +10,24 @@ import requests
 
 from controller.errors import NotificationError, NotificationTimeout
 
-__all__ = ["post_json", "safe_host"]
+__all__ = ["post_json", "receiver_name", "safe_host"]
 
 
 def safe_host(url: str) -> str:
     """The host of a URL, for names and logs; never its path or query (Slack puts secrets there)."""
     return urlsplit(url).hostname or "?"
+
+
+def receiver_name(kind: str, name: str | None, url: str) -> str:
+    """A receiver's name: the one given, else the host and a short digest of the whole URL.
+
+    Names key delivery and de-duplication, so two receivers must never share one by accident (two
+    Slack channels, two webhooks on one host); 24 bits of a hash tell them apart and reveal nothing.
+    """
+    if name:
+        return f"{kind}:{name}"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:6]
+    return f"{kind}:{safe_host(url)}#{digest}"
 
 
 def post_json(name: str, url: str, body: Any, *, timeout: float, headers: dict[str, str] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controller.core.alerts import Alert
 from controller.core.enums import Severity
-from controller.notify.http import post_json
+from controller.notify.http import post_json, receiver_name
 
 __all__ = ["SlackNotifier"]
 
@@ -22,7 +22,7 @@ class SlackNotifier:
         if not url.startswith(("http://", "https://")):
             raise ValueError("a Slack webhook URL must start with http:// or https://")
         self._url = url
-        self.name = f"slack:{name}" if name else "slack"
+        self.name = receiver_name("slack", name, url)
 
     def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt; the id is shown so a repeat after a lost answer can be recognised."""

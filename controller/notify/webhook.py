@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controller.core.alerts import Alert
-from controller.notify.http import post_json, safe_host
+from controller.notify.http import post_json, receiver_name
 
 __all__ = ["WebhookNotifier"]
 
@@ -15,7 +15,7 @@ class WebhookNotifier:
         if not url.startswith(("http://", "https://")):
             raise ValueError("a webhook URL must start with http:// or https://")
         self._url = url
-        self.name = f"webhook:{name or safe_host(url)}"
+        self.name = receiver_name("webhook", name, url)
 
     def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt."""

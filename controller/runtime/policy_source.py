@@ -52,6 +52,10 @@ class PolicyCatalog:
         self._good: dict[str, tuple[SourcedPolicy, ...]] = {}
         self._running: dict[str, SourcedPolicy] = {}
 
+    def invalidate(self) -> None:
+        """Forget what was read, so the next refresh reports the directory again (after a failed reload)."""
+        self._texts = None
+
     def refresh(self) -> PolicySnapshot | None:
         """Re-read the directory; None when no file's contents changed since the last call."""
         texts = read_policy_texts(self.directory)

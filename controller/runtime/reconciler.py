@@ -131,6 +131,8 @@ class PolicyRunner:
             except Exception as exc:  # the promise: a bug costs one tick, never the controller
                 return self._crashed(exc)
             self.failing_since = None
+            if outcome.error is None:
+                self._reported = None  # trouble that comes back later is reported again
             return outcome
 
     def _tick(self, command: Command | None) -> TickOutcome:
@@ -275,17 +277,22 @@ class PolicyRunner:
         # The alerts of this decision are in the outbox of the very save that records it: a crash
         # right after cannot lose them, and a restarted controller sends them with the same ids.
         alerts = self._alerts(decision, seen, check)
-        outbox = self._outbox(alerts)
         if weights is None:
-            saved = self._save(state, stored, outbox)
+            saved = self._save(state, stored, self._outbox(alerts))
             if saved is not None and saved.version and seen.legacy_state is not None and state.phase in TERMINAL_PHASES:
                 self._drop_legacy(seen)
-            self._tell(seen, decision, alerts)
+            self._send_all(alerts)
+            self._tell(seen, decision)
             return TickOutcome(decision, check, recheck_soon=failing)
         if self._stopping.is_set() and not decision.force:
             self.log.info("stopping: weight change abandoned before it was written", action=decision.action.value)
             return TickOutcome(None, check)
-        recorded = self._save(state, stored, outbox)  # 1. the intent is durable before any Service changes
+        # 1. the intent is durable before any Service changes; a rollback's alert with it, and sent
+        # at once (people hear of a rollback when it is decided, not once it lands); a raise's
+        # alert only once it is written
+        early = alerts if decision.force else []
+        recorded = self._save(state, stored, self._outbox(early))
+        self._send_all(early)
         if recorded is None and not decision.force:
             return TickOutcome(None, check, error="weight change abandoned: its intent could not be recorded")
         try:  # 2. + 3. the target, then the source
@@ -301,11 +308,13 @@ class PolicyRunner:
             return TickOutcome(None, check, recheck_soon=True, error=str(exc))
         except ClusterError as exc:
             # The intent stays recorded: the next tick completes it, or (a rollback) writes it again.
-            if decision.force:  # a rollback is decided: people hear of it now, not once it lands
-                self._tell(seen, decision, alerts)
+            if decision.force:
+                self._tell(seen, decision)
             return self._cluster_trouble(exc, "write weights", check=check, urgent=decision.force)
-        self._save(state.evolve(pending=None), recorded or stored, outbox)  # 4. done
-        self._tell(seen, decision, alerts)
+        late = [] if decision.force else alerts
+        self._save(state.evolve(pending=None), recorded or stored, self._outbox(late))  # 4. done
+        self._send_all(late)
+        self._tell(seen, decision)
         return TickOutcome(decision, check, recheck_soon=failing)
 
     def _outbox(self, new: list[Alert]) -> tuple[OutboxEntry, ...]:
@@ -359,11 +368,12 @@ class PolicyRunner:
         self.log.info("check", **fields)
 
     def _alerts(self, decision: Decision, seen: PairSnapshot, check: CheckResult | None) -> list[Alert]:
-        state = decision.state
         before, after = self._weights(seen, decision)
+        # Each occurrence is its own event (its id carries the time it was decided): a problem that
+        # returns after it cleared is said again; a repeat of one occurrence is de-duplicated.
+        suffix = self._clock.now().isoformat()
         return [
-            self._build(notice, before=before, after=after, check=check, suffix=state.changed_at.isoformat())
-            for notice in decision.notices
+            self._build(notice, before=before, after=after, check=check, suffix=suffix) for notice in decision.notices
         ]
 
     @staticmethod
@@ -372,7 +382,13 @@ class PolicyRunner:
         before = Weights(seen.target_weight or 0, seen.source_weight)
         return before, decision.weights or Weights(state.target_weight, state.source_weight)
 
-    def _tell(self, seen: PairSnapshot, decision: Decision, alerts: list[Alert]) -> None:
+    def _send_all(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            if alert.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):  # (their transition has an Event)
+                self._event(alert.kind.value, alert.reason, warning=alert.severity is not Severity.INFO)
+            self._send(alert)
+
+    def _tell(self, seen: PairSnapshot, decision: Decision) -> None:
         state = decision.state
         self._telemetry.record_state(state)
         before, after = self._weights(seen, decision)
@@ -392,10 +408,6 @@ class PolicyRunner:
             self.log.info("no transition", action=decision.action.value, phase=state.phase.value, reason=state.reason)
         if decision.action is Action.ROLLBACK and decision.transition:
             self._telemetry.rollbacks.labels(self.policy.name).inc()
-        for alert in alerts:
-            if not decision.transition or alert.kind not in (AlertKind.ROLLED_BACK, AlertKind.PROMOTED):
-                self._event(alert.kind.value, alert.reason, warning=alert.severity is not Severity.INFO)
-            self._send(alert)
 
     @property
     def receivers(self) -> list[Notifier]:
@@ -455,13 +467,13 @@ class PolicyRunner:
         )
         self._send(self._build(notice, suffix=self._clock.now().isoformat()))
 
-    def _report_once(self, kind: AlertKind, why: str) -> None:
+    def _report_once(self, kind: AlertKind, why: str, severity: Severity = Severity.WARNING) -> None:
         """Trouble that happens before a state can be decided on (observe failed, a crash): once each."""
         if why == self._reported:
             return
         self._reported = why
         self._event(kind.value, why, warning=True)
-        self._send(self._build(Notice(kind, Severity.WARNING, why), suffix=why))
+        self._send(self._build(Notice(kind, severity, why), suffix=f"{self._clock.now().isoformat()}/{why}"))
 
     def _warming_up(self) -> bool:
         """Whether the API server was unreachable within the grace period (its 403s may be spurious)."""
@@ -486,7 +498,12 @@ class PolicyRunner:
         if isinstance(exc, AccessDenied | ServiceNotFound):
             self.log.error("policy refused; the API server denied what it needs", step=step, reason=str(exc))
             why = "; ".join(str(r) for r in (exc, self.config_error, self.file_problem) if r)
-            self._report_once(AlertKind.POLICY_REFUSED, f"refused: {why}")
+            live = self._memory is not None and self._memory.target_weight > 0
+            if live:  # the ASM gateway carries traffic and this controller cannot see or protect it
+                why = f"protection is blind while the ASM gateway carries traffic: {why}"
+            self._report_once(
+                AlertKind.POLICY_REFUSED, f"refused: {why}", Severity.CRITICAL if live else Severity.WARNING
+            )
         else:
             self.log.error(
                 "Kubernetes API trouble; nothing changed this tick", step=step, error=str(exc), rollback_pending=urgent

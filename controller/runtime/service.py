@@ -159,6 +159,7 @@ class ControllerService:
             except Exception:  # a bug here must not stop the reload job, nor any policy's protection
                 _log.exception("reloading the policies failed; the running policies keep running")
                 self.telemetry.errors.labels("-", "reload").inc()
+                self._catalog.invalidate()  # and the next reload tries again
 
     def _reload(self) -> None:
         snapshot = self._catalog.refresh()
