@@ -212,9 +212,19 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gateway-canary")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m controller``."""
     parser = argparse.ArgumentParser(prog="gateway-canary", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--version", action="version", version=f"gateway-canary {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the controller (settings from GATEWAY_CANARY_* variables)")
     run.add_argument("--policies", help="policies directory (overrides GATEWAY_CANARY_POLICIES_DIR)")
