@@ -283,3 +283,155 @@ def test_install_probe_the_identity_run_a_step_upgrade_and_uninstall(helm: Any, 
         assert not [i for i in items if i["metadata"]["name"].startswith(FULLNAME)]
     roles = kube.plane.call("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{kube.ns}/roles")["items"]
     assert not [r for r in roles if r["metadata"]["name"] == FULLNAME]
+
+
+# --- strict validation against the Kubernetes schemas of the oldest and newest supported release -------
+
+VALUE_SETS = {
+    "defaults": {},
+    "options": OPTIONS,
+    "existing-configmap": {
+        "existingConfigMap": "my-policies",
+        "rbac": {"services": ["mesh/asm-gw", "legacy/old-gw"], "targets": ["mesh/asm-gw"], "policyNames": ["shop"]},
+        "serviceAccount": {"create": False, "name": "canary"},
+    },
+    "no-rbac": {"rbac": {"create": False}, "policies": shipped_policies()},
+}
+
+
+@pytest.mark.parametrize("kubernetes", ["1.27.0", "1.37.0"])
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_rendered_object_is_valid_kubernetes(helm: Any, tmp_path: Path, name: str, kubernetes: str) -> None:
+    import kubernetes_validate
+
+    documents = render(helm, tmp_path, VALUE_SETS[name])
+    assert documents
+    for document in documents:
+        kubernetes_validate.validate(document, kubernetes, strict=True)  # raises on any unknown or wrong field
+
+
+# --- the PrometheusRule fires on series shaped as the controller exports them -------------------------
+
+
+def _scraped_series(tmp_path: Path) -> dict[str, list[dict[str, str]]]:
+    """Label sets of the controller's own metrics, from a real /metrics of a running service."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+    from controller.demo import SimulatedGateways
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.service import ControllerService
+    from controller.settings import Settings
+    from tests.test_malformed_inputs import Exploding
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name, source in (("good", "a/b"), ("buggy", "c/d")):
+        (policies / f"{name}.yaml").write_text(
+            f"metadata: {{name: {name}}}\nspec:\n  source: {{service: {source}}}\n  target: {{service: {source}-asm}}\n"
+            "  schedule: {steps: [10, 100], bakeTime: 1h}\n  analysis: {interval: 1s}\n"
+            "  gates: {errorRate: {max: 0.05}}\n"
+        )
+    pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    exploding = Exploding()
+    service = ControllerService(
+        Settings(policies_dir=policies, http_host="127.0.0.1", http_port=0),
+        pair=pair,
+        store=InMemoryStateStore(),
+        metrics_for=lambda policy: exploding if policy.name == "buggy" else SimulatedGateways(pair),
+        clock=SystemClock(),
+    )
+    service.start()
+    try:
+        assert service.http is not None
+        url = f"http://127.0.0.1:{service.http.port}/metrics"
+
+        def scraped() -> str | None:
+            text = requests.get(url, timeout=2).text
+            return text if 'kind="crash"' in text and "verdict=" in text else None
+
+        text = wait_for(scraped, timeout=20, what="a scrape with checks and a crash in it")
+    finally:
+        service.stop()
+    series: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append(dict(sample.labels))
+    return series
+
+
+def _selector(name: str, labels: dict[str, str]) -> str:
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def test_each_alert_fires_on_the_exported_series_and_stays_silent_when_healthy(helm: Any, tmp_path: Path) -> None:
+    series = _scraped_series(tmp_path)
+    good = {"policy": "good"}
+    for name in ("gateway_canary_checks_total", "gateway_canary_phase", "gateway_canary_policy_refused"):
+        assert any(labels.get("policy") == "good" for labels in series[name]), name
+    crash = next(labels for labels in series["gateway_canary_errors_total"] if labels.get("kind") == "crash")
+    assert set(crash) == {"policy", "kind"} and "gateway_canary_oldest_undelivered_alert_seconds" in series
+    checks = {
+        labels["verdict"]: labels for labels in series["gateway_canary_checks_total"] if labels["policy"] == "good"
+    }
+    inconclusive = {**good, "verdict": "INCONCLUSIVE"}
+    passing = checks.get("PASS", {**good, "verdict": "PASS"})
+    assert set(passing) == {"policy", "verdict"}
+    progressing = {**good, "phase": "Progressing"}
+
+    def case(alert: str, series_values: dict[str, str], at: str, fires: dict[str, str] | None) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": key, "values": value} for key, value in series_values.items()],
+            "alert_rule_test": [
+                {"eval_time": at, "alertname": alert, "exp_alerts": [] if fires is None else [{"exp_labels": fires}]}
+            ],
+        }
+
+    policies_up = {"gateway_canary_policies": "1x30"}
+    tests = [
+        case("GatewayCanaryRolledBack", {_selector("gateway_canary_rollbacks_total", good): "0 0 1 1 1"}, "4m",
+             {**good, "severity": "critical"}),
+        case("GatewayCanaryRolledBack", {_selector("gateway_canary_rollbacks_total", good): "1x10"}, "8m", None),
+        case("GatewayCanaryPolicyRefused", {_selector("gateway_canary_policy_refused", good): "1x20"}, "15m",
+             {**good, "severity": "warning"}),
+        case("GatewayCanaryPolicyRefused", {_selector("gateway_canary_policy_refused", good): "0x20"}, "15m", None),
+        case("GatewayCanaryStuck", {_selector("gateway_canary_checks_total", inconclusive): "0+2x30",
+             _selector("gateway_canary_checks_total", passing): "7x30"}, "20m", {**good, "severity": "warning"}),
+        case("GatewayCanaryStuck", {_selector("gateway_canary_checks_total", inconclusive): "0+2x30",
+             _selector("gateway_canary_checks_total", passing): "0+1x30"}, "20m", None),
+        case("GatewayCanaryTicksFailing", {_selector("gateway_canary_errors_total", crash): "0+1x10"}, "6m",
+             {"policy": crash["policy"], "severity": "warning"}),
+        case("GatewayCanaryTicksFailing", {_selector("gateway_canary_errors_total", crash): "3x10"}, "6m", None),
+        case("GatewayCanaryNotChecking", {**policies_up, _selector("gateway_canary_phase", progressing): "1x30",
+             _selector("gateway_canary_checks_total", passing): "9x30"}, "15m", {**good, "severity": "critical"}),
+        case("GatewayCanaryNotChecking", {**policies_up, _selector("gateway_canary_phase", progressing): "1x30",
+             _selector("gateway_canary_checks_total", passing): "0+2x30"}, "15m", None),
+        case("GatewayCanaryAlertingBroken", {"gateway_canary_oldest_undelivered_alert_seconds": "0+60x20"}, "12m",
+             {"severity": "critical"}),
+        case("GatewayCanaryAlertingBroken", {"gateway_canary_oldest_undelivered_alert_seconds": "0x20"}, "12m", None),
+    ]  # fmt: skip
+    rendered = render(helm, tmp_path, {"prometheusRule": {"enabled": True}})
+    rule = find(rendered, "PrometheusRule")[0]
+    annotations = {r["alert"]: r["annotations"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    for test in tests:  # promtool compares annotations too: what each alert says, its policy filled in
+        check = test["alert_rule_test"][0]
+        for expected in check["exp_alerts"]:
+            policy = expected["exp_labels"].get("policy", "")
+            expected["exp_annotations"] = {
+                key: value.replace("{{ $labels.policy }}", policy)
+                for key, value in annotations[check["alertname"]].items()
+            }
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump({"rule_files": ["rules.yml"], "tests": tests}))
+    result = subprocess.run(
+        ["promtool", "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {t["alert_rule_test"][0]["alertname"] for t in tests}  # every alert is tested
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            anchor = item["annotations"]["runbook_url"].rsplit("#", 1)[1]
+            assert f"## {anchor}" in (ROOT / "docs" / "runbook.md").read_text()

@@ -72,6 +72,10 @@ class Telemetry:
         )
         self.errors = Counter("gateway_canary_errors", "Ticks that failed, by kind", ["policy", "kind"], registry=r)
         self.policies = Gauge("gateway_canary_policies", "Policies loaded and running", registry=r)
+        self.refused = Gauge(
+            "gateway_canary_policy_refused", "1 while the policy refuses to raise weights (see its reason)", ["policy"],
+            registry=r,
+        )  # fmt: skip
         self.policy_file_errors = Gauge("gateway_canary_policy_file_errors", "Errors in policy files", registry=r)
 
     def notified(self, receiver: str, kind: str, outcome: str) -> None:
@@ -84,6 +88,7 @@ class Telemetry:
         self.source_weight.labels(state.policy).set(-1 if state.source_weight is None else state.source_weight)
         for phase in Phase:
             self.phase.labels(state.policy, phase.value).set(1 if phase is state.phase else 0)
+        self.refused.labels(state.policy).set(0 if state.refusal is None else 1)
 
     def record_check(self, policy: str, check: CheckResult, seconds: float) -> None:
         """Verdict, gate values next to thresholds, query latencies."""
@@ -106,6 +111,6 @@ class Telemetry:
 
     def forget(self, policy: str) -> None:
         """Drop a removed policy's series."""
-        for metric in (self.target_weight, self.source_weight, self.observed_share):
+        for metric in (self.target_weight, self.source_weight, self.observed_share, self.refused):
             with contextlib.suppress(KeyError):
                 metric.remove(policy)
