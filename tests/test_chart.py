@@ -435,3 +435,39 @@ def test_each_alert_fires_on_the_exported_series_and_stays_silent_when_healthy(h
         for item in group["rules"]:
             anchor = item["annotations"]["runbook_url"].rsplit("#", 1)[1]
             assert f"## {anchor}" in (ROOT / "docs" / "runbook.md").read_text()
+
+
+# --- the chart's README ----------------------------------------------------------------------------------
+
+
+def test_every_value_is_documented_and_the_readme_table_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_values_table", ROOT / "scripts" / "chart_values_table.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    documented = {key for key, _, _ in module.rows()}
+    assert set(values) <= documented  # every top-level key has a `# --` comment
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node and prefix not in ("resources", "settings"):
+            return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}" if prefix else key)]
+        return [prefix]
+
+    assert set(leaves(values, "")) <= documented  # and every key under them
+    readme = (CHART / "README.md").read_text()
+    assert module.table() in readme  # `scripts/chart_values_table.py --write` refreshes it
+    for walkthrough in ("## Install", "## Upgrade", "## Change a policy", "## A rollback happened", "## Uninstall"):
+        assert walkthrough in readme
+
+
+def test_policies_can_be_given_as_files(helm: Any, tmp_path: Path) -> None:
+    text = (ROOT / "policies" / "shop-ingress.yaml").read_text()
+    documents = render(helm, tmp_path, {"policies": {"shop.yaml": text}})
+    assert find(documents, "ConfigMap")[0]["data"]["shop.yaml"].strip() == text.strip()
+    expected = controller_rbac(
+        [CanaryPolicy.model_validate(yaml.safe_load(text))], ServiceRef(namespace="canary", name=FULLNAME)
+    )
+    assert _rules(documents) == _rules(expected)

@@ -45,7 +45,8 @@ The same rules as `gateway-canary rbac` (controller/rbac.py); tests/test_chart.p
 {{- $services := dict -}}
 {{- $events := dict -}}
 {{- $states := list -}}
-{{- range $file, $policy := .Values.policies -}}
+{{- range $file, $raw := .Values.policies -}}
+{{- $policy := include "gateway-canary.policy" $raw | fromYaml -}}
 {{- $states = append $states $policy.metadata.name -}}
 {{- range $role := list "target" "source" -}}
 {{- $ref := include "gateway-canary.ref" (get (get $policy.spec $role) "service") | splitList "/" -}}
@@ -64,4 +65,9 @@ The same rules as `gateway-canary rbac` (controller/rbac.py); tests/test_chart.p
 {{- $states = append $states . -}}
 {{- end -}}
 {{- dict "services" $services "events" (keys $events | sortAlpha) "states" ($states | uniq | sortAlpha) | toJson -}}
+{{- end -}}
+
+{{/* A policy given as YAML text or as a mapping, as a mapping (rendered as YAML, to be read back). */}}
+{{- define "gateway-canary.policy" -}}
+{{- if kindIs "string" . -}}{{ . }}{{- else -}}{{ toYaml . }}{{- end -}}
 {{- end -}}
