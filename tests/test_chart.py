@@ -471,3 +471,49 @@ def test_policies_can_be_given_as_files(helm: Any, tmp_path: Path) -> None:
         [CanaryPolicy.model_validate(yaml.safe_load(text))], ServiceRef(namespace="canary", name=FULLNAME)
     )
     assert _rules(documents) == _rules(expected)
+
+
+def test_a_changed_policy_reaches_the_running_controller_without_a_restart(helm: Any, tmp_path: Path) -> None:
+    """The chart's ConfigMap, laid out as the kubelet mounts it where the chart mounts it; an upgrade
+    is a ``..data`` swap, and the running service takes the new policy in (no pod restart)."""
+    from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+    from controller.demo import SimulatedGateways
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.service import ControllerService
+    from controller.settings import Settings
+    from tests.test_policy_catalog import mount
+
+    policy = yaml.safe_load((ROOT / "policies" / "shop-ingress.yaml").read_text())
+    policy["spec"]["analysis"]["interval"] = "1s"
+    policy["spec"].pop("alerts")
+    before = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
+    deployment = find(before, "Deployment")[0]["spec"]["template"]
+    assert "annotations" not in deployment["metadata"]  # nothing in the pod changes with the policy
+    mount_path = deployment["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["containers"][0]["env"]}
+    assert env["GATEWAY_CANARY_POLICIES_DIR"] == mount_path
+    root = tmp_path / mount_path.strip("/")
+    root.mkdir(parents=True)
+    mount(root, "v1", find(before, "ConfigMap")[0]["data"])
+    pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    service = ControllerService(
+        Settings(policies_dir=root, reload_interval_seconds=0.1),
+        pair=pair,
+        store=InMemoryStateStore(),
+        metrics_for=lambda p: SimulatedGateways(pair),
+        clock=SystemClock(),
+        serve_http=False,
+    )
+    service.start()
+    try:
+        first = wait_for(lambda: service.runners.get("shop-ingress"), timeout=10, what="the policy to load")
+        policy["spec"]["gates"]["errorRate"]["max"] = 0.02  # helm upgrade with a changed threshold
+        after = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
+        assert find(after, "Deployment")[0]["spec"]["template"] == deployment  # the pod is not rolled
+        mount(root, "v2", find(after, "ConfigMap")[0]["data"])
+        replaced = wait_for(
+            lambda: (r := service.runners.get("shop-ingress")) is not first and r, timeout=10, what="the new policy"
+        )
+        assert replaced.policy.spec.gates.error_rate.max == 0.02 and not service.stopping.is_set()
+    finally:
+        service.stop()
