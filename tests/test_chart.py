@@ -517,3 +517,74 @@ def test_a_changed_policy_reaches_the_running_controller_without_a_restart(helm:
         assert replaced.policy.spec.gates.error_rate.max == 0.02 and not service.stopping.is_set()
     finally:
         service.stop()
+
+
+# --- the Grafana dashboard: every query answers, with data, against a Prometheus scraping a controller ----
+
+
+def test_every_dashboard_query_returns_data_from_a_running_controller(helm: Any, tmp_path: Path) -> None:
+    import json
+
+    import requests
+
+    from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+    from controller.demo import SimulatedGateways
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.service import ControllerService
+    from controller.settings import Settings
+    from tests.conftest import PROMETHEUS, _need, _serving
+    from tests.servers import free_port
+
+    documents = render(helm, tmp_path, {"dashboard": {"enabled": True}})
+    configmap = next(d for d in find(documents, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+    dashboard = json.loads(configmap["data"]["gateway-canary.json"])
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(expressions) >= 12
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "shop.yaml").write_text(
+        "metadata: {name: shop}\nspec:\n  source: {service: a/gw}\n  target: {service: a/gw-asm}\n"
+        "  schedule: {steps: [10, 100], bakeTime: 1h}\n  analysis: {interval: 1s, minRequests: 10}\n"
+        "  gates:\n    errorRate: {max: 0.05, maxIncrease: 0.02}\n    latency: {p99Ms: {max: 500}, maxRatio: 2}\n"
+    )
+    pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    service = ControllerService(
+        Settings(policies_dir=policies, http_host="127.0.0.1", http_port=0),
+        pair=pair,
+        store=InMemoryStateStore(),
+        metrics_for=lambda policy: SimulatedGateways(pair),
+        clock=SystemClock(),
+    )
+    _need(PROMETHEUS)
+    service.start()
+    try:
+        assert service.http is not None
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s}\nscrape_configs:\n"
+            f"  - job_name: gateway-canary\n    static_configs: [{{targets: ['127.0.0.1:{service.http.port}']}}]\n"
+        )
+        url = f"http://127.0.0.1:{port}"
+        args = [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+
+        def query(expr: str) -> list[Any]:
+            answer = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5).json()
+            assert answer["status"] == "success", (expr, answer)
+            return list(answer["data"]["result"])
+
+        def answers() -> bool:
+            try:
+                return bool(query('gateway_canary_phase{policy="shop"} == 1'))
+            except requests.RequestException:
+                return False
+
+        with _serving(args, tmp_path / "prometheus.log", answers, "Prometheus scraping the controller"):
+            for expr in expressions:
+                concrete = expr.replace("$policy", "shop").replace("$__rate_interval", "1m")
+                wait_for(lambda e=concrete: query(e), timeout=30, interval=0.5, what=f"data for {concrete}")
+    finally:
+        service.stop()
