@@ -76,7 +76,12 @@ OPTIONS = {
     "imagePullSecrets": ["registry"],
     "podAnnotations": {"team": "edge"},
     "serviceAccount": {"annotations": {"owner": "platform"}},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "prometheusRule": {"enabled": True},
+    "dashboard": {"enabled": True},
 }
+#: Prometheus Operator kinds: their CRDs are not in Kubernetes' own schemas
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("values", [{}, OPTIONS], ids=["defaults", "options"])
@@ -307,6 +312,9 @@ def test_every_rendered_object_is_valid_kubernetes(helm: Any, tmp_path: Path, na
     documents = render(helm, tmp_path, VALUE_SETS[name])
     assert documents
     for document in documents:
+        if document["kind"] in OPERATOR_KINDS:
+            assert document["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
         kubernetes_validate.validate(document, kubernetes, strict=True)  # raises on any unknown or wrong field
 
 
@@ -452,7 +460,8 @@ def test_every_value_is_documented_and_the_readme_table_is_current() -> None:
     assert set(values) <= documented  # every top-level key has a `# --` comment
 
     def leaves(node: Any, prefix: str) -> list[str]:
-        if isinstance(node, dict) and node and prefix not in ("resources", "settings"):
+        maps = ("resources", "settings")  # and label maps: their keys are data, not options
+        if isinstance(node, dict) and node and prefix not in maps and not prefix.endswith("labels"):
             return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}" if prefix else key)]
         return [prefix]
 
