@@ -107,3 +107,14 @@ def runner_for(policy: CanaryPolicy, *, pair: Any, store: Any, metrics: Any, **o
         **overrides,
     }
     return PolicyRunner(policy, pair=pair, store=store, metrics=metrics, **arguments)
+
+
+class RecordingNotifier:
+    """A receiver that keeps what it is sent (the in-process end of an alert)."""
+
+    def __init__(self, name: str = "recorder") -> None:
+        self.name = name
+        self.alerts: list[Any] = []
+
+    def send(self, alert: Any, *, timeout: float) -> None:
+        self.alerts.append(alert)

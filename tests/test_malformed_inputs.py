@@ -34,7 +34,7 @@ from controller.runtime.collector import Collector
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.service import ControllerService
 from controller.settings import PrometheusConnection, Settings
-from tests.helpers import T0, make_policy, runner_for
+from tests.helpers import T0, RecordingNotifier, make_policy, runner_for
 from tests.servers import MalformedPrometheus, wait_for
 
 POLICY = make_policy(schedule={"steps": [10, 100], "bakeTime": 0}, analysis={"failureThreshold": 1})
@@ -184,16 +184,6 @@ class Exploding:
         return 1000.0 if query.measure is Measure.REQUESTS else 0.0
 
 
-class Recording:
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.alerts: list = []
-
-    def send(self, alert, *, timeout: float) -> None:
-        self.alerts.append(alert)
-
-
 def _runner(store, metrics, receiver, pair=None) -> PolicyRunner:
     pair = pair or InMemoryGatewayPair(target_weight=0, source_weight=100)
     dispatcher = AlertDispatcher(DeliveryPolicy(backoff_seconds=0.01))
@@ -201,7 +191,7 @@ def _runner(store, metrics, receiver, pair=None) -> PolicyRunner:
 
 
 def test_no_exception_escapes_a_tick_it_is_reported_once_and_the_next_tick_runs() -> None:
-    metrics, receiver = Exploding(), Recording()
+    metrics, receiver = Exploding(), RecordingNotifier()
     runner = _runner(InMemoryStateStore(), metrics, receiver)
     outcomes = [runner.tick() for _ in range(3)]
     assert all(o.decision is None and o.error and "bug in a metrics adapter" in o.error for o in outcomes)
@@ -214,7 +204,7 @@ def test_no_exception_escapes_a_tick_it_is_reported_once_and_the_next_tick_runs(
 
 @pytest.mark.parametrize("garbage", ['{"v": 2, "target_weight": Infinity}', "not json", _with(v=99)])
 def test_a_garbage_state_holds_and_alerts_once_and_never_restarts_a_rollout(garbage: str) -> None:
-    store, receiver = InMemoryStateStore(), Recording()
+    store, receiver = InMemoryStateStore(), RecordingNotifier()
     store.texts["shop"], store.versions["shop"] = garbage, 1
     runner = _runner(store, Exploding(), receiver)
     runner._metrics.armed = False  # a healthy source: a fresh state would Start here

@@ -23,7 +23,7 @@ from controller.runtime.collector import Collector
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
 from controller.settings import PrometheusConnection, Settings
-from tests.helpers import make_policy, runner_for
+from tests.helpers import RecordingNotifier, make_policy, runner_for
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
@@ -377,16 +377,6 @@ def test_a_finished_version_1_rollout_has_its_annotation_removed_at_once(kube: C
     assert kube.annotations(TGT)[WEIGHT] == "0"
 
 
-class Recorder:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.alerts: list = []
-
-    def send(self, alert, *, timeout: float) -> None:
-        self.alerts.append(alert)
-
-
 class FlakyCluster(InMemoryGatewayPair):
     """Unreachable, then 403 (an authorizer warming up), then fine: what a restarted API server does."""
 
@@ -404,7 +394,7 @@ def test_a_403_right_after_the_api_server_was_unreachable_is_retried_before_it_p
 
     pair = FlakyCluster(target_weight=10, source_weight=90)
     pair.script = [ClusterUnavailable("unreachable"), AccessDenied("forbidden (403)"), AccessDenied("forbidden (403)")]
-    recorder, dispatcher = Recorder(), AlertDispatcher()
+    recorder, dispatcher = RecordingNotifier(), AlertDispatcher()
     policy_runner = runner_for(
         POLICY, pair=pair, store=InMemoryStateStore(), metrics=SimulatedGateways(pair), receivers=[recorder],
         dispatcher=dispatcher, forbidden_grace_seconds=grace,
@@ -421,7 +411,7 @@ def test_restarting_the_real_api_server_mid_rollout_pages_nobody(kube: Cluster) 
     kube.add_gateways()
     policy = policy_in(kube, steps=[10, 50, 100])
     kube.grant(policy)
-    recorder, dispatcher = Recorder(), AlertDispatcher()
+    recorder, dispatcher = RecordingNotifier(), AlertDispatcher()
     traffic = SimulatedGateways(InMemoryGatewayPair(target_weight=10, source_weight=90))
     policy_runner = runner_for(
         policy, pair=as_controller(kube), store=state_store(kube), metrics=traffic, receivers=[recorder],
@@ -452,7 +442,7 @@ def test_trouble_that_returns_after_it_cleared_is_reported_again_and_blindness_p
     from controller.errors import AccessDenied
 
     pair = FlakyCluster(target_weight=10, source_weight=90)
-    recorder, dispatcher = Recorder(), AlertDispatcher()
+    recorder, dispatcher = RecordingNotifier(), AlertDispatcher()
     policy_runner = runner_for(
         POLICY, pair=pair, store=InMemoryStateStore(), metrics=SimulatedGateways(pair), receivers=[recorder],
         dispatcher=dispatcher, forbidden_grace_seconds=0.0,
