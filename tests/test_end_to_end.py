@@ -255,7 +255,12 @@ def test_killed_controller_resumes_at_its_step_beside_a_concurrent_writer(setup:
         p["metadata"]["annotations"][WEIGHT] for p in after_restart if WEIGHT in p["metadata"]["annotations"]
     ]
     assert target_weights[0] == "30"  # no restart from 10, no drop to 0
-    transitions = [line["action"] for line in second.lines() if line.get("event") == "transition"]
+    # the transition is logged just after the write lands: wait for the line, do not race it
+    transitions = wait_for(
+        lambda: [line["action"] for line in second.lines() if line.get("event") == "transition"],
+        timeout=10,
+        what="the resumed controller's first transition in its log",
+    )
     assert "Start" not in transitions and transitions[0] == "Advance"
     first_check = next(line for line in second.lines() if line.get("event") == "check")
     assert first_check["target_weight"] == 20
