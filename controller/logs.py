@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from controller.core.state import redact_urls
+from controller.core.text import redact_urls
 from controller.settings import LogFormat
 
 __all__ = ["configure_logging", "redact"]

@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from controller.core.state import redact_urls
+from controller.core.text import redact_urls
 from controller.logs import configure_logging
 from controller.settings import LogFormat
 

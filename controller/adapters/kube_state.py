@@ -23,7 +23,8 @@ from kubernetes import client
 from controller.adapters.kube_api import json_call, resource_version
 from controller.core.alerts import OutboxEntry, decode_outbox, encode_outbox
 from controller.core.policy import CanaryPolicy
-from controller.core.state import RolloutState, StateUnreadable, bounded, decode_state, encode_state
+from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
+from controller.core.text import bounded
 from controller.errors import ServiceNotFound
 from controller.ports import StoredState
 from controller.rbac import state_object_name

@@ -15,7 +15,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from controller.core.results import RenderedQuery
-from controller.core.state import bounded, redact_urls
+from controller.core.text import bounded, redact_urls
 from controller.errors import MetricsUnavailable
 from controller.settings import PrometheusConnection
 

@@ -15,7 +15,7 @@ from typing import Any
 from controller.core.enums import AlertKind, Severity
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.core.state import redact_urls
+from controller.core.text import redact_urls
 
 __all__ = ["MAX_OUTBOX", "Alert", "OutboxEntry", "alert_from_dict", "build_alert", "decode_outbox", "encode_outbox"]
 

@@ -47,13 +47,18 @@ def _number(outcome: QueryOutcome, what: str) -> float:
     return outcome.value
 
 
+def _request_count(samples: GatewaySamples) -> float:
+    """Requests in the window: an empty answer is no traffic (0). (Errors are the caller's to judge.)"""
+    outcome = samples.requests
+    return outcome.value if outcome.has_number and outcome.value is not None else 0.0
+
+
 def _traffic(samples: GatewaySamples, min_requests: int) -> float:
     """Requests in the window; an empty answer means no traffic (0), an error is unavailable."""
     outcome = samples.requests
     if outcome.error is not None:
         raise _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{samples.role.value} requests: {outcome.error}")
-    count = outcome.value if outcome.has_number else 0.0
-    assert count is not None
+    count = _request_count(samples)
     if count < min_requests:
         raise _Unjudgeable(
             InconclusiveCause.TOO_FEW_REQUESTS,
@@ -194,10 +199,7 @@ def _ratio(target: float, source: float) -> float:
 
 
 def _starved(samples: GatewaySamples, minimum: int) -> bool:
-    outcome = samples.requests
-    if outcome.error is not None:
-        return False
-    return (outcome.value if outcome.has_number and outcome.value is not None else 0.0) < minimum
+    return samples.requests.error is None and _request_count(samples) < minimum
 
 
 def _combine(
@@ -235,8 +237,7 @@ def _baseline(source: GatewaySamples, target: GatewaySamples, minimum: int) -> G
     Prometheus can see the target once it gets traffic.
     """
     errors = [o for samples in (source, target) for o in samples.outcomes() if o.error is not None]
-    requests = source.requests
-    count = requests.value if requests.has_number and requests.value is not None else 0.0
+    count = _request_count(source)
     if errors:
         verdict, cause = Verdict.INCONCLUSIVE, InconclusiveCause.METRICS_UNAVAILABLE
         reason = f"baseline: {len(errors)} quer{'y' if len(errors) == 1 else 'ies'} failed: {errors[0].error}"
@@ -254,5 +255,5 @@ def _baseline(source: GatewaySamples, target: GatewaySamples, minimum: int) -> G
         threshold=float(minimum),
         comparator=">=",
         cause=cause,
-        query=requests.query.promql,
+        query=source.requests.query.promql,
     )

@@ -19,7 +19,6 @@ decision then holds at the observed weights (rule R5) instead of guessing.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -28,6 +27,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from controller.core.enums import InconclusiveCause, Phase, Verdict
 from controller.core.schedule import Weights
+from controller.core.text import MAX_REASON_CHARS, bounded
 
 __all__ = [
     "MAX_REASON_CHARS",
@@ -36,46 +36,17 @@ __all__ = [
     "Intent",
     "RolloutState",
     "StateUnreadable",
-    "bounded",
     "decode_state",
     "encode_state",
-    "redact_urls",
 ]
 
 STATE_VERSION = 2
-#: Free text that is persisted (reasons, refusals) is cut to this many characters.
-MAX_REASON_CHARS = 600
 #: A stored state larger than this is not read (a valid one is about 1 KiB).
 MAX_STATE_BYTES = 16 * 1024
 
 
 class StateUnreadable(ValueError):
     """The stored state cannot be trusted; the message says why."""
-
-
-#: A URL in free text: scheme, then what may hold secrets (userinfo, path tokens, query).
-_URL = re.compile(r"\b(https?)://([^\s/?#'\"<>]+)([^\s'\"<>]*)", re.IGNORECASE)
-
-
-def redact_urls(text: str) -> str:
-    """Every URL in ``text`` reduced to scheme://host[:port]: no userinfo, no path, no query.
-
-    Secrets live in all three (``http://user:password@host``, Slack's path token, ``?token=``), so
-    free text that is logged, persisted, sent in an alert or put in an Event shows only where.
-    """
-
-    def shorten(match: re.Match[str]) -> str:
-        host = match.group(2).rsplit("@", 1)[-1]
-        rest = "/…" if match.group(3) not in ("", "/") else ""
-        return f"{match.group(1)}://{host}{rest}"
-
-    return _URL.sub(shorten, text)
-
-
-def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` with URLs redacted, cut to ``limit`` characters, marked as cut."""
-    text = redact_urls(text)
-    return text if len(text) <= limit else text[: limit - 15] + " …[truncated]"
 
 
 @dataclass(frozen=True, slots=True)

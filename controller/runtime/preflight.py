@@ -13,20 +13,12 @@ from pathlib import Path
 import yaml
 
 from controller.core.policy import checked_url
+from controller.notify.http import safe_host
 from controller.settings import Settings
 
 __all__ = ["settings_problems"]
 
 _PREFIX = "GATEWAY_CANARY_"
-
-
-def _host(url: str) -> str:
-    checked_url(url)
-    rest = url.split("://", 1)[1]
-    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
-    if authority.startswith("["):
-        return authority[1 : authority.index("]")]
-    return authority.split(":", 1)[0]
 
 
 def _resolves(host: str) -> bool:
@@ -59,7 +51,8 @@ def settings_problems(settings: Settings) -> list[str]:
     for name, url in urls.items():
         if url is None:
             continue
-        host = _host(url)
+        checked_url(url)  # (the settings already did; it also guards what safe_host reads)
+        host = safe_host(url)
         if not _resolves(host):
             problems.append(f"{_PREFIX}{name}: the host {host} does not resolve")
     if settings.http_port:

@@ -41,7 +41,8 @@ from controller.core.enums import AlertKind, Command, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.core.state import RolloutState, StateUnreadable, bounded, decode_state, encode_state
+from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
+from controller.core.text import bounded
 from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
