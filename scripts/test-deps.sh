@@ -88,3 +88,13 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# checkov scans the chart's renderings (tests/test_chart.py). Its own virtualenv: its pinned
+# dependencies would otherwise fight the project's. --skip-download keeps it offline.
+CHECKOV_VERSION=3.3.30
+if [ ! -x .cache/checkov/bin/checkov ] || [ ! -f ".cache/checkov/.installed-$CHECKOV_VERSION" ]; then
+  python3 -m venv .cache/checkov
+  .cache/checkov/bin/python -m pip install -q "checkov==$CHECKOV_VERSION"
+  rm -f .cache/checkov/.installed-*
+  touch ".cache/checkov/.installed-$CHECKOV_VERSION"
+fi

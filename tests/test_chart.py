@@ -301,6 +301,8 @@ VALUE_SETS = {
         "serviceAccount": {"create": False, "name": "canary"},
     },
     "no-rbac": {"rbac": {"create": False}, "policies": shipped_policies()},
+    "pinned": {"image": {"repository": "registry.example/gc", "digest": "sha256:" + "0123456789abcdef" * 4}},
+    "metrics-from": {"networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]}},
 }
 
 
@@ -316,6 +318,46 @@ def test_every_rendered_object_is_valid_kubernetes(helm: Any, tmp_path: Path, na
             assert document["apiVersion"] == "monitoring.coreos.com/v1"
             continue
         kubernetes_validate.validate(document, kubernetes, strict=True)  # raises on any unknown or wrong field
+
+
+# --- checkov: Kubernetes security checks on every rendering; each deliberate finding is justified ---------
+
+CHECKOV = ROOT / ".cache" / "checkov" / "bin" / "checkov"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_checkov_finds_nothing_unjustified(helm: Any, tmp_path: Path, name: str) -> None:
+    import json
+
+    if not CHECKOV.exists():
+        pytest.fail(f"{CHECKOV} is missing (scripts/test-deps.sh installs it)")
+    documents = render(helm, tmp_path, VALUE_SETS[name])
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all(documents))
+    result = subprocess.run(
+        [str(CHECKOV), "-f", str(manifest), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+    )
+    report = json.loads(result.stdout)
+    assert report["summary"]["parsing_errors"] == 0
+    results = report["results"]
+    scanned = {c["resource"] for key in ("passed_checks", "failed_checks", "skipped_checks") for c in results[key]}
+    assert report["summary"]["resource_count"] >= len(documents)  # every object was read (plus derived Pods)
+    assert f"Deployment.canary.{FULLNAME}" in scanned
+    failed = [(c["check_id"], c["check_name"], c["resource"]) for c in results["failed_checks"]]
+    assert failed == []
+    skipped = {c["check_id"]: c["check_result"]["suppress_comment"] for c in results["skipped_checks"]}
+    assert all(len(reason) > 20 for reason in skipped.values()), skipped
+    # a pinned image leaves nothing to excuse about digests; an unpinned one says how to pin
+    assert ("CKV_K8S_43" in skipped) == (name != "pinned")
+    deployment = find(documents, "Deployment")[0]
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert ("@sha256:" in image) == (name == "pinned")
+    policies = find(documents, "NetworkPolicy")
+    assert [p["spec"]["ingress"][0]["ports"] for p in policies] == [[{"port": "http", "protocol": "TCP"}]]
 
 
 # --- the PrometheusRule fires on series shaped as the controller exports them -------------------------
