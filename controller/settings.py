@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         description="/healthz fails once a policy's ticks have kept failing this long",
     )
     kube_context: str | None = None
+    asm_kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig of the ASM control plane (IstioGateways, the ASM side's Istio Gateways); "
+        "unset: the data-plane cluster's",
+    )
+    asm_context: str | None = Field(default=None, description="context in GATEWAY_CANARY_ASM_KUBECONFIG")
     dry_run: bool = Field(default=False, description="log intended writes, write nothing")
 
     http_host: str = "0.0.0.0"

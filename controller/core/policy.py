@@ -37,15 +37,18 @@ __all__ = [
     "AlertmanagerReceiver",
     "AnalysisSpec",
     "CanaryPolicy",
+    "CloudSpec",
     "CustomGate",
     "Duration",
     "ErrorRateGate",
     "GatesSpec",
     "GatewaySpec",
     "InconclusivePolicy",
+    "IstioGatewayRef",
     "LatencyGate",
     "PrometheusSpec",
     "Receiver",
+    "RoutesSpec",
     "ScheduleSpec",
     "ServiceRef",
     "SlackReceiver",
@@ -159,10 +162,54 @@ class ServiceRef(_Model):
         return f"{self.namespace}/{self.name}"
 
 
+class IstioGatewayRef(_Model):
+    """An ASM ``IstioGateway`` (istio.alibabacloud.com) on the ASM control plane.
+
+    ASM generates the gateway's Service from it and copies its ``serviceAnnotations`` onto that
+    Service (overwriting a direct edit), so the weight is written here, not on the Service.
+    """
+
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+    cluster_id: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the data-plane cluster's id: its spec.overrides entry may shadow serviceAnnotations",
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-')")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _dns_subdomain(cls, value: str) -> str:
+        if not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(f"{value[:80]!r} is not a Kubernetes object name (lowercase letters, digits, '-', '.')")
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 class GatewaySpec(_Model):
     """One gateway: its Service and the Prometheus labels that select its traffic."""
 
     service: Annotated[ServiceRef, BeforeValidator(_split_service_ref)]
+    istio_gateway: Annotated[IstioGatewayRef | None, BeforeValidator(_split_service_ref)] = Field(
+        default=None,
+        description="target only: the ASM IstioGateway whose serviceAnnotations carry the weight "
+        "('namespace/name' or {namespace, name, clusterId}); the Service is then read, never written",
+    )
+    gateway_selector: dict[str, Text] | None = Field(
+        default=None,
+        description="the Istio Gateway spec.selector that binds hosts to this gateway; "
+        "default {istio: <Service name without 'istio-'>}",
+    )
     workload: str | None = Field(
         default=None,
         max_length=253,
@@ -198,6 +245,20 @@ class GatewaySpec(_Model):
             if len(text) > 1024:
                 raise ValueError(f"label {key}: value longer than 1024 characters")
         return value
+
+    @field_validator("gateway_selector")
+    @classmethod
+    def _selector_not_empty(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty selector would select every gateway: name at least one label")
+        return value
+
+    def routing_selector(self) -> dict[str, str]:
+        """The Istio ``Gateway`` selector that binds hosts to this gateway (runbook step 2)."""
+        if self.gateway_selector is not None:
+            return dict(self.gateway_selector)
+        name = self.service.name
+        return {"istio": name.removeprefix("istio-") or name}
 
     def selector(self) -> dict[str, str]:
         """Label matchers for this gateway's Istio standard metrics."""
@@ -474,6 +535,41 @@ class PolicyMetadata(_Model):
         return value
 
 
+class CloudSpec(_Model):
+    """How closely the cloud's actual split is verified (docs/alibaba-cloud.md)."""
+
+    confirm_timeout: Duration = Field(
+        default=timedelta(minutes=3),
+        description="how long the cloud controller (and ASM) may take to confirm a weight write "
+        "(EnsuredLoadBalancer newer than the write); later counts as unconfirmed: hold and alert",
+    )
+    share_tolerance: Number = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="largest allowed gap (share points) between requested and effective share (a "
+        "warning), and between effective and observed share (the step is settling until within it)",
+    )
+    settle_timeout: Duration = Field(
+        default=timedelta(minutes=10),
+        description="how long the observed split may take to reach the effective share before an alert",
+    )
+    require_wrr: bool = Field(
+        default=True,
+        description="refuse unless the listener scheduler is wrr (weights are ignored under rr); "
+        "false: warn only",
+    )
+
+
+class RoutesSpec(_Model):
+    """Route parity: each host:port the source gateway serves must be served by the target first."""
+
+    check: bool = Field(default=True, description="compare the Istio Gateways selecting each gateway")
+    ignore_hosts: list[Text] = Field(
+        default_factory=list, max_length=1000, description="hosts (or host:port) not to require on the target"
+    )
+
+
 class PolicySpec(_Model):
     """Everything a rollout needs."""
 
@@ -484,6 +580,17 @@ class PolicySpec(_Model):
     gates: GatesSpec
     alerts: list[Receiver] = Field(default_factory=list)
     prometheus: PrometheusSpec | None = None
+    cloud: CloudSpec = Field(default_factory=CloudSpec)
+    routes: RoutesSpec = Field(default_factory=RoutesSpec)
+
+    @model_validator(mode="after")
+    def _istio_gateway_on_target(self) -> PolicySpec:
+        if self.source.istio_gateway is not None:
+            raise ValueError(
+                "source.istioGateway: only the target (the ASM gateway) can be an IstioGateway; "
+                "the self-managed gateway's weight is on its Service"
+            )
+        return self
 
     @model_validator(mode="after")
     def _receiver_names(self) -> PolicySpec:
