@@ -15,52 +15,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from controller.core.alerts import Alert
-from controller.core.loader import PolicyError, SourcedPolicy, check_conflicts, decode_policy_file, parse_policy_text
+from controller.core.loader import PolicyError, SourcedPolicy
 from controller.core.policy import CanaryPolicy
 from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
+from controller.policy_files import policy_files, read_policies
 from controller.settings import LogFormat, Settings
 
 __all__ = ["main"]
-
-
-def _policy_files(paths: Sequence[str]) -> list[Path]:
-    """The YAML files named, or found in the directories named; FileNotFoundError names a bad path."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(
-                sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
-            )
-        elif path.exists():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{raw}: no such file or directory")
-    return files
-
-
-def _read_policies(files: Sequence[Path]) -> tuple[list[SourcedPolicy], list[PolicyError], list[PolicyError]]:
-    """Every valid policy in the files, every error (with file and line, conflicts included), warnings."""
-    policies: list[SourcedPolicy] = []
-    errors: list[PolicyError] = []
-    warnings: list[PolicyError] = []
-    for file in files:
-        try:
-            text = decode_policy_file(file.read_bytes(), str(file))
-        except OSError as exc:
-            text = PolicyError(str(file), 1, "", f"cannot read the file: {exc.strerror or exc}")
-        if isinstance(text, PolicyError):
-            errors.append(text)
-            continue
-        result = parse_policy_text(text, str(file))
-        policies.extend(result.policies)
-        errors.extend(result.errors)
-        warnings.extend(result.warnings)
-        if not result.policies and not result.errors:
-            errors.append(PolicyError(str(file), 1, "", "no policy in this file (empty, or only comments)"))
-    conflicts = check_conflicts(policies)
-    return list(conflicts.policies), errors + list(conflicts.errors), warnings
 
 
 def _load_reporting_errors(
@@ -68,11 +30,11 @@ def _load_reporting_errors(
 ) -> tuple[list[Path], list[SourcedPolicy], list[PolicyError]] | None:
     """Files, valid policies and errors, the errors already printed; None (printed) for a bad path."""
     try:
-        files = _policy_files(paths)
+        files = policy_files(paths)
     except FileNotFoundError as exc:
         print(exc, file=sys.stderr)
         return None
-    policies, errors, warnings = _read_policies(files)
+    policies, errors, warnings = read_policies(files)
     for problem in [*errors, *warnings]:
         print(problem, file=sys.stderr)
     return files, policies, errors
@@ -187,7 +149,12 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    real = KubernetesGatewayPair(api, state_namespace=settings.namespace, check_write_access=not settings.dry_run)
+    real = KubernetesGatewayPair(
+        api,
+        asm_client=build_api_client(settings.asm_kubeconfig, settings.asm_context) if settings.asm_kubeconfig else None,
+        state_namespace=settings.namespace,
+        check_write_access=not settings.dry_run,
+    )
     real_store = KubernetesStateStore(api, settings.namespace)
     pair = DryRunGatewayPair(real) if settings.dry_run else real
     store = DryRunStateStore(real_store) if settings.dry_run else real_store

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+from controller.adapters.memory import InMemoryCloud, InMemoryGatewayPair, InMemoryStateStore
 from controller.core.alerts import Alert
+from controller.core.cloud import BackendMode, Backends, Split, split
 from controller.core.enums import GatewayRole, Measure, Phase
 from controller.core.results import RenderedQuery
 from controller.runtime.clock import CompressedClock
@@ -50,9 +51,12 @@ spec:
 
 @dataclass
 class SimulatedGateways:
-    """Two gateways behind one CLB: requests split by the pair's weights, faults switchable."""
+    """Two gateways behind one CLB: requests split as the CLB does at the pair's weights, faults switchable."""
 
     pair: InMemoryGatewayPair
+    #: both gateways run on every node of a 20-node cluster (Cluster mode): the cloud controller
+    #: gives each node max(1, w // 20), so small weights are rounded up (the issue's example)
+    backends: Backends = field(default_factory=lambda: Backends(BackendMode.CLUSTER, nodes=20))
     window_seconds: float = 60.0
     total_rps: float = 200.0
     error_ratio: dict[GatewayRole, float] = field(
@@ -67,14 +71,14 @@ class SimulatedGateways:
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
 
+    def split(self) -> Split:
+        """Requested and effective share at the current weights (the cloud controller's spread)."""
+        return split(self.pair.target_weight or 0, self.pair.source_weight, self.backends, self.backends)
+
     def share(self, role: GatewayRole) -> float:
-        """The share of requests a gateway gets from the CLB at the current weights."""
-        target = self.pair.target_weight or 0
-        source = 100 if self.pair.source_weight is None else self.pair.source_weight
-        total = target + source
-        if total == 0:
-            return 0.0
-        return (target if role is GatewayRole.TARGET else source) / total
+        """The share of requests a gateway gets from the CLB: the effective one, not the requested one."""
+        target = self.split().effective or 0.0
+        return target if role is GatewayRole.TARGET else 1.0 - target
 
     def query(self, query: RenderedQuery) -> float | None:
         """Answer like Prometheus would for our queries: empty when there is no traffic."""
@@ -140,12 +144,14 @@ def run_demo(
             failure_recheck_seconds=5.0,
             notify_backoff_seconds=0.05,
         )
+        clock = CompressedClock(speed)
         service = ControllerService(
             settings,
             pair=pair,
             store=store,
             metrics_for=lambda policy: gateways,
-            clock=CompressedClock(speed),
+            clock=clock,
+            cloud=InMemoryCloud(clock, default_backends=gateways.backends),
             time_scale=speed,
             extra_receivers=[notifier],
             serve_http=False,
@@ -161,7 +167,8 @@ def run_demo(
                     last_seen = weights
                     state = store.state_of("demo-shop")
                     phase = state.phase.value if state is not None else "-"
-                    on_change(f"weights target={weights[0]} source={weights[1]} phase={phase}")
+                    shares = gateways.split().describe()
+                    on_change(f"weights target={weights[0]} source={weights[1]} phase={phase}: {shares}")
                 highest = max(highest, pair.target_weight or 0)
                 if injected_at is None and (pair.target_weight or 0) >= inject_at_weight:
                     injected_at = time.monotonic()

@@ -11,12 +11,23 @@ from datetime import datetime
 from typing import Protocol
 
 from controller.core.alerts import Alert, OutboxEntry
-from controller.core.policy import CanaryPolicy
+from controller.core.cloud import Backends, CloudEvent, ServiceFacts
+from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import RenderedQuery
 from controller.core.schedule import Weights
 from controller.core.state import RolloutState
 
-__all__ = ["Clock", "GatewayPair", "MetricsSource", "Notifier", "PairSnapshot", "StateStore", "StoredState"]
+__all__ = [
+    "Clock",
+    "CloudInspector",
+    "GatewayPair",
+    "MetricsSource",
+    "Notifier",
+    "PairSnapshot",
+    "RouteInspector",
+    "StateStore",
+    "StoredState",
+]
 
 
 class Clock(Protocol):
@@ -43,6 +54,13 @@ class PairSnapshot:
     weight updates disabled, unparsable weight, a permission missing). ``versions`` is opaque to
     the caller: the adapter's optimistic-concurrency token. ``legacy_state`` is version 1's state
     annotation on the target, if it is still there.
+
+    ``target_kind`` is "IstioGateway" when the target's weight lives in an ASM IstioGateway (ASM
+    copies it onto the Service): then ``target_weight`` is the IstioGateway's, the one written and
+    compared, ``target_service_weight`` what the generated data-plane Service shows (behind it
+    while ASM has not applied a write), ``target_service_version`` that Service's
+    resourceVersion, and ``asm_error`` ASM's ``status.ErrorMessage``. For a Service target they
+    keep their defaults.
     """
 
     target_weight: int | None
@@ -50,6 +68,10 @@ class PairSnapshot:
     refusal: str | None = None
     versions: tuple[str, str] = ("", "")
     legacy_state: str | None = None
+    target_kind: str = "Service"
+    target_service_weight: int | None = None
+    target_service_version: str = ""
+    asm_error: str | None = None
 
 
 class GatewayPair(Protocol):
@@ -129,4 +151,28 @@ class Notifier(Protocol):
     def send(self, alert: Alert, *, timeout: float) -> None:
         """Deliver once within ``timeout`` seconds. Raises NotificationError (NotificationTimeout
         when the answer did not come: it may have arrived); retries are the dispatcher's job."""
+        ...
+
+
+class CloudInspector(Protocol):
+    """What the cloud controller did with the Services: its Events, the backends, the annotations."""
+
+    def events(self, ref: ServiceRef, uid: str | None = None) -> tuple[CloudEvent, ...]:
+        """The cloud controller's Events on one Service (never ours). Raises ClusterError."""
+        ...
+
+    def backends(self, ref: ServiceRef) -> Backends | None:
+        """The Service's CLB backends as the cloud controller counts them; None when unknown."""
+        ...
+
+    def facts(self, ref: ServiceRef) -> ServiceFacts:
+        """Annotations, ports and backing workloads, for preflight. Raises ClusterError."""
+        ...
+
+
+class RouteInspector(Protocol):
+    """Route parity: which hosts each gateway serves (Istio Gateways on both control planes)."""
+
+    def route_refusal(self, policy: CanaryPolicy) -> str | None:
+        """Why the target does not serve everything the source does (None: it does). Raises ClusterError."""
         ...

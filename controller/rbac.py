@@ -3,9 +3,19 @@
 The controller reads and patches exactly the Services its policies name (``resourceNames``),
 records Events beside the target Services, and keeps one state object per policy (a ConfigMap
 ``gateway-canary-<policy>``) in its own namespace: ``get``/``update`` on exactly those names, and
-``create`` (which RBAC cannot restrict by name) on ConfigMaps in that one namespace. It never
-lists, watches or deletes. ``gateway-canary rbac`` prints these objects, the tests apply them to a
-real kube-apiserver and run the controller under them, and the adapter checks the same permissions
+``create`` (which RBAC cannot restrict by name) on ConfigMaps in that one namespace.
+
+To verify that the cloud applied a weight (``docs/alibaba-cloud.md``) it also reads, in each
+gateway namespace, the Events (the cloud controller's confirmations; read with a field selector
+naming the Service) and the EndpointSlices (the backends the weight is spread over). Two things
+are cluster-wide, because the objects are: listing Nodes (the backends in the default Cluster
+mode) and listing Istio ``Gateway`` objects (route parity: which hosts each gateway serves; they
+live in any namespace). With a target ``istioGateway`` it gets and patches exactly that
+IstioGateway; on a separate ASM control plane (``GATEWAY_CANARY_ASM_KUBECONFIG``) that Role and
+the ClusterRole are applied there (the objects say so in an annotation).
+
+It never deletes. ``gateway-canary rbac`` prints these objects, the tests apply them to a real
+kube-apiserver and run the controller under them, and the adapter checks the same permissions
 before its first write (see ``access_needed``).
 """
 
@@ -34,23 +44,56 @@ class AccessCheck:
 
     verb: str
     resource: str
-    namespace: str
+    namespace: str  # "" for a cluster-scoped permission
     name: str | None = None
     #: False for what only degrades the controller (Events): missing it warns, never refuses.
     required: bool = True
+    group: str = ""
+    #: on the ASM control plane (an IstioGateway), not the data-plane cluster
+    asm: bool = False
 
     def __str__(self) -> str:
-        target = f"{self.resource}/{self.name}" if self.name else self.resource
-        return f"{self.verb} {target} in namespace {self.namespace}"
+        resource = f"{self.resource}.{self.group}" if self.group else self.resource
+        target = f"{resource}/{self.name}" if self.name else resource
+        where = f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
+        return f"{self.verb} {target} {where}"
+
+
+ISTIO_GATEWAY_GROUP = "istio.alibabacloud.com"
+ISTIO_NETWORKING_GROUP = "networking.istio.io"
 
 
 def access_needed(policy: CanaryPolicy, state_namespace: str) -> tuple[AccessCheck, ...]:
-    """What one policy needs: both Services, Events next to the target, its state object."""
+    """What one policy needs: both Services, Events next to the target, its state object, and
+    what the cloud checks read (Events, EndpointSlices, Nodes, Istio Gateways, the IstioGateway)."""
     checks: list[AccessCheck] = []
-    for ref in (policy.spec.target.service, policy.spec.source.service):
+    refs = (policy.spec.target.service, policy.spec.source.service)
+    istio_gateway = policy.spec.target.istio_gateway
+    for ref in refs:
         checks.append(AccessCheck("get", "services", ref.namespace, ref.name))
-        checks.append(AccessCheck("patch", "services", ref.namespace, ref.name))
+        if not (istio_gateway is not None and ref == policy.spec.target.service):
+            checks.append(AccessCheck("patch", "services", ref.namespace, ref.name))
+    if istio_gateway is not None:
+        for verb in ("get", "patch"):
+            checks.append(
+                AccessCheck(
+                    verb,
+                    "istiogateways",
+                    istio_gateway.namespace,
+                    istio_gateway.name,
+                    group=ISTIO_GATEWAY_GROUP,
+                    asm=True,
+                )
+            )
     checks.append(AccessCheck("create", "events", policy.spec.target.service.namespace, required=False))
+    for namespace in sorted({ref.namespace for ref in refs}):
+        # the cloud controller's confirmations: without them no write can be confirmed (a hold)
+        checks.append(AccessCheck("list", "events", namespace))
+        checks.append(AccessCheck("watch", "events", namespace, required=False))
+        checks.append(AccessCheck("list", "endpointslices", namespace, required=False, group="discovery.k8s.io"))
+    checks.append(AccessCheck("list", "nodes", "", required=False))
+    if policy.spec.routes.check:
+        checks.append(AccessCheck("list", "gateways", "", group=ISTIO_NETWORKING_GROUP))
     state = state_object_name(policy.name)
     checks.append(AccessCheck("get", "configmaps", state_namespace, state))
     checks.append(AccessCheck("update", "configmaps", state_namespace, state))
@@ -65,31 +108,47 @@ def controller_rbac(
     state_namespace: str | None = None,
     role_name: str = ROLE_NAME,
 ) -> list[dict[str, Any]]:
-    """A Role and RoleBinding per namespace the policies touch, for the controller's ServiceAccount.
+    """A Role and RoleBinding per namespace the policies touch, and one ClusterRole (+ binding)
+    for the cluster-scoped reads, for the controller's ServiceAccount.
 
     The state objects live in ``state_namespace`` (default: the ServiceAccount's namespace).
     """
     home = state_namespace or service_account.namespace
-    named: dict[tuple[str, str, tuple[str, ...]], set[str]] = {}
-    unnamed: dict[str, set[tuple[str, str]]] = {}
+    named: dict[tuple[str, str, str, tuple[str, ...]], set[str]] = {}
+    unnamed: dict[str, dict[tuple[str, str], set[str]]] = {}
+    cluster: dict[tuple[str, str], set[str]] = {}
+    verbs_of: dict[tuple[str, str, str, str], set[str]] = {}
+    asm_namespaces: set[str] = set()
     for policy in policies:
         for check in access_needed(policy, home):
-            if check.name:
-                verbs = ("get", "patch") if check.resource == "services" else ("get", "update")
-                named.setdefault((check.namespace, check.resource, verbs), set()).add(check.name)
+            if not check.namespace:
+                cluster.setdefault((check.group, check.resource), set()).add(check.verb)
+            elif check.name:
+                verbs_of.setdefault((check.namespace, check.group, check.resource, check.name), set()).add(check.verb)
+                if check.asm:
+                    asm_namespaces.add(check.namespace)
             else:
-                unnamed.setdefault(check.namespace, set()).add((check.resource, check.verb))
-    namespaces = sorted({ns for ns, _, _ in named} | set(unnamed))
+                unnamed.setdefault(check.namespace, {}).setdefault((check.group, check.resource), set()).add(check.verb)
+    for (namespace, group, resource, name), verbs in verbs_of.items():  # names with the same verbs share a rule
+        named.setdefault((namespace, group, resource, tuple(sorted(verbs, key=_VERB_ORDER.index))), set()).add(name)
+    namespaces = sorted({ns for ns, _, _, _ in named} | set(unnamed))
+    subjects = [{"kind": "ServiceAccount", "name": service_account.name, "namespace": service_account.namespace}]
     objects: list[dict[str, Any]] = []
     for namespace in namespaces:
         rules: list[dict[str, Any]] = [
-            {"apiGroups": [""], "resources": [resource], "resourceNames": sorted(names), "verbs": list(verbs)}
-            for (ns, resource, verbs), names in sorted(named.items())
+            {"apiGroups": [group], "resources": [resource], "resourceNames": sorted(names), "verbs": list(verbs)}
+            for (ns, group, resource, verbs), names in sorted(named.items())
             if ns == namespace
         ]
-        for resource, verb in sorted(unnamed.get(namespace, ())):
-            rules.append({"apiGroups": [""], "resources": [resource], "verbs": [verb]})
-        metadata = {"name": role_name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "gateway-canary"}}
+        for (group, resource), verbs in sorted(unnamed.get(namespace, {}).items()):
+            rules.append({"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)})
+        metadata: dict[str, Any] = {
+            "name": role_name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "gateway-canary"},
+        }
+        if namespace in asm_namespaces:
+            metadata["annotations"] = {_WHERE: _ASM_NOTE}
         objects.append(
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata, "rules": rules}
         )
@@ -99,9 +158,40 @@ def controller_rbac(
                 "kind": "RoleBinding",
                 "metadata": dict(metadata),
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
-                "subjects": [
-                    {"kind": "ServiceAccount", "name": service_account.name, "namespace": service_account.namespace}
-                ],
+                "subjects": subjects,
+            }
+        )
+    if cluster:
+        # cluster-scoped names are shared by every install: the ServiceAccount's namespace keeps them apart
+        name = f"{role_name}-{service_account.namespace}"
+        metadata = {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "gateway-canary"},
+            "annotations": {_WHERE: _CLUSTER_NOTE},
+        }
+        rules = [
+            {"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
+            for (group, resource), verbs in sorted(cluster.items())
+        ]
+        objects.append(
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": metadata, "rules": rules}
+        )
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": dict(metadata),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": subjects,
             }
         )
     return objects
+
+
+_VERB_ORDER = ["get", "patch", "update"]
+_WHERE = "gateway-canary.io/apply-to"
+_ASM_NOTE = "the ASM control plane when GATEWAY_CANARY_ASM_KUBECONFIG is set (it holds the IstioGateway)"
+_CLUSTER_NOTE = (
+    "the data-plane cluster, and the ASM control plane too when GATEWAY_CANARY_ASM_KUBECONFIG is set "
+    "(list nodes: the backends a weight is spread over; list Istio Gateways: route parity)"
+)

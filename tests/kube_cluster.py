@@ -388,8 +388,11 @@ class Cluster:
         """Bind the controller's ServiceAccount to exactly what ``gateway-canary rbac`` prints for these."""
         account = ServiceRef(namespace=self.ns, name=CONTROLLER_ACCOUNT)
         for obj in controller_rbac(policies, account):
+            kind = {"Role": "roles", "RoleBinding": "rolebindings"}.get(obj["kind"])
+            if kind is None:  # ClusterRole, ClusterRoleBinding (named after this test's namespace)
+                self._upsert(f"/apis/rbac.authorization.k8s.io/v1/{obj['kind'].lower()}s", obj)
+                continue
             namespace = obj["metadata"]["namespace"]
-            kind = "roles" if obj["kind"] == "Role" else "rolebindings"
             self._upsert(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}", obj)
         for policy in policies:  # RBAC reads its objects through a watch: wait until it has seen them
             for ref in (policy.spec.target.service, policy.spec.source.service):

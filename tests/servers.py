@@ -201,6 +201,44 @@ class TrafficExporter:
         self.server.close()
 
 
+class LaggedShare:
+    """A share function that follows another one ``lag_seconds`` late: the CLB's new split reaches
+    the requests only as connections are re-established (keep-alives, DNS, client pools).
+
+    Each call samples ``source`` and returns the newest sample taken at least ``lag_seconds`` ago,
+    or ``initial`` (default: ``source()`` at construction) before there is one. The exporter calls
+    it on every scrape, so the lag is resolved to the scrape interval. Wire it as
+    ``traffic.share = LaggedShare(ccm.clb_target_share, 2.0)``.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], float],
+        lag_seconds: float,
+        *,
+        initial: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.lag_seconds = lag_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._initial = source() if initial is None else initial
+        self._samples: list[tuple[float, float]] = []  # (time, value), oldest first
+
+    def __call__(self) -> float:
+        now = self._clock()
+        value = self.source()
+        with self._lock:
+            self._samples.append((now, value))
+            due = [i for i, (at, _) in enumerate(self._samples) if at <= now - self.lag_seconds]
+            if not due:
+                return self._initial
+            newest = due[-1]
+            del self._samples[:newest]  # older samples can never be returned again
+            return self._samples[0][1]
+
+
 # --- webhook sink --------------------------------------------------------------------------------
 
 

@@ -158,11 +158,16 @@ def test_the_chart_refuses_mistakes_and_secret_literals(
 # --- RBAC: the same rules as `gateway-canary rbac` -----------------------------------------------------
 
 
-def _rules(objects: list[dict[str, Any]]) -> dict[str, set[tuple[str, tuple[str, ...], tuple[str, ...]]]]:
-    rules: dict[str, set[tuple[str, tuple[str, ...], tuple[str, ...]]]] = {}
+def _rules(objects: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]]:
+    rules: dict[str, set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]] = {}
     for role in (o for o in objects if o["kind"] == "Role"):
         rules[role["metadata"]["namespace"]] = {
-            (rule["resources"][0], tuple(sorted(rule["verbs"])), tuple(sorted(rule.get("resourceNames", []))))
+            (
+                rule["apiGroups"][0],
+                rule["resources"][0],
+                tuple(sorted(rule["verbs"])),
+                tuple(sorted(rule.get("resourceNames", []))),
+            )
             for rule in role["rules"]
         }
     return rules
@@ -177,7 +182,28 @@ def test_the_charts_rbac_is_what_gateway_canary_rbac_prints(helm: Any, tmp_path:
     bindings = find(documents, "RoleBinding")
     assert {b["metadata"]["namespace"] for b in bindings} == set(_rules(expected))
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "canary"}] for b in bindings)
-    assert not find(documents, "ClusterRole") and not find(documents, "ClusterRoleBinding")
+    assert _cluster_rules(documents) == _cluster_rules(expected)
+    (binding,) = find(documents, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "canary"}]
+
+
+def test_the_charts_rbac_for_an_istio_gateway_target_and_no_route_parity(helm: Any, tmp_path: Path) -> None:
+    policy = yaml.safe_load((ROOT / "policies" / "shop-ingress.yaml").read_text())
+    policy["spec"]["target"]["istioGateway"] = {"namespace": "istio-system", "name": "ingressgateway-asm"}
+    policy["spec"]["routes"] = {"check": False}
+    documents = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
+    expected = controller_rbac([CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME))
+    assert _rules(documents) == _rules(expected)
+    assert _cluster_rules(documents) == _cluster_rules(expected) == {("nodes", ("list",))}
+
+
+def _cluster_rules(objects: list[dict[str, Any]]) -> set[tuple[str, tuple[str, ...]]]:
+    return {
+        (rule["resources"][0], tuple(sorted(rule["verbs"])))
+        for role in objects
+        if role["kind"] == "ClusterRole"
+        for rule in role["rules"]
+    }
 
 
 def test_an_existing_configmap_names_its_services_for_rbac(helm: Any, tmp_path: Path) -> None:

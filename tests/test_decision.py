@@ -42,10 +42,13 @@ class Rollout:
         command: Command | None = None,
         refusal: str | None = None,
         write: bool = True,
+        settling: str | None = None,
+        cloud_refusal: str | None = None,
     ) -> Decision:
-        decision = decide(
-            self.policy, self.state, Observation(self.target, self.source, check, command, refusal), at(t)
+        observed = Observation(
+            self.target, self.source, check, command, refusal, settling=settling, cloud_refusal=cloud_refusal
         )
+        decision = decide(self.policy, self.state, observed, at(t))
         self.decisions.append(decision)
         self.state = decision.state
         if decision.weights is not None and write:
@@ -493,3 +496,69 @@ def test_no_stuck_warning_after_a_rollback_for_inconclusive_checks() -> None:
     assert rollout.tick(PROM_DOWN, 60).action is Action.ROLLBACK
     after = rollout.tick(None, 90)
     assert after.notices == ()
+
+
+# --- R8: a step bakes only on traffic that follows its weights ------------------------------------
+
+SETTLING = "settling: the ASM gateway gets 2.0% of requests, the weights give it 20.0% (tolerance 5.0%)"
+
+
+def test_r8_passes_while_settling_do_not_bake_and_the_bake_starts_once_settled() -> None:
+    rollout = started()
+    for t in range(30, 330, 30):  # ten minutes of passing checks on traffic that has not moved yet
+        decision = rollout.tick(PASS, t, settling=SETTLING)
+        assert decision.action is not Action.ADVANCE
+    assert rollout.state.covered_seconds == 0
+    assert rollout.state.inconclusive_count(InconclusiveCause.SETTLING) == 10
+    assert "Settling" in rollout.state.reason and "2.0%" in rollout.state.reason
+    # settled: the bake counts from here, and needs its whole bakeTime
+    rollout.every(PASS, 330, 600)
+    assert rollout.target == 10
+    assert rollout.tick(PASS, 630).action is Action.ADVANCE and rollout.target == 50
+
+
+def test_r8_a_fail_is_never_softened_by_settling() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30, settling=SETTLING)
+    decision = rollout.tick(FAIL, 60, settling=SETTLING)
+    assert decision.action is Action.ROLLBACK and rollout.target == 0
+
+
+def test_r8_settling_too_long_warns_once_and_holds_never_rolls_back() -> None:
+    policy = make_policy(cloud={"settleTimeout": "2m"})  # 4 checks at 30 s
+    rollout = started(policy)
+    stuck = []
+    for t in range(30, 330, 30):
+        decision = rollout.tick(PASS, t, settling=SETTLING)
+        assert decision.action is not Action.ROLLBACK
+        stuck += [n for n in decision.notices if n.kind is AlertKind.STUCK_INCONCLUSIVE]
+    assert len(stuck) == 1 and "Settling" in stuck[0].reason
+    assert rollout.target == 10
+
+
+def test_r8_the_cloud_refusing_a_write_holds_and_is_said_once() -> None:
+    rollout = started()
+    failed = "the cloud did not confirm the last weight write: SyncLoadBalancerFailed: quota"
+    not_confirmed = "settling: the weight write is not confirmed"
+    decisions = [rollout.tick(PASS, t, cloud_refusal=failed, settling=not_confirmed) for t in range(30, 930, 30)]
+    assert [kinds(d) for d in decisions[:2]] == [[AlertKind.POLICY_REFUSED], []]
+    assert decisions[0].notices[0].severity is Severity.WARNING
+    assert sum(len(d.notices) for d in decisions) == 2  # the refusal, and settling too long (once each)
+    assert all(d.action is not Action.ADVANCE for d in decisions) and rollout.target == 10
+    # confirmed later: the refusal clears, and the bake runs from then, its whole bakeTime
+    assert rollout.tick(PASS, 930).state.refusal is None
+    rollout.every(PASS, 960, 1200)
+    assert rollout.target == 10
+    assert rollout.tick(PASS, 1230).action is Action.ADVANCE
+
+
+def test_r8_a_rollback_the_cloud_did_not_apply_pages() -> None:
+    rollout = started()
+    rollout.tick(FAIL, 30)
+    assert rollout.tick(FAIL, 60).action is Action.ROLLBACK
+    unconfirmed = "the cloud did not confirm the last weight write: no EnsuredLoadBalancer since 00:01:00"
+    decision = rollout.tick(None, 300, cloud_refusal=unconfirmed)
+    assert kinds(decision) == [AlertKind.POLICY_REFUSED]
+    assert decision.notices[0].severity is Severity.CRITICAL
+    assert "has not applied the rollback" in decision.notices[0].reason
+    assert decision.state.phase is Phase.ROLLED_BACK  # R5: still terminal; the weights stay 0

@@ -17,6 +17,10 @@ are asserted against an independent model of what must have happened:
   I4  Promoted and RolledBack are left only after a policy change (R5)
   I5  no exception escapes a tick, and no tick fails unexpectedly
   I6  the persisted state stays under MAX_MODEL_STATE_BYTES
+  I7  after a weight write, the target weight rises only once the cloud's newest answer since that
+      write is a success, and only passes on a confirmed write count towards a bake (R8); the
+      cloud (a fault-injecting CloudInspector) answers each tick's writes with a success, a
+      failure, or silence
 
 ``GATEWAY_CANARY_MODEL_EXAMPLES`` sets the number of examples (CI default below).
 """
@@ -28,7 +32,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import structlog
@@ -37,14 +41,25 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+from controller.core.cloud import (
+    FORCE_OVERRIDE,
+    LB_ID,
+    SCHEDULER,
+    VGROUP_PORT,
+    WEIGHT,
+    Backends,
+    CloudEvent,
+    ServiceFacts,
+)
 from controller.core.enums import GatewayRole, Phase, Verdict
-from controller.core.policy import CanaryPolicy
+from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights, source_first
 from controller.core.state import encode_state
 from controller.errors import AccessDenied, ClusterUnavailable, Conflict
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import PairSnapshot, StoredState
+from controller.runtime.cloud_watch import CloudWatch
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
 from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, T0, TARGET_QUIET, make_policy
@@ -66,6 +81,7 @@ def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100)) -> Can
             "onMetricsUnavailable": {"action": "rollback", "afterChecks": 3},
             "onMissingData": {"action": "hold", "afterChecks": 4},
         },
+        cloud={"confirmTimeout": "1h"},  # a silent cloud keeps the write waiting (R8), not refused
     )
 
 
@@ -78,6 +94,37 @@ CHECKS = {
     "NODATA": NO_DATA,
 }
 FAULTS = (None, "before", "between", "after")
+#: how the cloud answers a tick's writes: mostly a success, sometimes a failure or nothing at all
+ANSWERS = ("ok", "ok", "ok", "fail", "silent")
+
+
+class FaultyCloud:
+    """The cloud controller's Events, answered after each tick (so never before the write they answer).
+
+    ``silent`` keeps it quiet for a while (a stuck cloud controller), whatever each tick would say.
+    """
+
+    def __init__(self) -> None:
+        self.answers: list[CloudEvent] = []
+        self.silent = False
+
+    def answer(self, how: str, at: datetime) -> None:
+        if self.silent:
+            return
+        if how == "ok":
+            self.answers.append(CloudEvent("EnsuredLoadBalancer", "Ensured load balancer [lb-1]", at))
+        elif how == "fail":
+            self.answers.append(CloudEvent("SyncLoadBalancerFailed", "Error syncing load balancer", at, warning=True))
+
+    def events(self, ref: ServiceRef, uid: str | None = None) -> tuple[CloudEvent, ...]:
+        return tuple(self.answers)
+
+    def backends(self, ref: ServiceRef) -> Backends | None:
+        return None  # unknown: only the confirmation decides settling here
+
+    def facts(self, ref: ServiceRef) -> ServiceFacts:
+        annotations = {LB_ID: "lb-1", VGROUP_PORT: "rsp-1:80", FORCE_OVERRIDE: "false", SCHEDULER: "wrr", WEIGHT: "0"}
+        return ServiceFacts(str(ref), annotations, ports=(80,), workloads=(ref.name,))
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +225,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.last_phase: Phase | None = None
         self.policy_changed = False
         self.unsaved = False
+        self.cloud = FaultyCloud()
         self.runner = self._new_runner()
 
     def _new_runner(self) -> PolicyRunner:
@@ -193,6 +241,7 @@ class RolloutMachine(RuleBasedStateMachine):
             telemetry=Telemetry(),
             stopping=threading.Event(),
             config_error=self.config_error,
+            cloud=CloudWatch(self.cloud),
         )
         runner.file_problem = self.file_problem
         return runner
@@ -205,8 +254,11 @@ class RolloutMachine(RuleBasedStateMachine):
         fault=st.sampled_from(FAULTS),
         access_denied=st.booleans(),
         store_fails=st.booleans(),
+        answer=st.sampled_from(ANSWERS),
     )
-    def tick(self, verdict: str, step: int, fault: str | None, access_denied: bool, store_fails: bool) -> None:
+    def tick(
+        self, verdict: str, step: int, fault: str | None, access_denied: bool, store_fails: bool, answer: str
+    ) -> None:
         self.elapsed += step
         self.clock.t = T0 + timedelta(seconds=self.elapsed)
         self.collector.next, self.collector.ran = CHECKS[verdict], False
@@ -216,6 +268,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.unsaved = store_fails  # a tick with a working store saves what earlier ones could not
         before = (self.pair.target_weight or 0, self.pair.source_weight)
         refused = self.config_error is not None or self.file_problem is not None
+        prior_confirmed = self._confirmed()
         outcome = self.runner.tick()  # I5: tick() must not raise
         self.store.failing = False
         faulted = (self.pair.fault is None and fault is not None) or store_fails
@@ -223,10 +276,44 @@ class RolloutMachine(RuleBasedStateMachine):
         assert outcome.error is None or "failed unexpectedly" not in outcome.error, outcome.error  # I5
         after = self.pair.target_weight or 0
         check = CHECKS[verdict] if self.collector.ran else None
-        self._count_coverage(before[0], check)
+        self._count_coverage(before[0], check if prior_confirmed else None)
         self._judge_rise(before, after, check, refused)
+        assert after <= before[0] or prior_confirmed, "I7/R8: a weight rose before the cloud confirmed the last write"
         self._judge_rollback(before[0], after, check, faulted)
         self._follow_terminal(after)
+        self._the_write_is_recorded(before, fault, store_fails)
+        self.cloud.answer(answer, self.clock.t)  # the cloud answers this tick's writes after them
+
+    def _confirmed(self) -> bool:
+        """Whether the newest answer since the last recorded write of the state the runner holds is a
+        success (True when nothing is recorded, or a write is still unfinished: it completes first)."""
+        state = self.runner._memory
+        if state is None or state.written_at is None or state.pending is not None:
+            return True
+        since = state.written_at.replace(microsecond=0)
+        answers = [e for e in self.cloud.answers if e.last_seen >= since]
+        return bool(answers) and max(
+            answers, key=lambda e: (e.last_seen, e.reason != "EnsuredLoadBalancer")
+        ).reason == ("EnsuredLoadBalancer")
+
+    def _the_write_is_recorded(self, before: tuple[int, int | None], fault: str | None, store_fails: bool) -> None:
+        """A write that went through is what the cloud's answers are judged from (R8)."""
+        state = self.runner._memory
+        changed = (self.pair.target_weight or 0, self.pair.source_weight) != before
+        if changed and fault is None and not store_fails and state is not None and state.pending is None:
+            assert state.written_at == self.clock.t, "I7/R8: a finished write was not recorded for confirmation"
+
+    @rule(count=st.integers(2, 6), start=st.booleans(), answer=st.sampled_from(ANSWERS))
+    def a_healthy_stretch(self, count: int, start: bool, answer: str) -> None:
+        """Several fault-free passing checks an interval apart: how a rollout really advances, and
+        what a stalled cloud controller must hold back (R8)."""
+        for n in range(count):
+            verdict = "QUIET" if start and n == 0 else "PASS"
+            self.tick(verdict, INTERVAL, None, False, False, answer)
+
+    @rule(silent=st.booleans())
+    def the_cloud_controller_stalls_or_recovers(self, silent: bool) -> None:
+        self.cloud.silent = silent
 
     @rule()
     def crash_and_restart(self) -> None:

@@ -23,10 +23,15 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
     assert sorted(roles) == ["legacy", "mesh", "ops"]
     assert roles["mesh"]["rules"][0]["resourceNames"] == ["asm-gw", "gw-a", "gw-b"]
     assert roles["mesh"]["rules"][0]["verbs"] == ["get", "patch"]
+    reads = [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},  # the cloud's confirmations
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},  # the backends
+    ]
     assert roles["legacy"]["rules"] == [
-        {"apiGroups": [""], "resources": ["services"], "resourceNames": ["old-gw"], "verbs": ["get", "patch"]}
-    ]  # Events go beside the target only
-    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]} in roles["mesh"]["rules"]
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": ["old-gw"], "verbs": ["get", "patch"]},
+        *reads,
+    ]  # our own Events go beside the target only
+    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list", "watch"]} in roles["mesh"]["rules"]
     # the state objects: one ConfigMap per policy in the controller's own namespace, by name
     assert roles["ops"]["rules"] == [
         {
@@ -41,11 +46,47 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
     assert len(bindings) == 3
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
     verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
-    assert verbs == {"get", "patch", "create", "update"}  # never list, watch or delete
+    assert verbs == {"get", "patch", "create", "update", "list", "watch"}  # never delete
+    for role in roles.values():  # what is listed is never a Service, a ConfigMap or a Secret
+        listed = {r for rule in role["rules"] if {"list", "watch"} & set(rule["verbs"]) for r in rule["resources"]}
+        assert listed <= {"events", "endpointslices"}
     services = {
         r for role in roles.values() for rule in role["rules"] if "services" in rule["resources"] for r in rule["verbs"]
     }
     assert services == {"get", "patch"}  # the Services are never updated, only merge-patched
+    # cluster-wide only what is cluster-wide by nature: Nodes (the backends) and Istio Gateways (route parity)
+    (cluster_role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+        {"apiGroups": ["networking.istio.io"], "resources": ["gateways"], "verbs": ["list"]},
+    ]
+    (cluster_binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert cluster_binding["metadata"]["name"] == cluster_role["metadata"]["name"] == "gateway-canary-ops"
+
+
+def test_an_istio_gateway_target_is_patched_there_and_its_service_only_read() -> None:
+    policy = make_policy(
+        "asm",
+        source={"service": "legacy/old-gw"},
+        target={"service": "mesh/asm-gw", "istioGateway": "istio-system/ingressgateway-asm"},
+        routes={"check": False},
+    )
+    objects = controller_rbac([policy], ACCOUNT)
+    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
+    assert {"apiGroups": [""], "resources": ["services"], "resourceNames": ["asm-gw"], "verbs": ["get"]} in roles[
+        "mesh"
+    ]["rules"]
+    assert roles["istio-system"]["rules"] == [
+        {
+            "apiGroups": ["istio.alibabacloud.com"],
+            "resources": ["istiogateways"],
+            "resourceNames": ["ingressgateway-asm"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert "ASM control plane" in roles["istio-system"]["metadata"]["annotations"]["gateway-canary.io/apply-to"]
+    (cluster_role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
 
 
 def test_the_state_namespace_can_differ_from_the_accounts() -> None:
@@ -58,7 +99,7 @@ def test_the_state_namespace_can_differ_from_the_accounts() -> None:
 def test_rbac_command_prints_applyable_yaml_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["rbac", str(ROOT / "policies"), "--service-account", "ops/canary"]) == 0
     documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-    assert {d["kind"] for d in documents} == {"Role", "RoleBinding"}
+    assert {d["kind"] for d in documents} == {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 
     assert main(["rbac", str(ROOT / "policies"), "--service-account", "no-slash"]) == 2
     assert "expected NAMESPACE/NAME" in capsys.readouterr().err

@@ -10,15 +10,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from controller.core import cloud
 from controller.core.alerts import OutboxEntry
+from controller.core.cloud import BackendMode, Backends
 from controller.core.enums import GatewayRole
-from controller.core.policy import CanaryPolicy
+from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.schedule import Weights, source_first
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
 from controller.errors import Conflict, WeightChangedExternally
-from controller.ports import PairSnapshot, StoredState
+from controller.ports import Clock, PairSnapshot, StoredState
 
-__all__ = ["InMemoryGatewayPair", "InMemoryStateStore", "RecordedEvent"]
+__all__ = ["InMemoryCloud", "InMemoryGatewayPair", "InMemoryStateStore", "RecordedEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +141,42 @@ class InMemoryStateStore:
         """The decoded state of a policy (tests, the demo)."""
         raw = self.texts.get(name)
         return None if raw is None else decode_state(raw)
+
+
+class InMemoryCloud:
+    """The demo's cloud: a CLB set up as the runbook says, whose controller confirms every write at once.
+
+    ``backends`` gives each Service's backends by name (default: ``default_backends``), so the
+    demo shows the cloud controller's spread of a weight (requested vs effective share).
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        default_backends: Backends | None = None,
+        backends: dict[str, Backends] | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._default = default_backends or Backends(BackendMode.CLUSTER, nodes=20)
+        self._backends = dict(backends or {})
+        self._annotations = annotations or {
+            cloud.LB_ID: "lb-demo",
+            cloud.VGROUP_PORT: "rsp-demo:80",
+            cloud.FORCE_OVERRIDE: "false",
+            cloud.SCHEDULER: "wrr",
+            cloud.WEIGHT: "0",
+        }
+
+    def events(self, ref: ServiceRef, uid: str | None = None) -> tuple[cloud.CloudEvent, ...]:
+        """An EnsuredLoadBalancer just now: this cloud applies everything at once."""
+        return (cloud.CloudEvent(cloud.SUCCESS_REASON, "Ensured load balancer [lb-demo]", self._clock.now()),)
+
+    def backends(self, ref: ServiceRef) -> Backends | None:
+        """The Service's backends (by name), or the default."""
+        return self._backends.get(ref.name, self._default)
+
+    def facts(self, ref: ServiceRef) -> cloud.ServiceFacts:
+        """Annotations as the runbook wants them, one port, the Service's own workload."""
+        return cloud.ServiceFacts(str(ref), dict(self._annotations), ports=(80,), workloads=(ref.name,))

@@ -4,6 +4,7 @@ Pure: no I/O, no clock, no clients. Every rule about when a weight moves lives h
 be tested exhaustively in milliseconds and read in one place. ``decide`` is four steps, and the
 safety rules are the shape of it, not the order of early returns::
 
+    check    = _settled(...)           R8: a pass on traffic that does not follow the weights waits
     counted  = _count_evidence(...)    R1, R4, R6: the check is counted, whatever else happens
     rollback = _protection(...)        R1, R2: does the evidence (or a pending rollback) demand 0?
     decision = _rollback(...)          ...if so, that is the decision: nothing else is considered
@@ -41,6 +42,12 @@ R6  Counters per cause. Inconclusive checks are counted per cause since the last
     ``onMetricsUnavailable`` for Prometheus errors).
 R7  The baseline must be real. Starting (0 -> first step) needs a check whose baseline passed:
     every query answered and the source had ``minRequests``; an erroring source is not ready.
+R8  A step bakes only on traffic that follows its weights. A passing check counts as a pass only
+    once the cloud confirmed the last write and the observed share of requests is within
+    tolerance of the effective share (``controller.core.cloud``); until then it is inconclusive
+    (``Settling``, its own counter and limit: ``cloud.settleTimeout``, a hold, never a rollback).
+    A FAIL is never softened by settling. The cloud saying it did not apply a write (or saying
+    nothing within ``cloud.confirmTimeout``) is a refusal (R3); after a rollback it pages.
 
 Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
 change is adopted and reported, never fought), with rollback still armed; an unfinished raise is
@@ -50,6 +57,7 @@ completed only with the permission a raise needs.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -122,6 +130,11 @@ class Observation:
     refusal: str | None = None
     #: a refusal its source has already reported (an invalid policy file): blocks raises, no alert
     reported_refusal: str | None = None
+    #: why the traffic does not follow the weights yet (unconfirmed write, observed share off): R8
+    settling: str | None = None
+    #: the cloud did not apply the last write (failed, skipped, unconfirmed): a refusal, paged
+    #: after a rollback (the ASM gateway may still carry traffic)
+    cloud_refusal: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +222,7 @@ def recovered_state(policy: CanaryPolicy, observed: Observation, now: datetime, 
 def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision:
     """Count the evidence, protect, then progress with permission; see the module docstring."""
     writes, written = _reconcile_writes(state, observed)
+    observed = replace(observed, check=_settled(observed.check, observed.settling))
     counted = _count_evidence(policy, written, observed.check, now)
     if writes is _Writes.UNFINISHED and _failed(observed.check) and not _pending_rollback(counted):
         writes, counted = _Writes.SETTLED, _void_unfinished_raise(counted, observed)
@@ -217,7 +231,7 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
         decision = _rollback(policy, counted, observed, now, why_rollback)
     else:
         decision = _permit(_progress(policy, counted, observed, writes, now), counted, observed)
-    return _report_refusal(_report_stuck(policy, decision), observed.refusal)
+    return _report_refusal(_report_stuck(policy, decision), observed)
 
 
 # --- 1. what the Services show against what we last wrote ------------------------------------
@@ -249,7 +263,14 @@ def _reconcile_writes(state: RolloutState, observed: Observation) -> tuple[_Writ
     return (_Writes.UNFINISHED if target_ours and source_ours else _Writes.EXTERNAL), state
 
 
-# --- 2. the evidence: always counted (R1, R4, R6) ----------------------------------------------
+# --- 2. the evidence: always counted (R1, R4, R6, R8) ------------------------------------------
+
+
+def _settled(check: CheckResult | None, settling: str | None) -> CheckResult | None:
+    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8). A FAIL stays."""
+    if check is None or settling is None or check.verdict is not Verdict.PASS:
+        return check
+    return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
 
 
 def _count_evidence(
@@ -610,7 +631,11 @@ def _permit(proposal: Decision, counted: RolloutState, observed: Observation) ->
     if weights is None or not raises_share(weights, observed.target_weight, observed.source_weight):
         return proposal
     blocker = (
-        observed.refusal or observed.reported_refusal or _raise_blocker(observed.check, observed.target_weight or 0)
+        observed.refusal
+        or observed.cloud_refusal
+        or observed.reported_refusal
+        or observed.settling  # R8: not on traffic that does not follow the last write yet
+        or _raise_blocker(observed.check, observed.target_weight or 0)
     )
     if blocker is None:
         return proposal
@@ -647,13 +672,18 @@ def _start_blocker(check: CheckResult | None) -> str | None:
 # --- 6. telling people: once per refusal and per stuck cause (R3, R6) ----------------------------
 
 
-def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
+def _report_refusal(decision: Decision, observed: Observation) -> Decision:
+    refusal = "; ".join(r for r in (observed.refusal, observed.cloud_refusal) if r) or None
     state = decision.state
     if refusal == state.refusal:
         return decision
     updated = replace(decision, state=state.evolve(refusal=refusal))
     if refusal is None:
         return updated
+    if observed.cloud_refusal is not None and state.phase is Phase.ROLLED_BACK:
+        # the rollback may not have reached the load balancer: the ASM gateway may still carry traffic
+        why = f"the cloud has not applied the rollback; check the CLB by hand: {refusal}"
+        return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.CRITICAL, why))
     why = f"refused to raise weights (observing and rollback continue): {refusal}"
     return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.WARNING, why))
 
@@ -704,6 +734,9 @@ def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:
 
 def _limit_for(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePolicy:
     analysis = policy.spec.analysis
+    if cause is InconclusiveCause.SETTLING:  # R8: a time limit, as checks; settling only ever holds
+        checks = math.ceil(policy.spec.cloud.settle_timeout / analysis.interval)
+        return InconclusivePolicy(action=OnInconclusive.HOLD, after_checks=max(1, min(checks, 10_000)))
     if cause is InconclusiveCause.METRICS_UNAVAILABLE:
         return analysis.on_metrics_unavailable
     return analysis.on_missing_data

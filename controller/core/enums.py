@@ -38,6 +38,9 @@ class InconclusiveCause(enum.StrEnum):
     NO_DATA = "NoData"
     NOT_A_NUMBER = "NotANumber"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
+    #: the checks pass but the traffic does not follow the weights yet (or the cloud has not
+    #: confirmed them): the bake waits (R8)
+    SETTLING = "Settling"
 
 
 class Phase(enum.StrEnum):

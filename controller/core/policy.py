@@ -556,8 +556,7 @@ class CloudSpec(_Model):
     )
     require_wrr: bool = Field(
         default=True,
-        description="refuse unless the listener scheduler is wrr (weights are ignored under rr); "
-        "false: warn only",
+        description="refuse unless the listener scheduler is wrr (weights are ignored under rr); false: warn only",
     )
 
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from controller.core.enums import InconclusiveCause, Phase, Verdict
+from controller.core.enums import GatewayRole, InconclusiveCause, Phase, Verdict
 from controller.core.schedule import Weights
 from controller.core.text import MAX_REASON_CHARS, bounded
 
@@ -103,6 +103,10 @@ class RolloutState:
     last_failed_gate: str | None = None
     pending: Intent | None = None
     refusal: str | None = None
+    #: when the last weight write finished, and which sides it changed: the cloud's confirmation
+    #: is judged from it (R8); a side whose value did not change gets no new Event
+    written_at: datetime | None = None
+    written_roles: tuple[GatewayRole, ...] = ()
 
     def __post_init__(self) -> None:
         # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
@@ -178,6 +182,8 @@ class _StateV2(_Stored):
     last_failed_gate: Annotated[str, Field(max_length=128)] | None
     pending: _IntentV2 | None
     refusal: _Text | None
+    written_at: AwareDatetime | None = None  # added in 0.3; absent in older version-2 states
+    written_roles: list[GatewayRole] = []
 
 
 class _StateV1(_Stored):
@@ -232,6 +238,8 @@ def encode_state(state: RolloutState) -> str:
             "rollback": pending.rollback,
         },
         "refusal": state.refusal,
+        "written_at": _iso(state.written_at),
+        "written_roles": [role.value for role in state.written_roles],
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -296,6 +304,8 @@ def _from_v2(stored: _StateV2) -> RolloutState:
         if pending is None
         else Intent(pending.target, pending.source, pending.from_target, pending.from_source, pending.rollback),
         refusal=stored.refusal,
+        written_at=stored.written_at,
+        written_roles=tuple(stored.written_roles),
     )
 
 

@@ -35,9 +35,10 @@ from typing import Any
 import structlog
 
 from controller.core.alerts import MAX_OUTBOX, Alert, OutboxEntry, build_alert
+from controller.core.cloud import ConfirmationState, Split
 from controller.core.decision import TERMINAL_PHASES, Action, Decision, Notice, Observation, decide, initial_state
 from controller.core.decision import recovered_state as recovered
-from controller.core.enums import AlertKind, Command, Phase, Severity, Verdict
+from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
@@ -46,6 +47,7 @@ from controller.core.text import bounded
 from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
+from controller.runtime.cloud_watch import CloudView, CloudWatch
 from controller.runtime.collector import Collector
 from controller.runtime.telemetry import Telemetry
 
@@ -92,6 +94,7 @@ class PolicyRunner:
         stopping: threading.Event,
         config_error: str | None = None,
         forbidden_grace_seconds: float = 30.0,
+        cloud: CloudWatch | None = None,
     ) -> None:
         self.policy = policy
         self._pair = pair
@@ -112,6 +115,10 @@ class PolicyRunner:
         #: monotonic time since when ticks keep crashing (None: the last tick finished)
         self.failing_since: float | None = None
         self._forbidden_grace = forbidden_grace_seconds
+        self._cloud = cloud
+        #: the last split and confirmation seen (for status)
+        self.split: Split | None = None
+        self.confirmation: ConfirmationState | None = None
         self._unreachable_at: float | None = None  # monotonic time the API server was last unreachable
         self._lock = threading.Lock()
         self._memory: RolloutState | None = None  # the last state this runner decided, for store outages
@@ -146,15 +153,25 @@ class PolicyRunner:
             self._restored = True
             self._restore(stored.outbox)
         state, state_problem = self._state_for(stored, seen, store_problem)
-        refusals = [self.config_error, seen.refusal, store_problem, state_problem]
+        check = self._check(state)
+        view = self._look_at_cloud(state, seen, check)
+        refusals = [self.config_error, seen.refusal, store_problem, state_problem, view.refusal]
         refusal = "; ".join(r for r in refusals if r) or None
         quiet = self.file_problem  # already reported by the service
         if refusal is not None and self._warming_up():
             # A refusal right after the API server was unreachable may be its authorizer warming
             # up: it blocks raising at once, and is reported only if it outlasts the grace period.
             quiet, refusal = "; ".join(r for r in (quiet, refusal) if r), None
-        check = self._check(state)
-        observed = Observation(seen.target_weight, seen.source_weight, check, command, refusal, quiet)
+        observed = Observation(
+            seen.target_weight,
+            seen.source_weight,
+            check,
+            command,
+            refusal,
+            quiet,
+            settling=view.settling,
+            cloud_refusal=view.cloud_refusal,
+        )
         decision = decide(self.policy, state, observed, self._clock.now())
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
@@ -268,6 +285,16 @@ class PolicyRunner:
         self._log_check(check, state.target_weight, seconds)
         return check
 
+    def _look_at_cloud(self, state: RolloutState, seen: PairSnapshot, check: CheckResult | None) -> CloudView:
+        """What the cloud did with the weights (R8); nothing to look at without a cloud (the demo's pair)."""
+        if self._cloud is None:
+            return CloudView()
+        view = self._cloud.view(self.policy, state, seen, check, self._clock.now())
+        self._telemetry.record_cloud(self.policy.name, view.split, view.confirmation)
+        self.split = view.split
+        self.confirmation = view.confirmation
+        return view
+
     # -- writing (the write-ahead protocol) ----------------------------------------------------------
 
     def _apply(
@@ -313,7 +340,11 @@ class PolicyRunner:
                 self._tell(seen, decision)
             return self._cluster_trouble(exc, "write weights", check=check, urgent=decision.force)
         late = [] if decision.force else alerts
-        self._save(state.evolve(pending=None), recorded or stored, self._outbox(late))  # 4. done
+        done = state.evolve(pending=None)
+        changed = _changed_roles(seen, weights)
+        if changed:  # the cloud confirms what changed, from now on (R8)
+            done = done.evolve(written_at=self._clock.now(), written_roles=changed)
+        self._save(done, recorded or stored, self._outbox(late))  # 4. done
         self._send_all(late)
         self._tell(seen, decision)
         return TickOutcome(decision, check, recheck_soon=failing)
@@ -401,6 +432,7 @@ class PolicyRunner:
                 reason=state.reason,
                 weights_before=str(before),
                 weights_after=str(after),
+                **({} if self.split is None else {"split_before": self.split.describe()}),
             )
             reason = _EVENT_REASONS.get(decision.action, decision.action.value)
             warning = decision.action in (Action.ROLLBACK, Action.PAUSE, Action.ADOPT)
@@ -522,6 +554,16 @@ class PolicyRunner:
         except Exception:  # reporting must not turn one failure into two
             self.log.exception("could not report the failed tick")
         return TickOutcome(None, None, error=why)
+
+
+def _changed_roles(seen: PairSnapshot, weights: Weights) -> tuple[GatewayRole, ...]:
+    """The sides a write changed: only those get an answer from the cloud controller."""
+    roles: list[GatewayRole] = []
+    if weights.target != seen.target_weight:
+        roles.append(GatewayRole.TARGET)
+    if weights.source is not None and weights.source != seen.source_weight:
+        roles.append(GatewayRole.SOURCE)
+    return tuple(roles)
 
 
 def _outbox_key(outbox: tuple[OutboxEntry, ...]) -> list[tuple[str, tuple[str, ...]]]:

@@ -26,7 +26,8 @@ from controller.core.results import RenderedQuery
 from controller.errors import MetricsUnavailable
 from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.notify.factory import global_receivers, policy_receivers
-from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, StateStore
+from controller.ports import Clock, CloudInspector, GatewayPair, MetricsSource, Notifier, RouteInspector, StateStore
+from controller.runtime.cloud_watch import CloudWatch
 from controller.runtime.collector import Collector
 from controller.runtime.http import StatusServer
 from controller.runtime.policy_source import PolicyCatalog
@@ -54,6 +55,8 @@ class ControllerService:
         telemetry: Telemetry | None = None,
         extra_receivers: list[Notifier] | None = None,
         serve_http: bool = True,
+        cloud: CloudInspector | None = None,
+        routes: RouteInspector | None = None,
     ) -> None:
         self.settings = settings
         self.telemetry = telemetry or Telemetry()
@@ -62,6 +65,8 @@ class ControllerService:
         self._pair = pair
         self._store = store
         self._metrics_for = metrics_for
+        self._cloud = cloud
+        self._routes = routes
         self._clock = clock
         self._scale = time_scale
         self._extra_receivers = extra_receivers or []
@@ -210,6 +215,7 @@ class ControllerService:
             stopping=self.stopping,
             config_error=config_error,
             forbidden_grace_seconds=self.settings.forbidden_grace_seconds,
+            cloud=None if self._cloud is None else CloudWatch(self._cloud, self._routes),
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale

@@ -10,6 +10,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from controller.core.cloud import ConfirmationState, Split
 from controller.core.enums import Phase
 from controller.core.results import CheckResult
 from controller.core.state import RolloutState
@@ -45,6 +46,24 @@ class Telemetry:
         self.observed_share = Gauge(
             "gateway_canary_observed_target_share",
             "Share of requests the target served in the window",
+            ["policy"],
+            registry=r,
+        )
+        self.requested_share = Gauge(
+            "gateway_canary_requested_target_share",
+            "Share of the CLB the weights request for the target: w_t / (w_t + w_s)",
+            ["policy"],
+            registry=r,
+        )
+        self.effective_share = Gauge(
+            "gateway_canary_effective_target_share",
+            "Share the CLB sends the target once the cloud controller spreads each weight over its backends",
+            ["policy"],
+            registry=r,
+        )
+        self.cloud_confirmed = Gauge(
+            "gateway_canary_cloud_confirmed",
+            "1 when the cloud confirmed the last weight write, 0 while waiting or after it failed",
             ["policy"],
             registry=r,
         )
@@ -109,8 +128,25 @@ class Telemetry:
                 for outcome in samples.outcomes():
                     self.query_seconds.labels(policy).observe(outcome.seconds)
 
+    def record_cloud(self, policy: str, split: Split | None, confirmation: ConfirmationState | None) -> None:
+        """Requested vs effective share, and whether the cloud confirmed the last write."""
+        if split is not None and split.requested is not None:
+            self.requested_share.labels(policy).set(split.requested)
+        if split is not None and split.effective is not None:
+            self.effective_share.labels(policy).set(split.effective)
+        if confirmation is not None:
+            self.cloud_confirmed.labels(policy).set(1 if confirmation.applied else 0)
+
     def forget(self, policy: str) -> None:
         """Drop a removed policy's series."""
-        for metric in (self.target_weight, self.source_weight, self.observed_share, self.refused):
+        for metric in (
+            self.target_weight,
+            self.source_weight,
+            self.observed_share,
+            self.refused,
+            self.requested_share,
+            self.effective_share,
+            self.cloud_confirmed,
+        ):
             with contextlib.suppress(KeyError):
                 metric.remove(policy)

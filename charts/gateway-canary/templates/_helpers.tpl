@@ -38,25 +38,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/*
-What the controller needs, as JSON: {"services": {ns: [names]}, "events": [ns], "states": [policy]}.
+What the controller needs, as JSON: {"services": {ns: [names]} (get, patch), "readonly": {ns: [names]}
+(get: a target written through its IstioGateway), "istiogateways": {ns: [names]}, "events": [ns] (our
+own Events, beside the targets), "watched": [ns] (the cloud's Events and the EndpointSlices of every
+gateway namespace), "states": [policy], "routes": bool (list Istio Gateways cluster-wide)}.
 The same rules as `gateway-canary rbac` (controller/rbac.py); tests/test_chart.py compares the two.
 */}}
 {{- define "gateway-canary.access" -}}
 {{- $services := dict -}}
+{{- $readonly := dict -}}
+{{- $istio := dict -}}
 {{- $events := dict -}}
+{{- $watched := dict -}}
 {{- $states := list -}}
+{{- $routes := false -}}
 {{- range $file, $raw := .Values.policies -}}
 {{- $policy := include "gateway-canary.policy" $raw | fromYaml -}}
 {{- $states = append $states $policy.metadata.name -}}
+{{- $routeSpec := get $policy.spec "routes" | default dict -}}
+{{- if or (not (hasKey $routeSpec "check")) $routeSpec.check }}{{ $routes = true }}{{ end -}}
 {{- range $role := list "target" "source" -}}
-{{- $ref := include "gateway-canary.ref" (get (get $policy.spec $role) "service") | splitList "/" -}}
-{{- $_ := set $services (index $ref 0) (append (get $services (index $ref 0) | default list) (index $ref 1)) -}}
-{{- if eq $role "target" }}{{ $_ := set $events (index $ref 0) true }}{{ end -}}
+{{- $gateway := get $policy.spec $role -}}
+{{- $ref := include "gateway-canary.ref" $gateway.service | splitList "/" -}}
+{{- $ns := index $ref 0 -}}
+{{- $_ := set $watched $ns true -}}
+{{- if and (eq $role "target") (hasKey $gateway "istioGateway") -}}
+{{- $_ := set $readonly $ns (append (get $readonly $ns | default list) (index $ref 1)) -}}
+{{- $ig := include "gateway-canary.ref" $gateway.istioGateway | splitList "/" -}}
+{{- $_ := set $istio (index $ig 0) (append (get $istio (index $ig 0) | default list) (index $ig 1)) -}}
+{{- else -}}
+{{- $_ := set $services $ns (append (get $services $ns | default list) (index $ref 1)) -}}
+{{- end -}}
+{{- if eq $role "target" }}{{ $_ := set $events $ns true }}{{ end -}}
 {{- end -}}
 {{- end -}}
 {{- range .Values.rbac.services -}}
 {{- $ref := splitList "/" . -}}
 {{- $_ := set $services (index $ref 0) (append (get $services (index $ref 0) | default list) (index $ref 1)) -}}
+{{- $_ := set $watched (index $ref 0) true -}}
 {{- end -}}
 {{- range .Values.rbac.targets -}}
 {{- $_ := set $events (index (splitList "/" .) 0) true -}}
@@ -64,7 +83,12 @@ The same rules as `gateway-canary rbac` (controller/rbac.py); tests/test_chart.p
 {{- range .Values.rbac.policyNames -}}
 {{- $states = append $states . -}}
 {{- end -}}
-{{- dict "services" $services "events" (keys $events | sortAlpha) "states" ($states | uniq | sortAlpha) | toJson -}}
+{{- if and .Values.rbac.policyNames .Values.rbac.routeParity }}{{ $routes = true }}{{ end -}}
+{{- $access := dict "services" $services "readonly" $readonly "istiogateways" $istio "events" (keys $events | sortAlpha) -}}
+{{- $_ := set $access "watched" (keys $watched | sortAlpha) -}}
+{{- $_ := set $access "states" ($states | uniq | sortAlpha) -}}
+{{- $_ := set $access "routes" $routes -}}
+{{- $access | toJson -}}
 {{- end -}}
 
 {{/* A policy given as YAML text or as a mapping, as a mapping (rendered as YAML, to be read back). */}}
