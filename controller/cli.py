@@ -1,4 +1,4 @@
-"""``gateway-canary``: run, demo, validate, schema, rbac.
+"""``gateway-canary``: run, demo, validate, schema, rbac, preflight, migrate-config.
 
 The only module that writes to the terminal directly (the demo's narrative, validation
 results, the schema); everything else logs through structlog.
@@ -114,16 +114,9 @@ def _cmd_demo(speed: float, verbose: bool) -> int:
     return 1
 
 
-def _cmd_run(policies: str | None, dry_run: bool) -> int:
-    from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
-    from controller.adapters.kube_api import build_api_client
-    from controller.adapters.kube_state import KubernetesStateStore
-    from controller.adapters.kubernetes import KubernetesGatewayPair
-    from controller.adapters.prometheus import PrometheusMetricsSource
-    from controller.runtime.clock import SystemClock
+def _settings_or_report(policies: str | None, dry_run: bool) -> Settings | None:
+    """The settings, or None after printing one line per problem (variable name first)."""
     from controller.runtime.preflight import settings_problems
-    from controller.runtime.service import ControllerService
-    from controller.settings import PrometheusConnection
 
     overrides: dict[str, object] = {}
     if policies is not None:
@@ -137,11 +130,27 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
             name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
             message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
             print(f"{name}: {message}", file=sys.stderr)
-        return 2
+        return None
     problems = settings_problems(settings)
     for problem in problems:
         print(problem, file=sys.stderr)
-    if problems:
+    return None if problems else settings
+
+
+def _cmd_run(policies: str | None, dry_run: bool) -> int:
+    from controller.adapters.cloud import KubernetesCloudInspector
+    from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
+    from controller.adapters.istio_routes import KubernetesIstioRoutes
+    from controller.adapters.kube_api import build_api_client
+    from controller.adapters.kube_state import KubernetesStateStore
+    from controller.adapters.kubernetes import KubernetesGatewayPair
+    from controller.adapters.prometheus import PrometheusMetricsSource
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.service import ControllerService
+    from controller.settings import PrometheusConnection
+
+    settings = _settings_or_report(policies, dry_run)
+    if settings is None:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
@@ -149,11 +158,15 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
+    asm = api
+    if settings.asm_kubeconfig is not None or settings.asm_context is not None:
+        try:
+            asm = build_api_client(settings.asm_kubeconfig, settings.asm_context)
+        except GatewayCanaryError as exc:
+            print(f"cannot start: the ASM control plane: {exc}", file=sys.stderr)
+            return 2
     real = KubernetesGatewayPair(
-        api,
-        asm_client=build_api_client(settings.asm_kubeconfig, settings.asm_context) if settings.asm_kubeconfig else None,
-        state_namespace=settings.namespace,
-        check_write_access=not settings.dry_run,
+        api, asm_client=asm, state_namespace=settings.namespace, check_write_access=not settings.dry_run
     )
     real_store = KubernetesStateStore(api, settings.namespace)
     pair = DryRunGatewayPair(real) if settings.dry_run else real
@@ -168,7 +181,15 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
         return sources[key]
 
     try:
-        service = ControllerService(settings, pair=pair, store=store, metrics_for=metrics_for, clock=SystemClock())
+        service = ControllerService(
+            settings,
+            pair=pair,
+            store=store,
+            metrics_for=metrics_for,
+            clock=SystemClock(),
+            cloud=KubernetesCloudInspector(api),
+            routes=KubernetesIstioRoutes(api, asm),
+        )
     except OSError as exc:  # the port was taken between the check and now
         print(
             f"GATEWAY_CANARY_HTTP_PORT: cannot serve on {settings.http_host}:{settings.http_port}: {exc}",
@@ -213,7 +234,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--state-namespace",
         help="where the controller keeps its state objects (GATEWAY_CANARY_NAMESPACE; default: the account's)",
     )
+    preflight = sub.add_parser(
+        "preflight", help="the migration runbook's checklist for the policies (reads the cluster, writes nothing)"
+    )
+    preflight.add_argument("paths", nargs="+", help="policy files or directories")
+    migrate = sub.add_parser(
+        "migrate-config", help="print the ASM-side Istio Gateways the ASM gateway still lacks (to review and apply)"
+    )
+    migrate.add_argument("paths", nargs="+", help="policy files or directories")
     args = parser.parse_args(argv)
+    if args.command == "preflight":
+        from controller.checklist import preflight_main
+
+        return preflight_main(args.paths, output=sys.stdout)
+    if args.command == "migrate-config":
+        from controller.migrate import migrate_config_main
+
+        return migrate_config_main(args.paths, output=sys.stdout)
     if args.command == "validate":
         return _cmd_validate(args.paths)
     if args.command == "schema":

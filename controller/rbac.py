@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from controller.core.istio_gateway import ISTIO_GATEWAY_GROUP
 from controller.core.policy import CanaryPolicy, ServiceRef
 
 __all__ = ["ROLE_NAME", "AccessCheck", "access_needed", "controller_rbac", "state_object_name"]
@@ -59,7 +60,6 @@ class AccessCheck:
         return f"{self.verb} {target} {where}"
 
 
-ISTIO_GATEWAY_GROUP = "istio.alibabacloud.com"
 ISTIO_NETWORKING_GROUP = "networking.istio.io"
 
 

@@ -93,7 +93,9 @@ omitStages: [RequestReceived]
 rules:
   - level: Request
     verbs: [create, patch, update, delete]
-    resources: [{group: "", resources: [services, events, configmaps]}]
+    resources:
+      - {group: "", resources: [services, events, configmaps]}
+      - {group: istio.alibabacloud.com, resources: [istiogateways]}
   - level: None
 """
 
@@ -396,7 +398,8 @@ class Cluster:
             self._upsert(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}", obj)
         for policy in policies:  # RBAC reads its objects through a watch: wait until it has seen them
             for ref in (policy.spec.target.service, policy.spec.source.service):
-                self.wait_until_allowed("patch", ref, allowed=True)
+                written = not (ref == policy.spec.target.service and policy.spec.target.istio_gateway)
+                self.wait_until_allowed("patch" if written else "get", ref, allowed=True)
 
     def state_rules(self, *policies: str) -> list[dict[str, Any]]:
         """The Role rules for the policies' state objects (for narrowed Roles that keep them)."""

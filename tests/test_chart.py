@@ -79,6 +79,7 @@ OPTIONS = {
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "prometheusRule": {"enabled": True},
     "dashboard": {"enabled": True},
+    "asmKubeconfig": {"secretName": "asm-control-plane", "context": "asm"},
 }
 #: Prometheus Operator kinds: their CRDs are not in Kubernetes' own schemas
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -110,6 +111,13 @@ def test_the_deployment_is_locked_down_and_not_rolled_by_a_policy_change(helm: A
     env = {item["name"]: item for item in container["env"]}
     assert env["GATEWAY_CANARY_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["GATEWAY_CANARY_LOG_LEVEL"]["value"] == "DEBUG"
+    # the ASM control plane's kubeconfig: a Secret mounted read-only, the file named to the controller
+    assert env["GATEWAY_CANARY_ASM_KUBECONFIG"]["value"] == "/etc/gateway-canary/asm/kubeconfig"
+    assert env["GATEWAY_CANARY_ASM_CONTEXT"]["value"] == "asm"
+    asm = {v["name"]: v for v in pod["volumes"]}["asm-kubeconfig"]["secret"]
+    assert asm["secretName"] == "asm-control-plane" and asm["defaultMode"] == 0o440
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["asm-kubeconfig"]["readOnly"] is True
     assert container["envFrom"] == [{"secretRef": {"name": "gateway-canary-secrets"}}]
     # the policies are mounted from their ConfigMap, and no checksum of it rolls the pod
     annotations = spec["template"]["metadata"].get("annotations", {})

@@ -92,8 +92,10 @@ WRITE = datetime(2026, 11, 29, 10, 0, 0, 400_000, tzinfo=UTC)
 TIMEOUT = timedelta(minutes=3)
 
 
-def event(reason: str, seconds: float, message: str = "", count: int = 1) -> CloudEvent:
-    return CloudEvent(reason, message or reason, WRITE.replace(microsecond=0) + timedelta(seconds=seconds), count=count)
+def event(reason: str, seconds: float, message: str = "", count: int = 1, order: int = 0) -> CloudEvent:
+    at = WRITE.replace(microsecond=0) + timedelta(seconds=seconds)
+    warning = reason != "EnsuredLoadBalancer"
+    return CloudEvent(reason, message or reason, at, warning=warning, count=count, order=order)
 
 
 def judge(*events: CloudEvent, after: float = 10) -> cloud.ConfirmationState:
@@ -123,6 +125,15 @@ def test_the_newest_answer_wins_and_a_tie_goes_to_the_failure() -> None:
     assert judge(event("SyncLoadBalancerFailed", 2), event("EnsuredLoadBalancer", 9)).applied  # a retry succeeded
     assert not judge(event("EnsuredLoadBalancer", 2), event("SyncLoadBalancerFailed", 9)).applied
     assert not judge(event("EnsuredLoadBalancer", 5), event("SyncLoadBalancerFailed", 5)).applied
+    # within one second the API server's write order decides: a retry that succeeded right after
+    assert judge(event("SyncLoadBalancerFailed", 5, order=7), event("EnsuredLoadBalancer", 5, order=9)).applied
+    assert not judge(event("EnsuredLoadBalancer", 5, order=9), event("SyncLoadBalancerFailed", 5, order=11)).applied
+
+
+def test_a_normal_skip_is_no_failure() -> None:
+    harmless = CloudEvent("SkipSyncBackends", "Not sync pods whose ip is not in vpc cidrs", WRITE, warning=False)
+    assert judge(harmless, event("EnsuredLoadBalancer", 3)).applied
+    assert judge(harmless).status is Confirmation.WAITING
 
 
 def test_silence_is_waiting_then_unconfirmed_and_other_reasons_are_no_answer() -> None:

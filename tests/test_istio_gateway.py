@@ -330,6 +330,7 @@ def test_the_controller_raises_the_weight_in_the_istio_gateway_and_asm_copies_it
             if phases[-1] is Phase.PROMOTED:
                 break
         seen = as_controller(kube).observe(policy)
+    assert not asm.running  # stopped and joined on exit: no thread outlives the test
     assert phases[-1] is Phase.PROMOTED
     assert top_weight(kube) == "100" and kube.annotations(TGT)[WEIGHT] == "100"
     # the IstioGateway's values, as ASM copied them onto the Service, step by step

@@ -204,8 +204,12 @@ def test_the_access_review_covers_the_state_object(kube: Cluster) -> None:
     )
     seen = KubernetesGatewayPair(build_api_client(kube.write_kubeconfig()), state_namespace=kube.ns).observe(policy)
     assert seen.refusal is not None
-    assert f"may not get configmaps/gateway-canary-shop in namespace {kube.ns}" in seen.refusal
+    assert seen.refusal.startswith("the controller's identity may not ")
+    assert f"get configmaps/gateway-canary-shop in namespace {kube.ns}" in seen.refusal
     assert f"create configmaps in namespace {kube.ns}" in seen.refusal
+    # and what the cloud checks read (0.2 had none of it): the CCM's Events, the Istio Gateways
+    assert f"list events in namespace {kube.ns}" in seen.refusal
+    assert "list gateways.networking.istio.io cluster-wide" in seen.refusal
 
 
 def test_state_store_round_trip_versions_and_labels(kube: Cluster) -> None:

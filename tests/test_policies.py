@@ -175,6 +175,7 @@ def _bad_settings(tmp_path: Path, busy_port: int) -> list[tuple[str, str, str]]:
         ("HTTP_PORT", str(busy_port), "is already in use"),
         ("KUBECONFIG", str(not_yaml), "is not a kubeconfig"),
         ("KUBECONFIG", str(tmp_path), "is not a file"),
+        ("ASM_KUBECONFIG", str(not_yaml), "is not a kubeconfig"),
         ("LOG_LEVEL", "LOUD", "is not a log level"),
         ("ALERTMANAGER_URL", "http://", "the URL has no host"),
         ("ALERTMANAGER_URL", "alertmanager:9093", "must start with http:// or https://"),

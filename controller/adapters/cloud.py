@@ -358,12 +358,15 @@ def _cloud_event(event: dict[str, Any]) -> CloudEvent | None:
     if last_seen is None:
         return None
     count = event.get("count") or series.get("count") or 1
+    version = str((event.get("metadata") or {}).get("resourceVersion") or "")
     return CloudEvent(
         reason=str(event.get("reason") or ""),
         message=str(event.get("message") or ""),
         last_seen=last_seen,
         warning=event.get("type") == "Warning",
         count=int(count),
+        # whole-second times tie; the API server's write order breaks the tie (0: unknown)
+        order=int(version) if version.isdigit() else 0,
     )
 
 

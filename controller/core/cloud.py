@@ -50,7 +50,6 @@ LB_ID = ANNOTATION_PREFIX + "id"
 VGROUP_PORT = ANNOTATION_PREFIX + "vgroup-port"
 FORCE_OVERRIDE = ANNOTATION_PREFIX + "force-override-listeners"
 SCHEDULER = ANNOTATION_PREFIX + "scheduler"
-BACKEND_TYPE = ANNOTATION_PREFIX + "backend-type"
 IGNORE_WEIGHT = ANNOTATION_PREFIX + "ignore-weight-update"
 
 #: The CCM's Event reasons (pkg/controller/helper/event.go).
@@ -154,6 +153,19 @@ class CloudEvent:
     last_seen: datetime
     warning: bool = False
     count: int = 1
+    #: the order the API server stored it in (its resourceVersion), to order Events of one second
+    order: int = 0
+
+    @property
+    def is_answer(self) -> bool:
+        """Whether the cloud controller answers a change with it: a success, or a failure to apply.
+
+        ``SkipSyncBackends`` also comes as a Normal Event (pods outside the VPC's CIDRs, skipped
+        without harm): only its Warning says the backends, weights included, were not updated.
+        """
+        if self.reason == SUCCESS_REASON:
+            return True
+        return self.reason in FAILURE_REASONS and (self.warning or self.reason == "UnAvailableLoadBalancer")
 
 
 class Confirmation(enum.StrEnum):
@@ -184,14 +196,13 @@ def confirmation(
     """Judge the CCM's Events on one Service after a write at ``written_at``.
 
     Event times have whole seconds, so anything from the write's second on counts. The newest
-    answer wins (a retry may succeed after a failure); at equal times a failure wins.
+    answer wins (a retry may succeed after a failure); within one second the one the API server
+    stored last, and when even that is unknown, a failure.
     """
     since = written_at.replace(microsecond=0)
-    answers = [
-        e for e in events if e.last_seen >= since and (e.reason == SUCCESS_REASON or e.reason in FAILURE_REASONS)
-    ]
+    answers = [e for e in events if e.last_seen >= since and e.is_answer]
     if answers:
-        newest = max(answers, key=lambda e: (e.last_seen, e.reason != SUCCESS_REASON))
+        newest = max(answers, key=lambda e: (e.last_seen, e.order, e.reason != SUCCESS_REASON))
         if newest.reason == SUCCESS_REASON:
             return ConfirmationState(Confirmation.CONFIRMED, f"{service}: {newest.reason} at {_hms(newest.last_seen)}")
         return ConfirmationState(

@@ -75,6 +75,7 @@ from controller.core.policy import CanaryPolicy, InconclusivePolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import FULL, Weights, next_target_weight, target_steps, weights_for
 from controller.core.state import Intent, RolloutState
+from controller.core.text import bounded
 
 __all__ = [
     "ARMED_PHASES",
@@ -675,7 +676,7 @@ def _start_blocker(check: CheckResult | None) -> str | None:
 def _report_refusal(decision: Decision, observed: Observation) -> Decision:
     refusal = "; ".join(r for r in (observed.refusal, observed.cloud_refusal) if r) or None
     state = decision.state
-    if refusal == state.refusal:
+    if (refusal and bounded(refusal)) == state.refusal:  # the state keeps it bounded: compare alike
         return decision
     updated = replace(decision, state=state.evolve(refusal=refusal))
     if refusal is None:

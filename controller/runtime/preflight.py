@@ -62,19 +62,25 @@ def settings_problems(settings: Settings) -> list[str]:
             except OSError as exc:
                 what = "is already in use" if exc.errno == 98 else f"cannot be bound ({exc.strerror or exc})"
                 problems.append(f"{_PREFIX}HTTP_PORT: {settings.http_host}:{settings.http_port} {what}")
-    if settings.kubeconfig is not None:
-        problem = _readable_file(settings.kubeconfig)
-        if problem is None:
-            try:
-                document = yaml.safe_load(settings.kubeconfig.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError):
-                document = None
-            if not isinstance(document, dict) or "clusters" not in document:
-                problem = f"{settings.kubeconfig} is not a kubeconfig (a YAML mapping with clusters)"
+    for name, path in (("KUBECONFIG", settings.kubeconfig), ("ASM_KUBECONFIG", settings.asm_kubeconfig)):
+        problem = None if path is None else _kubeconfig_problem(path)
         if problem:
-            problems.append(f"{_PREFIX}KUBECONFIG: {problem}")
+            problems.append(f"{_PREFIX}{name}: {problem}")
     if settings.prometheus_ca_file is not None:
         problem = _readable_file(settings.prometheus_ca_file)
         if problem:
             problems.append(f"{_PREFIX}PROMETHEUS_CA_FILE: {problem}")
     return problems
+
+
+def _kubeconfig_problem(path: Path) -> str | None:
+    """Why ``path`` is no readable kubeconfig, or None."""
+    problem = _readable_file(path)
+    if problem is None:
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            document = None
+        if not isinstance(document, dict) or "clusters" not in document:
+            problem = f"{path} is not a kubeconfig (a YAML mapping with clusters)"
+    return problem
