@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from tests.kube_cluster import Cluster, ControlPlane, binary_paths, pinned_versions
-from tests.servers import GatewayTraffic, ManagedProcess, TrafficExporter, WebhookSink, free_port, wait_for
+from tests.servers import MEASURED, GatewayTraffic, ManagedProcess, TrafficExporter, WebhookSink, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_BIN = Path(os.environ.get("GATEWAY_CANARY_TEST_BIN", ROOT / ".cache" / "bin"))
@@ -162,3 +163,35 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Report how long the session's servers took to become ready."""
     for label, seconds in _STARTUP.items():
         terminalreporter.write_line(f"MEASURED {label} start-up (certificates, etcd, /readyz): {seconds:.2f}s")
+    for label, values in MEASURED.items():
+        figures = ", ".join(f"{value:.2f}s" for value in values)
+        terminalreporter.write_line(f"MEASURED {label}: {figures}")
+
+
+ISTIO_GATEWAY_CRD = Path(__file__).parent / "fixtures" / "istio-gateway-crd.yaml"
+ISTIO_GATEWAY_CRD_NAME = "gateways.networking.istio.io"
+
+
+@pytest.fixture(scope="session")
+def istio_gateway_api(control_plane: ControlPlane) -> ControlPlane:
+    """The minimal Gateway CRD installed (once, idempotently) and served."""
+    crd = yaml.safe_load(ISTIO_GATEWAY_CRD.read_text())
+    control_plane.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd, ok=(201, 409))
+
+    def established() -> bool:
+        got = control_plane.call(
+            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{ISTIO_GATEWAY_CRD_NAME}"
+        )
+        conditions = (got.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    wait_for(established, timeout=30, interval=0.1, what=f"CRD {ISTIO_GATEWAY_CRD_NAME} Established")
+    for version in ("v1", "v1beta1"):
+        path = f"/apis/networking.istio.io/{version}/gateways"
+        wait_for(
+            lambda path=path: control_plane.call("GET", path, ok=(200, 404, 429)).get("kind") == "GatewayList",
+            timeout=30,
+            interval=0.1,
+            what=f"GET {path} served",
+        )
+    return control_plane

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-weight"
+#: Durations the tests measured, by label; printed at the end of the session (conftest.py).
+MEASURED: dict[str, list[float]] = {}
 LB_ID = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-id"
 VGROUP = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-vgroup-port"
 STATE = "gateway-canary.io/state"

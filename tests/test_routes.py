@@ -46,7 +46,6 @@ from tests.helpers import make_policy
 from tests.kube_cluster import Cluster, ControlPlane
 from tests.servers import _Quiet, _Server, free_port, wait_for
 
-CRD_FILE = Path(__file__).parent / "fixtures" / "istio-gateway-crd.yaml"
 OLD = {"istio": "ingressgateway"}
 ASM = {"istio": "ingressgateway-asm"}
 
@@ -414,31 +413,6 @@ def test_route_text() -> None:
 
 
 # --- the real kube-apiserver --------------------------------------------------------------------------
-
-CRD_NAME = "gateways.networking.istio.io"
-
-
-@pytest.fixture(scope="session")
-def istio_gateway_api(control_plane: ControlPlane) -> ControlPlane:
-    """The minimal Gateway CRD installed (once, idempotently) and served."""
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    control_plane.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd, ok=(201, 409))
-
-    def established() -> bool:
-        got = control_plane.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
-        conditions = (got.get("status") or {}).get("conditions") or []
-        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
-
-    wait_for(established, timeout=30, interval=0.1, what=f"CRD {CRD_NAME} Established")
-    for version in ("v1", "v1beta1"):
-        path = f"/apis/networking.istio.io/{version}/gateways"
-        wait_for(
-            lambda path=path: control_plane.call("GET", path, ok=(200, 404, 429)).get("kind") == "GatewayList",
-            timeout=30,
-            interval=0.1,
-            what=f"GET {path} served",
-        )
-    return control_plane
 
 
 def selectors(kube: Cluster) -> tuple[dict[str, str], dict[str, str]]:

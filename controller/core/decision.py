@@ -64,6 +64,7 @@ from datetime import datetime, timedelta
 from controller.core.enums import (
     AlertKind,
     Command,
+    GatewayRole,
     InconclusiveCause,
     OnInconclusive,
     Phase,
@@ -268,10 +269,17 @@ def _reconcile_writes(state: RolloutState, observed: Observation) -> tuple[_Writ
 
 
 def _settled(check: CheckResult | None, settling: str | None) -> CheckResult | None:
-    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8). A FAIL stays."""
-    if check is None or settling is None or check.verdict is not Verdict.PASS:
+    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8). A FAIL stays.
+
+    A target too quiet to judge while the weights give it a share is settling too: the weight has
+    not reached the traffic, and that is the cause to count (and to time out on), not the quiet.
+    """
+    if check is None or settling is None:
         return check
-    return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
+    quiet_target = check.cause is InconclusiveCause.TOO_FEW_REQUESTS and GatewayRole.TARGET in check.starved
+    if check.verdict is Verdict.PASS or (check.verdict is Verdict.INCONCLUSIVE and quiet_target):
+        return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
+    return check
 
 
 def _count_evidence(

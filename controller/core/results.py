@@ -134,8 +134,14 @@ class CheckResult:
         if self.source is None or self.target is None:
             return None
         target, source = self.target.requests, self.source.requests
-        if not (target.has_number and source.has_number):
+        if not source.has_number:
             return None
-        assert target.value is not None and source.value is not None
-        total = target.value + source.value
-        return None if total <= 0 else target.value / total
+        # No series at all for the target (an empty answer, not an error) is no request at all:
+        # a weight that never reached the CLB shows exactly so.
+        served_nothing = target.error is None and target.value is None
+        if not (target.has_number or served_nothing):
+            return None
+        assert source.value is not None
+        on_target = target.value if target.value is not None else 0.0
+        total = on_target + source.value
+        return None if total <= 0 else on_target / total
