@@ -443,7 +443,10 @@ class CcmEmulator:
                     continue
                 known.annotations = annotations
                 known.changes += 1
-                known.due = now + self.lag
+                # a work queue, as the CCM's: a change while one is queued joins it (and is read
+                # when it runs), it does not push it back; a stream of edits cannot starve it
+                if known.due is None:
+                    known.due = now + self.lag
             self._event(name, "Normal", "AnnotationChanged", ANNOTATION_CHANGED)
         with self._lock:
             for gone in set(self._services) - seen:

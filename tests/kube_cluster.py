@@ -41,6 +41,12 @@ VERSIONS_FILE = ROOT / "tests" / "controlplane" / "versions.env"
 CONTROLLER_ACCOUNT = "gateway-canary"
 SOURCE, TARGET = "istio-ingressgateway", "istio-ingressgateway-asm"
 CLB = {LB_ID: "lb-test", VGROUP: "rsp-test:80"}
+#: the CLB annotations as the migration runbook wants them on both Services (preflight passes)
+CLB_READY = {
+    **CLB,
+    "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-force-override-listeners": "false",
+    "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-scheduler": "wrr",
+}
 _MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
 
@@ -313,8 +319,8 @@ class Cluster:
 
     def add_gateways(self, target_weight: str = "0", source_weight: str = "100", **target_metadata: Any) -> None:
         """The two gateway Services on one CLB, as the migration starts: ASM at 0, the old one at 100."""
-        self.add_service(TARGET, {**CLB, WEIGHT: target_weight}, **target_metadata)
-        self.add_service(SOURCE, {**CLB, WEIGHT: source_weight})
+        self.add_service(TARGET, {**CLB_READY, WEIGHT: target_weight}, **target_metadata)
+        self.add_service(SOURCE, {**CLB_READY, WEIGHT: source_weight})
 
     def policy(self, source: str = SOURCE, target: str = TARGET, name: str = "shop", **spec: Any) -> CanaryPolicy:
         """A valid policy for Services in this namespace (``tests.helpers.make_policy`` otherwise)."""

@@ -20,12 +20,15 @@ from pathlib import Path
 import pytest
 import requests
 
+from controller.core.cloud import BackendMode, Backends
+from tests.ccm_emulator import CcmEmulator
 from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
 from tests.servers import (
     STATE,
     WEIGHT,
+    LaggedShare,
     ManagedProcess,
     TrafficExporter,
     WebhookSink,
@@ -54,6 +57,7 @@ spec:
   gates:
     errorRate: {{max: 0.05}}
     latency: {{p99Ms: {{max: 900}}}}
+  routes: {{check: false}}   # no Istio Gateways here; route parity has its own end-to-end test
   alerts:
     - type: webhook
       name: e2e
@@ -95,7 +99,13 @@ def setup(
     names = ("e2e-resume", "e2e-secrets", *(f"e2e-rollback-{run}" for run in range(RUNS)))
     kube.grant(*(kube.policy(name=name) for name in names))
 
-    traffic.share = kube.target_share
+    # The cloud (EMULATED: tests/ccm_emulator.py) confirms each weight change with its Events and
+    # applies it to the CLB; the traffic follows the CLB's applied weights over 20 nodes, a little late.
+    ccm = CcmEmulator(kube.plane, kube.ns, lag=0.2)
+    ccm.__enter__()
+    for name in (TGT, SRC):
+        ccm.provision(name, Backends(BackendMode.CLUSTER, nodes=20))
+    traffic.share = LaggedShare(ccm.clb_target_share, 0.5)
     traffic.move_to(kube.ns)
     sink = WebhookSink()
     policies = tmp_path / "policies"
@@ -138,6 +148,7 @@ def setup(
     for controller in started:
         controller.stop(signal.SIGKILL)
     sink.close()
+    ccm.__exit__(None, None, None)
 
 
 def target_weight(kube: Cluster) -> int:
