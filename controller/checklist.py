@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from controller.adapters.cloud import KubernetesCloudInspector
 from controller.adapters.istio_routes import KubernetesIstioRoutes
-from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_api import data_and_asm_clients
 from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.core import cloud
 from controller.core.loader import SourcedPolicy
@@ -61,10 +61,9 @@ def preflight_main(paths: Sequence[str], *, output: TextIO, errors: TextIO | Non
     failed = 0
     try:
         with ExitStack() as stack:
-            api = stack.enter_context(build_api_client(settings.kubeconfig, settings.kube_context))
-            asm = api
-            if settings.asm_kubeconfig is not None or settings.asm_context is not None:
-                asm = stack.enter_context(build_api_client(settings.asm_kubeconfig, settings.asm_context))
+            api, asm = data_and_asm_clients(
+                stack, settings.kubeconfig, settings.kube_context, settings.asm_kubeconfig, settings.asm_context
+            )
             pair = KubernetesGatewayPair(api, asm_client=asm, state_namespace=settings.namespace)
             inspector = KubernetesCloudInspector(api)
             routes = KubernetesIstioRoutes(api, asm)

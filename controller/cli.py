@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -141,7 +142,7 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     from controller.adapters.cloud import KubernetesCloudInspector
     from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
     from controller.adapters.istio_routes import KubernetesIstioRoutes
-    from controller.adapters.kube_api import build_api_client
+    from controller.adapters.kube_api import data_and_asm_clients
     from controller.adapters.kube_state import KubernetesStateStore
     from controller.adapters.kubernetes import KubernetesGatewayPair
     from controller.adapters.prometheus import PrometheusMetricsSource
@@ -153,18 +154,14 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    clients = ExitStack()  # open as long as the process runs
     try:
-        api = build_api_client(settings.kubeconfig, settings.kube_context)
+        api, asm = data_and_asm_clients(
+            clients, settings.kubeconfig, settings.kube_context, settings.asm_kubeconfig, settings.asm_context
+        )
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    asm = api
-    if settings.asm_kubeconfig is not None or settings.asm_context is not None:
-        try:
-            asm = build_api_client(settings.asm_kubeconfig, settings.asm_context)
-        except GatewayCanaryError as exc:
-            print(f"cannot start: the ASM control plane: {exc}", file=sys.stderr)
-            return 2
     real = KubernetesGatewayPair(
         api, asm_client=asm, state_namespace=settings.namespace, check_write_access=not settings.dry_run
     )

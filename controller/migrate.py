@@ -26,7 +26,7 @@ import yaml
 from pydantic import ValidationError
 
 from controller.adapters.istio_routes import KubernetesIstioRoutes
-from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_api import data_and_asm_clients
 from controller.core.loader import PolicyError, SourcedPolicy
 from controller.core.routes import MigrationManifest, RouteParity, format_selector
 from controller.errors import GatewayCanaryError
@@ -121,10 +121,9 @@ def migrate_config_main(policy_files: Sequence[str], *, output: TextIO, errors: 
     current: SourcedPolicy | None = None
     try:
         with ExitStack() as stack:
-            data_plane = stack.enter_context(build_api_client(settings.kubeconfig, settings.kube_context))
-            asm = data_plane
-            if settings.asm_kubeconfig is not None or settings.asm_context is not None:
-                asm = stack.enter_context(build_api_client(settings.asm_kubeconfig, settings.asm_context))
+            data_plane, asm = data_and_asm_clients(
+                stack, settings.kubeconfig, settings.kube_context, settings.asm_kubeconfig, settings.asm_context
+            )
             routes = KubernetesIstioRoutes(data_plane, asm)
             for item in policies:
                 current = item

@@ -195,3 +195,32 @@ def istio_gateway_api(control_plane: ControlPlane) -> ControlPlane:
             what=f"GET {path} served",
         )
     return control_plane
+
+
+ISTIO_GATEWAY_ASM_CRD = Path(__file__).parent / "fixtures" / "istiogateway-crd.yaml"
+ISTIO_GATEWAY_GROUP = "istio.alibabacloud.com"
+
+
+@pytest.fixture(scope="session")
+def istio_gateway_crd(control_plane: ControlPlane) -> None:
+    """The IstioGateway CRD, installed once per session (idempotently) and served in both versions."""
+    crd = yaml.safe_load(ISTIO_GATEWAY_ASM_CRD.read_text())
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    control_plane.call("POST", path, crd, ok=(201, 409))
+
+    def established() -> bool:
+        conditions = control_plane.call("GET", f"{path}/{crd['metadata']['name']}").get("status", {}).get("conditions")
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions or [])
+
+    wait_for(established, timeout=30, what="the IstioGateway CRD to be Established")
+    for version in ("v1beta1", "v1"):  # served a little after Established (404, then 429 while its storage starts)
+        wait_for(
+            lambda v=version: (
+                control_plane.call(  # type: ignore[misc]
+                    "GET", f"/apis/{ISTIO_GATEWAY_GROUP}/{v}/istiogateways", ok=(200, 404, 429)
+                ).get("kind")
+                == "IstioGatewayList"
+            ),
+            timeout=30,
+            what=f"istiogateways served on {version}",
+        )

@@ -437,27 +437,36 @@ class Cluster:
         self.plane.call("DELETE", f"{base}/{ROLE_NAME}", ok=(200, 404))
         self.wait_until_allowed("patch", policy.spec.target.service, allowed=False)
 
-    def wait_until_allowed(self, verb: str, ref: ServiceRef, *, allowed: bool) -> None:
+    def allowed(
+        self, verb: str, resource: str, *, namespace: str | None = None, name: str = "", group: str = ""
+    ) -> bool:
+        """Whether RBAC lets the controller's identity do it (``namespace=""``: cluster-scoped)."""
+        attributes = {"verb": verb, "resource": resource, "group": group, "name": name}
+        where = self.ns if namespace is None else namespace
+        if where:
+            attributes["namespace"] = where
         review = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
             "spec": {
                 "user": self.controller_user,
                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{self.ns}", "system:authenticated"],
-                "resourceAttributes": {
-                    "namespace": ref.namespace,
-                    "verb": verb,
-                    "resource": "services",
-                    "name": ref.name,
-                },
+                "resourceAttributes": attributes,
             },
         }
-        path = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+        answer = self.plane.call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+        return bool(answer["status"].get("allowed"))
+
+    def wait_until(self, verb: str, resource: str, *, allowed: bool = True, **where: str) -> None:
+        """Until RBAC (which reads its objects through a watch) answers ``allowed``."""
         wait_for(
-            lambda: bool(self.plane.call("POST", path, review)["status"].get("allowed")) is allowed,
+            lambda: self.allowed(verb, resource, **where) is allowed,
             timeout=10,
-            what=f"RBAC to {'allow' if allowed else 'deny'} {verb} {ref}",
+            what=f"RBAC to {'allow' if allowed else 'deny'} {verb} {resource} {where}",
         )
+
+    def wait_until_allowed(self, verb: str, ref: ServiceRef, *, allowed: bool) -> None:
+        self.wait_until(verb, "services", allowed=allowed, namespace=ref.namespace, name=ref.name)
 
     def kubeconfig(self) -> str:
         """The controller's kubeconfig: its ServiceAccount's token, nothing more."""

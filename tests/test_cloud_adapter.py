@@ -8,9 +8,7 @@ applied weights, backends) as its source does. The pure rules (``confirmation``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 import pytest
@@ -40,87 +38,25 @@ from tests.ccm_emulator import COMPONENT, CcmEmulator, Mode
 from tests.kube_cluster import SOURCE, TARGET, Cluster
 from tests.servers import WEIGHT, LaggedShare, TrafficExporter, wait_for
 
-#: What the inspector reads beyond ``gateway-canary rbac``'s Role as it was (see ``grant_cloud_reads``).
+#: What the inspector reads: the Role and ClusterRole ``gateway-canary rbac`` prints must grant it.
 CLOUD_READS = (
-    ("list", "events", ""),
-    ("watch", "events", ""),
-    ("list", "endpointslices", "discovery.k8s.io"),
-    ("list", "nodes", ""),  # cluster-scoped
+    ("list", "events", {}),
+    ("watch", "events", {}),
+    ("list", "endpointslices", {"group": "discovery.k8s.io"}),
+    ("list", "nodes", {"namespace": ""}),  # cluster-scoped
 )
-CLOUD_READS_ROLE = "gateway-canary-cloud-reads"
-
-
-def _allowed(kube: Cluster, verb: str, resource: str, group: str) -> bool:
-    attributes = {"verb": verb, "resource": resource, "group": group}
-    if resource != "nodes":
-        attributes["namespace"] = kube.ns
-    review = {
-        "apiVersion": "authorization.k8s.io/v1",
-        "kind": "SubjectAccessReview",
-        "spec": {
-            "user": kube.controller_user,
-            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{kube.ns}", "system:authenticated"],
-            "resourceAttributes": attributes,
-        },
-    }
-    answer = kube.plane.call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
-    return bool(answer["status"].get("allowed"))
 
 
 @pytest.fixture
-def grant_cloud_reads(kube: Cluster) -> Iterator[list[str]]:
-    """``kube.grant`` (what ``gateway-canary rbac`` prints), then whatever of CLOUD_READS it lacks.
-
-    Yields what the test had to add itself (empty once controller/rbac.py grants it all); the
-    cluster-scoped objects it made are deleted afterwards (Nodes' RBAC outlives the namespace).
-    """
+def grant_cloud_reads(kube: Cluster) -> None:
+    """``kube.grant``: exactly what ``gateway-canary rbac`` prints, which covers every cloud read."""
     kube.grant(kube.policy())
-    missing = [need for need in CLOUD_READS if not _allowed(kube, *need)]
-    rbac = "/apis/rbac.authorization.k8s.io/v1"
-    subject = [{"kind": "ServiceAccount", "name": "gateway-canary", "namespace": kube.ns}]
-    namespaced = [
-        {"apiGroups": [group], "resources": [resource], "verbs": [verb]}
-        for verb, resource, group in missing
-        if resource != "nodes"
-    ]
-    if namespaced:
-        kube.plane.call(
-            "POST", f"{rbac}/namespaces/{kube.ns}/roles", {"metadata": {"name": CLOUD_READS_ROLE}, "rules": namespaced}
-        )
-        kube.plane.call(
-            "POST",
-            f"{rbac}/namespaces/{kube.ns}/rolebindings",
-            {
-                "metadata": {"name": CLOUD_READS_ROLE},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CLOUD_READS_ROLE},
-                "subjects": subject,
-            },
-        )
-    cluster_name = f"{CLOUD_READS_ROLE}-{kube.ns}"
-    cluster_wide = any(resource == "nodes" for _, resource, _ in missing)
-    if cluster_wide:
-        rules = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
-        kube.plane.call("POST", f"{rbac}/clusterroles", {"metadata": {"name": cluster_name}, "rules": rules})
-        kube.plane.call(
-            "POST",
-            f"{rbac}/clusterrolebindings",
-            {
-                "metadata": {"name": cluster_name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
-                "subjects": subject,
-            },
-        )
-    for need in missing:
-        verb, resource, group = need
-        wait_for(partial(_allowed, kube, verb, resource, group), timeout=10, what=f"RBAC to allow {need}")
-    yield [f"{verb} {resource}" for verb, resource, _ in missing]
-    if cluster_wide:
-        kube.plane.call("DELETE", f"{rbac}/clusterrolebindings/{cluster_name}", ok=(200, 404))
-        kube.plane.call("DELETE", f"{rbac}/clusterroles/{cluster_name}", ok=(200, 404))
+    for verb, resource, where in CLOUD_READS:
+        kube.wait_until(verb, resource, **where)
 
 
 @pytest.fixture
-def inspector(kube: Cluster, grant_cloud_reads: list[str]) -> KubernetesCloudInspector:
+def inspector(kube: Cluster, grant_cloud_reads: None) -> KubernetesCloudInspector:
     """The adapter as the controller's ServiceAccount."""
     return KubernetesCloudInspector(build_api_client(kube.write_kubeconfig()))
 
@@ -179,7 +115,7 @@ def emulator(kube: Cluster, **options: Any) -> CcmEmulator:
 
 
 def test_events_are_this_services_and_the_clouds_only(
-    kube: Cluster, grant_cloud_reads: list[str], monkeypatch: pytest.MonkeyPatch
+    kube: Cluster, grant_cloud_reads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kube.add_gateways()
     api = build_api_client(kube.write_kubeconfig())
@@ -390,8 +326,8 @@ def test_backends_are_unknown_without_the_permission_and_said_once(kube: Cluster
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
         ]
     )
-    wait_for(lambda: _allowed(kube, "list", "endpointslices", "discovery.k8s.io"), timeout=10)
-    assert not _allowed(kube, "list", "nodes", "")
+    kube.wait_until("list", "endpointslices", group="discovery.k8s.io")
+    assert not kube.allowed("list", "nodes", namespace="")
     inspector = KubernetesCloudInspector(build_api_client(kube.write_kubeconfig()))
     with capture_logs() as logs:
         assert inspector.backends(ref(kube)) is None

@@ -15,37 +15,37 @@ what the emulator copied from it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from controller.adapters.cloud import KubernetesCloudInspector
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
 from controller.adapters.kubernetes import KubernetesGatewayPair
-from controller.core.enums import GatewayRole, Phase
+from controller.core.cloud import BackendMode, Backends
+from controller.core.enums import AlertKind, GatewayRole, Phase
 from controller.core.istio_gateway import (
     ISTIO_GATEWAY_GROUP,
     IstioGatewayWeight,
     annotations_path,
     effective_weight,
 )
-from controller.core.policy import CanaryPolicy, ServiceRef
+from controller.core.policy import CanaryPolicy
 from controller.core.schedule import Weights
 from controller.demo import SimulatedGateways
 from controller.errors import AccessDenied, ClusterError, ServiceNotFound, WeightChangedExternally
-from controller.rbac import controller_rbac
+from controller.runtime.cloud_watch import CloudWatch
 from tests.asm_emulator import AsmEmulator
-from tests.helpers import make_policy, runner_for
-from tests.kube_cluster import CLB, CONTROLLER_ACCOUNT, Cluster, ControlPlane
+from tests.ccm_emulator import CcmEmulator
+from tests.helpers import RecordingNotifier, make_policy, runner_for
+from tests.kube_cluster import CLB, CLB_READY, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
 from tests.servers import WEIGHT, wait_for
 
-CRD = Path(__file__).parent / "fixtures" / "istiogateway-crd.yaml"
 GATEWAY = "ingressgateway-asm"  # ASM names its Service istio-<gateway>: TGT
 HERE, ELSEWHERE = "c-dataplane", "c-other"
 
@@ -165,31 +165,6 @@ def test_the_value_is_frozen() -> None:
 # -- against the real API server ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def istio_gateway_crd(control_plane: ControlPlane) -> None:
-    """The IstioGateway CRD, installed once per session (idempotently) and served in both versions."""
-    crd = yaml.safe_load(CRD.read_text())
-    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-    control_plane.call("POST", path, crd, ok=(201, 409))
-
-    def established() -> bool:
-        conditions = control_plane.call("GET", f"{path}/{crd['metadata']['name']}").get("status", {}).get("conditions")
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions or [])
-
-    wait_for(established, timeout=30, what="the IstioGateway CRD to be Established")
-    for version in ("v1beta1", "v1"):  # served a little after Established (404, then 429 while its storage starts)
-        wait_for(
-            lambda v=version: (
-                control_plane.call(  # type: ignore[misc]
-                    "GET", f"/apis/{ISTIO_GATEWAY_GROUP}/{v}/istiogateways", ok=(200, 404, 429)
-                ).get("kind")
-                == "IstioGatewayList"
-            ),
-            timeout=30,
-            what=f"istiogateways served on {version}",
-        )
-
-
 def gateway_path(kube: Cluster, version: str = "v1beta1") -> str:
     return f"/apis/{ISTIO_GATEWAY_GROUP}/{version}/namespaces/{kube.ns}/istiogateways/{GATEWAY}"
 
@@ -222,44 +197,13 @@ def asm_policy(kube: Cluster, cluster_id: str | None = None, steps: list[int] | 
 
 
 def grant(kube: Cluster, policy: CanaryPolicy) -> None:
-    """Exactly what ``gateway-canary rbac`` prints for the policy (the test plane is also the ASM one).
-
-    ``Cluster.grant`` waits until the target Service is patchable, which an IstioGateway target
-    is not granted: this waits for the IstioGateway patch instead.
-    """
-    account = ServiceRef(namespace=kube.ns, name=CONTROLLER_ACCOUNT)
-    for obj in controller_rbac([policy], account):
-        namespace = obj["metadata"].get("namespace")
-        plural = f"{obj['kind'].lower()}s"
-        base = "/apis/rbac.authorization.k8s.io/v1" + (f"/namespaces/{namespace}" if namespace else "")
-        if kube.plane.call("POST", f"{base}/{plural}", obj, ok=(201, 409)).get("reason") == "AlreadyExists":
-            kube.plane.call("PUT", f"{base}/{plural}/{obj['metadata']['name']}", obj)
-    kube.wait_until_allowed("patch", policy.spec.source.service, allowed=True)
+    """Exactly what ``gateway-canary rbac`` prints for the policy (the test plane is also the ASM one)."""
+    kube.grant(policy)
     wait_until_gateway_allowed(kube, "patch", allowed=True)
 
 
 def wait_until_gateway_allowed(kube: Cluster, verb: str, *, allowed: bool) -> None:
-    review = {
-        "apiVersion": "authorization.k8s.io/v1",
-        "kind": "SubjectAccessReview",
-        "spec": {
-            "user": kube.controller_user,
-            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{kube.ns}", "system:authenticated"],
-            "resourceAttributes": {
-                "namespace": kube.ns,
-                "verb": verb,
-                "group": ISTIO_GATEWAY_GROUP,
-                "resource": "istiogateways",
-                "name": GATEWAY,
-            },
-        },
-    }
-    path = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
-    wait_for(
-        lambda: bool(kube.plane.call("POST", path, review)["status"].get("allowed")) is allowed,
-        timeout=10,
-        what=f"RBAC to {'allow' if allowed else 'deny'} {verb} istiogateways/{GATEWAY}",
-    )
+    kube.wait_until(verb, "istiogateways", allowed=allowed, name=GATEWAY, group=ISTIO_GATEWAY_GROUP)
 
 
 def as_controller(kube: Cluster) -> KubernetesGatewayPair:
@@ -570,3 +514,66 @@ def test_a_policy_without_an_istio_gateway_keeps_the_service_path(kube: Cluster)
     )
     pair.write_weights(policy, seen, Weights(10, 90))
     assert kube.weight_writes(TGT, WEIGHT) == ["10"]
+
+
+# -- with the cloud's confirmation (R8): ASM must copy the weight, then the CCM must apply it --------------
+
+
+def test_an_istio_gateway_write_counts_only_once_asm_copied_it_and_the_cloud_confirmed(
+    kube: Cluster, istio_gateway_crd: None
+) -> None:
+    """ASM stalls: the write to the IstioGateway is not applied, the step holds, and after
+    ``cloud.confirmTimeout`` an alert says ASM has not copied it; once ASM and the CCM (EMULATED,
+    tests/ccm_emulator.py) apply it, the rollout goes on."""
+    ready = dict(CLB_READY)
+    add_istio_gateway(kube, weighted("0", **ready))
+    kube.add_service(TGT, {**ready, WEIGHT: "0"})
+    kube.add_service(SRC, {**ready, WEIGHT: "100"})
+    reference = {"namespace": kube.ns, "name": GATEWAY}
+    policy = make_policy(
+        "shop",
+        source={"service": f"{kube.ns}/{SRC}"},
+        target={"service": f"{kube.ns}/{TGT}", "istioGateway": reference},
+        schedule={"steps": [10, 50, 100], "bakeTime": 0},
+        cloud={"confirmTimeout": "2s"},
+        routes={"check": False},
+    )
+    grant(kube, policy)
+    notifier = RecordingNotifier()
+    api = build_api_client(kube.write_kubeconfig())
+    with (
+        CcmEmulator(kube.plane, kube.ns, lag=0.1) as ccm,
+        AsmEmulator(kube.plane, kube.ns, lag=0.1) as asm,
+    ):
+        for name in (TGT, SRC):
+            ccm.provision(name, Backends(BackendMode.CLUSTER, nodes=20))
+        asm.wait_synced()
+        policy_runner = runner_for(
+            policy,
+            pair=as_controller(kube),
+            store=KubernetesStateStore(api, kube.ns),
+            metrics=healthy(kube),  # the split the Services' weights make over 20 nodes
+            receivers=[notifier],
+            cloud=CloudWatch(KubernetesCloudInspector(api)),
+        )
+        with asm.stopped():
+            assert policy_runner.tick().decision.state.target_weight == 10  # written to the IstioGateway
+            assert top_weight(kube) == "10" and kube.annotations(TGT)[WEIGHT] == "0"
+
+            def refused() -> list[Any]:
+                policy_runner.tick()
+                return [a for a in notifier.alerts if a.kind is AlertKind.POLICY_REFUSED]
+
+            (alert,) = wait_for(refused, timeout=15, interval=0.25, what="the unconfirmed write to be said")
+            assert f"IstioGateway {kube.ns}/{GATEWAY}: ASM has not applied the weight" in alert.reason
+            assert "shows 0, not 10" in alert.reason
+            assert top_weight(kube) == "10"  # held: nothing higher was written
+        asm.wait_synced()
+
+        def raised() -> bool:
+            policy_runner.tick()
+            return top_weight(kube) == "50"
+
+        wait_for(raised, timeout=20, interval=0.25, what="the raise once ASM and the cloud applied 10")
+        assert ccm.applied_weight(TGT) in (10, 50)
+        assert policy_runner._memory.refusal is None

@@ -32,7 +32,6 @@ from controller.core.routes import (
     Route,
     RouteParity,
     host_covers,
-    migration_manifests,
     migration_plan,
     policy_parity,
     route_parity,
@@ -72,6 +71,11 @@ def gateway(name: str, selector: dict[str, str], *servers: dict[str, Any], ns: s
 
 def parity(source: list[dict[str, Any]], target: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> RouteParity:
     return route_parity(source, target, source_selector=OLD, target_selector=ASM, ignore_hosts=ignore)
+
+
+def migration_manifests(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """Just the manifests of ``migration_plan``."""
+    return [item.manifest for item in migration_plan(*args, **kwargs)]
 
 
 def missing_names(result: RouteParity) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, Conflict, ServiceNotFound
 
-__all__ = ["TIMEOUT", "build_api_client", "json_call", "resource_version", "translate"]
+__all__ = ["TIMEOUT", "build_api_client", "data_and_asm_clients", "json_call", "resource_version", "translate"]
 
 #: (connect, read) seconds for every API call: a hung API server must not hold a rollback.
 TIMEOUT = (3.0, 10.0)
@@ -85,3 +86,18 @@ def _api_message(exc: ApiException) -> str:
         return str(json.loads(exc.body or "{}").get("message", exc.reason))
     except (ValueError, AttributeError):
         return str(exc.reason)
+
+
+def data_and_asm_clients(
+    stack: ExitStack,
+    kubeconfig: Path | None,
+    context: str | None,
+    asm_kubeconfig: Path | None,
+    asm_context: str | None,
+) -> tuple[client.ApiClient, client.ApiClient]:
+    """The data-plane cluster's client and the ASM control plane's (the same one when no ASM
+    kubeconfig or context is set), closed with ``stack``. Raises GatewayCanaryError."""
+    data_plane = stack.enter_context(build_api_client(kubeconfig, context))
+    if asm_kubeconfig is None and asm_context is None:
+        return data_plane, data_plane
+    return data_plane, stack.enter_context(build_api_client(asm_kubeconfig, asm_context))

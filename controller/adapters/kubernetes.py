@@ -39,6 +39,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller.adapters.kube_api import TIMEOUT, build_api_client, json_call, resource_version, translate
+from controller.core import cloud
 from controller.core.istio_gateway import (
     ISTIO_GATEWAY_GROUP,
     ISTIO_GATEWAY_PLURAL,
@@ -70,11 +71,10 @@ __all__ = [
     "parse_weight",
 ]
 
-_PREFIX = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-"
-WEIGHT_ANNOTATION = _PREFIX + "weight"
-LB_ID_ANNOTATION = _PREFIX + "id"
-VGROUP_ANNOTATION = _PREFIX + "vgroup-port"
-IGNORE_WEIGHT_ANNOTATION = _PREFIX + "ignore-weight-update"
+WEIGHT_ANNOTATION = cloud.WEIGHT
+LB_ID_ANNOTATION = cloud.LB_ID
+VGROUP_ANNOTATION = cloud.VGROUP_PORT
+IGNORE_WEIGHT_ANNOTATION = cloud.IGNORE_WEIGHT
 #: Where gateway-canary 0.1 kept its state (version 1); adopted, then removed.
 LEGACY_STATE_ANNOTATION = "gateway-canary.io/state"
 

@@ -44,7 +44,6 @@ __all__ = [
     "ServedRoutes",
     "format_selector",
     "host_covers",
-    "migration_manifests",
     "migration_plan",
     "policy_parity",
     "route_parity",
@@ -523,19 +522,3 @@ def migration_plan(
         conflicts = tuple(sorted({item.conflicting_gateway for item in items if item.conflicting_gateway}))
         plan.append(MigrationManifest(manifest, items, gateway_id, conflicts))
     return plan
-
-
-def migration_manifests(
-    source_gateways: Iterable[Mapping[str, Any]],
-    missing: Iterable[MissingRoute],
-    target_selector: Mapping[str, str],
-    target_namespace_map: Mapping[str, str] | None = None,
-    *,
-    existing: Collection[tuple[str, str]] = (),
-    api_version: str | None = None,
-) -> list[dict[str, Any]]:
-    """Just the manifests of ``migration_plan`` (same arguments)."""
-    plan = migration_plan(
-        source_gateways, missing, target_selector, target_namespace_map, existing=existing, api_version=api_version
-    )
-    return [item.manifest for item in plan]
