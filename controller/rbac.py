@@ -89,11 +89,12 @@ def access_needed(policy: CanaryPolicy, state_namespace: str) -> tuple[AccessChe
     for namespace in sorted({ref.namespace for ref in refs}):
         # the cloud controller's confirmations: without them no write can be confirmed (a hold)
         checks.append(AccessCheck("list", "events", namespace))
-        checks.append(AccessCheck("watch", "events", namespace, required=False))
         checks.append(AccessCheck("list", "endpointslices", namespace, required=False, group="discovery.k8s.io"))
     checks.append(AccessCheck("list", "nodes", "", required=False))
     if policy.spec.routes.check:
         checks.append(AccessCheck("list", "gateways", "", group=ISTIO_NETWORKING_GROUP))
+        if istio_gateway is not None:  # the ASM gateway's own Istio Gateways live on the ASM control plane
+            checks.append(AccessCheck("list", "gateways", "", group=ISTIO_NETWORKING_GROUP, asm=True))
     state = state_object_name(policy.name)
     checks.append(AccessCheck("get", "configmaps", state_namespace, state))
     checks.append(AccessCheck("update", "configmaps", state_namespace, state))
@@ -108,33 +109,41 @@ def controller_rbac(
     state_namespace: str | None = None,
     role_name: str = ROLE_NAME,
 ) -> list[dict[str, Any]]:
-    """A Role and RoleBinding per namespace the policies touch, and one ClusterRole (+ binding)
-    for the cluster-scoped reads, for the controller's ServiceAccount.
+    """For the controller's ServiceAccount: a Role and RoleBinding per namespace the policies touch
+    and one ClusterRole (+ binding) for the cluster-scoped reads; and, for IstioGateway targets, the
+    same for the ASM control plane (named ``...-asm``, annotated: applied there).
 
     The state objects live in ``state_namespace`` (default: the ServiceAccount's namespace).
     """
     home = state_namespace or service_account.namespace
+    checks = [check for policy in policies for check in access_needed(policy, home)]
+    subjects = [{"kind": "ServiceAccount", "name": service_account.name, "namespace": service_account.namespace}]
+    objects = _plane([c for c in checks if not c.asm], role_name, service_account, subjects, None)
+    asm = [c for c in checks if c.asm]
+    if asm:
+        objects += _plane(asm, f"{role_name}-asm", service_account, subjects, _ASM_NOTE)
+    return objects
+
+
+def _plane(
+    checks: list[AccessCheck], role_name: str, account: ServiceRef, subjects: list[dict[str, str]], note: str | None
+) -> list[dict[str, Any]]:
+    """The Roles (per namespace) and the ClusterRole that grant ``checks`` on one API server."""
     named: dict[tuple[str, str, str, tuple[str, ...]], set[str]] = {}
     unnamed: dict[str, dict[tuple[str, str], set[str]]] = {}
     cluster: dict[tuple[str, str], set[str]] = {}
     verbs_of: dict[tuple[str, str, str, str], set[str]] = {}
-    asm_namespaces: set[str] = set()
-    for policy in policies:
-        for check in access_needed(policy, home):
-            if not check.namespace:
-                cluster.setdefault((check.group, check.resource), set()).add(check.verb)
-            elif check.name:
-                verbs_of.setdefault((check.namespace, check.group, check.resource, check.name), set()).add(check.verb)
-                if check.asm:
-                    asm_namespaces.add(check.namespace)
-            else:
-                unnamed.setdefault(check.namespace, {}).setdefault((check.group, check.resource), set()).add(check.verb)
+    for check in checks:
+        if not check.namespace:
+            cluster.setdefault((check.group, check.resource), set()).add(check.verb)
+        elif check.name:
+            verbs_of.setdefault((check.namespace, check.group, check.resource, check.name), set()).add(check.verb)
+        else:
+            unnamed.setdefault(check.namespace, {}).setdefault((check.group, check.resource), set()).add(check.verb)
     for (namespace, group, resource, name), verbs in verbs_of.items():  # names with the same verbs share a rule
         named.setdefault((namespace, group, resource, tuple(sorted(verbs, key=_VERB_ORDER.index))), set()).add(name)
-    namespaces = sorted({ns for ns, _, _, _ in named} | set(unnamed))
-    subjects = [{"kind": "ServiceAccount", "name": service_account.name, "namespace": service_account.namespace}]
     objects: list[dict[str, Any]] = []
-    for namespace in namespaces:
+    for namespace in sorted({ns for ns, _, _, _ in named} | set(unnamed)):
         rules: list[dict[str, Any]] = [
             {"apiGroups": [group], "resources": [resource], "resourceNames": sorted(names), "verbs": list(verbs)}
             for (ns, group, resource, verbs), names in sorted(named.items())
@@ -142,56 +151,47 @@ def controller_rbac(
         ]
         for (group, resource), verbs in sorted(unnamed.get(namespace, {}).items()):
             rules.append({"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)})
-        metadata: dict[str, Any] = {
-            "name": role_name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "gateway-canary"},
-        }
-        if namespace in asm_namespaces:
-            metadata["annotations"] = {_WHERE: _ASM_NOTE}
-        objects.append(
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata, "rules": rules}
-        )
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": dict(metadata),
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
-                "subjects": subjects,
-            }
-        )
+        objects += _role_and_binding("Role", _metadata(role_name, namespace, note), rules, subjects)
     if cluster:
         # cluster-scoped names are shared by every install: the ServiceAccount's namespace keeps them apart
-        name = f"{role_name}-{service_account.namespace}"
-        metadata = {
-            "name": name,
-            "labels": {"app.kubernetes.io/name": "gateway-canary"},
-            "annotations": {_WHERE: _CLUSTER_NOTE},
-        }
         rules = [
             {"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
             for (group, resource), verbs in sorted(cluster.items())
         ]
-        objects.append(
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": metadata, "rules": rules}
-        )
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": dict(metadata),
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-                "subjects": subjects,
-            }
-        )
+        metadata = _metadata(f"{role_name}-{account.namespace}", None, note or _CLUSTER_NOTE)
+        objects += _role_and_binding("ClusterRole", metadata, rules, subjects)
     return objects
+
+
+def _metadata(name: str, namespace: str | None, note: str | None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    metadata["labels"] = {"app.kubernetes.io/name": "gateway-canary"}
+    if note is not None:
+        metadata["annotations"] = {_WHERE: note}
+    return metadata
+
+
+def _role_and_binding(
+    kind: str, metadata: dict[str, Any], rules: list[dict[str, Any]], subjects: list[dict[str, str]]
+) -> list[dict[str, Any]]:
+    api = "rbac.authorization.k8s.io/v1"
+    role = {"apiVersion": api, "kind": kind, "metadata": metadata, "rules": rules}
+    binding = {
+        "apiVersion": api,
+        "kind": f"{kind}Binding",
+        "metadata": dict(metadata),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": metadata["name"]},
+        "subjects": subjects,
+    }
+    return [role, binding]
 
 
 _VERB_ORDER = ["get", "patch", "update"]
 _WHERE = "gateway-canary.io/apply-to"
-_ASM_NOTE = "the ASM control plane when GATEWAY_CANARY_ASM_KUBECONFIG is set (it holds the IstioGateway)"
-_CLUSTER_NOTE = (
-    "the data-plane cluster, and the ASM control plane too when GATEWAY_CANARY_ASM_KUBECONFIG is set "
-    "(list nodes: the backends a weight is spread over; list Istio Gateways: route parity)"
+_ASM_NOTE = (
+    "the ASM control plane (it holds the IstioGateway and the ASM gateway's Istio Gateways); when it is "
+    "a separate API server (GATEWAY_CANARY_ASM_KUBECONFIG), bind it to that kubeconfig's identity there"
 )
+_CLUSTER_NOTE = "list nodes: the backends a weight is spread over; list Istio Gateways: route parity"

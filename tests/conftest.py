@@ -153,10 +153,19 @@ def control_plane(workdir: Path) -> Iterator[ControlPlane]:
 
 
 @pytest.fixture
-def kube(control_plane: ControlPlane, request: pytest.FixtureRequest, tmp_path: Path) -> Cluster:
-    """This test's namespace on the real API server; the controller's identity is bound to its Role."""
+def kube(control_plane: ControlPlane, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """This test's namespace on the real API server; the controller's identity is bound to its Role.
+
+    The cluster-scoped RBAC ``gateway-canary rbac`` makes for it (named after the namespace) is
+    deleted afterwards: it would outlive the namespace.
+    """
     prefix = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower()).strip("-")
-    return Cluster(control_plane, control_plane.create_namespace(prefix or "test"), tmp_path)
+    cluster = Cluster(control_plane, control_plane.create_namespace(prefix or "test"), tmp_path)
+    yield cluster
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    for name in (f"gateway-canary-{cluster.ns}", f"gateway-canary-asm-{cluster.ns}"):
+        for kind in ("clusterrolebindings", "clusterroles"):
+            control_plane.call("DELETE", f"{rbac}/{kind}/{name}", ok=(200, 404))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -166,10 +166,13 @@ def test_the_chart_refuses_mistakes_and_secret_literals(
 # --- RBAC: the same rules as `gateway-canary rbac` -----------------------------------------------------
 
 
-def _rules(objects: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]]:
-    rules: dict[str, set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]] = {}
+def _rules(
+    objects: list[dict[str, Any]],
+) -> dict[tuple[str, bool], set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]]:
+    """Each Role's rules, by (namespace, whether it is for the ASM control plane)."""
+    rules: dict[tuple[str, bool], set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]] = {}
     for role in (o for o in objects if o["kind"] == "Role"):
-        rules[role["metadata"]["namespace"]] = {
+        rules[(role["metadata"]["namespace"], role["metadata"]["name"].endswith("-asm"))] = {
             (
                 rule["apiGroups"][0],
                 rule["resources"][0],
@@ -188,7 +191,7 @@ def test_the_charts_rbac_is_what_gateway_canary_rbac_prints(helm: Any, tmp_path:
     expected = controller_rbac(models, ServiceRef(namespace="canary", name=FULLNAME))
     assert _rules(documents) == _rules(expected)
     bindings = find(documents, "RoleBinding")
-    assert {b["metadata"]["namespace"] for b in bindings} == set(_rules(expected))
+    assert {b["metadata"]["namespace"] for b in bindings} == {ns for ns, _ in _rules(expected)}
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "canary"}] for b in bindings)
     assert _cluster_rules(documents) == _cluster_rules(expected)
     (binding,) = find(documents, "ClusterRoleBinding")
@@ -202,12 +205,25 @@ def test_the_charts_rbac_for_an_istio_gateway_target_and_no_route_parity(helm: A
     documents = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
     expected = controller_rbac([CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME))
     assert _rules(documents) == _rules(expected)
-    assert _cluster_rules(documents) == _cluster_rules(expected) == {("nodes", ("list",))}
+    assert _cluster_rules(documents) == _cluster_rules(expected) == {(False, "nodes", ("list",))}
+    asm = [d for d in find(documents, "Role") if d["metadata"]["name"].endswith("-asm")]
+    assert [r["metadata"]["namespace"] for r in asm] == ["istio-system"]
+    assert "ASM control plane" in asm[0]["metadata"]["annotations"]["gateway-canary.io/apply-to"]
 
 
-def _cluster_rules(objects: list[dict[str, Any]]) -> set[tuple[str, tuple[str, ...]]]:
+def test_the_charts_rbac_with_an_istio_gateway_and_route_parity_covers_both_planes(helm: Any, tmp_path: Path) -> None:
+    policy = yaml.safe_load((ROOT / "policies" / "shop-ingress.yaml").read_text())
+    policy["spec"]["target"]["istioGateway"] = {"namespace": "istio-system", "name": "ingressgateway-asm"}
+    documents = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
+    expected = controller_rbac([CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME))
+    assert _rules(documents) == _rules(expected)
+    assert _cluster_rules(documents) == _cluster_rules(expected)
+    assert (True, "gateways", ("list",)) in _cluster_rules(documents)
+
+
+def _cluster_rules(objects: list[dict[str, Any]]) -> set[tuple[bool, str, tuple[str, ...]]]:
     return {
-        (rule["resources"][0], tuple(sorted(rule["verbs"])))
+        ("-asm-" in role["metadata"]["name"], rule["resources"][0], tuple(sorted(rule["verbs"])))
         for role in objects
         if role["kind"] == "ClusterRole"
         for rule in role["rules"]

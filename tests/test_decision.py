@@ -11,11 +11,11 @@ import itertools
 from dataclasses import dataclass, field
 
 from controller.core.decision import Action, Decision, Observation, decide, initial_state, recovered_state
-from controller.core.enums import AlertKind, Command, InconclusiveCause, Phase, Severity
+from controller.core.enums import AlertKind, Command, GatewayRole, InconclusiveCause, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.state import RolloutState
-from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, TARGET_QUIET, at, make_policy
+from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, TARGET_QUIET, at, check, make_policy
 
 POLICY = make_policy()  # steps [10, 50, 100], bake 5m, interval 30s, failureThreshold 2
 
@@ -44,9 +44,17 @@ class Rollout:
         write: bool = True,
         settling: str | None = None,
         cloud_refusal: str | None = None,
+        cloud_detail: str | None = None,
     ) -> Decision:
         observed = Observation(
-            self.target, self.source, check, command, refusal, settling=settling, cloud_refusal=cloud_refusal
+            self.target,
+            self.source,
+            check,
+            command,
+            refusal,
+            settling=settling,
+            cloud_refusal=cloud_refusal,
+            cloud_detail=cloud_detail,
         )
         decision = decide(self.policy, self.state, observed, at(t))
         self.decisions.append(decision)
@@ -536,29 +544,54 @@ def test_r8_settling_too_long_warns_once_and_holds_never_rolls_back() -> None:
     assert rollout.target == 10
 
 
-def test_r8_the_cloud_refusing_a_write_holds_and_is_said_once() -> None:
+def test_r8_the_cloud_refusing_a_write_holds_and_is_said_once_whatever_its_messages() -> None:
     rollout = started()
-    failed = "the cloud did not confirm the last weight write: SyncLoadBalancerFailed: quota"
+    failed = (
+        "the cloud did not confirm the last weight write: ns/asm: the cloud controller answered SyncLoadBalancerFailed"
+    )
     not_confirmed = "settling: the weight write is not confirmed"
-    decisions = [rollout.tick(PASS, t, cloud_refusal=failed, settling=not_confirmed) for t in range(30, 930, 30)]
-    assert [kinds(d) for d in decisions[:2]] == [[AlertKind.POLICY_REFUSED], []]
-    assert decisions[0].notices[0].severity is Severity.WARNING
-    assert sum(len(d.notices) for d in decisions) == 2  # the refusal, and settling too long (once each)
+    decisions = [
+        # the cloud controller's message carries a new request id on every retry
+        rollout.tick(PASS, t, cloud_refusal=failed, cloud_detail=f"Throttling RequestId: {t}", settling=not_confirmed)
+        for t in range(30, 930, 30)
+    ]
+    assert [kinds(d) for d in decisions[:2]] == [[AlertKind.CLOUD_NOT_APPLIED], []]
+    notice = decisions[0].notices[0]
+    assert notice.severity is Severity.WARNING and "Throttling RequestId: 30" in notice.reason
+    assert sum(len(d.notices) for d in decisions) == 2  # that, and settling too long (once each)
     assert all(d.action is not Action.ADVANCE for d in decisions) and rollout.target == 10
     # confirmed later: the refusal clears, and the bake runs from then, its whole bakeTime
-    assert rollout.tick(PASS, 930).state.refusal is None
+    assert rollout.tick(PASS, 930).state.cloud_refusal is None
     rollout.every(PASS, 960, 1200)
     assert rollout.target == 10
     assert rollout.tick(PASS, 1230).action is Action.ADVANCE
 
 
-def test_r8_a_rollback_the_cloud_did_not_apply_pages() -> None:
+def test_r8_a_rollback_the_cloud_did_not_apply_pages_but_not_on_the_rollback_tick() -> None:
     rollout = started()
     rollout.tick(FAIL, 30)
-    assert rollout.tick(FAIL, 60).action is Action.ROLLBACK
-    unconfirmed = "the cloud did not confirm the last weight write: no EnsuredLoadBalancer since 00:01:00"
-    decision = rollout.tick(None, 300, cloud_refusal=unconfirmed)
-    assert kinds(decision) == [AlertKind.POLICY_REFUSED]
+    earlier = "the cloud did not confirm the last weight write: ns/asm: no EnsuredLoadBalancer since 00:00:00"
+    decision = rollout.tick(FAIL, 60, cloud_refusal=earlier)  # about the raise before the rollback
+    assert decision.action is Action.ROLLBACK
+    assert [(n.kind, n.severity) for n in decision.notices] == [
+        (AlertKind.ROLLED_BACK, Severity.CRITICAL),
+        (AlertKind.CLOUD_NOT_APPLIED, Severity.WARNING),
+    ]
+    unconfirmed = "the cloud did not confirm the last weight write: ns/asm: no EnsuredLoadBalancer since 00:01:00"
+    decision = rollout.tick(None, 300, cloud_refusal=unconfirmed)  # about the rollback itself
+    assert kinds(decision) == [AlertKind.CLOUD_NOT_APPLIED]
     assert decision.notices[0].severity is Severity.CRITICAL
     assert "has not applied the rollback" in decision.notices[0].reason
     assert decision.state.phase is Phase.ROLLED_BACK  # R5: still terminal; the weights stay 0
+
+
+def test_r8_settling_never_switches_off_a_rollback_on_missing_data() -> None:
+    policy = make_policy(analysis={"interval": "30s", "onMissingData": {"action": "rollback", "afterChecks": 2}})
+    rollout = started(policy)
+    quiet_target = check(Verdict.INCONCLUSIVE, InconclusiveCause.TOO_FEW_REQUESTS, (GatewayRole.TARGET,))
+    settling = "settling: the ASM gateway gets 0.0% of requests, the weights give it 20.0% (tolerance 5.0%)"
+    rollout.tick(quiet_target, 30, settling=settling)
+    decision = rollout.tick(quiet_target, 60, settling=settling)
+    assert decision.action is Action.ROLLBACK and rollout.target == 0
+    # and the settle deadline counted alongside
+    assert decision.state.inconclusive_count(InconclusiveCause.SETTLING) == 2

@@ -495,6 +495,9 @@ def test_library_errors_become_ours(kube: Cluster, istio_gateway_crd: None) -> N
     kube.set_rules(  # a Role from before the IstioGateway: the Services and the state only
         [{"apiGroups": [""], "resources": ["services"], "resourceNames": [TGT, SRC], "verbs": ["get"]}]
     )
+    kube.plane.call(  # and no ASM Role
+        "DELETE", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{kube.ns}/roles/gateway-canary-asm", ok=(200, 404)
+    )
     wait_until_gateway_allowed(kube, "get", allowed=False)
     with pytest.raises(AccessDenied, match="403"):
         as_controller(kube).observe(policy)
@@ -562,7 +565,7 @@ def test_an_istio_gateway_write_counts_only_once_asm_copied_it_and_the_cloud_con
 
             def refused() -> list[Any]:
                 policy_runner.tick()
-                return [a for a in notifier.alerts if a.kind is AlertKind.POLICY_REFUSED]
+                return [a for a in notifier.alerts if a.kind is AlertKind.CLOUD_NOT_APPLIED]
 
             (alert,) = wait_for(refused, timeout=15, interval=0.25, what="the unconfirmed write to be said")
             assert f"IstioGateway {kube.ns}/{GATEWAY}: ASM has not applied the weight" in alert.reason
@@ -575,5 +578,6 @@ def test_an_istio_gateway_write_counts_only_once_asm_copied_it_and_the_cloud_con
             return top_weight(kube) == "50"
 
         wait_for(raised, timeout=20, interval=0.25, what="the raise once ASM and the cloud applied 10")
-        assert ccm.applied_weight(TGT) in (10, 50)
-        assert policy_runner._memory.refusal is None
+        assert policy_runner._memory.cloud_refusal is None
+        assert ccm.reconciles(TGT) >= 1 and kube.annotations(TGT)[WEIGHT] in ("10", "50")
+        wait_for(lambda: ccm.applied_weight(TGT) == 50, timeout=10, what="the CLB to get 50 through ASM and the CCM")

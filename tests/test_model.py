@@ -18,7 +18,8 @@ are asserted against an independent model of what must have happened:
   I5  no exception escapes a tick, and no tick fails unexpectedly
   I6  the persisted state stays under MAX_MODEL_STATE_BYTES
   I7  after a weight write, the target weight rises only once the cloud's newest answer since that
-      write is a success, and only passes on a confirmed write count towards a bake (R8); the
+      write has been a success (a confirmation stands once given: Events expire, unrelated
+      reconciles fail later), and only passes on a confirmed write count towards a bake (R8); the
       cloud (a fault-injecting CloudInspector) answers each tick's writes with a success, a
       failure, or silence
 
@@ -226,6 +227,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.policy_changed = False
         self.unsaved = False
         self.cloud = FaultyCloud()
+        self.confirmed_writes: set[datetime] = set()
         self.runner = self._new_runner()
 
     def _new_runner(self) -> PolicyRunner:
@@ -283,25 +285,44 @@ class RolloutMachine(RuleBasedStateMachine):
         self._follow_terminal(after)
         self._the_write_is_recorded(before, fault, store_fails)
         self.cloud.answer(answer, self.clock.t)  # the cloud answers this tick's writes after them
+        self._latch_confirmation()
 
     def _confirmed(self) -> bool:
-        """Whether the newest answer since the last recorded write of the state the runner holds is a
-        success (True when nothing is recorded, or a write is still unfinished: it completes first)."""
+        """Whether the last recorded write of the state the runner holds has been confirmed: at some
+        point the cloud's newest answer since it was a success (a confirmation stands once given;
+        True when nothing is recorded, or a write is still unfinished: it completes first)."""
         state = self.runner._memory
         if state is None or state.written_at is None or state.pending is not None:
             return True
+        return state.written_at in self.confirmed_writes
+
+    def _latch_confirmation(self) -> None:
+        state = self.runner._memory
+        if state is None or state.written_at is None:
+            return
         since = state.written_at.replace(microsecond=0)
         answers = [e for e in self.cloud.answers if e.last_seen >= since]
-        return bool(answers) and max(
-            answers, key=lambda e: (e.last_seen, e.reason != "EnsuredLoadBalancer")
-        ).reason == ("EnsuredLoadBalancer")
+        if answers and max(answers, key=lambda e: (e.last_seen, e.reason != "EnsuredLoadBalancer")).reason == (
+            "EnsuredLoadBalancer"
+        ):
+            self.confirmed_writes.add(state.written_at)
 
     def _the_write_is_recorded(self, before: tuple[int, int | None], fault: str | None, store_fails: bool) -> None:
-        """A write that went through is what the cloud's answers are judged from (R8)."""
+        """Each side a write of ours changed is recorded, with its time, for the cloud to confirm (R8)."""
         state = self.runner._memory
-        changed = (self.pair.target_weight or 0, self.pair.source_weight) != before
-        if changed and fault is None and not store_fails and state is not None and state.pending is None:
-            assert state.written_at == self.clock.t, "I7/R8: a finished write was not recorded for confirmation"
+        changed = {
+            role
+            for role, was, now in (
+                (GatewayRole.TARGET, before[0], self.pair.target_weight or 0),
+                (GatewayRole.SOURCE, before[1], self.pair.source_weight),
+            )
+            if was != now
+        }
+        if changed and state is not None and state.written_at is not None:
+            assert state.written_at <= self.clock.t, "I7/R8: a write stamped in the future"
+            assert changed <= set(state.written_roles), f"I7/R8: {changed} written, {state.written_roles} recorded"
+        elif changed and fault is None and not store_fails and state is not None:
+            raise AssertionError("I7/R8: a finished write was not recorded for confirmation")
 
     @rule(count=st.integers(2, 6), start=st.booleans(), answer=st.sampled_from(ANSWERS))
     def a_healthy_stretch(self, count: int, start: bool, answer: str) -> None:

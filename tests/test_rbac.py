@@ -24,14 +24,14 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
     assert roles["mesh"]["rules"][0]["resourceNames"] == ["asm-gw", "gw-a", "gw-b"]
     assert roles["mesh"]["rules"][0]["verbs"] == ["get", "patch"]
     reads = [
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},  # the cloud's confirmations
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # the cloud's confirmations
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},  # the backends
     ]
     assert roles["legacy"]["rules"] == [
         {"apiGroups": [""], "resources": ["services"], "resourceNames": ["old-gw"], "verbs": ["get", "patch"]},
         *reads,
     ]  # our own Events go beside the target only
-    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list", "watch"]} in roles["mesh"]["rules"]
+    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]} in roles["mesh"]["rules"]
     # the state objects: one ConfigMap per policy in the controller's own namespace, by name
     assert roles["ops"]["rules"] == [
         {
@@ -46,9 +46,9 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
     assert len(bindings) == 3
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
     verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
-    assert verbs == {"get", "patch", "create", "update", "list", "watch"}  # never delete
+    assert verbs == {"get", "patch", "create", "update", "list"}  # never watch or delete
     for role in roles.values():  # what is listed is never a Service, a ConfigMap or a Secret
-        listed = {r for rule in role["rules"] if {"list", "watch"} & set(rule["verbs"]) for r in rule["resources"]}
+        listed = {r for rule in role["rules"] if "list" in rule["verbs"] for r in rule["resources"]}
         assert listed <= {"events", "endpointslices"}
     services = {
         r for role in roles.values() for rule in role["rules"] if "services" in rule["resources"] for r in rule["verbs"]
@@ -72,11 +72,19 @@ def test_an_istio_gateway_target_is_patched_there_and_its_service_only_read() ->
         routes={"check": False},
     )
     objects = controller_rbac([policy], ACCOUNT)
-    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
-    assert {"apiGroups": [""], "resources": ["services"], "resourceNames": ["asm-gw"], "verbs": ["get"]} in roles[
+    data = {
+        o["metadata"]["namespace"]: o
+        for o in objects
+        if o["kind"] == "Role" and o["metadata"]["name"] == "gateway-canary"
+    }
+    assert {"apiGroups": [""], "resources": ["services"], "resourceNames": ["asm-gw"], "verbs": ["get"]} in data[
         "mesh"
     ]["rules"]
-    assert roles["istio-system"]["rules"] == [
+    assert "annotations" not in data["mesh"]["metadata"]  # the data plane's Roles are applied as they are
+    # the IstioGateway lives on the ASM control plane: a Role of its own there, saying so
+    (asm,) = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "gateway-canary-asm"]
+    assert asm["metadata"]["namespace"] == "istio-system"
+    assert asm["rules"] == [
         {
             "apiGroups": ["istio.alibabacloud.com"],
             "resources": ["istiogateways"],
@@ -84,9 +92,21 @@ def test_an_istio_gateway_target_is_patched_there_and_its_service_only_read() ->
             "verbs": ["get", "patch"],
         }
     ]
-    assert "ASM control plane" in roles["istio-system"]["metadata"]["annotations"]["gateway-canary.io/apply-to"]
+    assert "ASM control plane" in asm["metadata"]["annotations"]["gateway-canary.io/apply-to"]
     (cluster_role,) = [o for o in objects if o["kind"] == "ClusterRole"]
     assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
+
+
+def test_route_parity_with_an_istio_gateway_lists_gateways_on_both_planes() -> None:
+    policy = make_policy(
+        "asm",
+        source={"service": "legacy/old-gw"},
+        target={"service": "mesh/asm-gw", "istioGateway": "istio-system/ingressgateway-asm"},
+    )
+    cluster_roles = {o["metadata"]["name"]: o for o in controller_rbac([policy], ACCOUNT) if o["kind"] == "ClusterRole"}
+    gateways = {"apiGroups": ["networking.istio.io"], "resources": ["gateways"], "verbs": ["list"]}
+    assert gateways in cluster_roles["gateway-canary-ops"]["rules"]
+    assert cluster_roles["gateway-canary-asm-ops"]["rules"] == [gateways]  # nodes are the data plane's only
 
 
 def test_the_state_namespace_can_differ_from_the_accounts() -> None:

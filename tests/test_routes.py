@@ -571,21 +571,15 @@ def test_migrate_config_output_applied_closes_the_gap(
     assert [doc for doc in yaml.safe_load_all(out) if doc is not None] == []
 
 
-def test_the_controller_needs_list_on_gateways(istio_gateway_api: ControlPlane, kube: Cluster) -> None:
+def test_the_controller_needs_list_on_gateways_and_gateway_canary_rbac_grants_it(
+    istio_gateway_api: ControlPlane, kube: Cluster
+) -> None:
     two_host_source(kube)
     routes = KubernetesIstioRoutes(build_api_client(kube.write_kubeconfig()))
     with pytest.raises(AccessDenied, match="forbidden"):
         routes.parity(routes_policy(kube))
-    name = f"gateway-canary-routes-{kube.ns}"
-    rbac = "/apis/rbac.authorization.k8s.io/v1"
-    rule = {"apiGroups": ["networking.istio.io"], "resources": ["gateways"], "verbs": ["list"]}
-    kube.plane.call("POST", f"{rbac}/clusterroles", {"metadata": {"name": name}, "rules": [rule]})
-    binding = {
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": "gateway-canary", "namespace": kube.ns}],
-    }
-    kube.plane.call("POST", f"{rbac}/clusterrolebindings", binding)
+    kube.grant(routes_policy(kube))  # what `gateway-canary rbac` prints: list gateways, cluster-wide
+    kube.wait_until("list", "gateways", namespace="", group="networking.istio.io")
 
     def allowed() -> RouteParity | None:
         try:

@@ -112,6 +112,7 @@ _SUMMARIES = {
     AlertKind.WEIGHT_CHANGED_EXTERNALLY: "{policy}: weights changed outside gateway-canary, rollout paused",
     AlertKind.POLICY_INVALID: "{policy}: policy file invalid, last good version keeps running",
     AlertKind.TICK_FAILED: "{policy}: a check failed unexpectedly, the next one runs as scheduled",
+    AlertKind.CLOUD_NOT_APPLIED: "{policy}: the cloud has not applied the last weight change",
 }
 
 

@@ -54,7 +54,9 @@ IGNORE_WEIGHT = ANNOTATION_PREFIX + "ignore-weight-update"
 
 #: The CCM's Event reasons (pkg/controller/helper/event.go).
 SUCCESS_REASON = "EnsuredLoadBalancer"
-FAILURE_REASONS = frozenset({"SyncLoadBalancerFailed", "SkipSyncBackends", "UnAvailableLoadBalancer"})
+FAILURE_REASONS = frozenset(
+    {"SyncLoadBalancerFailed", "SkipSyncBackends", "UnAvailableLoadBalancer", "FailedAddFinalizer"}
+)
 #: Without the annotation the CCM gives each backend this weight.
 DEFAULT_BACKEND_WEIGHT = 100
 
@@ -102,11 +104,16 @@ class Backends:
 
 
 def backend_weights(weight: int | None, backends: Backends) -> tuple[int, ...]:
-    """Each backend's CLB weight for a Service weight (None: no annotation, 100 each).
+    """Each backend's CLB weight for a Service weight.
 
     The CCM's ``podPercentAlgorithm``: Cluster ``max(1, w // nodes)``, ENI ``max(1, w // pods)``,
-    Local ``max(1, w * podsOnNode // totalPods)``. A weight of 0 gives every backend 0.
+    Local ``max(1, w * podsOnNode // totalPods)``. A weight of 0 gives every backend 0. Without
+    the annotation (None) every backend gets 100, except in Local mode (``podNumberAlgorithm``:
+    each node weighs the number of its pods).
     """
+    if weight is None and backends.mode is BackendMode.LOCAL:
+        # no annotation in Local mode: podNumberAlgorithm, each node weighs its pods
+        return tuple(pods for pods in backends.pods_per_node if pods > 0)
     if weight is None:
         return (DEFAULT_BACKEND_WEIGHT,) * backends.count
     if weight == 0:
@@ -182,7 +189,10 @@ class ConfirmationState:
     """A confirmation with what it rests on, for status, logs and alerts."""
 
     status: Confirmation
+    #: what happened, stable while it lasts (reported once)
     reason: str
+    #: the cloud controller's own words (they change on every retry: request ids), for the alert
+    detail: str = ""
 
     @property
     def applied(self) -> bool:
@@ -206,7 +216,7 @@ def confirmation(
         if newest.reason == SUCCESS_REASON:
             return ConfirmationState(Confirmation.CONFIRMED, f"{service}: {newest.reason} at {_hms(newest.last_seen)}")
         return ConfirmationState(
-            Confirmation.FAILED, f"{service}: the cloud controller answered {newest.reason}: {newest.message}"
+            Confirmation.FAILED, f"{service}: the cloud controller answered {newest.reason}", newest.message
         )
     if now - written_at > timeout:
         return ConfirmationState(
@@ -225,8 +235,10 @@ def combined(states: Sequence[ConfirmationState]) -> ConfirmationState:
     if not states:
         return ConfirmationState(Confirmation.CONFIRMED, "nothing written")
     worst = min(states, key=lambda s: order.index(s.status))
-    same = [s.reason for s in states if s.status is worst.status]
-    return ConfirmationState(worst.status, "; ".join(same))
+    same = [s for s in states if s.status is worst.status]
+    return ConfirmationState(
+        worst.status, "; ".join(s.reason for s in same), "; ".join(s.detail for s in same if s.detail)
+    )
 
 
 def _hms(moment: datetime) -> str:
@@ -313,7 +325,7 @@ def _parse_vgroups(raw: str) -> _Vgroups:
     groups: list[tuple[str, int]] = []
     for part in raw.split(","):
         group, sep, port = part.rpartition(":")
-        if not sep or not group or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not group or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             return _Vgroups(problem=f"{part!r} is not vServerGroupId:port")
         groups.append((group, int(port)))
     return _Vgroups(groups=tuple(groups))
@@ -388,6 +400,8 @@ def preflight(
                 )
             )
 
+    items.append(_shared_vgroups(target, source))
+
     for facts in both:
         value = facts.annotations.get(FORCE_OVERRIDE)
         ok = value is not None and value.strip().lower() == "false"
@@ -441,6 +455,32 @@ def preflight(
             )
         )
     return tuple(items)
+
+
+def _shared_vgroups(target: ServiceFacts, source: ServiceFacts) -> PreflightItem:
+    """Both gateways' backends in the same vServer group per port: the listener forwards to one group,
+    and the weights split traffic only among that group's backends."""
+    check = "same vServer groups"
+    mine = _parse_vgroups(target.annotations.get(VGROUP_PORT, ""))
+    theirs = _parse_vgroups(source.annotations.get(VGROUP_PORT, ""))
+    if mine.problem is not None or theirs.problem is not None:
+        return PreflightItem(
+            check, False, "cannot be compared until both vgroup-port annotations are valid", "see above"
+        )
+    target_groups, source_groups = dict((p, g) for g, p in mine.groups), dict((p, g) for g, p in theirs.groups)
+    differ = [
+        f"port {port}: {target.name} uses {group}, {source.name} {source_groups.get(port, 'none')}"
+        for port, group in sorted(target_groups.items())
+        if source_groups.get(port) != group
+    ]
+    if differ:
+        return PreflightItem(
+            check,
+            False,
+            "; ".join(differ),
+            "name the old gateway's vServer group on the ASM gateway for each port (the runbook's reuse)",
+        )
+    return PreflightItem(check, True, ", ".join(f"{g}:{p}" for p, g in sorted(target_groups.items())))
 
 
 def blocking(items: Sequence[PreflightItem]) -> str | None:

@@ -9,7 +9,7 @@ safety rules are the shape of it, not the order of early returns::
     rollback = _protection(...)        R1, R2: does the evidence (or a pending rollback) demand 0?
     decision = _rollback(...)          ...if so, that is the decision: nothing else is considered
              | _permit(_progress(...)) otherwise: everything else, and a raise needs permission
-    return _report_refusal(decision)   R3: each refusal reported once
+    return _report_cloud(_report_refusal(decision))   R3, R8: each refusal reported once
 
 The rules
 ---------
@@ -45,9 +45,11 @@ R7  The baseline must be real. Starting (0 -> first step) needs a check whose ba
 R8  A step bakes only on traffic that follows its weights. A passing check counts as a pass only
     once the cloud confirmed the last write and the observed share of requests is within
     tolerance of the effective share (``controller.core.cloud``); until then it is inconclusive
-    (``Settling``, its own counter and limit: ``cloud.settleTimeout``, a hold, never a rollback).
-    A FAIL is never softened by settling. The cloud saying it did not apply a write (or saying
-    nothing within ``cloud.confirmTimeout``) is a refusal (R3); after a rollback it pages.
+    (``Settling``, its own counter and limit: ``cloud.settleTimeout``, a hold, never a rollback),
+    and no raise is written. Only a pass is relabelled: a FAIL is never softened, and another
+    inconclusive check keeps its cause and limit (and counts as settling besides). The cloud
+    saying it did not apply a write (or saying nothing within ``cloud.confirmTimeout``) holds
+    raises like a refusal and is said once (``CloudNotApplied``); about a rollback, it pages.
 
 Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
 change is adopted and reported, never fought), with rollback still armed; an unfinished raise is
@@ -64,7 +66,6 @@ from datetime import datetime, timedelta
 from controller.core.enums import (
     AlertKind,
     Command,
-    GatewayRole,
     InconclusiveCause,
     OnInconclusive,
     Phase,
@@ -134,9 +135,12 @@ class Observation:
     reported_refusal: str | None = None
     #: why the traffic does not follow the weights yet (unconfirmed write, observed share off): R8
     settling: str | None = None
-    #: the cloud did not apply the last write (failed, skipped, unconfirmed): a refusal, paged
-    #: after a rollback (the ASM gateway may still carry traffic)
+    #: the cloud did not apply the last write (failed, skipped, unconfirmed), in words stable
+    #: while it lasts: blocks raises, said once, paged after a rollback (the ASM gateway may
+    #: still carry traffic)
     cloud_refusal: str | None = None
+    #: the cloud controller's own message about it (changes on every retry: only shown)
+    cloud_detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +229,7 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     """Count the evidence, protect, then progress with permission; see the module docstring."""
     writes, written = _reconcile_writes(state, observed)
     observed = replace(observed, check=_settled(observed.check, observed.settling))
-    counted = _count_evidence(policy, written, observed.check, now)
+    counted = _count_evidence(policy, written, observed.check, now, settling=observed.settling is not None)
     if writes is _Writes.UNFINISHED and _failed(observed.check) and not _pending_rollback(counted):
         writes, counted = _Writes.SETTLED, _void_unfinished_raise(counted, observed)
     why_rollback = _protection(policy, counted, observed)
@@ -233,7 +237,7 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
         decision = _rollback(policy, counted, observed, now, why_rollback)
     else:
         decision = _permit(_progress(policy, counted, observed, writes, now), counted, observed)
-    return _report_refusal(_report_stuck(policy, decision), observed)
+    return _report_cloud(_report_refusal(_report_stuck(policy, decision), observed.refusal), observed)
 
 
 # --- 1. what the Services show against what we last wrote ------------------------------------
@@ -269,24 +273,24 @@ def _reconcile_writes(state: RolloutState, observed: Observation) -> tuple[_Writ
 
 
 def _settled(check: CheckResult | None, settling: str | None) -> CheckResult | None:
-    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8). A FAIL stays.
+    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8).
 
-    A target too quiet to judge while the weights give it a share is settling too: the weight has
-    not reached the traffic, and that is the cause to count (and to time out on), not the quiet.
+    Only a pass is relabelled: a FAIL stays a FAIL, and any other inconclusive check keeps its
+    cause and its limit (``onMissingData: rollback`` included); it counts as settling besides.
     """
-    if check is None or settling is None:
+    if check is None or settling is None or check.verdict is not Verdict.PASS:
         return check
-    quiet_target = check.cause is InconclusiveCause.TOO_FEW_REQUESTS and GatewayRole.TARGET in check.starved
-    if check.verdict is Verdict.PASS or (check.verdict is Verdict.INCONCLUSIVE and quiet_target):
-        return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
-    return check
+    return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
 
 
 def _count_evidence(
-    policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime
+    policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime, *, settling: bool = False
 ) -> RolloutState:
     if check is None:
         return state
+    also_settling = settling and check.verdict is Verdict.INCONCLUSIVE and check.cause is not InconclusiveCause.SETTLING
+    if also_settling:  # R8: the settle deadline runs whatever else keeps the check inconclusive
+        state = state.count_inconclusive(InconclusiveCause.SETTLING)
     if check.verdict is Verdict.FAIL:
         return state.evolve(
             consecutive_failures=state.consecutive_failures + 1,
@@ -678,23 +682,38 @@ def _start_blocker(check: CheckResult | None) -> str | None:
     return None
 
 
-# --- 6. telling people: once per refusal and per stuck cause (R3, R6) ----------------------------
+# --- 6. telling people: once per refusal, cloud refusal and stuck cause (R3, R6, R8) ------------
 
 
-def _report_refusal(decision: Decision, observed: Observation) -> Decision:
-    refusal = "; ".join(r for r in (observed.refusal, observed.cloud_refusal) if r) or None
+def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
     state = decision.state
     if (refusal and bounded(refusal)) == state.refusal:  # the state keeps it bounded: compare alike
         return decision
     updated = replace(decision, state=state.evolve(refusal=refusal))
     if refusal is None:
         return updated
-    if observed.cloud_refusal is not None and state.phase is Phase.ROLLED_BACK:
-        # the rollback may not have reached the load balancer: the ASM gateway may still carry traffic
-        why = f"the cloud has not applied the rollback; check the CLB by hand: {refusal}"
-        return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.CRITICAL, why))
     why = f"refused to raise weights (observing and rollback continue): {refusal}"
     return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.WARNING, why))
+
+
+def _report_cloud(decision: Decision, observed: Observation) -> Decision:
+    """Say once that the cloud has not applied the last write; page when that write was a rollback."""
+    refusal = observed.cloud_refusal
+    state = decision.state
+    if (refusal and bounded(refusal)) == state.cloud_refusal:
+        return decision
+    updated = replace(decision, state=state.evolve(cloud_refusal=refusal))
+    if refusal is None:
+        return updated
+    detail = f" ({observed.cloud_detail})" if observed.cloud_detail else ""
+    # On the rollback's own tick the refusal is about the write before it; from the next tick on,
+    # about the rollback, which may not have reached the load balancer.
+    rollback_unapplied = state.phase is Phase.ROLLED_BACK and decision.action is not Action.ROLLBACK
+    if rollback_unapplied:
+        why = f"the cloud has not applied the rollback, the ASM gateway may still get traffic: {refusal}{detail}"
+        return updated.notify(Notice(AlertKind.CLOUD_NOT_APPLIED, Severity.CRITICAL, why))
+    why = f"holding at the weights written: the cloud has not applied them: {refusal}{detail}"
+    return updated.notify(Notice(AlertKind.CLOUD_NOT_APPLIED, Severity.WARNING, why))
 
 
 def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:

@@ -109,6 +109,7 @@ class AlertKind(enum.StrEnum):
     WEIGHT_CHANGED_EXTERNALLY = "WeightChangedExternally"
     POLICY_INVALID = "PolicyInvalid"
     TICK_FAILED = "TickFailed"
+    CLOUD_NOT_APPLIED = "CloudNotApplied"
 
 
 class Command(enum.StrEnum):

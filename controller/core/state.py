@@ -107,12 +107,19 @@ class RolloutState:
     #: is judged from it (R8); a side whose value did not change gets no new Event
     written_at: datetime | None = None
     written_roles: tuple[GatewayRole, ...] = ()
+    #: the cloud confirmed that write (once is enough: its Events expire after an hour, and a
+    #: later unrelated failure does not unmake an applied weight)
+    write_confirmed: bool = False
+    #: why the cloud has not applied the last write, as reported (once) to people
+    cloud_refusal: str | None = None
 
     def __post_init__(self) -> None:
         # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
         object.__setattr__(self, "reason", bounded(self.reason))
         if self.refusal is not None:
             object.__setattr__(self, "refusal", bounded(self.refusal))
+        if self.cloud_refusal is not None:
+            object.__setattr__(self, "cloud_refusal", bounded(self.cloud_refusal))
 
     def evolve(self, **changes: Any) -> RolloutState:
         """A copy with some fields changed (dataclasses.replace, typed as ours)."""
@@ -184,6 +191,8 @@ class _StateV2(_Stored):
     refusal: _Text | None
     written_at: AwareDatetime | None = None  # added in 0.3; absent in older version-2 states
     written_roles: list[GatewayRole] = []
+    write_confirmed: bool = False
+    cloud_refusal: _Text | None = None
 
 
 class _StateV1(_Stored):
@@ -240,6 +249,8 @@ def encode_state(state: RolloutState) -> str:
         "refusal": state.refusal,
         "written_at": _iso(state.written_at),
         "written_roles": [role.value for role in state.written_roles],
+        "write_confirmed": state.write_confirmed,
+        "cloud_refusal": state.cloud_refusal,
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -306,6 +317,8 @@ def _from_v2(stored: _StateV2) -> RolloutState:
         refusal=stored.refusal,
         written_at=stored.written_at,
         written_roles=tuple(stored.written_roles),
+        write_confirmed=stored.write_confirmed,
+        cloud_refusal=stored.cloud_refusal,
     )
 
 

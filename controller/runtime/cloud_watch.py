@@ -38,6 +38,7 @@ class CloudView:
 
     settling: str | None = None
     cloud_refusal: str | None = None
+    cloud_detail: str | None = None
     refusal: str | None = None
     split: cloud.Split | None = None
     confirmation: cloud.ConfirmationState | None = None
@@ -46,9 +47,13 @@ class CloudView:
 class CloudWatch:
     """Gathers a ``CloudView`` per tick; one per policy runner."""
 
-    def __init__(self, inspector: CloudInspector, routes: RouteInspector | None = None) -> None:
+    def __init__(
+        self, inspector: CloudInspector, routes: RouteInspector | None = None, *, verify_writes: bool = True
+    ) -> None:
         self._inspector = inspector
         self._routes = routes
+        #: False in a dry run: nothing is written, so nothing can be confirmed or followed by traffic
+        self._verify_writes = verify_writes
         self._log = structlog.get_logger("controller.cloud")
         self._last_split: tuple[int, int | None, float | None] | None = None
 
@@ -63,15 +68,16 @@ class CloudWatch:
         """This tick's view; reads only what the phase needs (preflight and routes before raises)."""
         log = self._log.bind(policy=policy.name)
         split = self._split(policy, seen, log)
-        confirmed = self._confirmation(policy, state, seen, now)
+        confirmed = self._confirmation(policy, state, seen, now) if self._verify_writes else None
         settling = None
-        if check is not None:
+        if check is not None and self._verify_writes:
             observed = check.observed_target_share
             expected = None if split is None else split.effective
             settling = cloud.settling_reason(observed, expected, policy.spec.cloud.share_tolerance, confirmed)
-        cloud_refusal = None
+        cloud_refusal = cloud_detail = None
         if confirmed is not None and confirmed.status in (cloud.Confirmation.FAILED, cloud.Confirmation.UNCONFIRMED):
             cloud_refusal = f"the cloud did not confirm the last weight write: {confirmed.reason}"
+            cloud_detail = confirmed.detail or None
         refusals = []
         may_raise = state.phase in (Phase.PENDING, Phase.PROGRESSING) and state.pending is None
         if may_raise and state.target_weight == 0:
@@ -79,7 +85,7 @@ class CloudWatch:
         if may_raise and policy.spec.routes.check and self._routes is not None:
             refusals.append(self._route_parity(policy))
         refusal = "; ".join(r for r in refusals if r) or None
-        return CloudView(settling, cloud_refusal, refusal, split, confirmed)
+        return CloudView(settling, cloud_refusal, cloud_detail, refusal, split, confirmed)
 
     # -- the split ---------------------------------------------------------------------------------
 
@@ -118,9 +124,15 @@ class CloudWatch:
     def _confirmation(
         self, policy: CanaryPolicy, state: RolloutState, seen: PairSnapshot, now: datetime
     ) -> cloud.ConfirmationState | None:
-        """None when nothing was written that needs confirming (no write yet, or one still pending)."""
+        """None when nothing was written that needs confirming (no write yet, or one still pending).
+
+        Once confirmed, a write stays confirmed (``state.write_confirmed``): the Events expire after
+        an hour, and a later failure of an unrelated reconcile does not take an applied weight back.
+        """
         if state.written_at is None or state.pending is not None or not state.written_roles:
             return None
+        if state.write_confirmed:
+            return cloud.ConfirmationState(cloud.Confirmation.CONFIRMED, "confirmed earlier")
         timeout = policy.spec.cloud.confirm_timeout
         states: list[cloud.ConfirmationState] = []
         for role in state.written_roles:
@@ -132,12 +144,11 @@ class CloudWatch:
                     continue
             try:
                 events = self._inspector.events(ref)
-            except ClusterError as exc:
-                states.append(
-                    cloud.ConfirmationState(
-                        cloud.Confirmation.FAILED, f"{ref}: the cloud controller's Events cannot be read: {exc}"
-                    )
-                )
+            except ClusterError as exc:  # not an answer: wait, and after the deadline say so
+                late = now - state.written_at > timeout
+                status = cloud.Confirmation.UNCONFIRMED if late else cloud.Confirmation.WAITING
+                why = f"{ref}: the cloud controller's Events cannot be read"
+                states.append(cloud.ConfirmationState(status, why, str(exc)))
                 continue
             states.append(cloud.confirmation(events, state.written_at, now, timeout, service=str(ref)))
         return cloud.combined(states)
@@ -184,10 +195,10 @@ def _asm_confirmation(
     """
     gateway = policy.spec.target.istio_gateway
     where = f"IstioGateway {gateway}"
-    if seen.asm_error:
-        return cloud.ConfirmationState(cloud.Confirmation.FAILED, f"{where}: ASM reports: {seen.asm_error}")
     if seen.target_service_weight == seen.target_weight:
-        return None
+        return None  # copied: whatever ASM reports besides, the cloud controller's answer decides
+    if seen.asm_error:
+        return cloud.ConfirmationState(cloud.Confirmation.FAILED, f"{where}: ASM reports an error", seen.asm_error)
     shows = f"Service {policy.spec.target.service} shows {seen.target_service_weight}, not {seen.target_weight}"
     if now - written_at > policy.spec.cloud.confirm_timeout:
         return cloud.ConfirmationState(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -42,7 +42,7 @@ from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severi
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
+from controller.core.state import Intent, RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.text import bounded
 from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
@@ -116,6 +116,7 @@ class PolicyRunner:
         self.failing_since: float | None = None
         self._forbidden_grace = forbidden_grace_seconds
         self._cloud = cloud
+        self._last_view = CloudView()  # the last cloud view read (its refusals stand on skipped ticks)
         #: the last split and confirmation seen (for status)
         self.split: Split | None = None
         self.confirmation: ConfirmationState | None = None
@@ -171,8 +172,9 @@ class PolicyRunner:
             quiet,
             settling=view.settling,
             cloud_refusal=view.cloud_refusal,
+            cloud_detail=view.cloud_detail,
         )
-        decision = decide(self.policy, state, observed, self._clock.now())
+        decision = self._stamp(state, decide(self.policy, state, observed, self._clock.now()), view)
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
         # Decided without any state (the store unreadable since this process started): never
@@ -286,14 +288,51 @@ class PolicyRunner:
         return check
 
     def _look_at_cloud(self, state: RolloutState, seen: PairSnapshot, check: CheckResult | None) -> CloudView:
-        """What the cloud did with the weights (R8); nothing to look at without a cloud (the demo's pair)."""
+        """What the cloud did with the weights (R8); nothing to look at without a cloud (the demo's pair).
+
+        Never in the way of a rollback: on a failing check or with a rollback pending nothing is
+        read (no raise can follow; a slow ASM control plane must not delay the rollback), the last
+        view's refusals stand; a failure of the cloud checks themselves only holds raises.
+        """
         if self._cloud is None:
             return CloudView()
-        view = self._cloud.view(self.policy, state, seen, check, self._clock.now())
+        failing = check is not None and check.verdict is Verdict.FAIL
+        if failing or (state.pending is not None and state.pending.rollback):
+            last = self._last_view
+            return CloudView(cloud_refusal=last.cloud_refusal, cloud_detail=last.cloud_detail, refusal=last.refusal)
+        try:
+            view = self._cloud.view(self.policy, state, seen, check, self._clock.now())
+        except Exception as exc:  # a bug in a check must not cost the tick (and its rollback)
+            self._telemetry.errors.labels(self.policy.name, "cloud_checks").inc()
+            self.log.exception("the cloud checks failed; holding raises")
+            why = f"the cloud checks failed ({type(exc).__name__}); see the controller's log"
+            return CloudView(settling=why, refusal=why)
         self._telemetry.record_cloud(self.policy.name, view.split, view.confirmation)
         self.split = view.split
         self.confirmation = view.confirmation
+        self._last_view = view
         return view
+
+    def _stamp(self, before: RolloutState, decision: Decision, view: CloudView) -> Decision:
+        """Record in the decided state what the cloud is to confirm (R8), before anything is written.
+
+        A new intent is stamped with its time and the sides whose value it changes; the same intent
+        again (a retried rollback, a completion) keeps its stamp and adds sides, so a side written
+        on an earlier attempt is still judged. A confirmed write is remembered as such.
+        """
+        state = decision.state
+        intent = state.pending
+        if decision.weights is not None and intent is not None:
+            roles = _changed_roles(intent)
+            previous = before.pending
+            if previous is not None and previous.weights == intent.weights and before.written_at is not None:
+                merged = tuple(role for role in _ROLE_ORDER if role in (*before.written_roles, *roles))
+                state = state.evolve(written_at=before.written_at, written_roles=merged, write_confirmed=False)
+            elif roles:
+                state = state.evolve(written_at=self._clock.now(), written_roles=roles, write_confirmed=False)
+        elif view.confirmation is not None and view.confirmation.applied and not state.write_confirmed:
+            state = state.evolve(write_confirmed=True)
+        return decision if state is decision.state else replace(decision, state=state)
 
     # -- writing (the write-ahead protocol) ----------------------------------------------------------
 
@@ -340,11 +379,7 @@ class PolicyRunner:
                 self._tell(seen, decision)
             return self._cluster_trouble(exc, "write weights", check=check, urgent=decision.force)
         late = [] if decision.force else alerts
-        done = state.evolve(pending=None)
-        changed = _changed_roles(seen, weights)
-        if changed:  # the cloud confirms what changed, from now on (R8)
-            done = done.evolve(written_at=self._clock.now(), written_roles=changed)
-        self._save(done, recorded or stored, self._outbox(late))  # 4. done
+        self._save(state.evolve(pending=None), recorded or stored, self._outbox(late))  # 4. done
         self._send_all(late)
         self._tell(seen, decision)
         return TickOutcome(decision, check, recheck_soon=failing)
@@ -556,12 +591,15 @@ class PolicyRunner:
         return TickOutcome(None, None, error=why)
 
 
-def _changed_roles(seen: PairSnapshot, weights: Weights) -> tuple[GatewayRole, ...]:
-    """The sides a write changed: only those get an answer from the cloud controller."""
+_ROLE_ORDER = (GatewayRole.TARGET, GatewayRole.SOURCE)
+
+
+def _changed_roles(intent: Intent) -> tuple[GatewayRole, ...]:
+    """The sides an intent changes: only those get an answer from the cloud controller."""
     roles: list[GatewayRole] = []
-    if weights.target != seen.target_weight:
+    if intent.target != intent.from_target:
         roles.append(GatewayRole.TARGET)
-    if weights.source is not None and weights.source != seen.source_weight:
+    if intent.source is not None and intent.source != intent.from_source:
         roles.append(GatewayRole.SOURCE)
     return tuple(roles)
 

@@ -215,7 +215,9 @@ class ControllerService:
             stopping=self.stopping,
             config_error=config_error,
             forbidden_grace_seconds=self.settings.forbidden_grace_seconds,
-            cloud=None if self._cloud is None else CloudWatch(self._cloud, self._routes),
+            cloud=None
+            if self._cloud is None
+            else CloudWatch(self._cloud, self._routes, verify_writes=not self.settings.dry_run),
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale
