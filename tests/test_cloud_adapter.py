@@ -41,7 +41,6 @@ from tests.servers import WEIGHT, LaggedShare, TrafficExporter, wait_for
 #: What the inspector reads: the Role and ClusterRole ``gateway-canary rbac`` prints must grant it.
 CLOUD_READS = (
     ("list", "events", {}),
-    ("watch", "events", {}),
     ("list", "endpointslices", {"group": "discovery.k8s.io"}),
     ("list", "nodes", {"namespace": ""}),  # cluster-scoped
 )
@@ -220,7 +219,7 @@ def test_confirmation_of_what_the_cloud_answered(
     assert seen[0] == "AnnotationChanged"
     if mode is Mode.SKIP:  # the hole: neither a success nor a failure of the sync
         assert seen == ["AnnotationChanged", "SkipSyncBackends"]
-        assert "due to invalid backends" in final.reason
+        assert "due to invalid backends" in final.detail
     if mode is Mode.SILENT:
         assert seen == ["AnnotationChanged"]
         assert "no EnsuredLoadBalancer" in final.reason
@@ -257,7 +256,7 @@ def test_an_invalid_weight_fails_the_whole_sync(kube: Cluster, inspector: Kubern
         kube.edit(TARGET, {WEIGHT: "150"})
         state = answer(inspector, kube, written, timedelta(seconds=5))
         assert state.status is Confirmation.FAILED
-        assert "weight must be integer in range [0,100] , got [150]" in state.reason
+        assert "weight must be integer in range [0,100] , got [150]" in state.detail
         assert ccm.applied_weight(TARGET) == 0
 
 
