@@ -89,8 +89,8 @@ def _cmd_schema() -> int:
     return 0
 
 
-def _cmd_demo(speed: float, verbose: bool) -> int:
-    from controller.demo import run_demo
+def _cmd_demo(speed: float, verbose: bool, scenario: str) -> int:
+    from controller.demo import SCENARIOS, run_demo
 
     configure_logging(LogFormat.CONSOLE, "INFO" if verbose else "ERROR")
 
@@ -100,11 +100,11 @@ def _cmd_demo(speed: float, verbose: bool) -> int:
         print("---------------------------------------------------------------\n")
 
     print(f"gateway-canary demo: simulated gateways, time x{speed:g}, no cluster needed")
-    result = run_demo(speed=speed, on_change=lambda line: print(f"  {line}"), on_alert=show_alert)
+    result = run_demo(speed=speed, scenario=scenario, on_change=lambda line: print(f"  {line}"), on_alert=show_alert)
     if result.rolled_back and result.alerts:
         print(
             f"demo finished in {result.seconds:.1f}s: climbed to {result.highest_weight}, "
-            "rolled back to 0 after errors, alert delivered"
+            f"rolled back to 0 after {SCENARIOS[scenario]}, alert delivered"
         )
         return 0
     print(
@@ -217,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a full migration against simulated gateways, no cluster")
     demo.add_argument("--speed", type=float, default=60.0, help="time compression factor (default 60)")
     demo.add_argument("--verbose", action="store_true", help="show every check's log line")
+    demo.add_argument(
+        "--scenario",
+        choices=["errors", "missing-route"],
+        default="errors",
+        help="what breaks on the ASM gateway: 5xx (default), or a host without a route (404 NR)",
+    )
     validate = sub.add_parser("validate", help="validate policy files or directories")
     validate.add_argument("paths", nargs="+")
     sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
@@ -253,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         return _cmd_schema()
     if args.command == "demo":
-        return _cmd_demo(args.speed, args.verbose)
+        return _cmd_demo(args.speed, args.verbose, args.scenario)
     if args.command == "rbac":
         return _cmd_rbac(args.paths, args.service_account, args.state_namespace)
     return _cmd_run(args.policies, args.dry_run)

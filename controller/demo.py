@@ -25,7 +25,10 @@ from controller.runtime.clock import CompressedClock
 from controller.runtime.service import ControllerService
 from controller.settings import Settings
 
-__all__ = ["DEMO_POLICY", "CollectingNotifier", "DemoResult", "SimulatedGateways", "run_demo"]
+__all__ = ["DEMO_POLICY", "SCENARIOS", "CollectingNotifier", "DemoResult", "SimulatedGateways", "run_demo"]
+
+#: What the demo breaks on the ASM gateway, and how the ending is told.
+SCENARIOS = {"errors": "errors (5xx)", "missing-route": "404 NR grew on the ASM gateway"}
 
 DEMO_POLICY = """\
 apiVersion: gateway-canary.io/v1alpha1
@@ -65,6 +68,10 @@ class SimulatedGateways:
     p99_ms: dict[GatewayRole, float] = field(
         default_factory=lambda: {GatewayRole.SOURCE: 120.0, GatewayRole.TARGET: 110.0}
     )
+    #: share of each gateway's requests answered 404 NR (a missing route) or 403 (a missing policy)
+    no_route: dict[GatewayRole, float] = field(default_factory=lambda: dict.fromkeys(GatewayRole, 0.0))
+    denied: dict[GatewayRole, float] = field(default_factory=lambda: dict.fromkeys(GatewayRole, 0.0))
+    not_found: float = 0.005
     seed: int = 7
     _random: random.Random = field(init=False, repr=False)
 
@@ -80,17 +87,51 @@ class SimulatedGateways:
         target = self.split().effective or 0.0
         return target if role is GatewayRole.TARGET else 1.0 - target
 
+    def responses(self, role: GatewayRole) -> dict[tuple[str, str, str], float]:
+        """The share of each kind of response (code, Envoy flags, destination) on a gateway."""
+        no_route, denied = self.no_route[role], self.denied[role]
+        return {
+            ("404", "-", "productpage"): self.not_found,  # ordinary 404s, the same on both gateways
+            ("404", "NR", "unknown"): no_route,  # a host with no route on this gateway
+            ("403", "-", "reviews"): denied,  # an AuthorizationPolicy not carried over
+            ("200", "-", "productpage"): max(0.0, 1.0 - self.not_found - no_route - denied),
+        }
+
+    def _counts(self, role: GatewayRole, kind: str) -> dict[tuple[str, str, str], float]:
+        requests = self.total_rps * self.window_seconds * self.share(role)
+        return {key: requests * share for key, share in self.responses(role).items() if _is_kind(kind, key[0], key[1])}
+
+    def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+        """The breakdown of a kind of response by code, flags and destination, as Prometheus has it."""
+        kind = (query.gate or "").split(":", 1)[0]
+        return [
+            ({"response_code": code, "response_flags": flags, "destination_service_name": dest}, count)
+            for (code, flags, dest), count in self._counts(query.role, kind).items()
+            if count > 0
+        ]
+
     def query(self, query: RenderedQuery) -> float | None:
         """Answer like Prometheus would for our queries: empty when there is no traffic."""
         requests = self.total_rps * self.window_seconds * self.share(query.role)
-        if query.measure is Measure.CUSTOM or requests <= 0:
-            return None
+        if query.measure in (Measure.CUSTOM, Measure.TLS) or requests <= 0:
+            return None  # no custom gates here, and Envoy's TLS stats are not exported
         if query.measure is Measure.REQUESTS:
             return requests
+        if query.measure is Measure.RESPONSES:
+            return sum(self._counts(query.role, query.gate or "").values())
         if query.measure is Measure.ERROR_RATE:
             jitter = self._random.uniform(0.8, 1.2)
             return min(1.0, self.error_ratio[query.role] * jitter)
         return self.p99_ms[query.role] * self._random.uniform(0.95, 1.05)
+
+
+def _is_kind(kind: str, code: str, flags: str) -> bool:
+    """Whether a response (code, Envoy flags) counts as ``kind`` (4xx, auth, noRoute), as the queries say."""
+    if kind == "4xx":
+        return code.startswith("4")
+    if kind == "auth":
+        return code in ("401", "403")
+    return "NR" in flags.split(",")
 
 
 class CollectingNotifier:
@@ -126,11 +167,18 @@ def run_demo(
     inject_at_weight: int = 25,
     inject_after_seconds: float = 0.5,
     error_ratio: float = 0.12,
+    scenario: str = "errors",
     deadline_seconds: float = 50.0,
     on_change: Callable[[str], None] = lambda line: None,
     on_alert: Callable[[Alert], None] = lambda alert: None,
 ) -> DemoResult:
-    """Climb, inject 5xx on the target once it reaches ``inject_at_weight``, expect a rollback."""
+    """Climb, break the target once it reaches ``inject_at_weight``, expect a rollback.
+
+    ``scenario``: ``errors`` (``error_ratio`` of 5xx) or ``missing-route`` (the ASM gateway lacks
+    a host: that share of its requests is answered 404 with Envoy's flag NR, no 5xx at all).
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}: {', '.join(SCENARIOS)}")
     started = time.monotonic()
     pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
     store = InMemoryStateStore()
@@ -159,6 +207,7 @@ def run_demo(
         service.start()
         highest = 0
         injected_at: float | None = None
+        broken = False
         last_seen: tuple[int | None, int | None] = (None, None)
         try:
             while time.monotonic() - started < deadline_seconds:
@@ -172,13 +221,15 @@ def run_demo(
                 highest = max(highest, pair.target_weight or 0)
                 if injected_at is None and (pair.target_weight or 0) >= inject_at_weight:
                     injected_at = time.monotonic()
-                elif (
-                    injected_at is not None
-                    and gateways.error_ratio[GatewayRole.TARGET] != error_ratio
-                    and time.monotonic() - injected_at >= inject_after_seconds
-                ):
-                    gateways.error_ratio[GatewayRole.TARGET] = error_ratio
-                    on_change(f"injecting {error_ratio:.0%} 5xx on the ASM gateway at weight {pair.target_weight}")
+                elif not broken and injected_at is not None and time.monotonic() - injected_at >= inject_after_seconds:
+                    broken = True
+                    if scenario == "missing-route":
+                        gateways.no_route[GatewayRole.TARGET] = error_ratio
+                        what = f"{error_ratio:.0%} of its requests get 404 NR (a host without a route)"
+                    else:
+                        gateways.error_ratio[GatewayRole.TARGET] = error_ratio
+                        what = f"{error_ratio:.0%} 5xx"
+                    on_change(f"breaking the ASM gateway at weight {pair.target_weight}: {what}")
                 state = store.state_of("demo-shop")
                 if state is not None and state.phase is Phase.ROLLED_BACK and notifier.received.is_set():
                     break

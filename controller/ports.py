@@ -45,6 +45,11 @@ class MetricsSource(Protocol):
         """The scalar answer, or None for an empty result. Raises MetricsUnavailable."""
         ...
 
+    def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+        """Every series of an instant vector with its labels (the breakdown of a failed gate).
+        Raises MetricsUnavailable."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PairSnapshot:

@@ -73,7 +73,10 @@ def samples(
     latency: float | None = 100.0,
     error: str | None = None,
     custom: dict[str, float | None] | None = None,
+    mix: dict[str, float | None] | None = None,
 ) -> GatewaySamples:
+    """One gateway's numbers; ``mix`` counts responses by kind (4xx, auth, noRoute; none by default)."""
+    counts = {"4xx": 0.0, "auth": 0.0, "noRoute": 0.0, **(mix or {})}
     return GatewaySamples(
         role=role,
         requests=outcome(role, Measure.REQUESTS, requests, error),
@@ -83,6 +86,12 @@ def samples(
         custom={
             name: outcome(role, Measure.CUSTOM, value, error, gate=name)
             for name, value in (custom if custom is not None else {"resets": 0.0}).items()
+        },
+        mix={
+            kind: outcome(
+                role, Measure.TLS if kind in ("tlsErrors", "connections") else Measure.RESPONSES, v, error, kind
+            )
+            for kind, v in counts.items()
         },
     )
 

@@ -80,7 +80,7 @@ def test_a_confirmed_write_stays_confirmed_when_its_events_expire_or_a_later_rec
     rig.tick(TARGET_QUIET, 0, answer="ok")  # starts at 10; the cloud confirms it
     assert rig.pair.target_weight == 10
     rig.tick(PASS, 30)
-    assert rig.state().write_confirmed
+    assert rig.state().confirmed_at == at(30)
     rig.cloud.answers.clear()  # an hour on: the API server has deleted the Events
     rig.cloud.answer("fail", at(40))  # and an unrelated reconcile failed since
     for t in range(60, 150, 30):
@@ -121,7 +121,7 @@ def test_a_crash_between_the_writes_and_the_save_keeps_the_stamp_of_the_new_writ
     rig.runner = rig.new_runner()  # a restart: only the store survives
     rig.tick(PASS, 120)  # completes: both Services show the intent
     state = rig.state()
-    assert state.written_at == at(90) and not state.write_confirmed
+    assert state.written_at == at(90) and state.confirmed_at is None
     for t in range(150, 300, 30):  # the ok answers to the earlier write do not confirm this one
         rig.tick(PASS, t)
     assert rig.pair.target_weight == 50

@@ -24,7 +24,16 @@ def test_all_gates_pass_with_values_thresholds_and_baseline() -> None:
     )
     assert result.verdict is Verdict.PASS
     by_name = {gate.gate: gate for gate in result.gates}
-    assert set(by_name) == {"errorRate", "errorRateIncrease", "latencyP99", "latencyP99Ratio", "resets"}
+    assert set(by_name) == {
+        "errorRate",
+        "errorRateIncrease",
+        "latencyP99",
+        "latencyP99Ratio",
+        "resets",
+        "responses4xx",  # the response-mix gate is on by default
+        "responsesAuth",
+        "responsesNoRoute",
+    }
     assert by_name["errorRateIncrease"].value == 0.001
     assert by_name["errorRateIncrease"].baseline == 0.001
     assert by_name["latencyP99"].threshold == 500

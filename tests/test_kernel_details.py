@@ -49,8 +49,9 @@ def test_the_baseline_needs_every_query_answered_and_min_requests_on_the_source(
 
 def test_the_baseline_reason_counts_the_failed_queries() -> None:
     one = judge(POLICY, samples(S), samples(T, error="boom")).baseline.reason
-    # samples(error=...) fails every query of that gateway: requests, error rate, latency, the custom one
-    assert one == "baseline: 4 queries failed: boom"
+    # samples(error=...) fails every query of that gateway: requests, error rate, latency, the three
+    # response-mix counts, the custom one
+    assert one == "baseline: 7 queries failed: boom"
     quiet = judge(POLICY, samples(S, requests=7), samples(T)).baseline.reason
     assert quiet == "baseline: source had 7 requests in the window, needs 50"
     ok = judge(POLICY, samples(S, requests=1234), samples(T)).baseline.reason

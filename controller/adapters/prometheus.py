@@ -50,8 +50,25 @@ class PrometheusMetricsSource:
         number to judge and never an exception out of the collector. Error bodies are cut short
         before they reach a reason, an Event or an alert.
         """
+        return _scalar(self._ask(query))
+
+    def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+        """Every series of an instant vector, with its labels; raise MetricsUnavailable as ``query``."""
+        result = self._ask(query)
+        if not isinstance(result, list) or any(not isinstance(s, dict) or "value" not in s for s in result):
+            raise MetricsUnavailable("the query did not return an instant vector")
+        series = []
+        for sample in result:
+            value = sample["value"]
+            if not isinstance(value, list) or len(value) != 2:
+                raise MetricsUnavailable(f"malformed sample {bounded(repr(value), 80)}")
+            labels = sample.get("metric") or {}
+            series.append(({str(k): str(v) for k, v in dict(labels).items()}, _float(value[1])))
+        return series
+
+    def _ask(self, query: RenderedQuery) -> object:
         try:
-            result = self._client.custom_query(query.promql, timeout=self._timeout)
+            return self._client.custom_query(query.promql, timeout=self._timeout)
         except PrometheusApiClientException as exc:
             raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {_short(exc)}") from exc
         except (requests.exceptions.JSONDecodeError, KeyError, TypeError, IndexError) as exc:  # no data.result
@@ -60,7 +77,6 @@ class PrometheusMetricsSource:
             raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
         except ValueError as exc:  # a body that is not JSON, from an older requests
             raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {_short(exc)}") from exc
-        return _scalar(result)
 
     def close(self) -> None:
         """Release the HTTP connection pool."""

@@ -77,6 +77,8 @@ class Alert:
                 f"gate {gate['gate']}: {_fmt(gate.get('value'))} breaks {gate.get('comparator', '<=')} "
                 f"{_fmt(gate.get('threshold'))} (source {_fmt(gate.get('baseline'))})"
             )
+            if gate.get("detail"):
+                lines.append(f"  grew most: {gate['detail']}")
             if gate.get("query"):
                 lines.append(f"  PromQL: {gate['query']}")
         if self.target_numbers:

@@ -41,6 +41,9 @@ class InconclusiveCause(enum.StrEnum):
     #: the checks pass but the traffic does not follow the weights yet (or the cloud has not
     #: confirmed them): the bake waits (R8)
     SETTLING = "Settling"
+    #: the ASM gateway gets persistently fewer requests than the CLB sends it: requests fail
+    #: before HTTP (R8, ``analysis.onTrafficDeficit``)
+    TRAFFIC_DEFICIT = "TrafficDeficit"
 
 
 class Phase(enum.StrEnum):
@@ -88,6 +91,10 @@ class Measure(enum.StrEnum):
     ERROR_RATE = "errorRate"
     LATENCY = "latency"
     CUSTOM = "custom"
+    #: counts of one kind of response (the query's ``gate`` says which: 4xx, auth, noRoute)
+    RESPONSES = "responses"
+    #: Envoy listener TLS counters (``gate``: tlsErrors, connections)
+    TLS = "tls"
 
 
 class Severity(enum.StrEnum):

@@ -11,13 +11,15 @@ NotANumber, and fewer than ``minRequests`` requests TooFewRequests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from controller.core.enums import GatewayRole, InconclusiveCause, OnEmpty, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome
 
-__all__ = ["judge"]
+__all__ = ["describe_growth", "judge"]
 
 #: When several gates are inconclusive, the check reports the most actionable cause.
 _CAUSE_PRIORITY = (
@@ -170,6 +172,20 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
                     both(target.latency, source.latency, f"{label} latency", _ratio),
                 )
             )
+    if gates.response_mix.enabled:
+        mix = gates.response_mix
+        limits = (
+            ("4xx", "responses4xx", mix.max_increase_4xx, "4xx"),
+            ("auth", "responsesAuth", mix.max_increase_auth, "401/403"),
+            ("noRoute", "responsesNoRoute", mix.max_increase_no_route, "404 NR (no route)"),
+        )
+        for kind, name, limit, what in limits:
+            spec = _Excess(name, what, kind, "requests", limit)
+            results.append(_excess_gate(spec, target, source, sigmas=mix.noise_sigmas, minimum=minimum))
+    if gates.tls_handshake is not None:
+        limit = gates.tls_handshake.max_increase
+        spec = _Excess("tlsHandshakeFailures", "TLS handshake failures", "tlsErrors", "connections", limit)
+        results.append(_excess_gate(spec, target, source, sigmas=gates.response_mix.noise_sigmas, minimum=minimum))
     for custom in gates.custom:
         outcome = target.custom[custom.name]
         baseline = source.custom.get(custom.name)
@@ -190,6 +206,71 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
         if custom.min is not None:
             results.append(_gate(f"{custom.name}Min", outcome, custom.min, measured, comparator=">="))
     return _combine(tuple(results), source, target, minimum)
+
+
+@dataclass(frozen=True, slots=True)
+class _Excess:
+    """One comparison of a kind of event per request (or connection), target against source."""
+
+    name: str
+    what: str
+    kind: str
+    per: str
+    limit: float
+
+
+def _excess_gate(
+    spec: _Excess, target: GatewaySamples, source: GatewaySamples, *, sigmas: float, minimum: int
+) -> GateResult:
+    """Target ratio of ``kind`` per ``per`` against the source's: FAIL when the excess is over
+    ``limit`` AND over ``sigmas`` standard deviations of a two-proportion test (both serve the
+    same clients, so their ratios differ only by chance unless something is missing)."""
+    name, what, kind, per, limit = spec.name, spec.what, spec.kind, spec.per, spec.limit
+    query = target.mix[kind].query.promql
+    try:
+        counts = []
+        for samples in (target, source):
+            events = _number(samples.mix[kind], f"{samples.role.value} {what}")
+            if per == "requests":
+                total = _traffic(samples, minimum)
+            else:
+                total = _number(samples.mix[per], f"{samples.role.value} {per}")
+                if total < minimum:
+                    raise _Unjudgeable(
+                        InconclusiveCause.TOO_FEW_REQUESTS,
+                        f"{samples.role.value} had {total:.0f} {per} in the window, needs {minimum}",
+                    )
+            counts.append((min(events, total), total))
+    except _Unjudgeable as exc:
+        return GateResult(
+            gate=name,
+            verdict=Verdict.INCONCLUSIVE,
+            reason=f"{name}: {exc.reason}",
+            threshold=limit,
+            cause=exc.cause,
+            query=query,
+        )
+    (t_events, t_total), (s_events, s_total) = counts
+    t_ratio, s_ratio = t_events / t_total, s_events / s_total
+    excess = t_ratio - s_ratio
+    pooled = (t_events + s_events) / (t_total + s_total)
+    noise = math.sqrt(pooled * (1 - pooled) * (1 / t_total + 1 / s_total))
+    significant = excess > sigmas * noise
+    failed = excess > limit and significant
+    standing = f"{excess / noise:.1f} sigma" if noise > 0 else "no noise"
+    shown = (
+        f"{what} {t_ratio:.2%} on the target vs {s_ratio:.2%} on the source: "
+        f"+{excess:.2%} {'breaks' if failed else 'within'} <= {limit:.2%} ({standing}, {t_events:.0f} of {t_total:.0f})"
+    )
+    return GateResult(
+        gate=name,
+        verdict=Verdict.FAIL if failed else Verdict.PASS,
+        reason=f"{name}: {shown}",
+        value=excess,
+        threshold=limit,
+        baseline=s_ratio,
+        query=query,
+    )
 
 
 def _ratio(target: float, source: float) -> float:
@@ -257,3 +338,35 @@ def _baseline(source: GatewaySamples, target: GatewaySamples, minimum: int) -> G
         cause=cause,
         query=source.requests.query.promql,
     )
+
+
+def describe_growth(
+    target: Sequence[tuple[Mapping[str, str], float]], source: Sequence[tuple[Mapping[str, str], float]], top: int = 3
+) -> str | None:
+    """The label sets (code, flags, route) whose share of the responses grew most on the target.
+
+    Each side's counts become shares of that side's total, so the two gateways' different traffic
+    does not matter; the entries are named by their labels, with both shares.
+    """
+
+    def shares(series: Sequence[tuple[Mapping[str, str], float]]) -> dict[tuple[tuple[str, str], ...], float]:
+        total = sum(value for _, value in series if math.isfinite(value) and value > 0)
+        if total <= 0:
+            return {}
+        return {tuple(sorted(labels.items())): value / total for labels, value in series if math.isfinite(value)}
+
+    mine, theirs = shares(target), shares(source)
+    growth = sorted(((share - theirs.get(key, 0.0), key) for key, share in mine.items()), reverse=True)
+    named = [
+        f"{_labels(key)}: {mine[key]:.0%} of the target's vs {theirs.get(key, 0.0):.0%} of the source's"
+        for grew, key in growth[:top]
+        if grew > 0
+    ]
+    return "; ".join(named) or None
+
+
+def _labels(key: tuple[tuple[str, str], ...]) -> str:
+    values = dict(key)
+    code, flags = values.pop("response_code", "?"), values.pop("response_flags", "-")
+    route = ", ".join(f"{name}={value}" for name, value in sorted(values.items()))
+    return f"{code} {flags}" + (f" ({route})" if route else "")

@@ -48,10 +48,12 @@ __all__ = [
     "LatencyGate",
     "PrometheusSpec",
     "Receiver",
+    "ResponseMixGate",
     "RoutesSpec",
     "ScheduleSpec",
     "ServiceRef",
     "SlackReceiver",
+    "TlsHandshakeGate",
     "WebhookReceiver",
 ]
 
@@ -333,6 +335,11 @@ class AnalysisSpec(_Model):
     failure_threshold: StrictInt = Field(default=2, ge=1, le=100, description="consecutive FAIL checks that roll back")
     on_missing_data: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
     on_metrics_unavailable: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
+    on_traffic_deficit: InconclusivePolicy = Field(
+        default_factory=lambda: InconclusivePolicy(action=OnInconclusive.ROLLBACK, after_checks=3),
+        description="the ASM gateway gets persistently fewer requests than the CLB sends it: requests "
+        "fail before HTTP (TLS, listener ports, a missing Gateway server); rollback (default) or hold",
+    )
 
     @field_validator("interval")
     @classmethod
@@ -451,11 +458,47 @@ class CustomGate(_Model):
         return self
 
 
+class ResponseMixGate(_Model):
+    """The ASM gateway's responses must look like the old gateway's: both serve the same clients.
+
+    Configuration left behind in the runbook's step 2 shows here, not as 5xx: a missing route
+    answers 404 with Envoy's flag ``NR``, a missing AuthorizationPolicy 403, a missing
+    RequestAuthentication 401. Each limit is the largest allowed excess of the target's ratio over
+    the source's; an excess must also stand out of the sampling noise by ``noiseSigmas`` standard
+    deviations (a two-proportion test), so that a quiet healthy pair does not trip it
+    (docs/policies.md has the figures).
+    """
+
+    enabled: bool = Field(default=True, description="false: no response-mix gate")
+    max_increase_4xx: Number = Field(
+        default=0.03, ge=0, le=1, alias="maxIncrease4xx", description="target 4xx ratio minus source 4xx ratio"
+    )
+    max_increase_auth: Number = Field(
+        default=0.01, ge=0, le=1, description="target (401 + 403) ratio minus the source's"
+    )
+    max_increase_no_route: Number = Field(
+        default=0.01, ge=0, le=1, description="target ratio of responses flagged NR (no route) minus the source's"
+    )
+    noise_sigmas: Number = Field(
+        default=4.0, ge=0, le=20, description="an excess must exceed this many standard deviations of the noise"
+    )
+
+
+class TlsHandshakeGate(_Model):
+    """Handshake failures per connection, target vs source (Envoy listener TLS stats, when exported)."""
+
+    max_increase: Number = Field(default=0.01, ge=0, le=1, description="target minus source failure ratio")
+
+
 class GatesSpec(_Model):
     """The limits a check judges. Both gateways' numbers are always measured and reported."""
 
     error_rate: ErrorRateGate | None = None
     latency: LatencyGate | None = None
+    response_mix: ResponseMixGate = Field(default_factory=ResponseMixGate)
+    tls_handshake: TlsHandshakeGate | None = Field(
+        default=None, description="needs Envoy's listener TLS stats exported (docs/policies.md)"
+    )
     custom: list[CustomGate] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -553,6 +596,13 @@ class CloudSpec(_Model):
     settle_timeout: Duration = Field(
         default=timedelta(minutes=10),
         description="how long the observed split may take to reach the effective share before an alert",
+    )
+    max_deficit: Number = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="once settled, the ASM gateway missing more than this fraction of the requests the "
+        "CLB sends it (and more than the noise) is a traffic deficit (analysis.onTrafficDeficit)",
     )
     require_wrr: bool = Field(
         default=True,

@@ -13,9 +13,20 @@ from controller.core.enums import GatewayRole, Measure
 from controller.core.policy import CanaryPolicy, CustomGate
 from controller.core.results import RenderedQuery
 
-__all__ = ["CheckQueries", "queries_for", "render_selector"]
+__all__ = ["MIX_KINDS", "CheckQueries", "breakdown_query", "queries_for", "render_selector"]
 
 _REQUESTS = "istio_requests_total"
+#: The kinds of responses the response-mix gate compares, each with its extra label matcher. Envoy
+#: joins several response flags with commas, hence the four forms for NR (PromQL anchors regexes).
+MIX_KINDS = {
+    "4xx": 'response_code=~"4.."',
+    "auth": 'response_code=~"401|403"',
+    "noRoute": 'response_flags=~"NR|NR,.*|.*,NR|.*,NR,.*"',
+}
+#: Labels of Istio's standard metrics that say which route or policy a response came from.
+BREAKDOWN_LABELS = ("response_code", "response_flags", "destination_service_name")
+_TLS_ERRORS = "envoy_listener_ssl_connection_error"
+_CONNECTIONS = "envoy_listener_downstream_cx_total"
 _DURATION_BUCKETS = "istio_request_duration_milliseconds_bucket"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -74,10 +85,31 @@ class CheckQueries:
             gate.name: RenderedQuery(_render_template(gate, values), Measure.CUSTOM, role, gate=gate.name)
             for gate in policy.spec.gates.custom
         }
+        # Counts, not rates: the response-mix gate weighs an excess against its sampling noise.
+        self.mix: dict[str, RenderedQuery] = {}
+        if policy.spec.gates.response_mix.enabled:
+            for kind, matcher in MIX_KINDS.items():
+                counted = render_selector(labels, matcher)
+                promql = f"sum(increase({_REQUESTS}{counted}[{window}])) or vector(0)"
+                self.mix[kind] = RenderedQuery(promql, Measure.RESPONSES, role, gate=kind)
+        if policy.spec.gates.tls_handshake is not None:
+            # Envoy's own stats carry the pod, not the Istio workload labels.
+            pods = render_selector(
+                {"namespace": gateway.service.namespace},
+                f'pod=~"{_escape(re.escape(gateway.workload or gateway.service.name))}-.*"',
+            )
+            for kind, metric in (("tlsErrors", _TLS_ERRORS), ("connections", _CONNECTIONS)):
+                self.mix[kind] = RenderedQuery(f"sum(increase({metric}{pods}[{window}]))", Measure.TLS, role, gate=kind)
+        self._labels = labels
+        self._window = window
 
     def all(self) -> list[RenderedQuery]:
         """Every query of this gateway, built-in first."""
-        return [self.requests, self.error_rate, self.latency, *self.custom.values()]
+        return [self.requests, self.error_rate, self.latency, *self.mix.values(), *self.custom.values()]
+
+    def breakdown(self, kind: str) -> RenderedQuery:
+        """The responses of ``kind`` by route labels (asked only when a response-mix gate fails)."""
+        return breakdown_query(self._labels, self._window, kind, self.role)
 
 
 def _render_template(gate: CustomGate, values: dict[str, str]) -> str:
@@ -86,6 +118,15 @@ def _render_template(gate: CustomGate, values: dict[str, str]) -> str:
         return values[match.group(1)]
 
     return _PLACEHOLDER.sub(substitute, gate.query)
+
+
+def breakdown_query(labels: dict[str, str], window: str, kind: str, role: GatewayRole) -> RenderedQuery:
+    """``sum by (code, flags, destination) (increase(...))`` of one kind of response."""
+    counted = render_selector(labels, MIX_KINDS[kind])
+    by = ", ".join(BREAKDOWN_LABELS)
+    return RenderedQuery(
+        f"sum by ({by}) (increase({_REQUESTS}{counted}[{window}]))", Measure.RESPONSES, role, gate=f"{kind}:by-route"
+    )
 
 
 def queries_for(policy: CanaryPolicy) -> dict[GatewayRole, CheckQueries]:

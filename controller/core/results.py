@@ -55,10 +55,12 @@ class GatewaySamples:
     error_rate: QueryOutcome
     latency: QueryOutcome
     custom: dict[str, QueryOutcome] = field(default_factory=dict)
+    #: counts of kinds of responses and TLS counters (4xx, auth, noRoute, tlsErrors, connections)
+    mix: dict[str, QueryOutcome] = field(default_factory=dict)
 
     def outcomes(self) -> list[QueryOutcome]:
         """All query outcomes, built-in first."""
-        return [self.requests, self.error_rate, self.latency, *self.custom.values()]
+        return [self.requests, self.error_rate, self.latency, *self.mix.values(), *self.custom.values()]
 
     def summary(self) -> dict[str, float | None]:
         """Numbers for logs and alerts."""
@@ -67,7 +69,7 @@ class GatewaySamples:
             "errorRate": self.error_rate.value,
             "latencyMs": self.latency.value,
         }
-        for name, outcome in self.custom.items():
+        for name, outcome in (*self.mix.items(), *self.custom.items()):
             numbers[name] = outcome.value
         return numbers
 
@@ -85,6 +87,8 @@ class GateResult:
     baseline: float | None = None
     cause: InconclusiveCause | None = None
     query: str | None = None
+    #: what on-call needs beyond the numbers (e.g. which responses grew, per route)
+    detail: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """For logs, alerts and the persisted last verdict."""
@@ -97,6 +101,7 @@ class GateResult:
             "baseline": self.baseline,
             "reason": self.reason,
             "query": self.query,
+            **({"detail": self.detail} if self.detail else {}),
         }
 
 

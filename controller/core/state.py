@@ -107,9 +107,9 @@ class RolloutState:
     #: is judged from it (R8); a side whose value did not change gets no new Event
     written_at: datetime | None = None
     written_roles: tuple[GatewayRole, ...] = ()
-    #: the cloud confirmed that write (once is enough: its Events expire after an hour, and a
-    #: later unrelated failure does not unmake an applied weight)
-    write_confirmed: bool = False
+    #: when the cloud was seen to confirm that write (once is enough: its Events expire after an
+    #: hour, and a later unrelated failure does not unmake an applied weight)
+    confirmed_at: datetime | None = None
     #: why the cloud has not applied the last write, as reported (once) to people
     cloud_refusal: str | None = None
 
@@ -191,7 +191,7 @@ class _StateV2(_Stored):
     refusal: _Text | None
     written_at: AwareDatetime | None = None  # added in 0.3; absent in older version-2 states
     written_roles: list[GatewayRole] = []
-    write_confirmed: bool = False
+    confirmed_at: AwareDatetime | None = None
     cloud_refusal: _Text | None = None
 
 
@@ -249,7 +249,7 @@ def encode_state(state: RolloutState) -> str:
         "refusal": state.refusal,
         "written_at": _iso(state.written_at),
         "written_roles": [role.value for role in state.written_roles],
-        "write_confirmed": state.write_confirmed,
+        "confirmed_at": _iso(state.confirmed_at),
         "cloud_refusal": state.cloud_refusal,
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -317,7 +317,7 @@ def _from_v2(stored: _StateV2) -> RolloutState:
         refusal=stored.refusal,
         written_at=stored.written_at,
         written_roles=tuple(stored.written_roles),
-        write_confirmed=stored.write_confirmed,
+        confirmed_at=stored.confirmed_at,
         cloud_refusal=stored.cloud_refusal,
     )
 

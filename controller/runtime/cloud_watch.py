@@ -126,12 +126,12 @@ class CloudWatch:
     ) -> cloud.ConfirmationState | None:
         """None when nothing was written that needs confirming (no write yet, or one still pending).
 
-        Once confirmed, a write stays confirmed (``state.write_confirmed``): the Events expire after
+        Once confirmed, a write stays confirmed (``state.confirmed_at``): the Events expire after
         an hour, and a later failure of an unrelated reconcile does not take an applied weight back.
         """
         if state.written_at is None or state.pending is not None or not state.written_roles:
             return None
-        if state.write_confirmed:
+        if state.confirmed_at is not None:
             return cloud.ConfirmationState(cloud.Confirmation.CONFIRMED, "confirmed earlier")
         timeout = policy.spec.cloud.confirm_timeout
         states: list[cloud.ConfirmationState] = []

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
-from controller.core.enums import GatewayRole
-from controller.core.gates import judge
+from controller.core.enums import GatewayRole, Verdict
+from controller.core.gates import describe_growth, judge
 from controller.core.policy import CanaryPolicy
 from controller.core.queries import CheckQueries, queries_for
 from controller.core.results import CheckResult, GatewaySamples, QueryOutcome, RenderedQuery
@@ -18,6 +19,9 @@ from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
 
 __all__ = ["Collector"]
+
+#: response-mix gates and the kind of response each counts
+_MIX_GATES = {"responses4xx": "4xx", "responsesAuth": "auth", "responsesNoRoute": "noRoute"}
 
 
 class Collector:
@@ -27,15 +31,30 @@ class Collector:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="queries")
 
     def check(self, policy: CanaryPolicy, source: MetricsSource) -> CheckResult:
-        """One complete check of both gateways."""
+        """One complete check of both gateways; a failed response-mix gate says which routes grew."""
         plans = queries_for(policy)
         queries = [query for plan in plans.values() for query in plan.all()]
         outcomes = dict(zip(queries, self._pool.map(lambda q: _ask(source, q), queries), strict=True))
-        return judge(
+        result = judge(
             policy,
             _samples(plans[GatewayRole.SOURCE], outcomes),
             _samples(plans[GatewayRole.TARGET], outcomes),
         )
+        failed = [gate for gate in result.gates if gate.verdict is Verdict.FAIL and gate.gate in _MIX_GATES]
+        if not failed:
+            return result
+        details = {gate.gate: self._breakdown(plans, _MIX_GATES[gate.gate], source) for gate in failed}
+        gates = tuple(replace(g, detail=details[g.gate]) if g.gate in details else g for g in result.gates)
+        return replace(result, gates=gates)
+
+    def _breakdown(self, plans: dict[GatewayRole, CheckQueries], kind: str, source: MetricsSource) -> str | None:
+        """The responses of ``kind`` that grew most on the target, per route labels (None: unknown)."""
+        asked = [plans[role].breakdown(kind) for role in (GatewayRole.TARGET, GatewayRole.SOURCE)]
+        try:
+            target, baseline = self._pool.map(source.query_vector, asked)
+        except MetricsUnavailable:
+            return None
+        return describe_growth(target, baseline)
 
     def close(self) -> None:
         """Stop the worker threads."""
@@ -58,4 +77,5 @@ def _samples(plan: CheckQueries, outcomes: dict[RenderedQuery, QueryOutcome]) ->
         error_rate=outcomes[plan.error_rate],
         latency=outcomes[plan.latency],
         custom={name: outcomes[query] for name, query in plan.custom.items()},
+        mix={kind: outcomes[query] for kind, query in plan.mix.items()},
     )

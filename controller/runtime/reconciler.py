@@ -327,11 +327,11 @@ class PolicyRunner:
             previous = before.pending
             if previous is not None and previous.weights == intent.weights and before.written_at is not None:
                 merged = tuple(role for role in _ROLE_ORDER if role in (*before.written_roles, *roles))
-                state = state.evolve(written_at=before.written_at, written_roles=merged, write_confirmed=False)
+                state = state.evolve(written_at=before.written_at, written_roles=merged, confirmed_at=None)
             elif roles:
-                state = state.evolve(written_at=self._clock.now(), written_roles=roles, write_confirmed=False)
-        elif view.confirmation is not None and view.confirmation.applied and not state.write_confirmed:
-            state = state.evolve(write_confirmed=True)
+                state = state.evolve(written_at=self._clock.now(), written_roles=roles, confirmed_at=None)
+        elif view.confirmation is not None and view.confirmation.applied and state.confirmed_at is None:
+            state = state.evolve(confirmed_at=self._clock.now())
         return decision if state is decision.state else replace(decision, state=state)
 
     # -- writing (the write-ahead protocol) ----------------------------------------------------------

@@ -295,3 +295,6 @@ class _NoMetrics:
 
     def query(self, query: RenderedQuery) -> float | None:
         raise MetricsUnavailable(self._why)
+
+    def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+        raise MetricsUnavailable(self._why)
