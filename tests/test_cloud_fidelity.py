@@ -27,7 +27,7 @@ from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.checklist import preflight_main
 from controller.core.cloud import FORCE_OVERRIDE, SCHEDULER, BackendMode, Backends
-from controller.core.enums import AlertKind, InconclusiveCause, Phase, Severity, Verdict
+from controller.core.enums import AlertKind, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.migrate import migrate_config_main
 from controller.runtime.cloud_watch import CloudWatch
@@ -214,23 +214,22 @@ def test_a_write_the_cloud_does_not_apply_holds_and_alerts_until_it_does(
     assert rig.runner._memory.cloud_refusal is None
 
 
-def test_a_weight_that_silently_does_not_apply_is_caught_by_the_observed_share(rig_for: Callable[..., Rig]) -> None:
+def test_a_weight_that_silently_does_not_apply_is_a_traffic_deficit_and_rolled_back(
+    rig_for: Callable[..., Rig],
+) -> None:
     rig = rig_for()
     # the cloud says "Ensured", but the CLB keeps sending everything to the old gateway
     rig.traffic.share = lambda: 0.0
     rig.tick_until(started, timeout=30, what="the start at 10")
-    rig.tick_until(
-        lambda o: [a for a in rig.alerts(AlertKind.STUCK_INCONCLUSIVE) if "Settling" in a.reason],
-        timeout=30,
-        what="settling too long to be said",
-    )
-    assert rig.runner.confirmation is not None and rig.runner.confirmation.applied  # confirmed, yet not traffic
-    assert rig.weights() == (10, 90)  # never advanced
+    written = time.monotonic()
+    rig.tick_until(lambda o: rig.weights() == (0, 100), timeout=40, what="the rollback on the traffic deficit")
+    MEASURED.setdefault("weight not applied -> weight 0", []).append(time.monotonic() - written)
+    assert rig.runner.confirmation is not None and rig.runner.confirmation.applied  # confirmed, yet no traffic
+    (alert,) = rig.alerts(AlertKind.ROLLED_BACK)
+    assert "(TrafficDeficit)" in alert.reason and "the ASM gateway gets 0.0% of requests" in alert.reason
+    assert "the CLB not applying the weight" in alert.reason
     state = rig.runner._memory
-    assert state.phase is Phase.PROGRESSING and state.covered_seconds == 0
-    # the quiet target keeps its own cause and limit besides (onMissingData could roll back)
-    assert state.inconclusive_count(InconclusiveCause.TOO_FEW_REQUESTS) > 0
-    assert state.inconclusive_count(InconclusiveCause.SETTLING) >= 6  # settleTimeout 6s at 1s
+    assert state.phase is Phase.ROLLED_BACK and state.covered_seconds == 0
 
 
 # --- preflight and route parity before the first raise ---------------------------------------------------

@@ -45,6 +45,7 @@ class Rollout:
         settling: str | None = None,
         cloud_refusal: str | None = None,
         cloud_detail: str | None = None,
+        deficit: str | None = None,
     ) -> Decision:
         observed = Observation(
             self.target,
@@ -55,6 +56,7 @@ class Rollout:
             settling=settling,
             cloud_refusal=cloud_refusal,
             cloud_detail=cloud_detail,
+            deficit=deficit,
         )
         decision = decide(self.policy, self.state, observed, at(t))
         self.decisions.append(decision)
@@ -595,3 +597,37 @@ def test_r8_settling_never_switches_off_a_rollback_on_missing_data() -> None:
     assert decision.action is Action.ROLLBACK and rollout.target == 0
     # and the settle deadline counted alongside
     assert decision.state.inconclusive_count(InconclusiveCause.SETTLING) == 2
+
+
+DEFICIT = "traffic deficit: the ASM gateway gets 2.0% of requests, the weights give it 20.0%: requests fail before HTTP"
+
+
+def test_r8_a_persistent_traffic_deficit_rolls_back_with_its_reason() -> None:
+    rollout = started()  # onTrafficDeficit: rollback after 3 checks (the default)
+    assert rollout.tick(PASS, 30, deficit=DEFICIT).action is not Action.ROLLBACK
+    assert rollout.tick(PASS, 60, deficit=DEFICIT).action is not Action.ROLLBACK
+    decision = rollout.tick(PASS, 90, deficit=DEFICIT)
+    assert decision.action is Action.ROLLBACK and rollout.target == 0
+    assert "3 inconclusive checks (TrafficDeficit)" in decision.state.reason and DEFICIT in decision.state.reason
+    assert decision.notices[0].severity is Severity.CRITICAL
+
+
+def test_r8_a_deficit_also_counts_when_the_target_is_too_quiet_to_judge_and_a_clean_pass_resets_it() -> None:
+    rollout = started()
+    quiet_target = check(Verdict.INCONCLUSIVE, InconclusiveCause.TOO_FEW_REQUESTS, (GatewayRole.TARGET,))
+    rollout.tick(quiet_target, 30, deficit=DEFICIT)
+    rollout.tick(quiet_target, 60, deficit=DEFICIT)
+    rollout.tick(PASS, 90)  # the traffic is back: the run is broken
+    assert rollout.state.inconclusive_count(InconclusiveCause.TRAFFIC_DEFICIT) == 0
+    rollout.tick(quiet_target, 120, deficit=DEFICIT)
+    assert rollout.tick(quiet_target, 150, deficit=DEFICIT).action is not Action.ROLLBACK
+    assert rollout.tick(quiet_target, 180, deficit=DEFICIT).action is Action.ROLLBACK
+
+
+def test_r8_a_deficit_on_hold_only_holds_and_warns_once() -> None:
+    policy = make_policy(analysis={"interval": "30s", "onTrafficDeficit": {"action": "hold", "afterChecks": 2}})
+    rollout = started(policy)
+    decisions = [rollout.tick(PASS, t, deficit=DEFICIT) for t in range(30, 300, 30)]
+    assert all(d.action is not Action.ROLLBACK for d in decisions) and rollout.target == 10
+    stuck = [n for d in decisions for n in d.notices if n.kind is AlertKind.STUCK_INCONCLUSIVE]
+    assert len(stuck) == 1 and "TrafficDeficit" in stuck[0].reason

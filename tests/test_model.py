@@ -17,6 +17,9 @@ are asserted against an independent model of what must have happened:
   I4  Promoted and RolledBack are left only after a policy change (R5)
   I5  no exception escapes a tick, and no tick fails unexpectedly
   I6  the persisted state stays under MAX_MODEL_STATE_BYTES
+  I8  once the last write is confirmed, a tick whose traffic vanished from the ASM gateway (a
+      traffic deficit: it gets none of the share the CLB sends it) never raises; and
+      ``onTrafficDeficit.afterChecks`` such ticks in a row while it carries traffic roll it back (R8)
   I7  after a weight write, the target weight rises only once the cloud's newest answer since that
       write has been a success (a confirmation stands once given: Events expire, unrelated
       reconciles fail later), and only passes on a confirmed write count towards a bake (R8); the
@@ -32,7 +35,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -48,6 +51,7 @@ from controller.core.cloud import (
     SCHEDULER,
     VGROUP_PORT,
     WEIGHT,
+    BackendMode,
     Backends,
     CloudEvent,
     ServiceFacts,
@@ -63,7 +67,7 @@ from controller.ports import PairSnapshot, StoredState
 from controller.runtime.cloud_watch import CloudWatch
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
-from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, T0, TARGET_QUIET, make_policy
+from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, T0, TARGET_QUIET, make_policy, samples
 
 EXAMPLES = int(os.environ.get("GATEWAY_CANARY_MODEL_EXAMPLES", "1000"))
 STEPS = 40
@@ -71,6 +75,7 @@ MAX_MODEL_STATE_BYTES = 4096
 INTERVAL = 30
 BAKE = 60
 THRESHOLD = 2
+DEFICIT_CHECKS = 2
 
 
 def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100)) -> CanaryPolicy:
@@ -81,6 +86,8 @@ def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100)) -> Can
             "failureThreshold": THRESHOLD,
             "onMetricsUnavailable": {"action": "rollback", "afterChecks": 3},
             "onMissingData": {"action": "hold", "afterChecks": 4},
+            "onTrafficDeficit": {"action": "rollback", "afterChecks": DEFICIT_CHECKS},
+            "window": "1s",  # a confirmed write is settled by the next check
         },
         cloud={"confirmTimeout": "1h"},  # a silent cloud keeps the write waiting (R8), not refused
     )
@@ -93,6 +100,10 @@ CHECKS = {
     "SRC_ERR": SOURCE_ERRORING,
     "PROM": PROM_DOWN,
     "NODATA": NO_DATA,
+    # the checks pass, but the ASM gateway answered none of the requests the CLB sent it
+    "VANISH": replace(
+        PASS, source=samples(GatewayRole.SOURCE, requests=1000.0), target=samples(GatewayRole.TARGET, requests=None)
+    ),
 }
 FAULTS = (None, "before", "between", "after")
 #: how the cloud answers a tick's writes: mostly a success, sometimes a failure or nothing at all
@@ -108,6 +119,7 @@ class FaultyCloud:
     def __init__(self) -> None:
         self.answers: list[CloudEvent] = []
         self.silent = False
+        self.vanishing = False
 
     def answer(self, how: str, at: datetime) -> None:
         if self.silent:
@@ -121,7 +133,9 @@ class FaultyCloud:
         return tuple(self.answers)
 
     def backends(self, ref: ServiceRef) -> Backends | None:
-        return None  # unknown: only the confirmation decides settling here
+        # known only while traffic vanishes (the share check needs them); otherwise unknown, and
+        # only the confirmation decides settling
+        return Backends(BackendMode.CLUSTER, nodes=20) if self.vanishing else None
 
     def facts(self, ref: ServiceRef) -> ServiceFacts:
         annotations = {LB_ID: "lb-1", VGROUP_PORT: "rsp-1:80", FORCE_OVERRIDE: "false", SCHEDULER: "wrr", WEIGHT: "0"}
@@ -209,6 +223,7 @@ class Expect:
     covered: float = 0.0  # seconds covered by consecutive passes at the current weight
     last_pass: float | None = None
     weight_seen: int = 0
+    deficits: int = 0  # judged ticks in a row whose traffic vanished, once settled
 
 
 class RolloutMachine(RuleBasedStateMachine):
@@ -264,6 +279,9 @@ class RolloutMachine(RuleBasedStateMachine):
         self.elapsed += step
         self.clock.t = T0 + timedelta(seconds=self.elapsed)
         self.collector.next, self.collector.ran = CHECKS[verdict], False
+        self.cloud.vanishing = verdict == "VANISH"
+        memory = self.runner._memory
+        settled = memory is not None and memory.confirmed_at is not None and memory.pending is None
         self.pair.fault = fault
         self.pair.error = AccessDenied if access_denied else Conflict if fault == "after" else ClusterUnavailable
         self.store.failing = store_fails
@@ -282,10 +300,28 @@ class RolloutMachine(RuleBasedStateMachine):
         self._judge_rise(before, after, check, refused)
         assert after <= before[0] or prior_confirmed, "I7/R8: a weight rose before the cloud confirmed the last write"
         self._judge_rollback(before[0], after, check, faulted)
+        self._judge_deficit(before[0], after, verdict, settled and prior_confirmed, faulted)
         self._follow_terminal(after)
         self._the_write_is_recorded(before, fault, store_fails)
         self.cloud.answer(answer, self.clock.t)  # the cloud answers this tick's writes after them
         self._latch_confirmation()
+
+    def _judge_deficit(self, before: int, after: int, verdict: str, settled: bool, faulted: bool) -> None:
+        e = self.expect
+        if verdict != "VANISH" or not self.collector.ran:
+            if self.collector.ran and verdict in ("PASS", "FAIL"):
+                e.deficits = 0  # a pass with traffic (or a judged failure) breaks the run
+            return
+        if not settled:
+            return
+        assert after <= before, "I8/R8: a weight rose on a tick whose traffic vanished"
+        armed = not e.promoted and not e.rolled_back
+        if before > 0 and armed:
+            e.deficits += 1
+            if e.deficits >= DEFICIT_CHECKS and not faulted:
+                assert after == 0, f"I8/R8: {e.deficits} ticks of vanished traffic at weight {before}, still {after}"
+        if after == 0:
+            e.deficits = 0
 
     def _confirmed(self) -> bool:
         """Whether the last recorded write of the state the runner holds has been confirmed: at some

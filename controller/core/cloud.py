@@ -33,6 +33,7 @@ __all__ = [
     "PreflightItem",
     "ServiceFacts",
     "Split",
+    "Traffic",
     "backend_weights",
     "blocking",
     "combined",
@@ -40,8 +41,8 @@ __all__ = [
     "effective_share",
     "preflight",
     "requested_share",
-    "settling_reason",
     "split",
+    "traffic",
 ]
 
 ANNOTATION_PREFIX = "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-"
@@ -252,25 +253,62 @@ def _seconds(span: timedelta) -> str:
 # --- settling: does the traffic follow the weights yet? ----------------------------------------
 
 
-def settling_reason(
-    observed: float | None, expected: float | None, tolerance: float, confirmed: ConfirmationState | None
-) -> str | None:
-    """Why a passing check must not count towards the bake yet, or None when traffic follows the weights.
+#: A deficit must stand out of the counting noise by this many standard deviations (Poisson).
+DEFICIT_SIGMAS = 4.0
 
-    The step is "settling" until the cloud confirmed the write and the observed share of requests
-    is within ``tolerance`` of the effective share (connections drain, DNS and keep-alives lag).
-    Without an expected share (backends unknown) only the confirmation is required.
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Does the traffic follow the weights? ``settling``: not yet (no bake, no raise);
+    ``deficit``: the ASM gateway persistently gets fewer requests than the CLB sends it."""
+
+    settling: str | None = None
+    deficit: str | None = None
+
+
+def traffic(
+    *,
+    target_requests: float | None,
+    source_requests: float | None,
+    expected: float | None,
+    tolerance: float,
+    max_deficit: float,
+    confirmed: ConfirmationState | None,
+    settled_for: timedelta | None,
+    window: timedelta,
+) -> Traffic:
+    """Judge the observed split of requests against the effective share (R8).
+
+    Settling, until the cloud confirmed the last write and, unless the observed share is already
+    within ``tolerance`` of the effective one, one analysis ``window`` has passed since (before
+    that the window still holds traffic from before the write). After that, a target that gets
+    less than ``1 - max_deficit`` of what the CLB sends it, by more than the counting noise, has
+    a traffic deficit: requests that fail before HTTP never reach the metrics. Any other gap
+    (more traffic than expected, or a small one) keeps the step settling: not the target's fault.
+    ``settled_for`` None: nothing was written to wait for.
     """
     if confirmed is not None and not confirmed.applied:
-        return f"settling: the weight write is not confirmed ({confirmed.reason})"
-    if expected is None or observed is None:
-        return None
-    if abs(observed - expected) > tolerance + 1e-9:
-        return (
-            f"settling: the ASM gateway gets {observed:.1%} of requests, the weights give it {expected:.1%} "
-            f"(tolerance {tolerance:.1%})"
+        return Traffic(settling=f"settling: the weight write is not confirmed ({confirmed.reason})")
+    if expected is None or target_requests is None or not source_requests:
+        return Traffic()
+    total = target_requests + source_requests
+    observed = target_requests / total
+    if abs(observed - expected) <= tolerance + 1e-9:
+        return Traffic()
+    split = f"the ASM gateway gets {observed:.1%} of requests, the weights give it {expected:.1%}"
+    if settled_for is not None and settled_for < window:
+        return Traffic(settling=f"settling: {split} (the window still holds traffic from before the write)")
+    wanted = expected * total
+    missing = wanted - target_requests
+    if target_requests < wanted * (1 - max_deficit) and missing > DEFICIT_SIGMAS * math.sqrt(wanted):
+        return Traffic(
+            deficit=(
+                f"traffic deficit: {split} ({target_requests:.0f} requests of {wanted:.0f} expected): requests "
+                "fail before HTTP: a TLS certificate (credentialName) missing on the ASM gateway, a listener "
+                "port it does not open, no Gateway server for a host, or the CLB not applying the weight"
+            )
         )
-    return None
+    return Traffic(settling=f"settling: {split} (tolerance {tolerance:.1%})")
 
 
 # --- preflight: the runbook's prerequisites ------------------------------------------------------

@@ -141,6 +141,8 @@ class Observation:
     cloud_refusal: str | None = None
     #: the cloud controller's own message about it (changes on every retry: only shown)
     cloud_detail: str | None = None
+    #: the ASM gateway persistently gets fewer requests than the CLB sends it (R8)
+    deficit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +230,8 @@ def recovered_state(policy: CanaryPolicy, observed: Observation, now: datetime, 
 def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision:
     """Count the evidence, protect, then progress with permission; see the module docstring."""
     writes, written = _reconcile_writes(state, observed)
-    observed = replace(observed, check=_settled(observed.check, observed.settling))
-    counted = _count_evidence(policy, written, observed.check, now, settling=observed.settling is not None)
+    observed = replace(observed, check=_settled(observed.check, observed.settling, observed.deficit))
+    counted = _count_evidence(policy, written, observed.check, now, observed)
     if writes is _Writes.UNFINISHED and _failed(observed.check) and not _pending_rollback(counted):
         writes, counted = _Writes.SETTLED, _void_unfinished_raise(counted, observed)
     why_rollback = _protection(policy, counted, observed)
@@ -272,25 +274,34 @@ def _reconcile_writes(state: RolloutState, observed: Observation) -> tuple[_Writ
 # --- 2. the evidence: always counted (R1, R4, R6, R8) ------------------------------------------
 
 
-def _settled(check: CheckResult | None, settling: str | None) -> CheckResult | None:
-    """A pass on traffic that does not follow the weights yet is no pass: Settling (R8).
+def _settled(check: CheckResult | None, settling: str | None, deficit: str | None) -> CheckResult | None:
+    """A pass on traffic that does not follow the weights is no pass (R8): TrafficDeficit when the
+    ASM gateway persistently misses requests the CLB sends it, Settling while the split catches up.
 
     Only a pass is relabelled: a FAIL stays a FAIL, and any other inconclusive check keeps its
-    cause and its limit (``onMissingData: rollback`` included); it counts as settling besides.
+    cause and its limit (``onMissingData: rollback`` included); it counts as either besides.
     """
-    if check is None or settling is None or check.verdict is not Verdict.PASS:
+    if check is None or check.verdict is not Verdict.PASS:
         return check
-    return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
+    if deficit is not None:
+        return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.TRAFFIC_DEFICIT, reason=deficit)
+    if settling is not None:
+        return replace(check, verdict=Verdict.INCONCLUSIVE, cause=InconclusiveCause.SETTLING, reason=settling)
+    return check
 
 
 def _count_evidence(
-    policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime, *, settling: bool = False
+    policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime, observed: Observation
 ) -> RolloutState:
     if check is None:
         return state
-    also_settling = settling and check.verdict is Verdict.INCONCLUSIVE and check.cause is not InconclusiveCause.SETTLING
-    if also_settling:  # R8: the settle deadline runs whatever else keeps the check inconclusive
-        state = state.count_inconclusive(InconclusiveCause.SETTLING)
+    if check.verdict is Verdict.INCONCLUSIVE:  # R8: its clocks run whatever else keeps the check inconclusive
+        for cause, present in (
+            (InconclusiveCause.TRAFFIC_DEFICIT, observed.deficit),
+            (InconclusiveCause.SETTLING, observed.settling),
+        ):
+            if present is not None and check.cause is not cause:
+                state = state.count_inconclusive(cause)
     if check.verdict is Verdict.FAIL:
         return state.evolve(
             consecutive_failures=state.consecutive_failures + 1,
@@ -377,7 +388,10 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
     for cause, count in state.inconclusive:
         limit = _limit_for(policy, cause)
         if limit.action is OnInconclusive.ROLLBACK and count >= limit.after_checks:
-            return f"{count} inconclusive checks ({cause.value}) since the last pass, policy says rollback{evidence}"
+            why = (
+                f": {observed.deficit}" if cause is InconclusiveCause.TRAFFIC_DEFICIT and observed.deficit else evidence
+            )
+            return f"{count} inconclusive checks ({cause.value}) since the last pass, policy says rollback{why}"
     return None
 
 
@@ -647,7 +661,8 @@ def _permit(proposal: Decision, counted: RolloutState, observed: Observation) ->
         observed.refusal
         or observed.cloud_refusal
         or observed.reported_refusal
-        or observed.settling  # R8: not on traffic that does not follow the last write yet
+        or observed.deficit  # R8: not on traffic that does not follow the last write
+        or observed.settling
         or _raise_blocker(observed.check, observed.target_weight or 0)
     )
     if blocker is None:
@@ -762,6 +777,8 @@ def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:
 
 def _limit_for(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePolicy:
     analysis = policy.spec.analysis
+    if cause is InconclusiveCause.TRAFFIC_DEFICIT:
+        return analysis.on_traffic_deficit
     if cause is InconclusiveCause.SETTLING:  # R8: a time limit, as checks; settling only ever holds
         checks = math.ceil(policy.spec.cloud.settle_timeout / analysis.interval)
         return InconclusivePolicy(action=OnInconclusive.HOLD, after_checks=max(1, min(checks, 10_000)))

@@ -17,7 +17,7 @@ never into a pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -42,6 +42,7 @@ class CloudView:
     refusal: str | None = None
     split: cloud.Split | None = None
     confirmation: cloud.ConfirmationState | None = None
+    deficit: str | None = None
 
 
 class CloudWatch:
@@ -69,11 +70,18 @@ class CloudWatch:
         log = self._log.bind(policy=policy.name)
         split = self._split(policy, seen, log)
         confirmed = self._confirmation(policy, state, seen, now) if self._verify_writes else None
-        settling = None
+        flow = cloud.Traffic()
         if check is not None and self._verify_writes:
-            observed = check.observed_target_share
-            expected = None if split is None else split.effective
-            settling = cloud.settling_reason(observed, expected, policy.spec.cloud.share_tolerance, confirmed)
+            flow = cloud.traffic(
+                target_requests=_requests(check, GatewayRole.TARGET),
+                source_requests=_requests(check, GatewayRole.SOURCE),
+                expected=None if split is None else split.effective,
+                tolerance=policy.spec.cloud.share_tolerance,
+                max_deficit=policy.spec.cloud.max_deficit,
+                confirmed=confirmed,
+                settled_for=_settled_for(state, confirmed, now),
+                window=policy.spec.analysis.window,
+            )
         cloud_refusal = cloud_detail = None
         if confirmed is not None and confirmed.status in (cloud.Confirmation.FAILED, cloud.Confirmation.UNCONFIRMED):
             cloud_refusal = f"the cloud did not confirm the last weight write: {confirmed.reason}"
@@ -85,7 +93,7 @@ class CloudWatch:
         if may_raise and policy.spec.routes.check and self._routes is not None:
             refusals.append(self._route_parity(policy))
         refusal = "; ".join(r for r in refusals if r) or None
-        return CloudView(settling, cloud_refusal, cloud_detail, refusal, split, confirmed)
+        return CloudView(flow.settling, cloud_refusal, cloud_detail, refusal, split, confirmed, flow.deficit)
 
     # -- the split ---------------------------------------------------------------------------------
 
@@ -172,6 +180,22 @@ class CloudWatch:
             return self._routes.route_refusal(policy)
         except ClusterError as exc:
             return f"route parity: cannot read the Istio Gateways: {exc}"
+
+
+def _requests(check: CheckResult, role: GatewayRole) -> float | None:
+    """A gateway's requests in the window: no series is none (0), an error unknown (None)."""
+    samples = check.target if role is GatewayRole.TARGET else check.source
+    if samples is None or samples.requests.error is not None:
+        return None
+    value = samples.requests.value
+    return 0.0 if value is None else value if samples.requests.has_number else None
+
+
+def _settled_for(state: RolloutState, confirmed: cloud.ConfirmationState | None, now: datetime) -> timedelta | None:
+    """How long the last write has been confirmed (0: just now); None when nothing was written."""
+    if state.written_at is None or confirmed is None:
+        return None
+    return now - state.confirmed_at if state.confirmed_at is not None else timedelta(0)
 
 
 def preflight_items(inspector: CloudInspector, policy: CanaryPolicy) -> tuple[cloud.PreflightItem, ...]:

@@ -173,6 +173,7 @@ class PolicyRunner:
             settling=view.settling,
             cloud_refusal=view.cloud_refusal,
             cloud_detail=view.cloud_detail,
+            deficit=view.deficit,
         )
         decision = self._stamp(state, decide(self.policy, state, observed, self._clock.now()), view)
         provisional = stored is None and self._memory is None
