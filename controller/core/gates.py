@@ -181,11 +181,16 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
         )
         for kind, name, limit, what in limits:
             spec = _Excess(name, what, kind, "requests", limit)
-            results.append(_excess_gate(spec, target, source, sigmas=mix.noise_sigmas, minimum=minimum))
+            results.append(
+                _excess_gate(spec, target, source, sigmas=mix.noise_sigmas, minimum=minimum, min_events=mix.min_excess)
+            )
     if gates.tls_handshake is not None:
         limit = gates.tls_handshake.max_increase
         spec = _Excess("tlsHandshakeFailures", "TLS handshake failures", "tlsErrors", "connections", limit)
-        results.append(_excess_gate(spec, target, source, sigmas=gates.response_mix.noise_sigmas, minimum=minimum))
+        mix = gates.response_mix
+        results.append(
+            _excess_gate(spec, target, source, sigmas=mix.noise_sigmas, minimum=minimum, min_events=mix.min_excess)
+        )
     for custom in gates.custom:
         outcome = target.custom[custom.name]
         baseline = source.custom.get(custom.name)
@@ -220,7 +225,7 @@ class _Excess:
 
 
 def _excess_gate(
-    spec: _Excess, target: GatewaySamples, source: GatewaySamples, *, sigmas: float, minimum: int
+    spec: _Excess, target: GatewaySamples, source: GatewaySamples, *, sigmas: float, minimum: int, min_events: int
 ) -> GateResult:
     """Target ratio of ``kind`` per ``per`` against the source's: FAIL when the excess is over
     ``limit`` AND over ``sigmas`` standard deviations of a two-proportion test (both serve the
@@ -255,7 +260,8 @@ def _excess_gate(
     excess = t_ratio - s_ratio
     pooled = (t_events + s_events) / (t_total + s_total)
     noise = math.sqrt(pooled * (1 - pooled) * (1 / t_total + 1 / s_total))
-    significant = excess > sigmas * noise
+    # the normal approximation fails for a handful of events: a few more than expected are required too
+    significant = excess > sigmas * noise and t_events - s_ratio * t_total >= min_events
     failed = excess > limit and significant
     standing = f"{excess / noise:.1f} sigma" if noise > 0 else "no noise"
     shown = (

@@ -482,6 +482,13 @@ class ResponseMixGate(_Model):
     noise_sigmas: Number = Field(
         default=4.0, ge=0, le=20, description="an excess must exceed this many standard deviations of the noise"
     )
+    min_excess: StrictInt = Field(
+        default=5,
+        ge=0,
+        le=1_000_000,
+        description="and be at least this many responses more than the source's ratio gives (a few stray "
+        "404s at low traffic are not a missing route)",
+    )
 
 
 class TlsHandshakeGate(_Model):
