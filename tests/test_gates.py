@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from controller.core.enums import GatewayRole, InconclusiveCause, Verdict
 from controller.core.gates import judge
@@ -102,3 +103,81 @@ def test_min_bound_custom_gate() -> None:
 def test_observed_share_follows_requests() -> None:
     result = judge(POLICY, samples(S, requests=750), samples(T, requests=250))
     assert result.observed_target_share == 0.25
+
+
+# --- the response mix: the ASM gateway's responses against the old gateway's ---------------------------
+
+MIX_ONLY = make_policy(gates={"errorRate": {"max": 1.0}}, analysis={"minRequests": 50})
+
+
+def mix_gate(target: dict[str, float | None], source: dict[str, float | None], name: str, **requests: float) -> Any:
+    result = judge(
+        MIX_ONLY,
+        samples(S, requests=requests.get("on_source", 5000.0), mix=source),
+        samples(T, requests=requests.get("on_target", 600.0), mix=target),
+    )
+    return next(gate for gate in result.gates if gate.gate == name)
+
+
+def test_a_missing_route_fails_on_404_nr_with_both_ratios_and_the_noise() -> None:
+    gate = mix_gate({"4xx": 72, "noRoute": 60}, {"4xx": 100, "noRoute": 0}, "responsesNoRoute")
+    assert gate.verdict is Verdict.FAIL and gate.value == 0.1 and gate.baseline == 0.0 and gate.threshold == 0.01
+    assert "404 NR (no route) 10.00% on the target vs 0.00% on the source" in gate.reason and "sigma" in gate.reason
+    four = mix_gate({"4xx": 72, "noRoute": 60}, {"4xx": 100, "noRoute": 0}, "responses4xx")
+    assert four.verdict is Verdict.FAIL and four.baseline == 0.02
+
+
+def test_a_missing_authorization_policy_fails_on_401_403() -> None:
+    gate = mix_gate({"4xx": 40, "auth": 30}, {"4xx": 100, "auth": 5}, "responsesAuth")
+    assert gate.verdict is Verdict.FAIL and gate.value is not None and gate.value > 0.04
+
+
+def test_no_4xx_on_the_source_is_a_ratio_of_zero_not_missing_data() -> None:
+    quiet = mix_gate({"4xx": 1}, {"4xx": 0}, "responses4xx")
+    assert quiet.verdict is Verdict.PASS and quiet.baseline == 0.0
+    loud = mix_gate({"4xx": 60}, {"4xx": 0}, "responses4xx")
+    assert loud.verdict is Verdict.FAIL
+
+
+def test_more_on_the_source_than_on_the_target_is_no_failure() -> None:
+    gate = mix_gate({"noRoute": 0}, {"noRoute": 500}, "responsesNoRoute")
+    assert gate.verdict is Verdict.PASS and gate.value is not None and gate.value < 0
+
+
+def test_no_traffic_on_either_side_is_inconclusive_too_few_requests() -> None:
+    for traffic in ({"on_target": 0.0}, {"on_source": 10.0}):
+        gate = mix_gate({"4xx": 0}, {"4xx": 0}, "responses4xx", **traffic)
+        assert gate.verdict is Verdict.INCONCLUSIVE and gate.cause is InconclusiveCause.TOO_FEW_REQUESTS
+
+
+def test_a_handful_of_stray_responses_at_low_traffic_is_noise() -> None:
+    # 4 NR out of 120 requests (3.3 %) on a quiet target: over the limit, under minExcess (5)
+    gate = mix_gate({"4xx": 4, "noRoute": 4}, {"4xx": 100, "noRoute": 1}, "responsesNoRoute", on_target=120.0)
+    assert gate.verdict is Verdict.PASS and gate.value is not None and gate.value > gate.threshold
+    # and an excess within 4 sigma of the two-proportion noise is noise too
+    noisy = mix_gate({"4xx": 50}, {"4xx": 30}, "responses4xx", on_target=600.0, on_source=600.0)
+    assert noisy.verdict is Verdict.PASS and noisy.value is not None and noisy.value > noisy.threshold
+
+
+def test_the_response_mix_gate_can_be_turned_off() -> None:
+    policy = make_policy(gates={"errorRate": {"max": 1.0}, "responseMix": {"enabled": False}})
+    gates = {gate.gate for gate in judge(policy, samples(S), samples(T)).gates}
+    assert gates == {"errorRate"}
+
+
+def test_tls_handshake_failures_per_connection_and_no_stats_is_no_data() -> None:
+    policy = make_policy(gates={"errorRate": {"max": 1.0}, "tlsHandshake": {"maxIncrease": 0.01}})
+    broken = judge(
+        policy,
+        samples(S, mix={"tlsErrors": 2, "connections": 5000}),
+        samples(T, mix={"tlsErrors": 120, "connections": 720}),
+    )
+    gate = next(g for g in broken.gates if g.gate == "tlsHandshakeFailures")
+    assert gate.verdict is Verdict.FAIL and "TLS handshake failures 16.67% on the target" in gate.reason
+    unexported = judge(
+        policy,
+        samples(S, mix={"tlsErrors": None, "connections": None}),
+        samples(T, mix={"tlsErrors": None, "connections": None}),
+    )
+    gate = next(g for g in unexported.gates if g.gate == "tlsHandshakeFailures")
+    assert gate.verdict is Verdict.INCONCLUSIVE and gate.cause is InconclusiveCause.NO_DATA
