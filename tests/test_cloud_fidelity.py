@@ -11,6 +11,7 @@ and Prometheus scrapes it: what the controller observes is what a CLB would have
 from __future__ import annotations
 
 import io
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from controller.settings import PrometheusConnection, Settings
 from tests.ccm_emulator import CcmEmulator, Mode
 from tests.helpers import RecordingNotifier, runner_for
 from tests.kube_cluster import CLB, SOURCE, TARGET, Cluster
-from tests.servers import MEASURED, WEIGHT, LaggedShare, TrafficExporter
+from tests.servers import MEASURED, WEIGHT, LaggedShare, TrafficExporter, wait_for
 from tests.test_routes import create_gateway, gateway, server
 
 #: the Services as the runbook wants them (the tests break one thing at a time)
@@ -306,3 +307,77 @@ def _no_leftover_nodes(kube: Cluster) -> Iterator[None]:
     yield
     nodes = kube.plane.call("GET", "/api/v1/nodes")["items"]
     assert nodes == [], "the CCM emulator leaves no Nodes behind (they are cluster-wide)"
+
+
+# --- the failures a gateway migration really has (configuration left behind in the runbook's step 2) ---
+
+
+@pytest.mark.parametrize(
+    ("break_it", "gate", "said"),
+    [
+        (lambda gw: gw.missing_route(0.3), "responsesNoRoute", "404 NR (no route)"),
+        (lambda gw: gw.missing_authz(0.3), "responsesAuth", "401/403"),
+        (lambda gw: gw.missing_cert(0.6), "TrafficDeficit", "TLS certificate (credentialName)"),
+    ],
+    ids=["missing-route", "missing-authz", "missing-cert"],
+)
+def test_a_misconfiguration_left_behind_is_rolled_back_with_its_reason(
+    rig_for: Callable[..., Rig], break_it: Callable[[Any], Any], gate: str, said: str
+) -> None:
+    rig = rig_for()
+    rig.tick_until(started, timeout=30, what="the start at 10")
+    break_it(rig.traffic.target)  # no 5xx at all: the 5xx and latency gates see nothing
+    broken = time.monotonic()
+    rig.tick_until(lambda o: rig.weights() == (0, 100), timeout=40, what=f"the rollback on {gate}")
+    MEASURED.setdefault(f"{gate} injected -> weight 0", []).append(time.monotonic() - broken)
+    (alert,) = rig.alerts(AlertKind.ROLLED_BACK)
+    assert gate in alert.reason and said in alert.reason
+    if gate != "TrafficDeficit":  # the alert names which responses grew, and the 5xx gate passed
+        (failing,) = [g for g in alert.failing_gates if g["gate"] == gate]
+        assert failing.get("detail")
+        assert not [g for g in alert.failing_gates if g["gate"].startswith("errorRate")]
+
+
+def test_a_healthy_noisy_pair_at_low_traffic_does_not_trip_the_response_mix_gate(
+    traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str
+) -> None:
+    """5 requests/s to the ASM gateway beside 45 to the old one, both with the same ordinary 404s and
+    denials, Poisson noise on every kind: the defaults must not trip (the count is printed)."""
+    from controller.runtime.collector import Collector
+    from tests.servers import Response
+
+    healthy = [Response(200, fraction=0.975), Response(404, fraction=0.02), Response(403, fraction=0.005)]
+    traffic.source.responses, traffic.target.responses = list(healthy), list(healthy)
+    traffic.noise = random.Random(7)
+    traffic.total_rps = 50.0
+    traffic.share = lambda: 0.1
+    policy = CanaryPolicy.model_validate(
+        {
+            "metadata": {"name": "quiet"},
+            "spec": {
+                "source": {"service": "istio-system/old", "workload": gateways[0]},
+                "target": {"service": "istio-system/asm", "workload": gateways[1]},
+                "schedule": {"steps": [10, 100]},
+                "analysis": {"interval": "1s", "window": "10s", "minRequests": 20},
+                "gates": {"errorRate": {"max": 0.05}},
+            },
+        }
+    )
+    metrics = PrometheusMetricsSource(PrometheusConnection(Settings(prometheus_url=prometheus), None))
+    collector = Collector()
+    wait_for(lambda: collector.check(policy, metrics).target.requests.value, timeout=30, what="the target's traffic")
+    wait_for(  # the window holds only the noisy healthy mix
+        lambda: (collector.check(policy, metrics).target.mix["4xx"].value or 0) > 0, timeout=30, what="its 404s"
+    )
+    started, checks, trips, rollbacks, in_a_row = time.monotonic(), 0, 0, 0, 0
+    while time.monotonic() - started < 60:  # 60 checks of 10-second windows, one a second
+        result = collector.check(policy, metrics)
+        mix_failed = [g for g in result.gates if g.gate.startswith("responses") and g.verdict is Verdict.FAIL]
+        checks += 1
+        trips += bool(mix_failed)
+        in_a_row = in_a_row + 1 if mix_failed else 0
+        rollbacks += in_a_row == 2  # failureThreshold 2
+        time.sleep(1.0)  # the check interval: the pace of the controller, not a wait for a condition
+    collector.close()
+    print(f"\nMEASURED healthy pair at 5 rps to the target: {trips} failing checks, {rollbacks} rollbacks in {checks}")
+    assert checks >= 50 and trips == 0 and rollbacks == 0
