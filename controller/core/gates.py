@@ -38,6 +38,18 @@ class _Unjudgeable(Exception):
         self.cause = cause
         self.reason = reason
 
+    def result(self, gate: str, threshold: float, query: str, comparator: str = "<=") -> GateResult:
+        """The gate's INCONCLUSIVE result, with why."""
+        return GateResult(
+            gate=gate,
+            verdict=Verdict.INCONCLUSIVE,
+            reason=f"{gate}: {self.reason}",
+            threshold=threshold,
+            comparator=comparator,
+            cause=self.cause,
+            query=query,
+        )
+
 
 def _number(outcome: QueryOutcome, what: str) -> float:
     if outcome.error is not None:
@@ -82,15 +94,7 @@ def _gate(
     try:
         value, baseline = compute()
     except _Unjudgeable as exc:
-        return GateResult(
-            gate=name,
-            verdict=Verdict.INCONCLUSIVE,
-            reason=f"{name}: {exc.reason}",
-            threshold=threshold,
-            comparator=comparator,
-            cause=exc.cause,
-            query=query.query.promql,
-        )
+        return exc.result(name, threshold, query.query.promql, comparator)
     ok = value <= threshold if comparator == "<=" else value >= threshold
     shown = f"{value:.4g}{unit} {'within' if ok else 'breaks'} {comparator} {threshold:g}{unit}"
     if baseline is not None:
@@ -247,14 +251,7 @@ def _excess_gate(
                     )
             counts.append((min(events, total), total))
     except _Unjudgeable as exc:
-        return GateResult(
-            gate=name,
-            verdict=Verdict.INCONCLUSIVE,
-            reason=f"{name}: {exc.reason}",
-            threshold=limit,
-            cause=exc.cause,
-            query=query,
-        )
+        return exc.result(name, limit, query)
     (t_events, t_total), (s_events, s_total) = counts
     t_ratio, s_ratio = t_events / t_total, s_events / s_total
     excess = t_ratio - s_ratio
