@@ -332,6 +332,7 @@ class TrafficExporter:
         self.source = source
         self.target = target
         self.total_rps = total_rps
+        self._initial_rps = total_rps
         self.noise = noise
         self.share: Callable[[], float] = lambda: 0.0
         self._clock = clock
@@ -357,14 +358,16 @@ class TrafficExporter:
     def fresh_pair(self, tag: str) -> tuple[str, str]:
         """Start new series for both gateways, so no earlier test's traffic is in any window.
 
-        The new gateways have the default (healthy) mix, and noise is off again: each test starts
-        from exact, deterministic traffic.
+        The new gateways have the default (healthy) mix, noise is off and ``total_rps`` is the
+        constructor's again: a test that changed them (on the session's exporter) does not leak
+        them into the next one, which starts from exact, deterministic traffic.
         """
         with self._lock:
             self.source = GatewayTraffic(f"gw-{tag}")
             self.target = GatewayTraffic(f"gw-{tag}-asm")
             self._last = self._clock()
             self.noise = None
+            self.total_rps = self._initial_rps
         self.share = lambda: 0.0
         return self.source.workload, self.target.workload
 

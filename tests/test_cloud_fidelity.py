@@ -366,8 +366,8 @@ def test_a_healthy_noisy_pair_at_low_traffic_does_not_trip_the_response_mix_gate
     metrics = PrometheusMetricsSource(PrometheusConnection(Settings(prometheus_url=prometheus), None))
     collector = Collector()
     wait_for(lambda: collector.check(policy, metrics).target.requests.value, timeout=30, what="the target's traffic")
-    wait_for(  # the window holds only the noisy healthy mix
-        lambda: (collector.check(policy, metrics).target.mix["4xx"].value or 0) > 0, timeout=30, what="its 404s"
+    wait_for(  # the window holds only the noisy healthy mix (the source's 4xx: ten times the traffic)
+        lambda: (collector.check(policy, metrics).source.mix["4xx"].value or 0) > 0, timeout=30, what="the 404s"
     )
     started, checks, trips, rollbacks, in_a_row = time.monotonic(), 0, 0, 0, 0
     while time.monotonic() - started < 60:  # 60 checks of 10-second windows, one a second
@@ -381,3 +381,37 @@ def test_a_healthy_noisy_pair_at_low_traffic_does_not_trip_the_response_mix_gate
     collector.close()
     print(f"\nMEASURED healthy pair at 5 rps to the target: {trips} failing checks, {rollbacks} rollbacks in {checks}")
     assert checks >= 50 and trips == 0 and rollbacks == 0
+
+
+def test_the_tls_handshake_gate_reads_each_gateways_own_envoy_stats(
+    traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str
+) -> None:
+    """With Envoy's listener TLS stats exported, a missing certificate fails the handshake gate; the
+    source's pod pattern does not match the ASM gateway's pods (``gw-x`` vs ``gw-x-asm``)."""
+    from controller.runtime.collector import Collector
+
+    traffic.share = lambda: 0.5
+    traffic.target.missing_cert(0.3)
+    policy = CanaryPolicy.model_validate(
+        {
+            "metadata": {"name": "tls"},
+            "spec": {
+                "source": {"service": "istio-system/old", "workload": gateways[0]},
+                "target": {"service": "istio-system/asm", "workload": gateways[1]},
+                "schedule": {"steps": [10, 100]},
+                "analysis": {"window": "5s", "minRequests": 20},
+                "gates": {"errorRate": {"max": 0.05}, "tlsHandshake": {"maxIncrease": 0.01}},
+            },
+        }
+    )
+    metrics = PrometheusMetricsSource(PrometheusConnection(Settings(prometheus_url=prometheus), None))
+    collector = Collector()
+
+    def judged() -> Any:
+        gate = next(g for g in collector.check(policy, metrics).gates if g.gate == "tlsHandshakeFailures")
+        return gate if gate.verdict is not Verdict.INCONCLUSIVE else None
+
+    gate = wait_for(judged, timeout=30, what="both gateways' TLS stats in Prometheus")
+    collector.close()
+    assert gate.verdict is Verdict.FAIL and gate.baseline == 0.0  # the source's own pods: no failures
+    assert gate.value == pytest.approx(0.3, abs=0.05)

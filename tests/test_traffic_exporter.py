@@ -401,7 +401,7 @@ def test_noise_makes_each_interval_vary_around_the_expected_count(clock: Stepped
         traffic.close()
 
 
-def test_the_same_seed_gives_the_same_traffic_and_fresh_pair_turns_noise_off(clock: SteppedClock) -> None:
+def test_the_same_seed_gives_the_same_traffic_and_fresh_pair_restores_the_defaults(clock: SteppedClock) -> None:
     runs = []
     for _ in range(2):
         traffic = TrafficExporter(GatewayTraffic("gw"), GatewayTraffic("gw-asm"), noise=random.Random(99), clock=clock)
@@ -409,8 +409,9 @@ def test_the_same_seed_gives_the_same_traffic_and_fresh_pair_turns_noise_off(clo
         try:
             clock.step(1.0)
             runs.append(scrape(traffic))
+            traffic.total_rps = 50.0
             traffic.fresh_pair("next")
-            assert traffic.noise is None
+            assert traffic.noise is None and traffic.total_rps == 200.0
             traffic.share = lambda: 0.5
             clock.step(1.0)
             assert total(scrape(traffic), REQUESTS, source_workload="gw-next") == 100.0

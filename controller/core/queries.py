@@ -93,10 +93,11 @@ class CheckQueries:
                 promql = f"sum(increase({_REQUESTS}{counted}[{window}])) or vector(0)"
                 self.mix[kind] = RenderedQuery(promql, Measure.RESPONSES, role, gate=kind)
         if policy.spec.gates.tls_handshake is not None:
-            # Envoy's own stats carry the pod, not the Istio workload labels.
+            # Envoy's own stats carry the pod, not the Istio workload labels: a Deployment's pods are
+            # <workload>-<ReplicaSet hash>-<5 chars>; "<workload>-.*" would also match "<workload>-asm-...".
+            workload = re.escape(gateway.workload or gateway.service.name)
             pods = render_selector(
-                {"namespace": gateway.service.namespace},
-                f'pod=~"{_escape(re.escape(gateway.workload or gateway.service.name))}-.*"',
+                {"namespace": gateway.service.namespace}, f'pod=~"{_escape(workload)}-[a-z0-9]{{1,10}}-[a-z0-9]{{5}}"'
             )
             for kind, metric in (("tlsErrors", _TLS_ERRORS), ("connections", _CONNECTIONS)):
                 self.mix[kind] = RenderedQuery(f"sum(increase({metric}{pods}[{window}]))", Measure.TLS, role, gate=kind)
