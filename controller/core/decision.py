@@ -50,6 +50,10 @@ R8  A step bakes only on traffic that follows its weights. A passing check count
     inconclusive check keeps its cause and limit (and counts as settling besides). The cloud
     saying it did not apply a write (or saying nothing within ``cloud.confirmTimeout``) holds
     raises like a refusal and is said once (``CloudNotApplied``); about a rollback, it pages.
+    Once settled (confirmed, and one window on), an ASM gateway that misses a large part of the
+    requests the CLB sends it (they fail before HTTP) has a traffic deficit: a pass is then
+    ``TrafficDeficit`` (a quiet check counts it besides), with its own limit
+    ``analysis.onTrafficDeficit``: rollback after 3 by default.
 
 Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
 change is adopted and reported, never fought), with rollback still armed; an unfinished raise is
