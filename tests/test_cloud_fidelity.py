@@ -60,7 +60,7 @@ def policy_for(kube: Cluster, gateways: tuple[str, str], **spec: Any) -> CanaryP
         "schedule": {"steps": [10, 50, 100], "bakeTime": "3s"},
         "analysis": {"interval": "1s", "window": "4s", "minRequests": 5, "failureThreshold": 2},
         "gates": {"errorRate": {"max": 0.05}},
-        "cloud": {"confirmTimeout": "4s", "settleTimeout": "6s", "shareTolerance": 0.05},
+        "cloud": {"confirmTimeout": "4s", "settleTimeout": "6s", "shareTolerance": 0.05, "deficitGrace": "6s"},
         "routes": {"check": False},
     }
     body.update(spec)

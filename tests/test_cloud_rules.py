@@ -168,7 +168,7 @@ def flow(
         max_deficit=0.3,
         confirmed=states[confirmed],
         settled_for=timedelta(seconds=settled),
-        window=timedelta(seconds=30),
+        grace=timedelta(seconds=30),
     )
 
 
@@ -178,7 +178,7 @@ def test_traffic_settles_until_confirmed_and_one_window_on_unless_it_already_fol
     )
     assert flow(170, 830, 0.20, settled=5) == cloud.Traffic()  # within 5 points: follows already
     early = flow(20, 980, 0.20, settled=5)  # the window still holds traffic from before the write
-    assert early.deficit is None and early.settling is not None and "before the write" in early.settling
+    assert early.deficit is None and early.settling is not None and "moves to new weights late" in early.settling
     assert flow(None, 1000, 0.20) == cloud.Traffic()  # the target's count unknown: the gates say so
     assert flow(20, 980, None) == cloud.Traffic()  # backends unknown: only the confirmation counts
     assert flow(0, 0, 0.20) == cloud.Traffic()  # no traffic at all: nothing to compare
@@ -196,6 +196,10 @@ def test_a_persistent_shortfall_beyond_the_noise_is_a_traffic_deficit_with_its_l
     # a shortfall within maxDeficit (30 %) is not one, nor is one within the noise of a few requests
     assert flow(150, 850, 0.20).deficit is None
     assert flow(1, 19, 0.20).deficit is None  # 4 expected, 1 seen: 3 missing < 4 sigma of 2
+    # however small the step: all of a 2 % share lost is a deficit (within the 5-point tolerance)
+    small = flow(0, 5000, 0.02)
+    assert small.deficit is not None and "no series at all" in small.deficit
+    assert flow(50, 950, 0.10).deficit is not None  # 5 % of 10 %: half lost, 50 missing > 4 sigma (40)
 
 
 # --- preflight --------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100)) -> Can
             "onTrafficDeficit": {"action": "rollback", "afterChecks": DEFICIT_CHECKS},
             "window": "1s",  # a confirmed write is settled by the next check
         },
-        cloud={"confirmTimeout": "1h"},  # a silent cloud keeps the write waiting (R8), not refused
+        # a silent cloud keeps the write waiting (R8), not refused; a confirmed write is settled at once
+        cloud={"confirmTimeout": "1h", "deficitGrace": "1s"},
     )
 
 

@@ -275,17 +275,17 @@ def traffic(
     max_deficit: float,
     confirmed: ConfirmationState | None,
     settled_for: timedelta | None,
-    window: timedelta,
+    grace: timedelta,
 ) -> Traffic:
     """Judge the observed split of requests against the effective share (R8).
 
     Settling, until the cloud confirmed the last write and, unless the observed share is already
-    within ``tolerance`` of the effective one, one analysis ``window`` has passed since (before
-    that the window still holds traffic from before the write). After that, a target that gets
-    less than ``1 - max_deficit`` of what the CLB sends it, by more than the counting noise, has
-    a traffic deficit: requests that fail before HTTP never reach the metrics. Any other gap
-    (more traffic than expected, or a small one) keeps the step settling: not the target's fault.
-    ``settled_for`` None: nothing was written to wait for.
+    within ``tolerance`` of the effective one, ``grace`` has passed since (the window still holds
+    traffic from before the write, and clients on kept-alive connections move late). After that,
+    a target that gets less than ``1 - max_deficit`` of what the CLB sends it, by more than the
+    counting noise, has a traffic deficit, however small the step: requests that fail before HTTP
+    never reach the metrics. Any other gap (more traffic than expected, or a small one) keeps the
+    step settling: not the target's fault. ``settled_for`` None: nothing was written to wait for.
     """
     if confirmed is not None and not confirmed.applied:
         return Traffic(settling=f"settling: the weight write is not confirmed ({confirmed.reason})")
@@ -293,21 +293,24 @@ def traffic(
         return Traffic()
     total = target_requests + source_requests
     observed = target_requests / total
-    if abs(observed - expected) <= tolerance + 1e-9:
-        return Traffic()
+    follows = abs(observed - expected) <= tolerance + 1e-9
     split = f"the ASM gateway gets {observed:.1%} of requests, the weights give it {expected:.1%}"
-    if settled_for is not None and settled_for < window:
-        return Traffic(settling=f"settling: {split} (the window still holds traffic from before the write)")
+    if settled_for is not None and settled_for < grace:
+        late = f"settling: {split} (traffic moves to new weights late: {settled_for.total_seconds():.0f}s of "
+        return Traffic() if follows else Traffic(settling=f"{late}{grace.total_seconds():.0f}s)")
     wanted = expected * total
     missing = wanted - target_requests
     if target_requests < wanted * (1 - max_deficit) and missing > DEFICIT_SIGMAS * math.sqrt(wanted):
+        unseen = " (no series at all: or Prometheus does not see the ASM gateway)" if target_requests == 0 else ""
         return Traffic(
             deficit=(
-                f"traffic deficit: {split} ({target_requests:.0f} requests of {wanted:.0f} expected): requests "
-                "fail before HTTP: a TLS certificate (credentialName) missing on the ASM gateway, a listener "
-                "port it does not open, no Gateway server for a host, or the CLB not applying the weight"
+                f"traffic deficit: {split} ({target_requests:.0f} requests of {wanted:.0f} expected){unseen}: "
+                "requests fail before HTTP: a TLS certificate (credentialName) missing on the ASM gateway, a "
+                "listener port it does not open, no Gateway server for a host, or the CLB not applying the weight"
             )
         )
+    if follows:
+        return Traffic()
     return Traffic(settling=f"settling: {split} (tolerance {tolerance:.1%})")
 
 

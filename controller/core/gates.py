@@ -344,24 +344,33 @@ def _baseline(source: GatewaySamples, target: GatewaySamples, minimum: int) -> G
 
 
 def describe_growth(
-    target: Sequence[tuple[Mapping[str, str], float]], source: Sequence[tuple[Mapping[str, str], float]], top: int = 3
+    target: Sequence[tuple[Mapping[str, str], float]],
+    source: Sequence[tuple[Mapping[str, str], float]],
+    target_requests: float,
+    source_requests: float,
+    top: int = 3,
 ) -> str | None:
-    """The label sets (code, flags, route) whose share of the responses grew most on the target.
+    """The label sets (code, flags, route) whose share of ALL requests grew most on the target.
 
-    Each side's counts become shares of that side's total, so the two gateways' different traffic
-    does not matter; the entries are named by their labels, with both shares.
+    Shares of each gateway's requests, so the gateways' different traffic does not matter and a
+    kind both have (a scanner's 404 NR on both) still shows by how much it grew.
     """
 
-    def shares(series: Sequence[tuple[Mapping[str, str], float]]) -> dict[tuple[tuple[str, str], ...], float]:
-        total = sum(value for _, value in series if math.isfinite(value) and value > 0)
-        if total <= 0:
+    def shares(
+        series: Sequence[tuple[Mapping[str, str], float]], requests: float
+    ) -> dict[tuple[tuple[str, str], ...], float]:
+        if requests <= 0:
             return {}
-        return {tuple(sorted(labels.items())): value / total for labels, value in series if math.isfinite(value)}
+        return {
+            tuple(sorted(labels.items())): value / requests
+            for labels, value in series
+            if math.isfinite(value) and value > 0
+        }
 
-    mine, theirs = shares(target), shares(source)
+    mine, theirs = shares(target, target_requests), shares(source, source_requests)
     growth = sorted(((share - theirs.get(key, 0.0), key) for key, share in mine.items()), reverse=True)
     named = [
-        f"{_labels(key)}: {mine[key]:.0%} of the target's vs {theirs.get(key, 0.0):.0%} of the source's"
+        f"{_labels(key)}: {mine[key]:.2%} of the target's requests vs {theirs.get(key, 0.0):.2%} of the source's"
         for grew, key in growth[:top]
         if grew > 0
     ]

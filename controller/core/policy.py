@@ -611,6 +611,12 @@ class CloudSpec(_Model):
         description="once settled, the ASM gateway missing more than this fraction of the requests the "
         "CLB sends it (and more than the noise) is a traffic deficit (analysis.onTrafficDeficit)",
     )
+    deficit_grace: Duration = Field(
+        default=timedelta(minutes=3),
+        description="after a confirmed write, how long traffic may take to move before a shortfall counts as "
+        "a traffic deficit (clients on kept-alive connections follow new weights late; raise it for "
+        "long-lived HTTP/2, gRPC or TCP connections); at least one analysis window is always waited",
+    )
     require_wrr: bool = Field(
         default=True,
         description="refuse unless the listener scheduler is wrr (weights are ignored under rr); false: warn only",

@@ -80,8 +80,10 @@ class CloudWatch:
                 max_deficit=policy.spec.cloud.max_deficit,
                 confirmed=confirmed,
                 settled_for=_settled_for(state, confirmed, now),
-                window=policy.spec.analysis.window,
+                grace=max(policy.spec.analysis.window, policy.spec.cloud.deficit_grace),
             )
+            if state.pending is not None:  # half written: neither split is the one to judge yet
+                flow = cloud.Traffic(settling="settling: a weight write is not finished") if flow.deficit else flow
         cloud_refusal = cloud_detail = None
         if confirmed is not None and confirmed.status in (cloud.Confirmation.FAILED, cloud.Confirmation.UNCONFIRMED):
             cloud_refusal = f"the cloud did not confirm the last weight write: {confirmed.reason}"
@@ -192,10 +194,10 @@ def _requests(check: CheckResult, role: GatewayRole) -> float | None:
 
 
 def _settled_for(state: RolloutState, confirmed: cloud.ConfirmationState | None, now: datetime) -> timedelta | None:
-    """How long the last write has been confirmed (0: just now); None when nothing was written."""
-    if state.written_at is None or confirmed is None:
-        return None
-    return now - state.confirmed_at if state.confirmed_at is not None else timedelta(0)
+    """How long the weights have been confirmed (0: just now); None when nothing was ever written."""
+    if state.confirmed_at is not None:
+        return now - state.confirmed_at
+    return timedelta(0) if confirmed is not None else None
 
 
 def preflight_items(inspector: CloudInspector, policy: CanaryPolicy) -> tuple[cloud.PreflightItem, ...]:

@@ -40,25 +40,41 @@ class Collector:
             _samples(plans[GatewayRole.SOURCE], outcomes),
             _samples(plans[GatewayRole.TARGET], outcomes),
         )
-        failed = [gate for gate in result.gates if gate.verdict is Verdict.FAIL and gate.gate in _MIX_GATES]
+        failed = [gate.gate for gate in result.gates if gate.verdict is Verdict.FAIL and gate.gate in _MIX_GATES]
         if not failed:
             return result
-        details = {gate.gate: self._breakdown(plans, _MIX_GATES[gate.gate], source) for gate in failed}
-        gates = tuple(replace(g, detail=details[g.gate]) if g.gate in details else g for g in result.gates)
+        details = self._breakdowns(plans, failed, source, result)
+        gates = tuple(replace(g, detail=details.get(g.gate)) if g.gate in details else g for g in result.gates)
         return replace(result, gates=gates)
 
-    def _breakdown(self, plans: dict[GatewayRole, CheckQueries], kind: str, source: MetricsSource) -> str | None:
-        """The responses of ``kind`` that grew most on the target, per route labels (None: unknown)."""
-        asked = [plans[role].breakdown(kind) for role in (GatewayRole.TARGET, GatewayRole.SOURCE)]
+    def _breakdowns(
+        self, plans: dict[GatewayRole, CheckQueries], failed: list[str], source: MetricsSource, result: CheckResult
+    ) -> dict[str, str | None]:
+        """Per failed gate, the responses that grew most on the target by route labels (None: unknown).
+
+        All asked at once (one round trip before the rollback decision, not one per gate); any
+        trouble only loses the detail, never the check.
+        """
+        roles = (GatewayRole.TARGET, GatewayRole.SOURCE)
+        asked = [plans[role].breakdown(_MIX_GATES[gate]) for gate in failed for role in roles]
         try:
-            target, baseline = self._pool.map(source.query_vector, asked)
-        except MetricsUnavailable:
-            return None
-        return describe_growth(target, baseline)
+            answers = list(self._pool.map(source.query_vector, asked))
+        except Exception:  # a detail for the alert: never worth a failed check
+            return dict.fromkeys(failed)
+        totals = [_request_total(result.target), _request_total(result.source)]
+        return {
+            gate: describe_growth(answers[2 * i], answers[2 * i + 1], totals[0], totals[1])
+            for i, gate in enumerate(failed)
+        }
 
     def close(self) -> None:
         """Stop the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _request_total(samples: GatewaySamples | None) -> float:
+    value = None if samples is None else samples.requests.value
+    return value if value is not None and value > 0 else 0.0
 
 
 def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:

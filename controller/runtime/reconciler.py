@@ -331,6 +331,10 @@ class PolicyRunner:
                 state = state.evolve(written_at=before.written_at, written_roles=merged, confirmed_at=None)
             elif roles:
                 state = state.evolve(written_at=self._clock.now(), written_roles=roles, confirmed_at=None)
+        elif any(notice.kind is AlertKind.WEIGHT_CHANGED_EXTERNALLY for notice in decision.notices):
+            # someone else's weights: nothing of ours to confirm, but traffic moves to them late too
+            now = self._clock.now()
+            state = state.evolve(written_at=now, written_roles=(), confirmed_at=now)
         elif view.confirmation is not None and view.confirmation.applied and state.confirmed_at is None:
             state = state.evolve(confirmed_at=self._clock.now())
         return decision if state is decision.state else replace(decision, state=state)
