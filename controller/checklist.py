@@ -29,7 +29,7 @@ from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
 from controller.policy_files import policy_files, read_policies
 from controller.runtime.cloud_watch import preflight_items
-from controller.settings import Settings
+from controller.settings import Settings, invalid_settings
 
 __all__ = ["preflight_main"]
 
@@ -53,9 +53,8 @@ def preflight_main(paths: Sequence[str], *, output: TextIO, errors: TextIO | Non
     try:
         settings = Settings()
     except ValidationError as exc:
-        for detail in exc.errors(include_url=False):
-            name = "GATEWAY_CANARY_" + "_".join(str(part) for part in detail["loc"]).upper()
-            print(f"{name}: {' '.join(str(detail['msg']).split())}", file=problems_to)
+        for problem in invalid_settings(exc):
+            print(problem, file=problems_to)
         return 2
     configure_logging(settings.log_format, "ERROR", stream=problems_to)
     failed = 0

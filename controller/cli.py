@@ -21,7 +21,7 @@ from controller.core.policy import CanaryPolicy
 from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
 from controller.policy_files import policy_files, read_policies
-from controller.settings import LogFormat, Settings
+from controller.settings import LogFormat, Settings, invalid_settings
 
 __all__ = ["main"]
 
@@ -127,10 +127,8 @@ def _settings_or_report(policies: str | None, dry_run: bool) -> Settings | None:
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
-            message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
-            print(f"{name}: {message}", file=sys.stderr)
+        for problem in invalid_settings(exc):
+            print(problem, file=sys.stderr)
         return None
     problems = settings_problems(settings)
     for problem in problems:

@@ -32,7 +32,7 @@ from controller.core.routes import MigrationManifest, RouteParity, format_select
 from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
 from controller.policy_files import policy_files, read_policies
-from controller.settings import Settings
+from controller.settings import Settings, invalid_settings
 
 __all__ = ["migrate_config_main"]
 
@@ -54,14 +54,6 @@ def _load(paths: Sequence[str]) -> tuple[list[SourcedPolicy], list[PolicyError]]
             missing.append(PolicyError(path, 1, "", "no such file or directory"))
     policies, errors, _warnings = read_policies(files)
     return policies, errors + missing
-
-
-def _settings_problems(exc: ValidationError) -> list[str]:
-    problems = []
-    for error in exc.errors(include_url=False):
-        name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
-        problems.append(f"{name}: {_one_line(str(error['msg']).removeprefix('Value error, '))}")
-    return problems
 
 
 def _render(item: SourcedPolicy, parity: RouteParity, plan: list[MigrationManifest]) -> str:
@@ -107,7 +99,7 @@ def migrate_config_main(policy_files: Sequence[str], *, output: TextIO, errors: 
         try:
             settings = Settings()
         except ValidationError as exc:
-            problems = _settings_problems(exc)
+            problems = invalid_settings(exc)
     if settings is None or problems:
         for problem in problems:
             print(problem, file=problems_to)

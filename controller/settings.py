@@ -13,12 +13,12 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller.core.policy import PrometheusSpec, checked_url
 
-__all__ = ["LogFormat", "PrometheusConnection", "Settings"]
+__all__ = ["LogFormat", "PrometheusConnection", "Settings", "invalid_settings"]
 
 
 class LogFormat(enum.StrEnum):
@@ -207,3 +207,12 @@ class PrometheusConnection:
             self.ca_file,
             self.timeout_seconds,
         )
+
+
+def invalid_settings(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named by its environment variable (``GATEWAY_CANARY_...: why``)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{name}: {' '.join(str(error['msg']).removeprefix('Value error, ').split())}")
+    return problems

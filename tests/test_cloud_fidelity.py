@@ -34,7 +34,7 @@ from controller.migrate import migrate_config_main
 from controller.runtime.cloud_watch import CloudWatch
 from controller.settings import PrometheusConnection, Settings
 from tests.ccm_emulator import CcmEmulator, Mode
-from tests.helpers import RecordingNotifier, runner_for
+from tests.helpers import RecordingNotifier, make_policy, runner_for
 from tests.kube_cluster import CLB, SOURCE, TARGET, Cluster
 from tests.servers import MEASURED, WEIGHT, LaggedShare, TrafficExporter, wait_for
 from tests.test_routes import create_gateway, gateway, server
@@ -338,6 +338,16 @@ def test_a_misconfiguration_left_behind_is_rolled_back_with_its_reason(
         assert not [g for g in alert.failing_gates if g["gate"].startswith("errorRate")]
 
 
+def measured_only(name: str, gateways: tuple[str, str], **spec: Any) -> CanaryPolicy:
+    """A policy over this test's simulated gateways, for checks without a cluster (a collector only)."""
+    return make_policy(
+        name,
+        source={"service": "istio-system/old", "workload": gateways[0]},
+        target={"service": "istio-system/asm", "workload": gateways[1]},
+        **{"gates": {"errorRate": {"max": 0.05}}, **spec},
+    )
+
+
 def test_a_healthy_noisy_pair_at_low_traffic_does_not_trip_the_response_mix_gate(
     traffic: TrafficExporter, gateways: tuple[str, str], prometheus: str
 ) -> None:
@@ -351,18 +361,7 @@ def test_a_healthy_noisy_pair_at_low_traffic_does_not_trip_the_response_mix_gate
     traffic.noise = random.Random(7)
     traffic.total_rps = 50.0
     traffic.share = lambda: 0.1
-    policy = CanaryPolicy.model_validate(
-        {
-            "metadata": {"name": "quiet"},
-            "spec": {
-                "source": {"service": "istio-system/old", "workload": gateways[0]},
-                "target": {"service": "istio-system/asm", "workload": gateways[1]},
-                "schedule": {"steps": [10, 100]},
-                "analysis": {"interval": "1s", "window": "10s", "minRequests": 20},
-                "gates": {"errorRate": {"max": 0.05}},
-            },
-        }
-    )
+    policy = measured_only("quiet", gateways, analysis={"interval": "1s", "window": "10s", "minRequests": 20})
     metrics = PrometheusMetricsSource(PrometheusConnection(Settings(prometheus_url=prometheus), None))
     collector = Collector()
     wait_for(lambda: collector.check(policy, metrics).target.requests.value, timeout=30, what="the target's traffic")
@@ -392,17 +391,11 @@ def test_the_tls_handshake_gate_reads_each_gateways_own_envoy_stats(
 
     traffic.share = lambda: 0.5
     traffic.target.missing_cert(0.3)
-    policy = CanaryPolicy.model_validate(
-        {
-            "metadata": {"name": "tls"},
-            "spec": {
-                "source": {"service": "istio-system/old", "workload": gateways[0]},
-                "target": {"service": "istio-system/asm", "workload": gateways[1]},
-                "schedule": {"steps": [10, 100]},
-                "analysis": {"window": "5s", "minRequests": 20},
-                "gates": {"errorRate": {"max": 0.05}, "tlsHandshake": {"maxIncrease": 0.01}},
-            },
-        }
+    policy = measured_only(
+        "tls",
+        gateways,
+        analysis={"window": "5s", "minRequests": 20},
+        gates={"errorRate": {"max": 0.05}, "tlsHandshake": {"maxIncrease": 0.01}},
     )
     metrics = PrometheusMetricsSource(PrometheusConnection(Settings(prometheus_url=prometheus), None))
     collector = Collector()

@@ -63,8 +63,7 @@ def _number(outcome: QueryOutcome, what: str) -> float:
 
 def _request_count(samples: GatewaySamples) -> float:
     """Requests in the window: an empty answer is no traffic (0). (Errors are the caller's to judge.)"""
-    outcome = samples.requests
-    return outcome.value if outcome.has_number and outcome.value is not None else 0.0
+    return samples.served or 0.0
 
 
 def _traffic(samples: GatewaySamples, min_requests: int) -> float:

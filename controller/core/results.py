@@ -58,6 +58,14 @@ class GatewaySamples:
     #: counts of kinds of responses and TLS counters (4xx, auth, noRoute, tlsErrors, connections)
     mix: dict[str, QueryOutcome] = field(default_factory=dict)
 
+    @property
+    def served(self) -> float | None:
+        """Requests in the window: no series at all is none (0.0); an error or NaN is unknown (None)."""
+        outcome = self.requests
+        if outcome.error is None and outcome.value is None:
+            return 0.0
+        return outcome.value if outcome.has_number else None
+
     def outcomes(self) -> list[QueryOutcome]:
         """All query outcomes, built-in first."""
         return [self.requests, self.error_rate, self.latency, *self.mix.values(), *self.custom.values()]
@@ -138,15 +146,10 @@ class CheckResult:
         """The share of requests the target actually got: the CLB weight as traffic sees it."""
         if self.source is None or self.target is None:
             return None
-        target, source = self.target.requests, self.source.requests
-        if not source.has_number:
+        # No series at all for the target is no request at all: a weight that never reached the
+        # CLB shows exactly so. The source must have answered a number.
+        on_target, on_source = self.target.served, self.source.served
+        if on_target is None or on_source is None or not self.source.requests.has_number:
             return None
-        # No series at all for the target (an empty answer, not an error) is no request at all:
-        # a weight that never reached the CLB shows exactly so.
-        served_nothing = target.error is None and target.value is None
-        if not (target.has_number or served_nothing):
-            return None
-        assert source.value is not None
-        on_target = target.value if target.value is not None else 0.0
-        total = on_target + source.value
+        total = on_target + on_source
         return None if total <= 0 else on_target / total

@@ -187,10 +187,7 @@ class CloudWatch:
 def _requests(check: CheckResult, role: GatewayRole) -> float | None:
     """A gateway's requests in the window: no series is none (0), an error unknown (None)."""
     samples = check.target if role is GatewayRole.TARGET else check.source
-    if samples is None or samples.requests.error is not None:
-        return None
-    value = samples.requests.value
-    return 0.0 if value is None else value if samples.requests.has_number else None
+    return None if samples is None else samples.served
 
 
 def _settled_for(state: RolloutState, confirmed: cloud.ConfirmationState | None, now: datetime) -> timedelta | None:

@@ -73,8 +73,8 @@ class Collector:
 
 
 def _request_total(samples: GatewaySamples | None) -> float:
-    value = None if samples is None else samples.requests.value
-    return value if value is not None and value > 0 else 0.0
+    served = None if samples is None else samples.served
+    return max(served or 0.0, 0.0)
 
 
 def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:
