@@ -1,29 +1,229 @@
-"""``gateway-canary``: run, demo, validate, schema, rbac, preflight, migrate-config.
+"""``gateway-canary``: run, demo, validate, plan, status, the on-call commands, schema, rbac, preflight, migrate-config.
 
 The only module that writes to the terminal directly (the demo's narrative, validation
 results, the schema); everything else logs through structlog.
+
+The command line is Typer (built on click, which it vendors) rather than hand-written argparse: every
+command gets ``--help``, usage errors exit 2 with a message on stderr, and shell completion comes
+with ``--install-completion``. Tables and colour are rich's, which leaves the colour out when the
+output is not a terminal or ``NO_COLOR`` is set. ``main`` stays the entry point and returns the exit
+code; ``kubectl_plugin`` is the same commands as ``kubectl gateway-canary``.
+
+Shared pieces for the commands that talk to a cluster or print data:
+
+- ``KubeOptions`` with ``KubeconfigOption``, ``ContextOption`` and ``NamespaceOption`` (declared
+  once, used as a command's parameter annotations);
+- ``OutputFormat`` (``-o table|json|yaml``, ``OutputOption``) and ``emit``, which prints one value
+  in that format;
+- ``EXIT_CODES``, each command's exit codes: its ``--help`` shows them, and the README's table can
+  be generated from it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated, TypeVar
 
+import typer
+import yaml
 from pydantic import ValidationError
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
 
 from controller.core.alerts import Alert
+from controller.core.enums import Command
 from controller.core.loader import PolicyError, SourcedPolicy
 from controller.core.policy import CanaryPolicy
 from controller.errors import GatewayCanaryError
 from controller.logs import configure_logging
+from controller.operate import COMMAND_EXIT, STATUS_EXIT
 from controller.policy_files import policy_files, read_policies
 from controller.settings import LogFormat, Settings, invalid_settings
 
-__all__ = ["main"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "EXIT_CODES",
+    "ContextOption",
+    "KubeOptions",
+    "KubeconfigOption",
+    "NamespaceOption",
+    "OutputFormat",
+    "OutputOption",
+    "app",
+    "emit",
+    "kubectl_plugin",
+    "main",
+]
+
+PROG = "gateway-canary"
+KUBECTL_PROG = "kubectl gateway-canary"
+
+_USAGE_ERROR = "a usage error (an unknown option, a missing or bad argument; the usage is on stderr)"
+
+
+#: the commands an operator gives a running controller, in the order --help lists them
+_OPERATOR_COMMANDS = (Command.PAUSE, Command.RESUME, Command.APPROVE, Command.ABORT, Command.RETRY, Command.PROMOTE)
+
+
+def _with_usage_error(codes: Mapping[int, str]) -> dict[int, str]:
+    """Every command exits 2 on a usage error, besides its own meaning of 2 (if any)."""
+    return {**codes, 2: f"{codes[2]}, or {_USAGE_ERROR}" if 2 in codes else _USAGE_ERROR}
+
+
+#: Every command's exit codes and what they mean: the one source for its ``--help`` and the README.
+EXIT_CODES: Mapping[str, Mapping[int, str]] = {
+    command: _with_usage_error(codes)
+    for command, codes in {
+        "run": {
+            0: "stopped by SIGTERM or SIGINT",
+            2: "bad settings (one line each, variable name first), no cluster, or the HTTP port is taken",
+        },
+        "demo": {0: "the demo climbed, rolled back and delivered its alert", 1: "it did not play out so"},
+        "validate": {
+            0: "every policy is valid",
+            1: "a policy file has an error, or no policy file was found",
+            2: "a path does not exist",
+        },
+        "schema": {0: "the schema was printed"},
+        "rbac": {
+            0: "the Roles and RoleBindings were printed",
+            1: "a policy file has an error, or no policy was found: nothing printed",
+            2: "--service-account is not NAMESPACE/NAME, or a path does not exist",
+        },
+        "preflight": {
+            0: "every item passed",
+            1: "an item failed",
+            2: "the policies, the settings or the cluster could not be read",
+        },
+        "migrate-config": {
+            0: "the Gateways still lacking were printed (none lacking: nothing printed)",
+            2: "the policies, the settings or the cluster could not be read",
+        },
+        "plan": {0: "the plan was printed", 1: "the policy file is invalid", 2: "the file does not exist"},
+        "status": dict(STATUS_EXIT),
+        **{command.value: dict(COMMAND_EXIT) for command in _OPERATOR_COMMANDS},
+    }.items()
+}
+
+
+def _exit_codes_help(command: str) -> str:
+    """The epilog of a command's ``--help``: a line per code."""
+    return "\n".join(["Exit codes:", *(f"{code}  {text}" for code, text in sorted(EXIT_CODES[command].items()))])
+
+
+# --- cluster options, for the commands that talk to a cluster (status, pause, resume, ...) -------
+
+#: The namespace of the state objects when neither -n, GATEWAY_CANARY_NAMESPACE nor the context names one.
+DEFAULT_NAMESPACE = "gateway-canary"
+_CLUSTER_PANEL = "Cluster"
+
+
+@dataclass(frozen=True, slots=True)
+class KubeOptions:
+    """Which cluster and namespace a command talks to, as ``kubectl`` spells them.
+
+    ``kubeconfig``: ``--kubeconfig``; None leaves the choice to the kubernetes client (``KUBECONFIG``,
+    else ``~/.kube/config``, else in-cluster). ``context``: ``--context``; None is the kubeconfig's
+    current context. ``namespace``: ``-n/--namespace``, else ``GATEWAY_CANARY_NAMESPACE`` (the option
+    reads it), else None: ``resolved_namespace`` then takes the context's namespace, else
+    ``gateway-canary``. A command declares the three options once each with the annotations below::
+
+        @app.command()
+        def status(kubeconfig: KubeconfigOption = None, context: ContextOption = None,
+                   namespace: NamespaceOption = None) -> int:
+            kube = KubeOptions(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    """
+
+    kubeconfig: str | None
+    context: str | None
+    namespace: str | None
+
+    def resolved_namespace(self, context_namespace: str | None) -> str:
+        """The namespace to use, given the one the kubeconfig context names (if any)."""
+        return self.namespace or context_namespace or DEFAULT_NAMESPACE
+
+
+KubeconfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kubeconfig",
+        help="the kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster)",
+        rich_help_panel=_CLUSTER_PANEL,
+        show_default=False,
+    ),
+]
+ContextOption = Annotated[
+    str | None,
+    typer.Option(
+        "--context",
+        help="the kubeconfig context (default: its current context)",
+        rich_help_panel=_CLUSTER_PANEL,
+        show_default=False,
+    ),
+]
+NamespaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        envvar="GATEWAY_CANARY_NAMESPACE",
+        help=f"where the state objects live (default: GATEWAY_CANARY_NAMESPACE, else the context's, "
+        f"else {DEFAULT_NAMESPACE})",
+        rich_help_panel=_CLUSTER_PANEL,
+        show_default=False,
+        show_envvar=False,  # named in the help text, in its place in the order
+    ),
+]
+
+
+# --- output formats, for the commands whose output is data -------------------------------------
+
+
+class OutputFormat(StrEnum):
+    """``-o``: a table for people, JSON or YAML for programs."""
+
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+
+
+OutputOption = Annotated[
+    OutputFormat | None,
+    typer.Option("--output", "-o", help="table, json or yaml"),
+]
+
+_Data = TypeVar("_Data")
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console on stdout (or stderr) as it is now (pytest swaps them): colour on a terminal only.
+
+    rich already leaves colour out off a terminal and, with ``NO_COLOR``, on one; here ``NO_COLOR``
+    also drops bold and dim, so that nothing but text is written.
+    """
+    no_color = bool(os.environ.get("NO_COLOR"))
+    return Console(stderr=stderr, highlight=False, color_system=None if no_color else "auto")
+
+
+def emit(data: _Data, fmt: OutputFormat, table_builder: Callable[[_Data], RenderableType]) -> None:
+    """Print ``data`` as ``fmt``: ``table_builder(data)`` drawn by rich, or JSON, or YAML (both sorted).
+
+    ``data`` must be plain (dicts, lists, str, int, float, bool, None) for JSON and YAML.
+    """
+    if fmt is OutputFormat.TABLE:
+        _console().print(table_builder(data))
+    elif fmt is OutputFormat.JSON:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(yaml.safe_dump(data, sort_keys=True), end="")
 
 
 def _load_reporting_errors(
@@ -41,7 +241,9 @@ def _load_reporting_errors(
     return files, policies, errors
 
 
-def _cmd_validate(paths: Sequence[str]) -> int:
+def _cmd_validate(paths: Sequence[str], output: OutputFormat | None = None) -> int:
+    if output is not None:
+        return _validate_as_data(paths, output)
     loaded = _load_reporting_errors(paths)
     if loaded is None:
         return 2
@@ -53,6 +255,42 @@ def _cmd_validate(paths: Sequence[str]) -> int:
         print("no policy files found", file=sys.stderr)
         return 1
     return 1 if errors else 0
+
+
+def _problem(error: PolicyError) -> dict[str, object]:
+    return {"file": error.file, "line": error.line, "field": error.field, "message": error.message}
+
+
+def _validate_as_data(paths: Sequence[str], output: OutputFormat) -> int:
+    """``validate -o``: everything on stdout as data; only a path that does not exist goes to stderr."""
+    try:
+        files = policy_files(paths)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    policies, errors, warnings = read_policies(files)
+    report: dict[str, object] = {
+        "files": [str(file) for file in files],
+        "policies": [{"file": item.file, "line": item.line, "name": item.policy.name} for item in policies],
+        "errors": [_problem(error) for error in errors],
+        "warnings": [_problem(warning) for warning in warnings],
+    }
+
+    def table(_: object) -> Table:
+        rows = Table(
+            "", "where", "policy / field", "message",
+            caption=f"{len(policies)} valid, {len(errors)} error(s) in {len(files)} file(s)",
+        )  # fmt: skip
+        for item in policies:  # Text, not markup: a file name or a message may hold brackets
+            rows.add_row(Text("ok", style="green"), Text(f"{item.file}:{item.line}"), Text(item.policy.name))
+        for kind, style, problems in (("error", "red", errors), ("warning", "yellow", warnings)):
+            for problem in problems:
+                where = Text(f"{problem.file}:{problem.line}")
+                rows.add_row(Text(kind, style=style), where, Text(problem.field), Text(problem.message))
+        return rows
+
+    emit(report, output, table)
+    return 1 if errors or not files else 0
 
 
 def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str | None) -> int:
@@ -204,63 +442,249 @@ def _version() -> str:
         return "unknown"
 
 
+# --- the commands ------------------------------------------------------------------------------
+
+app = typer.Typer(
+    name=PROG,
+    epilog="Exit codes: 0 success, 1 the command's check failed, 2 a usage error or input that could "
+    "not be read; each command's --help lists its own.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # -h as argparse had it
+    pretty_exceptions_enable=False,  # a plain traceback, never one with locals (settings hold secrets)
+)
+
+PathsArgument = Annotated[
+    list[str], typer.Argument(help="policy files or directories", metavar="PATH", show_default=False)
+]
+
+
+class DemoScenario(StrEnum):
+    """What breaks on the ASM gateway in the demo (``controller.demo.SCENARIOS``)."""
+
+    ERRORS = "errors"
+    MISSING_ROUTE = "missing-route"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"{PROG} {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Metric-gated traffic migration between two ingress gateways sharing one Alibaba Cloud CLB."""
+
+
+@app.command("run", epilog=_exit_codes_help("run"))
+def _run(
+    policies: Annotated[
+        str | None,
+        typer.Option(help="policies directory (overrides GATEWAY_CANARY_POLICIES_DIR)", show_default=False),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="log intended writes, write nothing")] = False,
+) -> None:
+    """Run the controller (settings from GATEWAY_CANARY_* variables)."""
+    raise typer.Exit(_cmd_run(policies, dry_run))
+
+
+@app.command("demo", epilog=_exit_codes_help("demo"))
+def _demo(
+    speed: Annotated[float, typer.Option(help="time compression factor")] = 60.0,
+    verbose: Annotated[bool, typer.Option("--verbose", help="show every check's log line")] = False,
+    scenario: Annotated[
+        DemoScenario,
+        typer.Option(help="what breaks on the ASM gateway: 5xx (errors), or a host without a route (404 NR)"),
+    ] = DemoScenario.ERRORS,
+) -> None:
+    """A full migration against simulated gateways, no cluster."""
+    raise typer.Exit(_cmd_demo(speed, verbose, scenario.value))
+
+
+@app.command("validate", epilog=_exit_codes_help("validate"))
+def _validate(
+    paths: PathsArgument,
+    output: OutputOption = None,
+) -> None:
+    """Validate policy files or directories.
+
+    Without -o: a line per valid policy and a summary; the problems on stderr, as file:line: field: message.
+
+    With -o, on stdout: the files, valid policies (file, line, name), errors and warnings (file, line, field, message).
+    """
+    raise typer.Exit(_cmd_validate(paths, output))
+
+
+@app.command("schema", epilog=_exit_codes_help("schema"))
+def _schema() -> None:
+    """Print the policy JSON Schema (for editors)."""
+    raise typer.Exit(_cmd_schema())
+
+
+@app.command("rbac", epilog=_exit_codes_help("rbac"))
+def _rbac(
+    paths: PathsArgument,
+    service_account: Annotated[
+        str, typer.Option(help="NAMESPACE/NAME the controller runs as", metavar="NAMESPACE/NAME")
+    ] = "gateway-canary/gateway-canary",
+    state_namespace: Annotated[
+        str | None,
+        typer.Option(
+            help="where the controller keeps its state objects (GATEWAY_CANARY_NAMESPACE; default: the account's)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the least-privilege Roles and RoleBindings the policies need."""
+    raise typer.Exit(_cmd_rbac(paths, service_account, state_namespace))
+
+
+@app.command("preflight", epilog=_exit_codes_help("preflight"))
+def _preflight(paths: PathsArgument) -> None:
+    """The migration runbook's checklist for the policies (reads the cluster, writes nothing)."""
+    from controller.checklist import preflight_main
+
+    raise typer.Exit(preflight_main(paths, output=sys.stdout))
+
+
+@app.command("migrate-config", epilog=_exit_codes_help("migrate-config"))
+def _migrate_config(paths: PathsArgument) -> None:
+    """Print the ASM-side Istio Gateways the ASM gateway still lacks (to review and apply)."""
+    from controller.migrate import migrate_config_main
+
+    raise typer.Exit(migrate_config_main(paths, output=sys.stdout))
+
+
+@app.command("plan", epilog=_exit_codes_help("plan"))
+def _plan(
+    policy_file: Annotated[str, typer.Argument(help="a policy file", metavar="POLICY_FILE", show_default=False)],
+    start: Annotated[
+        str | None,
+        typer.Option(help="when the rollout starts (ISO 8601, e.g. 2026-12-01T10:00+08:00; default: now)"),
+    ] = None,
+    output: OutputOption = None,
+) -> None:
+    """The schedule as a table: each step's weights, bake, gates, approvals and windows, and the
+    earliest wall-clock time it can be reached (every check passing, approvals at once). No cluster."""
+    from controller.planning import plan_main
+
+    raise typer.Exit(plan_main(policy_file, start, output or OutputFormat.TABLE, _console()))
+
+
+@app.command("status", epilog=_exit_codes_help("status"))
+def _status(  # noqa: PLR0917 (one parameter per option: typer's way)
+    name: Annotated[str | None, typer.Argument(help="a policy (default: every policy)", show_default=False)] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="redraw until Promoted or RolledBack")] = False,
+    timeout: Annotated[str, typer.Option(help="with --watch: give up after this long (e.g. 30m), exit 3")] = "10m",
+    output: OutputOption = None,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Where each migration stands and why: phase, step, weights, what it waits for, the last check's
+    gates next to their thresholds and baselines, the counts, the last command and transitions."""
+    from controller.status_cmd import status_main
+
+    kube = KubeOptions(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    raise typer.Exit(
+        status_main(kube, name, watch=watch, timeout=timeout, output=output or OutputFormat.TABLE, console=_console())
+    )
+
+
+ByOption = Annotated[
+    str | None,
+    typer.Option(help="who gives it (default: the user the API server sees, else the kubeconfig's)"),
+]
+WaitOption = Annotated[str, typer.Option(help="how long to wait for the controller's answer")]
+NameArgument = Annotated[str, typer.Argument(help="the policy", show_default=False)]
+
+
+def _give(command: Command, name: str, by: str | None, wait: str, kube: KubeOptions, *, confirmed: bool) -> int:
+    from controller.status_cmd import command_main
+
+    return command_main(kube, command, name, by, wait, confirmed=confirmed)
+
+
+def _operator_command(command: Command) -> Callable[..., None]:
+    def give(  # noqa: PLR0917
+        name: NameArgument,
+        by: ByOption = None,
+        wait: WaitOption = "60s",
+        kubeconfig: KubeconfigOption = None,
+        context: ContextOption = None,
+        namespace: NamespaceOption = None,
+    ) -> None:
+        kube = KubeOptions(kubeconfig=kubeconfig, context=context, namespace=namespace)
+        raise typer.Exit(_give(command, name, by, wait, kube, confirmed=True))
+
+    return give
+
+
+def _promote(  # noqa: PLR0917
+    name: NameArgument,
+    full: Annotated[bool, typer.Option("--full", help="skip every remaining step, to 100")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: no question is asked")] = False,
+    by: ByOption = None,
+    wait: WaitOption = "60s",
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    if not full:
+        raise typer.BadParameter("promote needs --full (skip the remaining steps to 100)", param_hint="--full")
+    kube = KubeOptions(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    raise typer.Exit(_give(Command.PROMOTE, name, by, wait, kube, confirmed=yes))
+
+
+_COMMAND_HELP = {
+    Command.PAUSE: "Hold the weights where they are; checks, alerts and rollback go on.",
+    Command.RESUME: "Continue a paused rollout; the bake at this step restarts.",
+    Command.APPROVE: "Pass the approval the rollout waits at (schedule.approvalAt), or the next one ahead.",
+    Command.ABORT: "Roll the ASM gateway back to 0 now and alert (also after promotion).",
+    Command.RETRY: "After a rollback, start again from the first step.",
+    Command.PROMOTE: "With --full --yes: skip the remaining steps to 100; refused unless the last check passed.",
+}
+for _command in _OPERATOR_COMMANDS:
+    _function = _promote if _command is Command.PROMOTE else _operator_command(_command)
+    _function.__doc__ = _COMMAND_HELP[_command] + (
+        "\n\nThe command is an annotation on the policy's state object (never on a gateway Service); the "
+        "running controller answers within seconds. Equivalent: kubectl -n NAMESPACE annotate configmap "
+        f"gateway-canary-NAME gateway-canary.io/command={_command.value} --overwrite"
+    )
+    app.command(_command.value, epilog=_exit_codes_help(_command.value))(_function)
+
+
+def _invoke(argv: Sequence[str] | None, prog_name: str, *, completion: bool = True) -> int:
+    """Run a command and return its exit code, never raising SystemExit.
+
+    Typer's standalone mode does the error handling: a usage error prints the usage and the message
+    on stderr and exits 2 (no traceback), Ctrl-C 130, a closed pipe 1. Commands end with
+    ``typer.Exit(code)``.
+    """
+    command = typer.main.get_command(app)
+    if not completion:  # a completion script for "kubectl gateway-canary" would name no real command
+        command.params = [p for p in command.params if p.name not in ("install_completion", "show_completion")]
+    try:
+        command.main(args=argv, prog_name=prog_name, complete_var="_GATEWAY_CANARY_COMPLETE")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # sys.exit("message"), as Python itself would
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script and ``python -m controller``."""
-    parser = argparse.ArgumentParser(prog="gateway-canary", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--version", action="version", version=f"gateway-canary {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the controller (settings from GATEWAY_CANARY_* variables)")
-    run.add_argument("--policies", help="policies directory (overrides GATEWAY_CANARY_POLICIES_DIR)")
-    run.add_argument("--dry-run", action="store_true", help="log intended writes, write nothing")
-    demo = sub.add_parser("demo", help="a full migration against simulated gateways, no cluster")
-    demo.add_argument("--speed", type=float, default=60.0, help="time compression factor (default 60)")
-    demo.add_argument("--verbose", action="store_true", help="show every check's log line")
-    demo.add_argument(
-        "--scenario",
-        choices=["errors", "missing-route"],
-        default="errors",
-        help="what breaks on the ASM gateway: 5xx (default), or a host without a route (404 NR)",
-    )
-    validate = sub.add_parser("validate", help="validate policy files or directories")
-    validate.add_argument("paths", nargs="+")
-    sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
-    rbac = sub.add_parser("rbac", help="print the least-privilege Roles and RoleBindings the policies need")
-    rbac.add_argument("paths", nargs="+", help="policy files or directories")
-    rbac.add_argument(
-        "--service-account",
-        default="gateway-canary/gateway-canary",
-        help="NAMESPACE/NAME the controller runs as (default gateway-canary/gateway-canary)",
-    )
-    rbac.add_argument(
-        "--state-namespace",
-        help="where the controller keeps its state objects (GATEWAY_CANARY_NAMESPACE; default: the account's)",
-    )
-    preflight = sub.add_parser(
-        "preflight", help="the migration runbook's checklist for the policies (reads the cluster, writes nothing)"
-    )
-    preflight.add_argument("paths", nargs="+", help="policy files or directories")
-    migrate = sub.add_parser(
-        "migrate-config", help="print the ASM-side Istio Gateways the ASM gateway still lacks (to review and apply)"
-    )
-    migrate.add_argument("paths", nargs="+", help="policy files or directories")
-    args = parser.parse_args(argv)
-    if args.command == "preflight":
-        from controller.checklist import preflight_main
+    """Entry point of the console script and ``python -m controller``: the exit code."""
+    return _invoke(argv, PROG)
 
-        return preflight_main(args.paths, output=sys.stdout)
-    if args.command == "migrate-config":
-        from controller.migrate import migrate_config_main
 
-        return migrate_config_main(args.paths, output=sys.stdout)
-    if args.command == "validate":
-        return _cmd_validate(args.paths)
-    if args.command == "schema":
-        return _cmd_schema()
-    if args.command == "demo":
-        return _cmd_demo(args.speed, args.verbose, args.scenario)
-    if args.command == "rbac":
-        return _cmd_rbac(args.paths, args.service_account, args.state_namespace)
-    return _cmd_run(args.policies, args.dry_run)
+def kubectl_plugin(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kubectl-gateway_canary``, which kubectl runs for ``kubectl gateway-canary``."""
+    return _invoke(argv, KUBECTL_PROG, completion=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,12 +6,14 @@ plug in in-memory ones. Nothing here knows a client library.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from controller.core.alerts import Alert, OutboxEntry
 from controller.core.cloud import Backends, CloudEvent, ServiceFacts
+from controller.core.commands import CommandRequest
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import RenderedQuery
 from controller.core.schedule import Weights
@@ -126,6 +128,10 @@ class StoredState:
     error: str | None = None
     raw: str | None = None
     outbox: tuple[OutboxEntry, ...] = ()
+    #: an operator's command waiting on the object (answered when ``state.last_command`` has its id)
+    command: CommandRequest | None = None
+    #: why the command annotation could not be read (it is dropped by the next save)
+    command_error: str | None = None
 
 
 class StateStore(Protocol):
@@ -136,12 +142,24 @@ class StateStore(Protocol):
         ...
 
     def save(
-        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+        self,
+        policy: CanaryPolicy,
+        state: RolloutState,
+        previous: StoredState,
+        outbox: tuple[OutboxEntry, ...] = (),
+        status: str | None = None,
     ) -> StoredState:
-        """Replace ``previous`` with ``state`` and ``outbox``. Raises Conflict if it changed since, or ClusterError.
+        """Replace ``previous`` with ``state``, ``outbox`` and ``status`` (JSON for ``gateway-canary
+        status``). Raises Conflict if the state changed since, or ClusterError.
 
-        An unreadable ``previous`` is kept beside the new state for an operator to look at.
+        An unreadable ``previous`` is kept beside the new state for an operator to look at; a command
+        the state answers is removed, one that arrived since ``previous`` was read is kept.
         """
+        ...
+
+    def commands(self, policies: Iterable[CanaryPolicy]) -> dict[str, str]:
+        """Policy name -> id of the command waiting on each of ``policies``' state objects (the service
+        runs that policy's tick at once). Raises ClusterError."""
         ...
 
 

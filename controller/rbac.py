@@ -97,7 +97,7 @@ def access_needed(policy: CanaryPolicy, state_namespace: str) -> tuple[AccessChe
             checks.append(AccessCheck("list", "gateways", "", group=ISTIO_NETWORKING_GROUP, asm=True))
     state = state_object_name(policy.name)
     checks.append(AccessCheck("get", "configmaps", state_namespace, state))
-    checks.append(AccessCheck("update", "configmaps", state_namespace, state))
+    checks.append(AccessCheck("patch", "configmaps", state_namespace, state))
     checks.append(AccessCheck("create", "configmaps", state_namespace))
     return tuple(checks)
 

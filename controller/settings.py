@@ -100,6 +100,24 @@ class Settings(BaseSettings):
     notify_critical_deadline_seconds: float = Field(
         default=6 * 3600.0, gt=0, le=7 * 86400, description="keep retrying a critical alert (a rollback) this long"
     )
+    command_poll_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description="how often the state objects are looked at for operators' commands (their tick then runs "
+        "at once); 0: commands wait for the policy's next tick",
+    )
+    status_refresh_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="the status `gateway-canary status` shows is rewritten at least this often while "
+        "nothing else changes (every change of the rollout writes it at once)",
+    )
+    runbook_url: str = Field(
+        default="https://github.com/gateway-canary/gateway-canary/blob/main/docs/runbook.md",
+        description="where docs/runbook.md is published: every alert links to its section there",
+    )
     forbidden_grace_seconds: float = Field(
         default=30.0,
         ge=0,
@@ -107,7 +125,7 @@ class Settings(BaseSettings):
         description="a 403 right after the API server was unreachable is retried this long before it is a refusal",
     )
 
-    @field_validator("prometheus_url", "alertmanager_url")
+    @field_validator("prometheus_url", "alertmanager_url", "runbook_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently and quickly when all is there:
 #   - the real Prometheus and Alertmanager from Debian (apt, as root);
-#   - kube-apiserver, etcd and helm, built with this machine's Go toolchain from the Go module
-#     proxy into .cache/bin/ (git-ignored), one file per pinned version, so a second run builds
-#     nothing (tests/controlplane/versions.env holds the versions);
+#   - kube-apiserver, kubectl, etcd and helm, built with this machine's Go toolchain from the Go
+#     module proxy into .cache/bin/ (git-ignored), one file per pinned version, so a second run
+#     builds nothing (tests/controlplane/versions.env holds the versions);
 #   - the Python package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,15 +47,30 @@ require_pin() {  # require_pin GO_MOD MODULE VERSION: the go.mod and versions.en
   fi
 }
 
+# kube_version_ldflags PACKAGE...: -X flags stamping KUBERNETES_VERSION into each version package.
+# A module build has no git tree to stamp the version from; without them the binary reports
+# v0.0.0-master, which clients treat as a pre-release.
+kube_version_ldflags() {
+  local v=${KUBERNETES_VERSION#v} pkg flags=""
+  for pkg in "$@"; do
+    flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=${v%%.*}"
+    flags+=" -X $pkg.gitMinor=$(echo "$v" | cut -d. -f2)"
+  done
+  echo "$flags"
+}
+
 build_kube_apiserver() {
-  local v=${KUBERNETES_VERSION#v}
-  # -ldflags: a module build has no git tree to stamp the version from; without it the binary
-  # reports v0.0.0-master, which clients treat as a pre-release.
   (cd tests/controlplane/apiserver && GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -o "$out" \
-    -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
-      -X k8s.io/component-base/version.gitMajor=${v%%.*} \
-      -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2)" \
+    -ldflags "-s -w $(kube_version_ldflags k8s.io/component-base/version)" \
     k8s.io/kubernetes/cmd/kube-apiserver)
+}
+
+build_kubectl() {
+  # Same module and pins as kube-apiserver. `kubectl version --client` reads component-base's
+  # version; client-go's goes into the User-Agent it sends.
+  (cd tests/controlplane/apiserver && GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -o "$out" \
+    -ldflags "-s -w $(kube_version_ldflags k8s.io/component-base/version k8s.io/client-go/pkg/version)" \
+    k8s.io/kubernetes/cmd/kubectl)
 }
 
 build_etcd() {
@@ -75,6 +90,7 @@ build_helm() {
 require_pin tests/controlplane/apiserver/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
 require_pin tests/controlplane/etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 build_once kube-apiserver "$KUBERNETES_VERSION" build_kube_apiserver
+build_once kubectl "$KUBERNETES_VERSION" build_kubectl
 build_once etcd "$ETCD_VERSION" build_etcd
 build_once helm "$HELM_VERSION" build_helm
 

@@ -38,6 +38,13 @@ def _need(binary: str) -> None:
     pytest.skip(message)
 
 
+def kubectl_binary() -> Path:
+    """The pinned kubectl that scripts/test-deps.sh builds (skips, or fails in CI, when it is missing)."""
+    binary = binary_paths(TEST_BIN)["kubectl"]
+    _need(str(binary))
+    return binary
+
+
 @contextlib.contextmanager
 def _serving(args: list[str], log: Path, ready: Callable[[], bool], what: str) -> Iterator[None]:
     """Run a server binary until the with-block ends, once ``ready()`` holds."""

@@ -61,6 +61,7 @@ def binary_paths(bin_dir: Path) -> dict[str, Path]:
     versions = pinned_versions()
     return {
         "kube-apiserver": bin_dir / f"kube-apiserver-{versions['KUBERNETES_VERSION']}",
+        "kubectl": bin_dir / f"kubectl-{versions['KUBERNETES_VERSION']}",
         "etcd": bin_dir / f"etcd-{versions['ETCD_VERSION']}",
         "helm": bin_dir / f"helm-{versions['HELM_VERSION']}",
     }
@@ -411,7 +412,7 @@ class Cluster:
         """The Role rules for the policies' state objects (for narrowed Roles that keep them)."""
         names = sorted(state_object_name(policy) for policy in policies or ("shop",))
         return [
-            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": names, "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": names, "verbs": ["get", "patch"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         ]
 

@@ -302,7 +302,7 @@ def test_install_probe_the_identity_run_a_step_upgrade_and_uninstall(helm: Any, 
     assert not can(kube, user, "list", "services", kube.ns)
     assert not can(kube, user, "get", "services", "kube-system", TGT)
     assert can(kube, user, "create", "configmaps", kube.ns) and can(
-        kube, user, "update", "configmaps", kube.ns, "gateway-canary-shop"
+        kube, user, "patch", "configmaps", kube.ns, "gateway-canary-shop"
     )
 
     # the controller, as that identity, with the policy the chart installed

@@ -232,7 +232,7 @@ def test_state_store_round_trip_versions_and_labels(kube: Cluster) -> None:
     # creating what exists is a Conflict too (two controllers starting the same policy)
     with pytest.raises(Conflict):
         store.save(policy, state, StoredState(state=None))
-    assert {w.verb for w in kube.controller_writes() if w.resource == "configmaps"} == {"create", "update"}
+    assert {w.verb for w in kube.controller_writes() if w.resource == "configmaps"} == {"create", "patch"}
 
 
 def test_state_store_reports_garbage_and_keeps_it_for_an_operator(kube: Cluster) -> None:

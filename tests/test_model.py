@@ -166,7 +166,7 @@ class ScriptedCollector:
         self.next: CheckResult = PASS
         self.ran = False
 
-    def check(self, policy: CanaryPolicy, metrics: object) -> CheckResult:
+    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
         self.ran = True
         return self.next
 
@@ -202,10 +202,10 @@ class FaultyPair(InMemoryGatewayPair):
 class FaultyStore(InMemoryStateStore):
     failing: bool = False
 
-    def save(self, policy, state, previous: StoredState, outbox=()) -> StoredState:  # type: ignore[no-untyped-def]
+    def save(self, policy, state, previous: StoredState, outbox=(), status=None) -> StoredState:  # type: ignore[no-untyped-def]
         if self.failing:
             raise ClusterUnavailable("injected: the state object could not be written")
-        return super().save(policy, state, previous, outbox)
+        return super().save(policy, state, previous, outbox, status)
 
     def load(self, policy):  # type: ignore[no-untyped-def]
         if self.failing:

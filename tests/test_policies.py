@@ -59,7 +59,10 @@ def test_broken_file_reports_file_line_field_and_what_is_allowed(tmp_path: Path)
     lines = result.stderr.splitlines()
     assert f"{bad}:9: spec.schedule.steps: steps must be strictly increasing: 10 is followed by 5" in lines
     assert any(
-        line.startswith(f"{bad}:10: spec.schedule.bakeTme: unknown field; allowed here: bakeTime,") for line in lines
+        line.startswith(
+            f"{bad}:10: spec.schedule.bakeTme: unknown field; allowed here: advanceWindows, approvalAt, bakeTime,"
+        )
+        for line in lines
     )
     assert any(line.startswith(f"{bad}:12: spec.analysis.interval: 'soon' is not a duration") for line in lines)
     assert f"{bad}:14: spec.gates.errorRate.max: Input should be less than or equal to 1" in lines

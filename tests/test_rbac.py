@@ -38,7 +38,7 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
             "apiGroups": [""],
             "resources": ["configmaps"],
             "resourceNames": ["gateway-canary-across", "gateway-canary-local"],
-            "verbs": ["get", "update"],
+            "verbs": ["get", "patch"],
         },
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},  # RBAC cannot name a create
     ]
@@ -46,7 +46,7 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
     assert len(bindings) == 3
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
     verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
-    assert verbs == {"get", "patch", "create", "update", "list"}  # never watch or delete
+    assert verbs == {"get", "patch", "create", "list"}  # never watch, update or delete
     for role in roles.values():  # what is listed is never a Service, a ConfigMap or a Secret
         listed = {r for rule in role["rules"] if "list" in rule["verbs"] for r in rule["resources"]}
         assert listed <= {"events", "endpointslices"}

@@ -39,8 +39,8 @@ class CrashingPair(InMemoryGatewayPair):
 class CrashingStore(InMemoryStateStore):
     crash_on_save: int | None = None  # die after this many more successful saves
 
-    def save(self, policy, state, previous: StoredState, outbox=()) -> StoredState:  # type: ignore[no-untyped-def]
-        saved = super().save(policy, state, previous, outbox)
+    def save(self, policy, state, previous: StoredState, outbox=(), status=None) -> StoredState:  # type: ignore[no-untyped-def]
+        saved = super().save(policy, state, previous, outbox, status)
         if self.crash_on_save is not None:
             self.crash_on_save -= 1
             if self.crash_on_save < 0:
@@ -53,7 +53,7 @@ class Checks:
     def __init__(self) -> None:
         self.next: CheckResult = PASS
 
-    def check(self, policy, metrics) -> CheckResult:  # type: ignore[no-untyped-def]
+    def check(self, policy, metrics, *, absolute_only=False) -> CheckResult:  # type: ignore[no-untyped-def]
         return self.next
 
 

@@ -6,6 +6,7 @@ progresses exactly as a real one would (against real metrics) without touching t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 import structlog
@@ -84,9 +85,18 @@ class DryRunStateStore:
         return self._written.get(policy.name) or self._inner.load(policy)
 
     def save(
-        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+        self,
+        policy: CanaryPolicy,
+        state: RolloutState,
+        previous: StoredState,
+        outbox: tuple[OutboxEntry, ...] = (),
+        status: str | None = None,
     ) -> StoredState:
         """Remember, write nothing."""
         saved = StoredState(state=state, version=f"dry-run-{id(state)}", outbox=outbox)
         self._written[policy.name] = saved
         return saved
+
+    def commands(self, policies: Iterable[CanaryPolicy]) -> dict[str, str]:
+        """A dry run takes no commands (its answers could not be written where the CLI looks)."""
+        return {}

@@ -9,12 +9,22 @@ with ``kubectl get configmap gateway-canary-<policy> -o yaml``, and its ``resour
 optimistic concurrency: a save against a version that changed since it was read is a Conflict.
 
 Layout: ``data.state`` holds the JSON of ``controller.core.state``; ``data.unreadable-state`` keeps
-what stood there before if it could not be read (for an operator; never read back). Labelled
-``app.kubernetes.io/managed-by: gateway-canary`` and ``gateway-canary.io/policy: <name>``.
+what stood there before if it could not be read (for an operator; never read back);
+``data.outbox`` the undelivered alerts; ``data.status`` what ``gateway-canary status`` shows (the
+last check, the step, what the rollout waits for). Labelled ``app.kubernetes.io/managed-by:
+gateway-canary`` and ``gateway-canary.io/policy: <name>``. Operators' commands arrive as the
+annotation ``gateway-canary.io/command`` (``controller.core.commands``); other annotations and
+labels people add are kept.
+
+A save that meets a Conflict re-reads the object: when only its metadata moved (a command was
+annotated, a label added) and the stored state and outbox are still the ones this save replaces,
+it is written again on the new version, keeping what arrived. A moved state is a real conflict.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -22,17 +32,20 @@ from kubernetes import client
 
 from controller.adapters.kube_api import json_call, resource_version
 from controller.core.alerts import OutboxEntry, decode_outbox, encode_outbox
+from controller.core.commands import COMMAND_ANNOTATION, answered, read_command
 from controller.core.policy import CanaryPolicy
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.text import bounded
-from controller.errors import ServiceNotFound
+from controller.errors import Conflict, ServiceNotFound
 from controller.ports import StoredState
 from controller.rbac import state_object_name
 
-__all__ = ["OUTBOX_KEY", "STATE_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
+__all__ = ["OUTBOX_KEY", "STATE_KEY", "STATUS_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
 
 STATE_KEY = "state"
 OUTBOX_KEY = "outbox"
+STATUS_KEY = "status"
+
 UNREADABLE_KEY = "unreadable-state"
 _KEEP_UNREADABLE_CHARS = 16 * 1024
 _log = structlog.get_logger("controller.state")
@@ -56,47 +69,123 @@ class KubernetesStateStore:
             return StoredState(state=None)
         version = resource_version(body)
         data = body.get("data") or {}
-        outbox = _outbox(data)
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        command, command_error = read_command(annotations.get(COMMAND_ANNOTATION), version)
+        if command_error is not None:
+            _log.warning("the command annotation is unreadable; it is dropped", policy=policy.name, error=command_error)
+        base = StoredState(
+            state=None, version=version, outbox=_outbox(data), command=command, command_error=command_error
+        )
         raw = data.get(STATE_KEY) if isinstance(data, dict) else None
         if not isinstance(raw, str):
-            error = "the state object has no state in it"
-            return StoredState(state=None, version=version, error=error, raw=None, outbox=outbox)
+            return replace(base, error="the state object has no state in it")
         try:
             state = decode_state(raw)
         except StateUnreadable as exc:
-            return StoredState(state=None, version=version, error=str(exc), raw=raw, outbox=outbox)
+            return replace(base, error=str(exc), raw=raw)
         if state.policy != policy.name:
-            error = f"stored state belongs to policy {state.policy!r}"
-            return StoredState(state=None, version=version, error=error, raw=raw, outbox=outbox)
-        return StoredState(state=state, version=version, outbox=outbox)
+            return replace(base, error=f"stored state belongs to policy {state.policy!r}", raw=raw)
+        return replace(base, state=state)
 
     def save(
-        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+        self,
+        policy: CanaryPolicy,
+        state: RolloutState,
+        previous: StoredState,
+        outbox: tuple[OutboxEntry, ...] = (),
+        status: str | None = None,
     ) -> StoredState:
-        """Create or replace the object, guarded by the version read; Conflict if it moved."""
+        """Create the object, or patch it guarded by the version read; Conflict if the state moved.
+
+        A merge patch carrying ``resourceVersion`` (a precondition, as a replace would be) changes
+        only our keys: labels and annotations people added stay, and so does a command that arrived
+        after the read (only an answered or unreadable one is removed).
+        """
         name = state_object_name(policy.name)
-        data = {STATE_KEY: encode_state(state)}
-        if previous.error is not None and previous.raw is not None:
-            data[UNREADABLE_KEY] = bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
-        if outbox:
-            data[OUTBOX_KEY] = encode_outbox(outbox)
-        metadata: dict[str, Any] = {
-            "name": name,
-            "namespace": self.namespace,
-            "labels": {
-                "app.kubernetes.io/managed-by": "gateway-canary",
-                "app.kubernetes.io/name": "gateway-canary",
-                "gateway-canary.io/policy": policy.name,
-            },
+        data: dict[str, str | None] = {
+            STATE_KEY: encode_state(state),
+            OUTBOX_KEY: encode_outbox(outbox) if outbox else None,
+            UNREADABLE_KEY: bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
+            if previous.error is not None and previous.raw is not None
+            else None,
         }
-        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+        if status is not None:
+            data[STATUS_KEY] = status
         what = f"write ConfigMap {self.namespace}/{name}"
-        if previous.version:
-            metadata["resourceVersion"] = previous.version
-            answer = json_call(what, self._api.replace_namespaced_config_map, name, self.namespace, body)
-        else:
+        if not previous.version:
+            body = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": self.namespace, "labels": _labels(policy)},
+                "data": {key: value for key, value in data.items() if value is not None},
+            }
             answer = json_call(what, self._api.create_namespaced_config_map, self.namespace, body)
-        return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+            return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+        seen = previous
+        for attempt in range(2):
+            drop = seen.command_error is not None or answered(state, seen.command)
+            metadata: dict[str, Any] = {"resourceVersion": seen.version, "labels": _labels(policy)}
+            if drop:
+                metadata["annotations"] = {COMMAND_ANNOTATION: None}
+            body = {"metadata": metadata, "data": data}
+            try:
+                answer = json_call(
+                    what,
+                    self._api.patch_namespaced_config_map,
+                    name,
+                    self.namespace,
+                    body,
+                    _content_type="application/merge-patch+json",
+                )
+            except Conflict:
+                if attempt:
+                    raise
+                seen = self._moved_metadata_only(policy, previous)
+                continue
+            return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _moved_metadata_only(self, policy: CanaryPolicy, previous: StoredState) -> StoredState:
+        """After a Conflict: the object as it is now, if only its metadata moved (else Conflict)."""
+        now = self.load(policy)
+        same_state = (now.raw if now.state is None else encode_state(now.state)) == (
+            previous.raw if previous.state is None else encode_state(previous.state)
+        )
+        if not same_state or now.outbox != previous.outbox or now.error != previous.error:
+            raise Conflict(f"ConfigMap {self.namespace}/{state_object_name(policy.name)}: the state changed since read")
+        return now
+
+    def commands(self, policies: Iterable[CanaryPolicy]) -> dict[str, str]:
+        """Policy name -> id of the command waiting on its state object.
+
+        One ``get`` per policy (the Role names each state object; it grants no list, which would
+        show every ConfigMap of the namespace); an object missing or unreadable has no command.
+        """
+        waiting: dict[str, str] = {}
+        for policy in policies:
+            name = state_object_name(policy.name)
+            try:
+                body = json_call(
+                    f"read ConfigMap {self.namespace}/{name}",
+                    self._api.read_namespaced_config_map,
+                    name,
+                    self.namespace,
+                )
+            except ServiceNotFound:
+                continue
+            text = ((body.get("metadata") or {}).get("annotations") or {}).get(COMMAND_ANNOTATION)
+            command, _ = read_command(text, resource_version(body))
+            if command is not None:
+                waiting[policy.name] = command.id
+        return waiting
+
+
+def _labels(policy: CanaryPolicy) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": "gateway-canary",
+        "app.kubernetes.io/name": "gateway-canary",
+        "gateway-canary.io/policy": policy.name,
+    }
 
 
 def _outbox(data: Any) -> tuple[OutboxEntry, ...]:

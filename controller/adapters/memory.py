@@ -8,11 +8,13 @@ decisions tested against them mean the same.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 from controller.core import cloud
 from controller.core.alerts import OutboxEntry
 from controller.core.cloud import BackendMode, Backends
+from controller.core.commands import answered, read_command
 from controller.core.enums import GatewayRole
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.schedule import Weights, source_first
@@ -107,6 +109,9 @@ class InMemoryStateStore:
     texts: dict[str, str] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     outboxes: dict[str, tuple[OutboxEntry, ...]] = field(default_factory=dict)
+    statuses: dict[str, str] = field(default_factory=dict)
+    #: commands waiting, as the annotation's value (the demo and tests give them like the CLI does)
+    pending_commands: dict[str, str] = field(default_factory=dict)
     saves: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -116,15 +121,29 @@ class InMemoryStateStore:
             raw = self.texts.get(policy.name)
             version = str(self.versions.get(policy.name, ""))
             outbox = self.outboxes.get(policy.name, ())
+            command_text = self.pending_commands.get(policy.name)
+        command, command_error = read_command(command_text, version)
+        stored = StoredState(state=None, version=version, outbox=outbox, command=command, command_error=command_error)
         if raw is None:
-            return StoredState(state=None, version=version, outbox=outbox)
+            return stored
         try:
-            return StoredState(state=decode_state(raw), version=version, outbox=outbox)
+            return replace(stored, state=decode_state(raw))
         except StateUnreadable as exc:
-            return StoredState(state=None, version=version, error=str(exc), raw=raw, outbox=outbox)
+            return replace(stored, error=str(exc), raw=raw)
+
+    def give(self, policy: str, command: str) -> None:
+        """An operator's command, as the CLI writes it (a new version, like an annotation write)."""
+        with self._lock:
+            self.pending_commands[policy] = command
+            self.versions[policy] = self.versions.get(policy, 0) + 1
 
     def save(
-        self, policy: CanaryPolicy, state: RolloutState, previous: StoredState, outbox: tuple[OutboxEntry, ...] = ()
+        self,
+        policy: CanaryPolicy,
+        state: RolloutState,
+        previous: StoredState,
+        outbox: tuple[OutboxEntry, ...] = (),
+        status: str | None = None,
     ) -> StoredState:
         """Store ``state`` if nothing changed since ``previous`` was read."""
         with self._lock:
@@ -133,9 +152,22 @@ class InMemoryStateStore:
                 raise Conflict(f"state of {policy.name} changed since it was read")
             self.texts[policy.name] = encode_state(state)
             self.outboxes[policy.name] = outbox
+            if status is not None:
+                self.statuses[policy.name] = status
+            if previous.command_error is not None or answered(state, previous.command):
+                self.pending_commands.pop(policy.name, None)
             self.versions[policy.name] = self.versions.get(policy.name, 0) + 1
             self.saves += 1
             return StoredState(state=state, version=str(self.versions[policy.name]), outbox=outbox)
+
+    def commands(self, policies: Iterable[CanaryPolicy]) -> dict[str, str]:
+        """Policy name -> id of the waiting command."""
+        names = {policy.name for policy in policies}
+        with self._lock:
+            waiting = {name: text for name, text in self.pending_commands.items() if name in names}
+            versions = dict(self.versions)
+        found = {name: read_command(text, str(versions.get(name, ""))) for name, text in waiting.items()}
+        return {name: command.id for name, (command, _) in found.items() if command is not None}
 
     def state_of(self, name: str) -> RolloutState | None:
         """The decoded state of a policy (tests, the demo)."""

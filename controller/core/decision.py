@@ -80,29 +80,34 @@ from controller.core.enums import (
 from controller.core.policy import CanaryPolicy, InconclusivePolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import FULL, Weights, next_target_weight, target_steps, weights_for
-from controller.core.state import Intent, RolloutState
+from controller.core.state import MAX_HISTORY, Intent, RolloutState, Transition
 from controller.core.text import bounded
+from controller.core.windows import window_blocker
 
 __all__ = [
     "ARMED_PHASES",
     "COVERAGE_GAP_INTERVALS",
     "TERMINAL_PHASES",
     "Action",
+    "CommandOutcome",
     "Decision",
     "Notice",
     "Observation",
     "decide",
+    "inconclusive_limit",
     "initial_state",
     "raises_share",
     "recovered_state",
 ]
 
 #: Phases in which a failing target that carries traffic is rolled back.
-ARMED_PHASES = frozenset({Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED})
+ARMED_PHASES = frozenset({Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED, Phase.VERIFYING})
 #: Phases left only by an operator's retry or a policy change (R5).
 TERMINAL_PHASES = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK})
 #: Two passing checks further apart than this many intervals do not cover the time between (R4).
 COVERAGE_GAP_INTERVALS = 2
+#: The reason of a rollback an operator asked for (``abort``).
+ABORTED = "aborted by an operator"
 
 
 class Action(enum.StrEnum):
@@ -147,6 +152,16 @@ class Observation:
     cloud_detail: str | None = None
     #: the ASM gateway persistently gets fewer requests than the CLB sends it (R8)
     deficit: str | None = None
+    #: who gave ``command`` (the kubeconfig user, or ``--by``), for the history
+    command_by: str = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """How an operator command was answered: applied, or rejected and why (the CLI shows it)."""
+
+    applied: bool
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +187,8 @@ class Decision:
     notices: tuple[Notice, ...] = ()
     transition: bool = False
     force: bool = False
+    #: the answer to this tick's operator command (None: there was none)
+    outcome: CommandOutcome | None = None
 
     @property
     def reason(self) -> str:
@@ -238,12 +255,15 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     counted = _count_evidence(policy, written, observed.check, now, observed)
     if writes is _Writes.UNFINISHED and _failed(observed.check) and not _pending_rollback(counted):
         writes, counted = _Writes.SETTLED, _void_unfinished_raise(counted, observed)
+    counted, approval = _take_approval(policy, counted, observed.command)  # R9: a recorded fact, like a check
     why_rollback = _protection(policy, counted, observed)
     if why_rollback is not None:
         decision = _rollback(policy, counted, observed, now, why_rollback)
     else:
-        decision = _permit(_progress(policy, counted, observed, writes, now), counted, observed)
-    return _report_cloud(_report_refusal(_report_stuck(policy, decision), observed.refusal), observed)
+        decision = _permit(policy, _progress(policy, counted, observed, writes, now), counted, observed, now)
+    decision = _report_stuck(policy, decision, written.stuck_reported, observed.check)
+    decision = _report_cloud(_report_refusal(decision, observed.refusal), observed)
+    return _record(_answer(observed.command, decision, approval), observed, now)
 
 
 # --- 1. what the Services show against what we last wrote ------------------------------------
@@ -377,8 +397,8 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
     """Why the target must go to 0 now, or None. Reads only counted evidence and the pending write."""
     if _pending_rollback(state):
         return "the rollback is not fully written yet; writing it again"
-    if observed.command is Command.ABORT and state.phase in ARMED_PHASES:
-        return "aborted by an operator"
+    if observed.command is Command.ABORT and (state.phase in ARMED_PHASES or _carries_traffic(state, observed)):
+        return ABORTED
     if not _armed(state) or not _carries_traffic(state, observed):
         return None
     analysis = policy.spec.analysis
@@ -390,7 +410,7 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
             f"(threshold {analysis.failure_threshold}){evidence}"
         )
     for cause, count in state.inconclusive:
-        limit = _limit_for(policy, cause)
+        limit = inconclusive_limit(policy, cause)
         if limit.action is OnInconclusive.ROLLBACK and count >= limit.after_checks:
             why = (
                 f": {observed.deficit}" if cause is InconclusiveCause.TRAFFIC_DEFICIT and observed.deficit else evidence
@@ -416,11 +436,19 @@ def _carries_traffic(state: RolloutState, observed: Observation) -> bool:
 
 
 def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str) -> Decision:
+    if state.pending is not None and state.pending.rollback:
+        # R2: the same rollback (or step back) again, to the weights it recorded; told once, when decided
+        pending = replace(state.pending, from_target=observed.target_weight, from_source=observed.source_weight)
+        # decided under this policy: an edit made meanwhile never restarts it (R5)
+        retried = state.evolve(pending=pending, fingerprint=policy.rollout_fingerprint())
+        return Decision(state=retried, action=Action.ROLLBACK, weights=state.pending.weights, force=True)
+    back_to = _step_back_weight(policy, state, why)
+    if back_to is not None:
+        return _step_back(policy, state, observed, now, why, weight=back_to)
     mode = policy.spec.schedule.weight_mode
     weights = weights_for(0, mode)
     if mode is WeightMode.TARGET_ONLY:
         weights = _never_both_zero(weights, observed.source_weight)
-    retry = state.pending is not None and state.pending.rollback
     intent = Intent(
         target=0,
         source=weights.source,
@@ -435,9 +463,8 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         target_weight=0,
         source_weight=weights.source if weights.source is not None else observed.source_weight,
         pending=intent,
+        awaiting=None,
     )
-    if retry:  # R2: the same rollback again; told once, when it was decided
-        return Decision(state=rolled, action=Action.ROLLBACK, weights=weights, force=True)
     # A rollback of a gateway that carried traffic pages; one that carried none (an abort before
     # the start landed) is said, not paged.
     severity = Severity.CRITICAL if _carries_traffic(state, observed) else Severity.WARNING
@@ -456,6 +483,48 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         notices=(Notice(AlertKind.ROLLED_BACK, severity, rolled.reason),),
         transition=True,
         force=True,
+        outcome=CommandOutcome(True, "rolled back to 0") if why == ABORTED else None,
+    )
+
+
+def _step_back_weight(policy: CanaryPolicy, state: RolloutState, why: str) -> int | None:
+    """Where a failed post-promotion verification goes (R10): the last step's split, which was
+    judged healthy against the old gateway; None for a rollback to 0 (an abort, or no such step)."""
+    if state.phase is not Phase.VERIFYING or why == ABORTED:
+        return None
+    steps = target_steps(policy.spec.schedule)
+    return steps[-2] if len(steps) > 1 else None
+
+
+def _step_back(
+    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str, *, weight: int
+) -> Decision:
+    """R10: verification failed at 100: back to the last step's split at once, Paused there with the
+    rollback armed one check from 0 (a further FAIL rolls back to 0; a pass clears it)."""
+    weights = Weights(weight, FULL - weight)  # the source comes back whatever the weight mode
+    intent = Intent(weight, weights.source, observed.target_weight, observed.source_weight, rollback=True)
+    reason = (
+        f"verification at 100 failed, stepped back to target weight {weight}: {why}; paused with rollback "
+        "armed (one more failed check rolls back to 0)"
+    )
+    stepped = _restart_bake(state, now).evolve(
+        phase=Phase.PAUSED,
+        reason=reason,
+        fingerprint=policy.rollout_fingerprint(),
+        target_weight=weights.target,
+        source_weight=weights.source,
+        pending=intent,
+        consecutive_failures=max(0, policy.spec.analysis.failure_threshold - 1),
+        inconclusive=(),
+        stuck_reported=(),
+    )
+    return Decision(
+        state=stepped,
+        action=Action.ROLLBACK,
+        weights=weights,
+        notices=(Notice(AlertKind.ROLLED_BACK, Severity.CRITICAL, reason),),
+        transition=True,
+        force=True,
     )
 
 
@@ -469,7 +538,7 @@ def _progress(
         return _adopt_external_change(state, observed, now)
     if writes is _Writes.UNFINISHED:
         return _complete(state)
-    commanded = _apply_command(state, observed.command, now)
+    commanded = _apply_command(policy, state, observed, now)
     if commanded is not None:
         return commanded
     if state.fingerprint != policy.rollout_fingerprint():
@@ -481,6 +550,8 @@ def _progress(
         return _start(policy, state, observed, now)
     if state.phase is Phase.PAUSED:
         return Decision(state=state, action=Action.HOLD)
+    if state.phase is Phase.VERIFYING:
+        return _verifying(policy, state, check, now)
     return _progressing(policy, state, observed, check, now)
 
 
@@ -529,21 +600,102 @@ def _complete(state: RolloutState) -> Decision:
     )
 
 
-def _apply_command(state: RolloutState, command: Command | None, now: datetime) -> Decision | None:
-    """Operator commands (ABORT is protection's, in ``_protection``)."""
+def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime) -> Decision | None:
+    """Operator commands (ABORT is protection's, in ``_protection``; APPROVE is ``_take_approval``'s).
+
+    A command that does not fit the phase is not applied here; ``_answer`` says why.
+    """
+    command = observed.command
     if command is Command.RETRY and state.phase is Phase.ROLLED_BACK:
-        fresh = _reset_step(state, now).evolve(phase=_live_phase(state), reason="retry requested by an operator")
-        return Decision(state=fresh, action=Action.RETRY, transition=True)
-    if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING):
+        fresh = _reset_step(state, now).evolve(
+            phase=_live_phase(state), reason="retry requested by an operator", approved=(), awaiting=None
+        )
+        return Decision(state=fresh, action=Action.RETRY, transition=True, outcome=_APPLIED)
+    if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.VERIFYING):
         paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
-        return Decision(state=paused, action=Action.PAUSE, transition=True)
+        return Decision(state=paused, action=Action.PAUSE, transition=True, outcome=_APPLIED)
     if command is Command.RESUME and state.phase is Phase.PAUSED:
         resumed = _restart_bake(state, now).evolve(
             phase=_live_phase(state),
             reason="resumed by an operator; the bake at this step restarts",
         )
-        return Decision(state=resumed, action=Action.RESUME, transition=True)
+        return Decision(state=resumed, action=Action.RESUME, transition=True, outcome=_APPLIED)
+    if command is Command.PROMOTE and state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED):
+        check = observed.check
+        if check is None or check.verdict is not Verdict.PASS:
+            why = "no check this tick" if check is None else f"{check.verdict.value}: {check.reason}"
+            return Decision(
+                state=state,
+                action=Action.HOLD,
+                outcome=CommandOutcome(False, f"refused: promotion needs a passing check; the last one is {why}"),
+            )
+        # the operator's promotion approves what was left to approve (R9); _permit still judges it
+        approved = state.evolve(approved=tuple(sorted({*state.approved, *policy.spec.schedule.approval_at})))
+        promoted = _step_to(policy, approved, observed, FULL, now, action=Action.PROMOTE)
+        return replace(promoted, outcome=_APPLIED)
     return None
+
+
+_APPLIED = CommandOutcome(True, "applied")
+
+
+def _take_approval(
+    policy: CanaryPolicy, state: RolloutState, command: Command | None
+) -> tuple[RolloutState, CommandOutcome | None]:
+    """R9: ``approve`` approves the approval the rollout waits at, or else the next one ahead."""
+    if command is not Command.APPROVE:
+        return state, None
+    if state.phase in TERMINAL_PHASES:
+        return state, CommandOutcome(False, f"nothing to approve: the rollout is {state.phase.value}")
+    ahead = [w for w in policy.spec.schedule.approval_at if w > state.target_weight and w not in state.approved]
+    weight = state.awaiting if state.awaiting is not None else (ahead[0] if ahead else None)
+    if weight is None:
+        return state, CommandOutcome(False, "nothing to approve: no approvalAt weight lies ahead")
+    approved = state.evolve(approved=tuple(sorted({*state.approved, weight})), awaiting=None)
+    when = "" if state.awaiting == weight else " in advance"
+    return approved, CommandOutcome(True, f"approved the raise to {weight}{when}")
+
+
+def _approval_needed(policy: CanaryPolicy, state: RolloutState, weight: int) -> int | None:
+    """The first ``approvalAt`` weight a raise to ``weight`` reaches that is not approved yet (R9)."""
+    for gate in policy.spec.schedule.approval_at:
+        if state.target_weight < gate <= weight and gate not in state.approved:
+            return gate
+    return None
+
+
+def _await_approval(state: RolloutState, gate: int, weight: int, name: str) -> Decision:
+    """Hold for an approval; said once, when the wait starts (R9)."""
+    reason = (
+        f"waiting for approval to raise the target weight {state.target_weight} -> {weight} (approvalAt {gate}): "
+        f"gateway-canary approve {name}"
+    )
+    waiting = state.evolve(awaiting=gate, reason=reason)
+    if state.awaiting == gate:
+        return Decision(state=waiting, action=Action.HOLD)
+    return Decision(
+        state=waiting, action=Action.HOLD, notices=(Notice(AlertKind.AWAITING_APPROVAL, Severity.INFO, reason),)
+    )
+
+
+def _verifying(policy: CanaryPolicy, state: RolloutState, check: CheckResult, now: datetime) -> Decision:
+    """R10: at 100, absolute gates only, for ``promotion.verifyFor`` of covered passing checks."""
+    verify = policy.spec.promotion.verify_for.total_seconds()
+    if check.verdict is not Verdict.PASS:
+        return _holding(policy, state, check, "verifying at 100: ")
+    if state.covered_seconds < verify:
+        return Decision(
+            state=state.evolve(reason=f"verifying at 100: checks pass, {verify:g}s of passing checks needed"),
+            action=Action.NONE,
+        )
+    reason = f"promoted: verified at 100 for {verify:g}s of passing checks"
+    promoted = state.evolve(phase=Phase.PROMOTED, reason=reason, changed_at=now)
+    return Decision(
+        state=promoted,
+        action=Action.PROMOTE,
+        notices=(Notice(AlertKind.PROMOTED, Severity.INFO, reason),),
+        transition=True,
+    )
 
 
 def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) -> Decision:
@@ -571,29 +723,37 @@ def _start(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     if why_not is not None:
         return Decision(state=state.evolve(reason=f"waiting to start: {why_not}"), action=Action.HOLD)
     first = target_steps(policy.spec.schedule)[0]
+    gate = _approval_needed(policy, state, first)
+    if gate is not None:
+        return _await_approval(state, gate, first, policy.name)
     return _step_to(policy, state, observed, first, now, action=Action.START)
+
+
+def _holding(policy: CanaryPolicy, state: RolloutState, check: CheckResult, where: str) -> Decision:
+    """A FAIL or an inconclusive check: hold, saying how far it is from its limit (``where``: a prefix)."""
+    if check.verdict is Verdict.FAIL:
+        threshold = policy.spec.analysis.failure_threshold
+        return Decision(
+            state=state.evolve(
+                reason=f"{where}check failed ({state.consecutive_failures}/{threshold}); bake restarts: {check.reason}"
+            ),
+            action=Action.HOLD,
+        )
+    cause = check.cause or InconclusiveCause.NO_DATA
+    limit = inconclusive_limit(policy, cause)
+    count = state.inconclusive_count(cause)
+    return Decision(
+        state=state.evolve(reason=f"{where}inconclusive ({cause.value} {count}/{limit.after_checks}): {check.reason}"),
+        action=Action.HOLD,
+    )
 
 
 def _progressing(
     policy: CanaryPolicy, state: RolloutState, observed: Observation, check: CheckResult, now: datetime
 ) -> Decision:
-    if check.verdict is Verdict.FAIL:
-        threshold = policy.spec.analysis.failure_threshold
-        return Decision(
-            state=state.evolve(
-                reason=f"check failed ({state.consecutive_failures}/{threshold}); bake restarts: {check.reason}"
-            ),
-            action=Action.HOLD,
-        )
-    if check.verdict is Verdict.INCONCLUSIVE:
-        cause = check.cause or InconclusiveCause.NO_DATA
-        limit = _limit_for(policy, cause)
-        count = state.inconclusive_count(cause)
-        return Decision(
-            state=state.evolve(reason=f"inconclusive ({cause.value} {count}/{limit.after_checks}): {check.reason}"),
-            action=Action.HOLD,
-        )
-    bake = policy.spec.schedule.bake_time.total_seconds()
+    if check.verdict is not Verdict.PASS:
+        return _holding(policy, state, check, "")
+    bake = policy.spec.schedule.bake_for(state.target_weight).total_seconds()
     if state.covered_seconds < bake:
         # Stable wording (no running numbers): the state is persisted only when it changes.
         return Decision(
@@ -603,7 +763,11 @@ def _progressing(
             action=Action.NONE,
         )
     upcoming = next_target_weight(policy.spec.schedule, state.target_weight)
-    return _step_to(policy, state, observed, upcoming if upcoming is not None else FULL, now, action=Action.ADVANCE)
+    weight = upcoming if upcoming is not None else FULL
+    gate = _approval_needed(policy, state, weight)
+    if gate is not None:
+        return _await_approval(state, gate, weight, policy.name)
+    return _step_to(policy, state, observed, weight, now, action=Action.ADVANCE)
 
 
 def _step_to(
@@ -619,20 +783,28 @@ def _step_to(
         from_target=observed.target_weight,
         from_source=observed.source_weight,
     )
-    if promoting:
+    verify = policy.spec.promotion.verify_for.total_seconds()
+    if promoting and verify > 0:
+        reason = (
+            f"target weight {state.target_weight} -> {FULL}, source -> {weights.source}; verifying for {verify:g}s "
+            "before promoted"
+        )
+    elif promoting:
         reason = f"promoted: target weight {state.target_weight} -> {FULL}, source -> {weights.source}"
     elif action is Action.START:
         reason = f"started: target weight 0 -> {weight}; baseline ready: source has traffic, metrics answer"
     else:
         reason = f"target weight {state.target_weight} -> {weight} after a covered bake"
+    verifying = promoting and verify > 0
     moved = _reset_step(state, now).evolve(
-        phase=Phase.PROMOTED if promoting else Phase.PROGRESSING,
+        phase=Phase.VERIFYING if verifying else Phase.PROMOTED if promoting else Phase.PROGRESSING,
         reason=reason,
         target_weight=weights.target,
         source_weight=weights.source if weights.source is not None else state.source_weight,
         pending=intent,
+        awaiting=None,
     )
-    notices = (Notice(AlertKind.PROMOTED, Severity.INFO, reason),) if promoting else ()
+    notices = (Notice(AlertKind.PROMOTED, Severity.INFO, reason),) if promoting and not verifying else ()
     return Decision(
         state=moved,
         action=Action.PROMOTE if promoting else action,
@@ -652,8 +824,11 @@ def raises_share(weights: Weights, target: int | None, source: int | None) -> bo
     return up or (source_down and weights.target > 0)
 
 
-def _permit(proposal: Decision, counted: RolloutState, observed: Observation) -> Decision:
-    """Let a write that raises the ASM share through only on this tick's evidence and no refusal.
+def _permit(
+    policy: CanaryPolicy, proposal: Decision, counted: RolloutState, observed: Observation, now: datetime
+) -> Decision:
+    """Let a write that raises the ASM share through only on this tick's evidence, no refusal, and
+    inside an advance window (R9).
 
     A refused new step is dropped (the state stays as counted); a refused completion of an
     unfinished raise keeps its intent and waits.
@@ -668,6 +843,7 @@ def _permit(proposal: Decision, counted: RolloutState, observed: Observation) ->
         or observed.deficit  # R8: not on traffic that does not follow the last write
         or observed.settling
         or _raise_blocker(observed.check, observed.target_weight or 0)
+        or window_blocker(policy.spec.schedule.advance_windows, now)
     )
     if blocker is None:
         return proposal
@@ -710,7 +886,7 @@ def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
         return decision
     updated = replace(decision, state=state.evolve(refusal=refusal))
     if refusal is None:
-        return updated
+        return updated.notify(Notice(AlertKind.RECOVERED, Severity.INFO, f"no longer refused: {state.refusal}"))
     why = f"refused to raise weights (observing and rollback continue): {refusal}"
     return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.WARNING, why))
 
@@ -723,7 +899,8 @@ def _report_cloud(decision: Decision, observed: Observation) -> Decision:
         return decision
     updated = replace(decision, state=state.evolve(cloud_refusal=refusal))
     if refusal is None:
-        return updated
+        why = f"the cloud applied the weights it had not applied ({state.cloud_refusal})"
+        return updated.notify(Notice(AlertKind.RECOVERED, Severity.INFO, why))
     detail = f" ({observed.cloud_detail})" if observed.cloud_detail else ""
     # On the rollback's own tick the refusal is about the write before it; from the next tick on,
     # about the rollback, which may not have reached the load balancer.
@@ -735,15 +912,21 @@ def _report_cloud(decision: Decision, observed: Observation) -> Decision:
     return updated.notify(Notice(AlertKind.CLOUD_NOT_APPLIED, Severity.WARNING, why))
 
 
-def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:
-    """Warn once per cause whose count reached its limit without a rollback."""
+def _report_stuck(
+    policy: CanaryPolicy, decision: Decision, was_stuck: tuple[InconclusiveCause, ...], check: CheckResult | None
+) -> Decision:
+    """Warn once per cause whose count reached its limit without a rollback; say when it passes again."""
     state = decision.state
+    if was_stuck and check is not None and check.verdict is Verdict.PASS and decision.action is not Action.ROLLBACK:
+        causes = ", ".join(cause.value for cause in was_stuck)
+        recovered = Notice(AlertKind.RECOVERED, Severity.INFO, f"checks pass again after being stuck ({causes})")
+        decision = decision.notify(recovered)
     if decision.action is Action.ROLLBACK or state.phase in TERMINAL_PHASES:
         return decision  # nothing is held in a finished rollout
     stuck = [
         (cause, count)
         for cause, count in state.inconclusive
-        if count >= _limit_for(policy, cause).after_checks and cause not in state.stuck_reported
+        if count >= inconclusive_limit(policy, cause).after_checks and cause not in state.stuck_reported
     ]
     if not stuck:
         return decision
@@ -752,6 +935,41 @@ def _report_stuck(policy: CanaryPolicy, decision: Decision) -> Decision:
     )
     reported = state.evolve(stuck_reported=tuple(sorted({*state.stuck_reported, *(c for c, _ in stuck)})))
     return replace(decision, state=reported).notify(Notice(AlertKind.STUCK_INCONCLUSIVE, Severity.WARNING, reason))
+
+
+# --- 7. the operator's answer and the history (R9) ------------------------------------------------
+
+
+def _answer(command: Command | None, decision: Decision, approval: CommandOutcome | None) -> Decision:
+    """Every command gets an answer in the tick that reads it: applied, or rejected and why."""
+    if command is None:
+        return decision
+    outcome = approval if command is Command.APPROVE else decision.outcome
+    if approval is not None and approval.applied and decision.action is Action.HOLD:
+        outcome = CommandOutcome(True, f"{approval.reason}; {decision.reason}")
+    if outcome is None and command is Command.ABORT and decision.action is Action.ROLLBACK:
+        outcome = CommandOutcome(True, "a rollback was already being written")
+    if outcome is None:
+        outcome = CommandOutcome(False, f"not applied in phase {decision.state.phase.value}: {decision.reason}")
+    return replace(decision, outcome=outcome)
+
+
+def _record(decision: Decision, observed: Observation, now: datetime) -> Decision:
+    """Transitions and commands go into the state's history, with who made them happen."""
+    state, outcome = decision.state, decision.outcome
+    by_operator = observed.command is not None and outcome is not None and outcome.applied
+    entries: list[Transition] = []
+    if decision.transition:
+        by = observed.command_by if by_operator else "gateway-canary"
+        entries.append(Transition(now, decision.action.value, state.phase, by, state.reason))
+    if observed.command is not None and outcome is not None and not (decision.transition and outcome.applied):
+        verb = "applied" if outcome.applied else "rejected"
+        entries.append(
+            Transition(now, observed.command.value, state.phase, observed.command_by, f"{verb}: {outcome.reason}")
+        )
+    if not entries:
+        return decision
+    return replace(decision, state=state.evolve(history=(*state.history, *entries)[-MAX_HISTORY:]))
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -779,7 +997,8 @@ def _never_both_zero(weights: Weights, observed_source: int | None) -> Weights:
     return weights
 
 
-def _limit_for(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePolicy:
+def inconclusive_limit(policy: CanaryPolicy, cause: InconclusiveCause) -> InconclusivePolicy:
+    """The limit of a run of inconclusive checks of ``cause``: the policy's, or settling's time limit."""
     analysis = policy.spec.analysis
     if cause is InconclusiveCause.TRAFFIC_DEFICIT:
         return analysis.on_traffic_deficit

@@ -52,6 +52,8 @@ class Phase(enum.StrEnum):
     PENDING = "Pending"
     PROGRESSING = "Progressing"
     PAUSED = "Paused"
+    #: at 100, checked for ``promotion.verifyFor`` before it counts as promoted
+    VERIFYING = "Verifying"
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
 
@@ -117,16 +119,23 @@ class AlertKind(enum.StrEnum):
     POLICY_INVALID = "PolicyInvalid"
     TICK_FAILED = "TickFailed"
     CLOUD_NOT_APPLIED = "CloudNotApplied"
+    #: the rollout waits for an operator's approval before a raise (``schedule.approvalAt``)
+    AWAITING_APPROVAL = "AwaitingApproval"
+    #: a condition said earlier (stuck, refused, cloud not applied) has cleared
+    RECOVERED = "Recovered"
 
 
 class Command(enum.StrEnum):
     """Operator commands, fed into the same decision function as check results.
 
-    Only RETRY, PAUSE, RESUME and ABORT are decided on today; the transport (an annotation on
-    the target object) and APPROVE/PROMOTE arrive with the operator-commands issue.
+    They arrive as the annotation ``gateway-canary.io/command`` on the policy's state object
+    (``controller.adapters.kube_state``), never on a gateway Service.
     """
 
     RETRY = "retry"
     PAUSE = "pause"
     RESUME = "resume"
     ABORT = "abort"
+    APPROVE = "approve"
+    #: skip the remaining steps (``promote --full``); only on a passing check
+    PROMOTE = "promote"

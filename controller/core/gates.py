@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controller.core.enums import GatewayRole, InconclusiveCause, OnEmpty, Verdict
 from controller.core.policy import CanaryPolicy
@@ -110,8 +110,17 @@ def _gate(
     )
 
 
-def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
-    """Judge every configured gate and combine the verdicts."""
+def judge(
+    policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples, *, absolute_only: bool = False
+) -> CheckResult:
+    """Judge every configured gate and combine the verdicts.
+
+    ``absolute_only``: the target alone, against its absolute limits (post-promotion verification,
+    when the source has no traffic to compare with): the comparative gates are left out and the
+    target must still have ``minRequests``.
+    """
+    if absolute_only:
+        return _judge_absolute(policy, source, target)
     gates = policy.spec.gates
     minimum = policy.spec.analysis.min_requests
     results: list[GateResult] = []
@@ -214,6 +223,37 @@ def judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) 
         if custom.min is not None:
             results.append(_gate(f"{custom.name}Min", outcome, custom.min, measured, comparator=">="))
     return _combine(tuple(results), source, target, minimum)
+
+
+def _judge_absolute(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
+    latency = policy.spec.gates.latency
+    comparative = {"errorRateIncrease", "responses4xx", "responsesAuth", "responsesNoRoute", "tlsHandshakeFailures"}
+    if latency is not None:
+        comparative.add(f"latency{latency.label.upper()}Ratio")
+    full = judge(policy, source, target)
+    kept = tuple(g for g in full.gates if g.gate not in comparative)
+    minimum = policy.spec.analysis.min_requests
+    count = _request_count(target)
+    traffic = GateResult(
+        gate="targetRequests",
+        verdict=Verdict.PASS,
+        reason=f"targetRequests: {count:.0f} requests in the window",
+        value=count,
+        threshold=float(minimum),
+        comparator=">=",
+        query=target.requests.query.promql,
+    )
+    if target.requests.error is not None:
+        traffic = _Unjudgeable(
+            InconclusiveCause.METRICS_UNAVAILABLE, f"target requests: {target.requests.error}"
+        ).result("targetRequests", float(minimum), target.requests.query.promql, ">=")
+    elif count < minimum:
+        traffic = _Unjudgeable(
+            InconclusiveCause.TOO_FEW_REQUESTS, f"target had {count:.0f} requests in the window, needs {minimum}"
+        ).result("targetRequests", float(minimum), target.requests.query.promql, ">=")
+    combined = _combine((traffic, *kept), source, target, minimum)
+    starved = tuple(role for role in combined.starved if role is GatewayRole.TARGET)
+    return replace(combined, starved=starved)
 
 
 @dataclass(frozen=True, slots=True)

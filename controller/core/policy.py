@@ -26,34 +26,44 @@ from pydantic import (
     StrictInt,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from controller.core.durations import format_promql_duration, parse_duration
 from controller.core.enums import GatewayRole, OnEmpty, OnInconclusive, WeightMode
+from controller.core.receivers import DingTalkReceiver, FeishuReceiver, WeComReceiver
+from controller.core.templates import template_problems
 
 __all__ = [
+    "AdvanceWindows",
     "AlertmanagerReceiver",
     "AnalysisSpec",
     "CanaryPolicy",
     "CloudSpec",
     "CustomGate",
+    "DingTalkReceiver",
     "Duration",
     "ErrorRateGate",
+    "FeishuReceiver",
     "GatesSpec",
     "GatewaySpec",
     "InconclusivePolicy",
     "IstioGatewayRef",
     "LatencyGate",
     "PrometheusSpec",
+    "PromotionSpec",
     "Receiver",
     "ResponseMixGate",
     "RoutesSpec",
     "ScheduleSpec",
     "ServiceRef",
     "SlackReceiver",
+    "StepSpec",
+    "TimeWindow",
     "TlsHandshakeGate",
+    "WeComReceiver",
     "WebhookReceiver",
 ]
 
@@ -150,8 +160,10 @@ def _split_service_ref(value: Any) -> Any:
 class ServiceRef(_Model):
     """A Kubernetes Service of type LoadBalancer that carries the CLB weight annotation."""
 
-    namespace: str = Field(min_length=1, max_length=63)
-    name: str = Field(min_length=1, max_length=63)
+    namespace: str = Field(min_length=1, max_length=63, description="the Service's namespace")
+    name: str = Field(
+        min_length=1, max_length=63, description="the Service's name (the gateway's LoadBalancer Service on the CLB)"
+    )
 
     @field_validator("namespace", "name")
     @classmethod
@@ -171,8 +183,10 @@ class IstioGatewayRef(_Model):
     Service (overwriting a direct edit), so the weight is written here, not on the Service.
     """
 
-    namespace: str = Field(min_length=1, max_length=63)
-    name: str = Field(min_length=1, max_length=253)
+    namespace: str = Field(
+        min_length=1, max_length=63, description="the IstioGateway's namespace on the ASM control plane"
+    )
+    name: str = Field(min_length=1, max_length=253, description="the IstioGateway's name")
     cluster_id: str | None = Field(
         default=None,
         max_length=128,
@@ -201,7 +215,10 @@ class IstioGatewayRef(_Model):
 class GatewaySpec(_Model):
     """One gateway: its Service and the Prometheus labels that select its traffic."""
 
-    service: Annotated[ServiceRef, BeforeValidator(_split_service_ref)]
+    service: Annotated[ServiceRef, BeforeValidator(_split_service_ref)] = Field(
+        description="'namespace/name' (or {namespace, name}) of the gateway's Service: its "
+        "service.beta.kubernetes.io/alibaba-cloud-loadbalancer-weight annotation is the gateway's share of the CLB"
+    )
     istio_gateway: Annotated[IstioGatewayRef | None, BeforeValidator(_split_service_ref)] = Field(
         default=None,
         description="target only: the ASM IstioGateway whose serviceAnnotations carry the weight "
@@ -273,31 +290,217 @@ class GatewaySpec(_Model):
         }
 
 
+class StepSpec(_Model):
+    """One step with a bake time of its own (a plain number in ``steps`` bakes ``bakeTime``)."""
+
+    weight: StrictInt = Field(ge=1, le=100, description="the target weight of this step")
+    bake_time: Duration | None = Field(default=None, description="how long to bake here; default schedule.bakeTime")
+
+    @model_serializer(mode="wrap")
+    def _plain_number_when_plain(self, handler: Any) -> Any:
+        # a step without a bake time of its own is written as the plain number it was given as, so
+        # the rollout fingerprint of a policy written before per-step bakes existed does not change
+        return self.weight if self.bake_time is None else handler(self)
+
+    @field_validator("bake_time")
+    @classmethod
+    def _bake_not_negative(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(0):
+            raise ValueError("bakeTime cannot be negative")
+        return value
+
+
+_STEP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": 100},
+        {
+            "type": "object",
+            "properties": {
+                "weight": {"type": "integer", "minimum": 1, "maximum": 100},
+                "bakeTime": {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"},
+            },
+            "required": ["weight"],
+            "additionalProperties": False,
+        },
+    ],
+    "description": "a target weight, or {weight, bakeTime} to bake this step for its own time",
+}
+
+
+def _step(value: Any) -> Any:
+    """A step is a weight, or ``{weight, bakeTime}``; anything else says so in one line."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"weight": value}
+    if isinstance(value, dict | StepSpec):
+        return value
+    shown = str(value).lower() if isinstance(value, bool) else repr(str(value)[:40])
+    raise ValueError(f"{shown}: a step is a valid integer weight (1..100) or {{weight: 5, bakeTime: 30m}}")
+
+
+Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+_WEEKDAYS: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_HOURS = re.compile(r"^(?P<h1>[01]\d|2[0-3]):(?P<m1>[0-5]\d)-(?P<h2>[01]\d|2[0-4]):(?P<m2>[0-5]\d)$")
+_DATE = r"\d{4}-\d{2}-\d{2}"
+_FREEZE = re.compile(rf"^(?P<first>{_DATE})(\.\.(?P<last>{_DATE}))?$")
+
+
+class TimeWindow(_Model):
+    """Days of the week and a time of day in which the weight may go up.
+
+    ``hours`` is ``HH:MM-HH:MM`` in the windows' time zone; an end before the start runs past
+    midnight (``22:00-06:00`` opens on the listed days at 22:00 and closes at 06:00 the next day).
+    """
+
+    days: list[Weekday] = Field(
+        default_factory=lambda: list(_WEEKDAYS), min_length=1, description="weekdays (Mon..Sun) the window opens on"
+    )
+    hours: str = Field(default="00:00-24:00", description="HH:MM-HH:MM, local time in advanceWindows.timeZone")
+
+    @field_validator("hours")
+    @classmethod
+    def _hours_format(cls, value: str) -> str:
+        match = _HOURS.match(value)
+        if match is None:
+            raise ValueError(f"{value[:40]!r}: write HH:MM-HH:MM with a 24-hour clock, e.g. 10:00-16:30")
+        if match.group("h2") == "24" and match.group("m2") != "00":
+            raise ValueError(f"{value!r}: 24:00 is the latest end")
+        if value[:5] == value[6:]:
+            raise ValueError(f"{value!r}: the window is empty (start equals end)")
+        return value
+
+    def minutes(self) -> tuple[int, int]:
+        """Start and end as minutes after midnight (end may be 1440, or below start: overnight)."""
+        start, end = self.hours.split("-")
+        return _minutes(start), _minutes(end)
+
+
+def _minutes(text: str) -> int:
+    hours, minutes = text.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class AdvanceWindows(_Model):
+    """When the weight may go UP; analysis, rollback and lowering run at any time.
+
+    Outside every window (or on a freeze date) a raise that is due waits, with its reason in
+    ``status``; nothing else changes.
+    """
+
+    time_zone: str = Field(default="UTC", max_length=64, description="an IANA time zone, e.g. Asia/Shanghai")
+    windows: list[TimeWindow] = Field(min_length=1, max_length=50, description="the windows the weight may rise in")
+    freeze_dates: list[str] = Field(
+        default_factory=list,
+        max_length=500,
+        description="local dates with no raise at all: YYYY-MM-DD or a range YYYY-MM-DD..YYYY-MM-DD",
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from controller.core.windows import zone
+
+        zone(value)  # ValueError naming the zone when it is not an IANA name
+        return value
+
+    @field_validator("freeze_dates")
+    @classmethod
+    def _dates(cls, value: list[str]) -> list[str]:
+        from datetime import date
+
+        for text in value:
+            match = _FREEZE.match(text)
+            if match is None:
+                raise ValueError(f"{text[:40]!r}: write YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
+            try:
+                first = date.fromisoformat(match.group("first"))
+                last = date.fromisoformat(match.group("last") or match.group("first"))
+            except ValueError as exc:
+                raise ValueError(f"{text!r}: {exc}") from exc
+            if last < first:
+                raise ValueError(f"{text!r}: the range ends before it starts")
+        return value
+
+
 class ScheduleSpec(_Model):
     """Which target weights to pass through, how long to bake at each, how the source follows."""
 
-    steps: list[StrictInt] | None = Field(
-        default=None, description="explicit target weights, strictly increasing, each 1..100"
+    steps: list[Annotated[StepSpec, BeforeValidator(_step), WithJsonSchema(_STEP_SCHEMA)]] | None = Field(
+        default=None,
+        description="explicit target weights, strictly increasing, each 1..100; a step may be "
+        "{weight: 5, bakeTime: 30m} to bake longer (or shorter) than bakeTime",
     )
-    step_weight: StrictInt | None = Field(default=None, ge=1, le=100)
-    max_weight: StrictInt | None = Field(default=None, ge=1, le=100)
-    bake_time: Duration = Field(default=timedelta(minutes=5))
-    weight_mode: WeightMode = WeightMode.COMPLEMENTARY
+    step_weight: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="instead of steps: raise the target weight by this much per step (10: 10, 20, 30, ...) "
+        "up to maxWeight, then to 100",
+    )
+    max_weight: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="with stepWeight: the last step before the final raise to 100 (unset: 100)",
+    )
+    bake_time: Duration = Field(
+        default=timedelta(minutes=5),
+        description="the time each step must be covered by passing checks before the next raise (gaps and "
+        "inconclusive checks do not count); a step's own bakeTime overrides it",
+    )
+    weight_mode: WeightMode = Field(
+        default=WeightMode.COMPLEMENTARY,
+        description="complementary: the source gets 100 - target at every step; target-only: only the "
+        "target's weight is written (the source keeps its own)",
+    )
+
+    advance_windows: AdvanceWindows | None = Field(
+        default=None, description="when the weight may go up (default: at any time)"
+    )
+    approval_at: list[StrictInt] = Field(
+        default_factory=list,
+        max_length=100,
+        description="weights the rollout waits for `gateway-canary approve` before reaching (or "
+        "passing): [50, 100] asks before the raise to 50 and before promotion",
+    )
 
     @field_validator("steps")
     @classmethod
-    def _steps_increasing(cls, value: list[int] | None) -> list[int] | None:
+    def _steps_increasing(cls, value: list[StepSpec] | None) -> list[StepSpec] | None:
         if value is None:
             return value
         if not value:
             raise ValueError("steps must list at least one weight, e.g. [1, 5, 10, 25, 50, 100]")
-        for weight in value:
+        weights = [step.weight for step in value]
+        for weight in weights:
             if not 1 <= weight <= 100:
                 raise ValueError(f"weight {weight} is outside 1..100 (0 is where a rollout starts)")
-        for before, after in itertools.pairwise(value):
+        for before, after in itertools.pairwise(weights):
             if after <= before:
                 raise ValueError(f"steps must be strictly increasing: {before} is followed by {after}")
         return value
+
+    @field_validator("approval_at")
+    @classmethod
+    def _approvals(cls, value: list[int]) -> list[int]:
+        for weight in value:
+            if not 1 <= weight <= 100:
+                raise ValueError(f"approvalAt weight {weight} is outside 1..100")
+        if len(set(value)) != len(value):
+            raise ValueError("approvalAt lists a weight twice")
+        return sorted(value)
+
+    def step_weights(self) -> list[int] | None:
+        """The explicit steps as weights (None: stepWeight is used)."""
+        if self.steps is None:
+            return None
+        return [step.weight for step in self.steps]
+
+    def bake_for(self, weight: int) -> timedelta:
+        """How long the step at ``weight`` bakes: its own bakeTime, else the schedule's."""
+        for step in self.steps or ():
+            if step.weight == weight and step.bake_time is not None:
+                return step.bake_time
+        return self.bake_time
 
     @field_validator("bake_time")
     @classmethod
@@ -320,21 +523,44 @@ class ScheduleSpec(_Model):
 class InconclusivePolicy(_Model):
     """What a run of inconclusive checks leads to, and after how many in a row."""
 
-    action: OnInconclusive = OnInconclusive.HOLD
-    after_checks: StrictInt = Field(default=10, ge=1, le=10_000)
+    action: OnInconclusive = Field(
+        default=OnInconclusive.HOLD,
+        description="hold: keep the weights and warn once; rollback: target 0 (source 100) and a critical alert",
+    )
+    after_checks: StrictInt = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="how many such checks since the last pass trigger the action (a count of checks: "
+        "times analysis.interval gives the time)",
+    )
 
 
 class AnalysisSpec(_Model):
     """How often and over what window both gateways are measured, and how verdicts add up."""
 
-    interval: Duration = Field(default=timedelta(seconds=30))
-    window: Duration = Field(default=timedelta(minutes=1))
+    interval: Duration = Field(
+        default=timedelta(seconds=30),
+        description="how often both gateways are measured and judged (one check), 1s..1h; no shorter than "
+        "the Prometheus scrape interval, or checks judge the same samples again",
+    )
+    window: Duration = Field(
+        default=timedelta(minutes=1),
+        description="the PromQL range of every query ([1m]), 1s..24h: the traffic one check judges; give it "
+        "several scrape intervals (rate() needs two samples) and enough requests for minRequests",
+    )
     min_requests: StrictInt = Field(
         default=50, ge=1, le=1_000_000_000, description="requests per window needed on EACH gateway to judge"
     )
     failure_threshold: StrictInt = Field(default=2, ge=1, le=100, description="consecutive FAIL checks that roll back")
-    on_missing_data: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
-    on_metrics_unavailable: InconclusivePolicy = Field(default_factory=InconclusivePolicy)
+    on_missing_data: InconclusivePolicy = Field(
+        default_factory=InconclusivePolicy,
+        description="checks that cannot judge for lack of data: too few requests (minRequests), no series, NaN",
+    )
+    on_metrics_unavailable: InconclusivePolicy = Field(
+        default_factory=InconclusivePolicy,
+        description="checks that cannot judge because Prometheus is unreachable, errors or answers malformed",
+    )
     on_traffic_deficit: InconclusivePolicy = Field(
         default_factory=lambda: InconclusivePolicy(action=OnInconclusive.ROLLBACK, after_checks=3),
         description="the ASM gateway gets persistently fewer requests than the CLB sends it: requests "
@@ -372,7 +598,7 @@ class ErrorRateGate(_Model):
 class MaxLimit(_Model):
     """An absolute ceiling."""
 
-    max: Number = Field(gt=0)
+    max: Number = Field(gt=0, description="the highest value allowed on the target (for latency: milliseconds)")
 
 
 _PERCENTILE_FIELDS = {"p50_ms": 0.5, "p90_ms": 0.9, "p95_ms": 0.95, "p99_ms": 0.99, "p999_ms": 0.999}
@@ -384,11 +610,11 @@ class LatencyGate(_Model):
     The quantile is the one named by the ``pNNMs`` key (p99 when only ``maxRatio`` is given).
     """
 
-    p50_ms: MaxLimit | None = None
-    p90_ms: MaxLimit | None = None
-    p95_ms: MaxLimit | None = None
-    p99_ms: MaxLimit | None = None
-    p999_ms: MaxLimit | None = None
+    p50_ms: MaxLimit | None = Field(default=None, description="{max: ms}: judge the median (p50), in milliseconds")
+    p90_ms: MaxLimit | None = Field(default=None, description="{max: ms}: judge the p90 latency, in milliseconds")
+    p95_ms: MaxLimit | None = Field(default=None, description="{max: ms}: judge the p95 latency, in milliseconds")
+    p99_ms: MaxLimit | None = Field(default=None, description="{max: ms}: judge the p99 latency, in milliseconds")
+    p999_ms: MaxLimit | None = Field(default=None, description="{max: ms}: judge the p99.9 latency, in milliseconds")
     max_ratio: Number | None = Field(
         default=None, ge=1, le=100, description="highest target/source ratio of the quantile"
     )
@@ -429,10 +655,25 @@ class LatencyGate(_Model):
 class CustomGate(_Model):
     """Any PromQL, rendered per gateway with ``{{ selector }}``, ``{{ window }}`` and friends."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
-    query: str = Field(min_length=1, max_length=8192)
-    max: Number | None = None
-    min: Number | None = None
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the gate's name in checks, metrics and alerts (unique in the policy; a min bound is "
+        "reported as <name>Min)",
+    )
+    query: str = Field(
+        min_length=1,
+        max_length=8192,
+        description="PromQL giving one number, run for each gateway with {{ selector }}, {{ window }}, "
+        "{{ namespace }}, {{ workload }} and {{ service }} filled in; the target's value is judged",
+    )
+    max: Number | None = Field(
+        default=None, description="the target's value must be at most this (in the query's own unit)"
+    )
+    min: Number | None = Field(
+        default=None, description="the target's value must be at least this (e.g. a success ratio)"
+    )
     on_empty: OnEmpty = Field(
         default=OnEmpty.INCONCLUSIVE,
         description="what an empty answer means: 'zero' (e.g. no resets at all) or 'inconclusive' (no data)",
@@ -500,13 +741,18 @@ class TlsHandshakeGate(_Model):
 class GatesSpec(_Model):
     """The limits a check judges. Both gateways' numbers are always measured and reported."""
 
-    error_rate: ErrorRateGate | None = None
-    latency: LatencyGate | None = None
-    response_mix: ResponseMixGate = Field(default_factory=ResponseMixGate)
+    error_rate: ErrorRateGate | None = Field(default=None, description="the 5xx gate; unset: 5xx are not judged")
+    latency: LatencyGate | None = Field(default=None, description="the latency gate; unset: latency is not judged")
+    response_mix: ResponseMixGate = Field(
+        default_factory=ResponseMixGate,
+        description="on by default: the target's 4xx, 401/403 and 404 NR ratios against the source's",
+    )
     tls_handshake: TlsHandshakeGate | None = Field(
         default=None, description="needs Envoy's listener TLS stats exported (docs/policies.md)"
     )
-    custom: list[CustomGate] = Field(default_factory=list)
+    custom: list[CustomGate] = Field(
+        default_factory=list, description="more gates, each a PromQL query with a max and/or min"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> GatesSpec:
@@ -522,9 +768,20 @@ class GatesSpec(_Model):
 class _SecretUrlReceiver(_Model):
     """A receiver whose URL is a secret: given inline or, better, named by an environment variable."""
 
-    name: Text | None = Field(default=None, max_length=63)
-    url: SecretStr | None = None
-    url_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    name: Text | None = Field(
+        default=None,
+        max_length=63,
+        description="what logs, metrics and delivery outcomes call this receiver (unique in the policy; "
+        "'global' is taken); default: its type, host and a digest of its URL",
+    )
+    url: SecretStr | None = Field(default=None, description="the webhook URL inline; it is a secret: prefer urlFromEnv")
+    url_from_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=128,
+        description="the environment variable that holds the webhook URL (it must match SECRET_ENV_PATTERN, "
+        "by default GATEWAY_CANARY_POLICY_*)",
+    )
 
     @model_validator(mode="after")
     def _one_url(self) -> _SecretUrlReceiver:
@@ -538,44 +795,97 @@ class _SecretUrlReceiver(_Model):
 class SlackReceiver(_SecretUrlReceiver):
     """A Slack incoming webhook."""
 
-    type: Literal["slack"]
+    type: Literal["slack"] = Field(description="which kind of receiver this is")
 
 
 class WebhookReceiver(_SecretUrlReceiver):
     """Any HTTP endpoint that takes the alert as JSON."""
 
-    type: Literal["webhook"]
+    type: Literal["webhook"] = Field(description="which kind of receiver this is")
 
 
 class AlertmanagerReceiver(_Model):
     """An Alertmanager (v2 API), so on-call routing goes through the team's existing config."""
 
-    type: Literal["alertmanager"]
-    name: Text | None = Field(default=None, max_length=63)
-    url: Url
+    type: Literal["alertmanager"] = Field(description="which kind of receiver this is")
+    name: Text | None = Field(
+        default=None,
+        max_length=63,
+        description="what logs, metrics and delivery outcomes call this receiver (unique in the policy; "
+        "'global' is taken); default: its type, host and a digest of its URL",
+    )
+    url: Url = Field(description="the Alertmanager's base URL (alerts are posted to /api/v2/alerts); not a secret")
 
 
-Receiver = Annotated[SlackReceiver | WebhookReceiver | AlertmanagerReceiver, Field(discriminator="type")]
+Receiver = Annotated[
+    SlackReceiver | WebhookReceiver | AlertmanagerReceiver | DingTalkReceiver | FeishuReceiver | WeComReceiver,
+    Field(discriminator="type"),
+]
 
 
 class PrometheusSpec(_Model):
     """Per-policy override of the Prometheus connection in the settings."""
 
-    url: Url | None = None
-    token_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    url: Url | None = Field(
+        default=None,
+        description="the Prometheus HTTP API this policy queries (e.g. an ARMS endpoint); unset: "
+        "GATEWAY_CANARY_PROMETHEUS_URL. Another URL gets only the credentials named here",
+    )
+    token_from_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=128,
+        description="the environment variable that holds the token, sent as 'Authorization: <authScheme> <token>'",
+    )
     auth_scheme: Text | None = Field(
         default=None, description="'Bearer' (default) or '' for a raw 'Authorization: <token>' (ARMS)"
     )
-    username: Text | None = Field(default=None, max_length=256)
-    password_from_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
-    ca_file: Text | None = Field(default=None, max_length=4096)
-    timeout: Duration | None = None
+    username: Text | None = Field(
+        default=None, max_length=256, description="basic-auth user (ARMS V2: the AccessKey ID)"
+    )
+    password_from_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=128,
+        description="the environment variable that holds the basic-auth password (ARMS V2: the AccessKey secret)",
+    )
+    ca_file: Text | None = Field(
+        default=None,
+        max_length=4096,
+        description="path in the controller's pod of a CA bundle to verify the server's certificate",
+    )
+    timeout: Duration | None = Field(
+        default=None, description="per query; unset: GATEWAY_CANARY_PROMETHEUS_TIMEOUT_SECONDS (5s)"
+    )
 
 
 class PolicyMetadata(_Model):
-    """Identity of a policy."""
+    """Identity of a policy, and the environment it runs in."""
 
-    name: str = Field(min_length=1, max_length=63)
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        description="the policy's name, unique (a DNS label): it names the state ConfigMap "
+        "gateway-canary-<name>, the commands' NAME, and labels metrics, logs and alerts",
+    )
+    labels: dict[str, Text] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="environment labels (env: prod, region: cn-hangzhou): alert templates can show them as "
+        "{{ labels.env }}, and Alertmanager alerts carry them for routing",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not _LABEL_NAME.match(key) or key.startswith("__"):
+                raise ValueError(
+                    f"{key[:80]!r} is not a label name (letters, digits and '_', not starting with a digit)"
+                )
+            if len(text) > 256:
+                raise ValueError(f"label {key}: value longer than 256 characters")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -623,6 +933,24 @@ class CloudSpec(_Model):
     )
 
 
+class PromotionSpec(_Model):
+    """What happens at 100: by default the rollout is promoted on reaching it."""
+
+    verify_for: Duration = Field(
+        default=timedelta(0),
+        description="keep checking the ASM gateway this long at 100 (absolute gates only: the old "
+        "gateway has no traffic to compare with); a failure steps back to the last step's split, "
+        "and Promoted comes only after it passes",
+    )
+
+    @field_validator("verify_for")
+    @classmethod
+    def _sane(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) <= value <= timedelta(days=7):
+            raise ValueError("verifyFor must be between 0s and 7d")
+        return value
+
+
 class RoutesSpec(_Model):
     """Route parity: each host:port the source gateway serves must be served by the target first."""
 
@@ -635,15 +963,51 @@ class RoutesSpec(_Model):
 class PolicySpec(_Model):
     """Everything a rollout needs."""
 
-    source: GatewaySpec
-    target: GatewaySpec
-    schedule: ScheduleSpec
-    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
-    gates: GatesSpec
-    alerts: list[Receiver] = Field(default_factory=list)
-    prometheus: PrometheusSpec | None = None
-    cloud: CloudSpec = Field(default_factory=CloudSpec)
-    routes: RoutesSpec = Field(default_factory=RoutesSpec)
+    source: GatewaySpec = Field(
+        description="the gateway traffic leaves (the self-managed Istio gateway): every check's baseline"
+    )
+    target: GatewaySpec = Field(description="the gateway traffic moves to (the ASM gateway): the one judged")
+    schedule: ScheduleSpec = Field(description="the target weights to pass through and how long each bakes")
+    analysis: AnalysisSpec = Field(
+        default_factory=AnalysisSpec, description="how often checks run, over what window, and what rolls back"
+    )
+    gates: GatesSpec = Field(description="the limits each check judges; at least one of errorRate, latency, custom")
+    alerts: list[Receiver] = Field(
+        default_factory=list,
+        description="this policy's receivers, in addition to those in the settings (ALERTMANAGER_URL, "
+        "SLACK_WEBHOOK_URL, WEBHOOK_URL)",
+    )
+    prometheus: PrometheusSpec | None = Field(
+        default=None, description="unset: the controller's Prometheus settings (GATEWAY_CANARY_PROMETHEUS_*)"
+    )
+    cloud: CloudSpec = Field(
+        default_factory=CloudSpec, description="the checks that a written weight is the traffic the CLB sends"
+    )
+    routes: RoutesSpec = Field(default_factory=RoutesSpec, description="route parity, checked before the first raise")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec, description="what happens once the target reaches 100"
+    )
+    alert_template: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the text of this policy's alerts, with {{ field }} placeholders (docs/policies.md lists "
+        "them); unset: the built-in text",
+    )
+
+    @model_validator(mode="after")
+    def _verification_has_absolute_gates(self) -> PolicySpec:
+        gates = self.gates
+        absolute = (
+            (gates.error_rate is not None and gates.error_rate.max is not None)
+            or (gates.latency is not None and gates.latency.max_ms is not None)
+            or bool(gates.custom)
+        )
+        if self.promotion.verify_for > timedelta(0) and not absolute:
+            raise ValueError(
+                "promotion.verifyFor needs an absolute gate (gates.errorRate.max, a latency pNNMs.max or a "
+                "custom gate): at 100 the old gateway has no traffic to compare with"
+            )
+        return self
 
     @model_validator(mode="after")
     def _istio_gateway_on_target(self) -> PolicySpec:
@@ -674,10 +1038,20 @@ class PolicySpec(_Model):
 class CanaryPolicy(_Model):
     """One migration from a source gateway to a target gateway."""
 
-    api_version: Literal["gateway-canary.io/v1alpha1"] = "gateway-canary.io/v1alpha1"
-    kind: Literal["CanaryPolicy"] = "CanaryPolicy"
-    metadata: PolicyMetadata
-    spec: PolicySpec
+    api_version: Literal["gateway-canary.io/v1alpha1"] = Field(
+        default="gateway-canary.io/v1alpha1", description="the version of the policy format (the only one)"
+    )
+    kind: Literal["CanaryPolicy"] = Field(default="CanaryPolicy", description="always CanaryPolicy")
+    metadata: PolicyMetadata = Field(description="the policy's name and environment labels")
+    spec: PolicySpec = Field(description="the migration: the two gateways, the steps, the checks and the alerts")
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> CanaryPolicy:
+        template = self.spec.alert_template
+        problems = [] if template is None else template_problems(template, self.metadata.labels.keys())
+        if problems:
+            raise ValueError(f"spec.alertTemplate: {'; '.join(problems)}")
+        return self
 
     @property
     def name(self) -> str:
@@ -699,7 +1073,10 @@ class CanaryPolicy(_Model):
             mode="json",
             by_alias=True,
             exclude_defaults=True,
-            include={"source", "target", "schedule", "analysis", "gates"},
+            include={"source", "target", "schedule", "analysis", "gates", "promotion"},
+            # when raises may happen and who approves them do not steer the evidence: editing them
+            # neither restarts a bake nor re-arms a rolled-back rollout
+            exclude={"schedule": {"advance_windows", "approval_at"}},
         )
         encoded = json.dumps(steering, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]

@@ -30,8 +30,9 @@ class Weights:
 
 def target_steps(schedule: ScheduleSpec) -> tuple[int, ...]:
     """The target weights in order, always ending at 100 (promotion follows the last step)."""
-    if schedule.steps is not None:
-        steps = list(schedule.steps)
+    explicit = schedule.step_weights()
+    if explicit is not None:
+        steps = list(explicit)
     else:
         assert schedule.step_weight is not None  # guaranteed by ScheduleSpec validation
         ceiling = schedule.max_weight if schedule.max_weight is not None else FULL

@@ -25,17 +25,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from controller.core.enums import GatewayRole, InconclusiveCause, Phase, Verdict
+from controller.core.enums import Command, GatewayRole, InconclusiveCause, Phase, Verdict
 from controller.core.schedule import Weights
 from controller.core.text import MAX_REASON_CHARS, bounded
 
 __all__ = [
+    "MAX_HISTORY",
     "MAX_REASON_CHARS",
     "MAX_STATE_BYTES",
     "STATE_VERSION",
+    "CommandRecord",
     "Intent",
     "RolloutState",
     "StateUnreadable",
+    "Transition",
     "decode_state",
     "encode_state",
 ]
@@ -43,6 +46,12 @@ __all__ = [
 STATE_VERSION = 2
 #: A stored state larger than this is not read (a valid one is about 1 KiB).
 MAX_STATE_BYTES = 16 * 1024
+
+
+#: transitions kept in the state's history (the newest last)
+MAX_HISTORY = 10
+#: a transition's reason in the history is cut to this (the full text is in the Event and logs)
+HISTORY_REASON_CHARS = 300
 
 
 class StateUnreadable(ValueError):
@@ -68,6 +77,38 @@ class Intent:
     def weights(self) -> Weights:
         """The pair this intent writes."""
         return Weights(self.target, self.source)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One entry of the history ``status`` shows: what happened, who made it happen, when."""
+
+    at: datetime
+    action: str
+    phase: Phase
+    by: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", bounded(self.reason, HISTORY_REASON_CHARS))
+        object.__setattr__(self, "by", bounded(self.by, 128))
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """The last operator command this controller answered: the CLI waits for its ``id`` here."""
+
+    id: str
+    command: Command
+    by: str
+    at: datetime
+    applied: bool
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", bounded(self.reason))
+        object.__setattr__(self, "by", bounded(self.by, 128))
+        object.__setattr__(self, "id", bounded(self.id, 128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +153,14 @@ class RolloutState:
     confirmed_at: datetime | None = None
     #: why the cloud has not applied the last write, as reported (once) to people
     cloud_refusal: str | None = None
+    #: ``approvalAt`` weights an operator approved in this rollout (cleared by a retry)
+    approved: tuple[int, ...] = ()
+    #: the ``approvalAt`` weight the rollout waits at (said once, when the wait starts)
+    awaiting: int | None = None
+    #: the last transitions, newest last (``status`` shows them)
+    history: tuple[Transition, ...] = ()
+    #: the last operator command answered
+    last_command: CommandRecord | None = None
 
     def __post_init__(self) -> None:
         # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
@@ -170,6 +219,23 @@ class _IntentV2(_Stored):
     rollback: bool
 
 
+class _TransitionV2(_Stored):
+    at: AwareDatetime
+    action: Annotated[str, Field(max_length=64)]
+    phase: Phase
+    by: Annotated[str, Field(max_length=128)]
+    reason: Annotated[str, Field(max_length=HISTORY_REASON_CHARS)]
+
+
+class _CommandV2(_Stored):
+    id: Annotated[str, Field(max_length=128)]
+    command: Command
+    by: Annotated[str, Field(max_length=128)]
+    at: AwareDatetime
+    applied: bool
+    reason: _Text
+
+
 class _StateV2(_Stored):
     v: Literal[2]
     policy: _Name
@@ -193,6 +259,10 @@ class _StateV2(_Stored):
     written_roles: list[GatewayRole] = []
     confirmed_at: AwareDatetime | None = None
     cloud_refusal: _Text | None = None
+    approved: list[_Weight] = []  # added in 0.4
+    awaiting: _Weight | None = None
+    history: Annotated[list[_TransitionV2], Field(max_length=MAX_HISTORY)] = []
+    last_command: _CommandV2 | None = None
 
 
 class _StateV1(_Stored):
@@ -251,8 +321,26 @@ def encode_state(state: RolloutState) -> str:
         "written_roles": [role.value for role in state.written_roles],
         "confirmed_at": _iso(state.confirmed_at),
         "cloud_refusal": state.cloud_refusal,
+        "approved": list(state.approved),
+        "awaiting": state.awaiting,
+        "history": [
+            {"at": t.at.isoformat(), "action": t.action, "phase": t.phase.value, "by": t.by, "reason": t.reason}
+            for t in state.history[-MAX_HISTORY:]
+        ],
+        "last_command": None if state.last_command is None else _command_json(state.last_command),
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _command_json(record: CommandRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "command": record.command.value,
+        "by": record.by,
+        "at": record.at.isoformat(),
+        "applied": record.applied,
+        "reason": record.reason,
+    }
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -319,6 +407,19 @@ def _from_v2(stored: _StateV2) -> RolloutState:
         written_roles=tuple(stored.written_roles),
         confirmed_at=stored.confirmed_at,
         cloud_refusal=stored.cloud_refusal,
+        approved=tuple(sorted(set(stored.approved))),
+        awaiting=stored.awaiting,
+        history=tuple(Transition(t.at, t.action, t.phase, t.by, t.reason) for t in stored.history),
+        last_command=None
+        if stored.last_command is None
+        else CommandRecord(
+            id=stored.last_command.id,
+            command=stored.last_command.command,
+            by=stored.last_command.by,
+            at=stored.last_command.at,
+            applied=stored.last_command.applied,
+            reason=stored.last_command.reason,
+        ),
     )
 
 

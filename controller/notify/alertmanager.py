@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 from controller.core.alerts import Alert
@@ -11,6 +12,8 @@ __all__ = ["AlertmanagerNotifier"]
 
 #: How long an event stays firing in Alertmanager (it is an event, not a condition).
 _LIFETIME = timedelta(hours=1)
+#: Label names Alertmanager accepts (one invalid name loses the whole alert); "__" is reserved.
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class AlertmanagerNotifier:
@@ -30,6 +33,10 @@ class AlertmanagerNotifier:
         repeat of the same event has the same labels and is de-duplicated by Alertmanager. The
         ``endsAt`` (an hour after this delivery) lets an event resolve on its own instead of
         lingering for the resolve timeout, and never resolves one that arrives late.
+
+        The policy's environment labels (``env``, ``region``) become labels too, so routes can
+        match them; they never replace the controller's own (``severity``, ``policy`` and the rest).
+        The runbook link is the ``runbook_url`` annotation, as Prometheus alerting rules have it.
         """
         namespace, _, service = alert.target_service.partition("/")
         annotations = {
@@ -39,6 +46,8 @@ class AlertmanagerNotifier:
             "weights_before": str(alert.weights_before),
             "weights_after": str(alert.weights_after),
         }
+        if alert.runbook_url:
+            annotations["runbook_url"] = alert.runbook_url
         if alert.failing_gates:
             gate = alert.failing_gates[0]
             annotations.update(
@@ -47,16 +56,22 @@ class AlertmanagerNotifier:
                 threshold=str(gate.get("threshold")),
                 promql=str(gate.get("query") or ""),
             )
+        labels = {
+            key: value
+            for key, value in alert.labels.items()
+            if _LABEL_NAME.match(key) and not key.startswith("__") and value
+        }
+        labels.update(
+            alertname=f"GatewayCanary{alert.kind.value}",
+            severity=alert.severity.value,
+            policy=alert.policy,
+            namespace=namespace,
+            service=service,
+            event_id=alert.id,
+        )
         body = [
             {
-                "labels": {
-                    "alertname": f"GatewayCanary{alert.kind.value}",
-                    "severity": alert.severity.value,
-                    "policy": alert.policy,
-                    "namespace": namespace,
-                    "service": service,
-                    "event_id": alert.id,
-                },
+                "labels": labels,
                 "annotations": annotations,
                 "startsAt": alert.at.isoformat(),
                 # from the delivery, not the event: a page delayed by an outage must still fire

@@ -25,7 +25,15 @@ class SlackNotifier:
         self.name = receiver_name("slack", name, url)
 
     def send(self, alert: Alert, *, timeout: float) -> None:
-        """One delivery attempt; the id is shown so a repeat after a lost answer can be recognised."""
-        title, _, rest = alert.text().partition("\n")
-        body = {"text": f"{_ICON[alert.severity]} *{title}*\n```{rest}```\nalert id {alert.id}"}
-        post_json(self.name, self._url, body, timeout=timeout)
+        """One delivery attempt; the id is shown so a repeat after a lost answer can be recognised.
+
+        The runbook is a link of its own below the code block (a URL inside one is not clickable).
+        """
+        title, _, rest = alert.body().partition("\n")
+        lines = [f"{_ICON[alert.severity]} *{title}*"]
+        if rest:
+            lines.append(f"```{rest}```")
+        if alert.runbook_url:
+            lines.append(f"<{alert.runbook_url}|runbook>")
+        lines.append(f"alert id {alert.id}")
+        post_json(self.name, self._url, {"text": "\n".join(lines)}, timeout=timeout)

@@ -9,7 +9,11 @@ __all__ = ["WebhookNotifier"]
 
 
 class WebhookNotifier:
-    """POSTs ``Alert.as_dict()``, with the alert's id as ``Idempotency-Key`` (and ``id`` in the body)."""
+    """POSTs ``Alert.as_dict()`` and its ``text``, with the alert's id as ``Idempotency-Key`` (and ``id``).
+
+    ``text`` is what a person reads (the policy's template when it has one); ``runbookUrl`` the
+    alert kind's runbook section.
+    """
 
     def __init__(self, url: str, *, name: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
@@ -20,4 +24,4 @@ class WebhookNotifier:
     def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt."""
         headers = {"Idempotency-Key": alert.id}
-        post_json(self.name, self._url, alert.as_dict(), timeout=timeout, headers=headers)
+        post_json(self.name, self._url, {**alert.as_dict(), "text": alert.text()}, timeout=timeout, headers=headers)

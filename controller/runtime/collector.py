@@ -30,7 +30,7 @@ class Collector:
     def __init__(self, *, workers: int = 8) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="queries")
 
-    def check(self, policy: CanaryPolicy, source: MetricsSource) -> CheckResult:
+    def check(self, policy: CanaryPolicy, source: MetricsSource, *, absolute_only: bool = False) -> CheckResult:
         """One complete check of both gateways; a failed response-mix gate says which routes grew."""
         plans = queries_for(policy)
         queries = [query for plan in plans.values() for query in plan.all()]
@@ -39,6 +39,7 @@ class Collector:
             policy,
             _samples(plans[GatewayRole.SOURCE], outcomes),
             _samples(plans[GatewayRole.TARGET], outcomes),
+            absolute_only=absolute_only,
         )
         failed = [gate.gate for gate in result.gates if gate.verdict is Verdict.FAIL and gate.gate in _MIX_GATES]
         if not failed:

@@ -26,23 +26,35 @@ runs (``failing_since`` feeds ``/healthz``).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from controller.core.alerts import MAX_OUTBOX, Alert, OutboxEntry, build_alert
 from controller.core.cloud import ConfirmationState, Split
-from controller.core.decision import TERMINAL_PHASES, Action, Decision, Notice, Observation, decide, initial_state
+from controller.core.commands import CommandRequest, answered
+from controller.core.decision import (
+    TERMINAL_PHASES,
+    Action,
+    CommandOutcome,
+    Decision,
+    Notice,
+    Observation,
+    decide,
+    initial_state,
+)
 from controller.core.decision import recovered_state as recovered
 from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.core.state import Intent, RolloutState, StateUnreadable, decode_state, encode_state
+from controller.core.state import CommandRecord, Intent, RolloutState, StateUnreadable, decode_state, encode_state
+from controller.core.status import status_view
 from controller.core.text import bounded
 from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
 from controller.notify.dispatcher import AlertDispatcher
@@ -95,6 +107,8 @@ class PolicyRunner:
         config_error: str | None = None,
         forbidden_grace_seconds: float = 30.0,
         cloud: CloudWatch | None = None,
+        status_refresh_seconds: float = 60.0,
+        runbook_url: str = "",
     ) -> None:
         self.policy = policy
         self._pair = pair
@@ -128,12 +142,20 @@ class PolicyRunner:
         self._provisional: RolloutState | None = None  # decided while no state could be read
         self._provisional_passed = False  # ...and whether a check passed meanwhile
         self._restored = False  # the stored outbox was handed to the dispatcher
+        #: the id of the last operator command this runner answered (the service's quick tick skips it)
+        self.last_command_id: str | None = None
+        self._status_refresh = status_refresh_seconds
+        self._runbook_url = runbook_url
+        self._status: str | None = None  # this tick's status JSON, saved with the state
+        self._status_written: float | None = None  # monotonic time the status was last saved
+        self._last_check: tuple[CheckResult, datetime] | None = None
+        self._waiting: tuple[str, str] | None = None  # what the rollout waits for, as last logged
         self.log = structlog.get_logger("controller.rollout").bind(policy=policy.name)
 
     # -- the tick ----------------------------------------------------------------------------------
 
     def tick(self, command: Command | None = None) -> TickOutcome:
-        """Run one tick. Never raises."""
+        """Run one tick (``command``: an operator's, given directly rather than through the store). Never raises."""
         with self._lock:
             try:
                 outcome = self._tick(command)
@@ -154,6 +176,7 @@ class PolicyRunner:
             self._restored = True
             self._restore(stored.outbox)
         state, state_problem = self._state_for(stored, seen, store_problem)
+        request = self._request(stored, state, command)
         check = self._check(state)
         view = self._look_at_cloud(state, seen, check)
         refusals = [self.config_error, seen.refusal, store_problem, state_problem, view.refusal]
@@ -167,15 +190,18 @@ class PolicyRunner:
             seen.target_weight,
             seen.source_weight,
             check,
-            command,
+            None if request is None else request.command,
             refusal,
             quiet,
             settling=view.settling,
             cloud_refusal=view.cloud_refusal,
             cloud_detail=view.cloud_detail,
             deficit=view.deficit,
+            command_by="operator" if request is None else request.by,
         )
         decision = self._stamp(state, decide(self.policy, state, observed, self._clock.now()), view)
+        decision = self._acknowledge(decision, request)
+        self._describe(decision.state, check)
         provisional = stored is None and self._memory is None
         outcome = self._apply(decision, seen, stored or StoredState(state=None), check)
         # Decided without any state (the store unreadable since this process started): never
@@ -264,16 +290,69 @@ class PolicyRunner:
         """Persist ``state`` and the outbox unless unchanged; None when the store refused (logged, counted)."""
         self._memory = state
         unchanged = base.state is not None and base.error is None and encode_state(base.state) == encode_state(state)
-        if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox):
+        written = self._status_written
+        stale = written is None or time.monotonic() - written >= self._status_refresh
+        if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox) and base.command_error is None and not stale:
             return base
         try:
-            saved = self._store.save(self.policy, state, base, outbox)
+            saved = self._store.save(self.policy, state, base, outbox, self._status)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
             return None
+        self._status_written = time.monotonic()
         self._version = saved.version
         return saved
+
+    # -- operators' commands and the status they read -----------------------------------------------
+
+    def _request(
+        self, stored: StoredState | None, state: RolloutState, direct: Command | None
+    ) -> CommandRequest | None:
+        """This tick's command: one given directly, else one waiting on the state object and not
+        answered yet (the save that records the answer removes it)."""
+        if direct is not None:
+            return CommandRequest(direct, f"direct-{self._clock.now().isoformat()}", "operator")
+        if stored is None or stored.command is None or answered(state, stored.command):
+            return None
+        return stored.command
+
+    def _acknowledge(self, decision: Decision, request: CommandRequest | None) -> Decision:
+        """Record the answer in the state (the CLI waits for it), as an Event, and in the log."""
+        if request is None:
+            return decision
+        outcome = decision.outcome or CommandOutcome(False, "not answered")
+        record = CommandRecord(
+            id=request.id,
+            command=request.command,
+            by=request.by,
+            at=self._clock.now(),
+            applied=outcome.applied,
+            reason=outcome.reason,
+        )
+        self.last_command_id = request.id
+        verb = "applied" if outcome.applied else "rejected"
+        self.log.info(
+            "operator command", command=request.command.value, by=request.by, id=request.id, outcome=verb,
+            reason=outcome.reason,
+        )  # fmt: skip
+        message = f"{request.command.value} by {request.by} (id {request.id}): {verb}: {outcome.reason}"
+        self._event(f"Command{request.command.value.capitalize()}", message, warning=not outcome.applied)
+        return replace(decision, state=decision.state.evolve(last_command=record))
+
+    def _describe(self, state: RolloutState, check: CheckResult | None) -> None:
+        """The status saved with the state, the waiting metric, and a log line when the wait changes."""
+        now = self._clock.now()
+        if check is not None:
+            self._last_check = (check, now)
+        last, checked_at = self._last_check if self._last_check is not None else (None, None)
+        view = status_view(self.policy, state, last, checked_at, now, split=self.split, confirmation=self.confirmation)
+        self._status = json.dumps(view, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        kind, reason = view["waiting"]["kind"], view["waiting"]["reason"]
+        self._telemetry.record_waiting(self.policy.name, state.phase.value, kind, reason)
+        if self._waiting != (kind, reason):
+            self._waiting = (kind, reason)
+            self.log.info("waiting", kind=kind, reason=reason, phase=state.phase.value)
 
     # -- measuring -----------------------------------------------------------------------------------
 
@@ -282,7 +361,8 @@ class PolicyRunner:
         if settled_terminal and state.fingerprint == self.policy.rollout_fingerprint():
             return None
         started = time.perf_counter()
-        check = self._collector.check(self.policy, self._metrics)
+        # at 100 while verifying, the old gateway has no traffic to compare with: absolute gates only
+        check = self._collector.check(self.policy, self._metrics, absolute_only=state.phase is Phase.VERIFYING)
         seconds = time.perf_counter() - started
         self._telemetry.record_check(self.policy.name, check, seconds)
         self._log_check(check, state.target_weight, seconds)
@@ -518,6 +598,9 @@ class PolicyRunner:
             weights_after=after,
             check=check,
             dedup_suffix=f"{suffix}/{notice.reason}"[:300],
+            runbook_base_url=self._runbook_url,
+            labels=self.policy.metadata.labels,
+            template=self.policy.spec.alert_template,
         )
 
     def _send(self, alert: Alert) -> None:

@@ -23,7 +23,7 @@ from controller.core.enums import AlertKind, Severity
 from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
-from controller.errors import MetricsUnavailable
+from controller.errors import ClusterError, MetricsUnavailable
 from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.notify.factory import global_receivers, policy_receivers
 from controller.ports import Clock, CloudInspector, GatewayPair, MetricsSource, Notifier, RouteInspector, StateStore
@@ -88,6 +88,8 @@ class ControllerService:
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
+        self._triggered: dict[str, str] = {}  # policy -> the command id its tick was run early for
+        self._commands_trouble: str | None = None
         self.http: StatusServer | None = None
         if serve_http:
             self.http = StatusServer(
@@ -122,6 +124,14 @@ class ControllerService:
             max_instances=1,
             coalesce=True,
         )
+        if self.settings.command_poll_seconds > 0:
+            self._scheduler.add_job(
+                self.look_for_commands,
+                IntervalTrigger(seconds=self.settings.command_poll_seconds / self._scale),
+                id="__commands__",
+                max_instances=1,
+                coalesce=True,
+            )
         self._loaded.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -218,6 +228,8 @@ class ControllerService:
             cloud=None
             if self._cloud is None
             else CloudWatch(self._cloud, self._routes, verify_writes=not self.settings.dry_run),
+            status_refresh_seconds=self.settings.status_refresh_seconds,
+            runbook_url=self.settings.runbook_url,
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale
@@ -261,6 +273,33 @@ class ControllerService:
             if job is not None and (job.next_run_time is None or soon < job.next_run_time):
                 job.modify(next_run_time=soon)
 
+    def look_for_commands(self) -> None:
+        """Run at once the tick of a policy an operator just gave a command (it answers it).
+
+        Never raises: a store that cannot be read only delays commands to their policy's next tick.
+        """
+        runners = dict(self.runners)
+        try:
+            waiting = self._store.commands([runner.policy for runner in runners.values()])
+        except ClusterError as exc:
+            if self._commands_trouble != str(exc):
+                self._commands_trouble = str(exc)
+                _log.warning("cannot look for operators' commands; they wait for the next tick", error=str(exc))
+            return
+        except Exception:
+            _log.exception("looking for operators' commands failed; they wait for the next tick")
+            return
+        self._commands_trouble = None
+        for name, ident in waiting.items():
+            runner = runners.get(name)
+            if runner is None or ident in (runner.last_command_id, self._triggered.get(name)):
+                continue
+            self._triggered[name] = ident
+            job = self._scheduler.get_job(name)
+            if job is not None and not self.stopping.is_set():
+                _log.info("operator command waiting; running the tick now", policy=name, command_id=ident)
+                job.modify(next_run_time=datetime.now(UTC))
+
     def _report_errors(self, errors: tuple[PolicyError, ...]) -> None:
         """Log every current error; report each distinct one once: one PolicyInvalid alert (global
         receivers and those of the policy the file holds) and one Event on that policy's target."""
@@ -283,6 +322,7 @@ class ControllerService:
                 source_service="-",
                 target_service="-",
                 dedup_suffix=str(error),
+                runbook_base_url=self.settings.runbook_url,
             )
             self._dispatcher.submit(alert, list(receivers.values()))
 

@@ -96,6 +96,14 @@ class Telemetry:
             registry=r,
         )  # fmt: skip
         self.policy_file_errors = Gauge("gateway_canary_policy_file_errors", "Errors in policy files", registry=r)
+        self.waiting = Gauge(
+            "gateway_canary_waiting_info",
+            "1 for what the policy waits for now (kind: paused, approval, window, refused, cloud, bake, ...) "
+            "with the reason in words",
+            ["policy", "phase", "kind", "reason"],
+            registry=r,
+        )
+        self._waiting_labels: dict[str, tuple[str, str, str]] = {}
 
     def notified(self, receiver: str, kind: str, outcome: str) -> None:
         """One delivery outcome (the dispatcher's callback)."""
@@ -108,6 +116,18 @@ class Telemetry:
         for phase in Phase:
             self.phase.labels(state.policy, phase.value).set(1 if phase is state.phase else 0)
         self.refused.labels(state.policy).set(0 if state.refusal is None else 1)
+
+    def record_waiting(self, policy: str, phase: str, kind: str, reason: str) -> None:
+        """The info metric of what ``policy`` waits for; the previous series goes (one per policy)."""
+        labels = (phase, kind, reason[:200])
+        previous = self._waiting_labels.get(policy)
+        if previous == labels:
+            return
+        if previous is not None:
+            with contextlib.suppress(KeyError):
+                self.waiting.remove(policy, *previous)
+        self.waiting.labels(policy, *labels).set(1)
+        self._waiting_labels[policy] = labels
 
     def record_check(self, policy: str, check: CheckResult, seconds: float) -> None:
         """Verdict, gate values next to thresholds, query latencies."""
@@ -150,3 +170,7 @@ class Telemetry:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(policy)
+        previous = self._waiting_labels.pop(policy, None)
+        if previous is not None:
+            with contextlib.suppress(KeyError):
+                self.waiting.remove(policy, *previous)
