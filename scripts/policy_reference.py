@@ -6,6 +6,10 @@ the JSON Schema states it, its default as it would be written in YAML, and its d
 ``Field`` description and the docstring of the model or enum it holds). Then
 ``policies/shop-ingress.yaml`` verbatim as a complete example. tests/test_policy_reference.py
 checks that docs/policies.md holds exactly this section, so it cannot drift from the model.
+
+Every field must have a ``description=`` of its own (what it does, why, its unit): a field without
+one makes the script print its YAML path on stderr and exit 1, with or without --write (nothing is
+written then).
 Usage: .venv/bin/python scripts/policy_reference.py [--write]
 """
 
@@ -17,6 +21,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -307,6 +312,43 @@ def _summary(kind: type) -> str:
     return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split()).replace("``", "`")
 
 
+# -- the descriptions every field must have ----------------------------------------------------------
+
+
+def undocumented() -> list[str]:
+    """The YAML path of every field of the policy model without a ``description=`` of its own.
+
+    Every variant of a union counts (each alert receiver's fields, its ``type`` included: editors
+    show the JSON Schema's description), and so does a field whose cell borrows the docstring of the
+    model it holds: that docstring says what the model is, not what the field is for.
+    """
+    return list(
+        dict.fromkeys(path for path, field in _fields(CanaryPolicy, "") if not (field.description or "").strip())
+    )
+
+
+def _fields(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]]:
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        yield path, field
+        for nested, nested_prefix in _nested(field.annotation, path):
+            yield from _fields(nested, nested_prefix)
+
+
+def _nested(annotation: Any, path: str) -> list[tuple[type[BaseModel], str]]:
+    """The models a field holds, with the prefix of their fields' paths."""
+    annotation = _strip(annotation)
+    if _is_model(annotation):
+        return [(annotation, f"{path}.")]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [found for arg in typing.get_args(annotation) for found in _nested(arg, path)]
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return _nested(item, f"{path}[]")
+    return []
+
+
 # -- the document --------------------------------------------------------------------------------------
 
 
@@ -354,8 +396,19 @@ def refreshed(text: str) -> str:
     return text[:start] + "\n" + section() + "\n" + text[end:]
 
 
-def main() -> int:
-    if "--write" in sys.argv:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    missing = undocumented()
+    if missing:
+        print(
+            f"{len(missing)} policy field(s) without a description: add description= to their Field(...) in "
+            "controller/core/policy.py (or receivers.py), saying what the field does, why, and its unit:",
+            file=sys.stderr,
+        )
+        for path in missing:
+            print(f"  {path}", file=sys.stderr)
+        return 1
+    if "--write" in args:
         DOC.write_text(refreshed(DOC.read_text()))
     else:
         print(section())

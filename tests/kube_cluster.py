@@ -387,6 +387,10 @@ class Cluster:
             return None
         return dict(json.loads(answer["data"]["state"]))
 
+    def configmap(self, name: str) -> dict[str, Any]:
+        """A ConfigMap of the test's namespace, as stored."""
+        return dict(self.plane.call("GET", f"/api/v1/namespaces/{self.ns}/configmaps/{name}"))
+
     def service_patches(self) -> list[dict[str, Any]]:
         """The annotation maps of every Service patch the controller got accepted."""
         return [dict(body.get("metadata", {}).get("annotations", {})) for _, body in self.patches]

@@ -105,3 +105,41 @@ def test_write_appends_the_section_once_and_leaves_the_rest(reference: ModuleTyp
     assert written.startswith("# Policies\n\nhand-written text\n\n## Every field\n\n<!-- policy-reference:start -->")
     assert reference.refreshed(written) == written
     assert reference.section() in written
+
+
+def test_every_field_has_a_description_of_its_own(reference: ModuleType) -> None:
+    assert reference.undocumented() == [], f"add description= to these fields, then run {reference.COMMAND}"
+    assert [row.path for row in reference.rows() if not row.description.strip()] == []
+
+
+def test_the_script_fails_naming_each_field_without_a_description(
+    reference: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Receiver(BaseModel):
+        type: Literal["hook"]
+        url: str = Field(description="where to post")
+
+    class Inner(BaseModel):
+        bake_time: int = Field(default=5, alias="bakeTime")  # no description
+        steps: list[int] = Field(default_factory=list, description="the weights")
+
+    class Policy(BaseModel):
+        inner: Inner = Field(description="the inner part")
+        alerts: list[Receiver | None] = Field(default_factory=list)  # no description
+
+    doc = tmp_path / "policies.md"
+    doc.write_text("# Policies\n")
+    monkeypatch.setattr(reference, "CanaryPolicy", Policy)
+    monkeypatch.setattr(reference, "DOC", doc)
+    assert reference.undocumented() == ["inner.bakeTime", "alerts", "alerts[].type"]
+    assert reference.main(["--write"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "3 policy field(s) without a description" in captured.err
+    for path in ("inner.bakeTime", "alerts", "alerts[].type"):
+        assert f"  {path}\n" in captured.err
+    assert doc.read_text() == "# Policies\n", "nothing is written while a field lacks a description"

@@ -774,7 +774,9 @@ class _SecretUrlReceiver(_Model):
         description="what logs, metrics and delivery outcomes call this receiver (unique in the policy; "
         "'global' is taken); default: its type, host and a digest of its URL",
     )
-    url: SecretStr | None = Field(default=None, description="the webhook URL inline; it is a secret: prefer urlFromEnv")
+    url: SecretStr | None = Field(
+        default=None, description="the webhook URL inline; it is a secret (it carries a token): prefer urlFromEnv"
+    )
     url_from_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",

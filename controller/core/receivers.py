@@ -68,7 +68,7 @@ class ChatReceiver(BaseModel):
         "'global' is taken); default: its type, host and a digest of its URL",
     )
     url: SecretStr | None = Field(
-        default=None, description="the webhook URL inline; it holds the robot's token: prefer urlFromEnv"
+        default=None, description="the webhook URL inline; it is a secret (it carries a token): prefer urlFromEnv"
     )
     url_from_env: str | None = Field(
         default=None,
