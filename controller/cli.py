@@ -339,6 +339,15 @@ def _cmd_demo(speed: float, verbose: bool, scenario: str) -> int:
 
     print(f"gateway-canary demo: simulated gateways, time x{speed:g}, no cluster needed")
     result = run_demo(speed=speed, scenario=scenario, on_change=lambda line: print(f"  {line}"), on_alert=show_alert)
+    if result.state_json is not None:
+        from datetime import UTC, datetime
+
+        from controller.operate import DemoView, render_policy
+
+        print("\n$ gateway-canary status demo-shop      # what the status command shows now")
+        view = DemoView("demo-shop", result.state_json, result.status, None)
+        _console().print(render_policy(view, datetime.now(UTC)))
+        print()
     if result.rolled_back and result.alerts:
         print(
             f"demo finished in {result.seconds:.1f}s: climbed to {result.highest_weight}, "

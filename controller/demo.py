@@ -8,13 +8,16 @@ policy with ordinary durations (10s checks, 1m bakes) plays out in a few seconds
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from controller.adapters.memory import InMemoryCloud, InMemoryGatewayPair, InMemoryStateStore
 from controller.core.alerts import Alert
@@ -41,6 +44,8 @@ spec:
   schedule:
     steps: [5, 10, 25, 50, 75, 100]
     bakeTime: 1m
+    # the demo starts 2 minutes before its window opens: the first raise waits, saying why
+    advanceWindows: {timeZone: UTC, windows: [{hours: "@HOURS@"}]}
   analysis:
     interval: 10s
     window: 1m
@@ -50,6 +55,13 @@ spec:
     errorRate: {max: 0.02, maxIncrease: 0.01}
     latency: {p99Ms: {max: 400}, maxRatio: 1.5}
 """
+
+
+def demo_policy(now: datetime, closed_minutes: int = 2) -> str:
+    """The demo's policy, its advance window closed for the next ``closed_minutes`` from ``now``."""
+    opens = (now + timedelta(minutes=closed_minutes)).strftime("%H:%M")
+    closes = (now - timedelta(minutes=1)).strftime("%H:%M")
+    return DEMO_POLICY.replace("@HOURS@", f"{opens}-{closes}")
 
 
 @dataclass
@@ -159,6 +171,9 @@ class DemoResult:
     highest_weight: int
     alerts: tuple[Alert, ...]
     seconds: float
+    #: the stored state (JSON) and the status the controller wrote, as ``status`` shows them
+    state_json: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
 
 
 def run_demo(
@@ -185,14 +200,15 @@ def run_demo(
     gateways = SimulatedGateways(pair)
     notifier = CollectingNotifier(on_alert)
     with tempfile.TemporaryDirectory(prefix="gateway-canary-demo-") as tmp:
-        (Path(tmp) / "demo.yaml").write_text(DEMO_POLICY, encoding="utf-8")
+        clock = CompressedClock(speed)
+        (Path(tmp) / "demo.yaml").write_text(demo_policy(clock.now().astimezone(UTC)), encoding="utf-8")
         settings = Settings(
             policies_dir=Path(tmp),
             reload_interval_seconds=60.0,
             failure_recheck_seconds=5.0,
             notify_backoff_seconds=0.05,
+            status_refresh_seconds=0.0,
         )
-        clock = CompressedClock(speed)
         service = ControllerService(
             settings,
             pair=pair,
@@ -209,6 +225,7 @@ def run_demo(
         injected_at: float | None = None
         broken = False
         last_seen: tuple[int | None, int | None] = (None, None)
+        waiting = ""
         try:
             while time.monotonic() - started < deadline_seconds:
                 weights = (pair.target_weight, pair.source_weight)
@@ -218,17 +235,17 @@ def run_demo(
                     phase = state.phase.value if state is not None else "-"
                     shares = gateways.split().describe()
                     on_change(f"weights target={weights[0]} source={weights[1]} phase={phase}: {shares}")
+                held = _waiting(store, "demo-shop")
+                if held != waiting:
+                    waiting = held
+                    if held.startswith("window:"):
+                        on_change(f"held: {held.removeprefix('window: ')}")
                 highest = max(highest, pair.target_weight or 0)
                 if injected_at is None and (pair.target_weight or 0) >= inject_at_weight:
                     injected_at = time.monotonic()
                 elif not broken and injected_at is not None and time.monotonic() - injected_at >= inject_after_seconds:
                     broken = True
-                    if scenario == "missing-route":
-                        gateways.no_route[GatewayRole.TARGET] = error_ratio
-                        what = f"{error_ratio:.0%} of its requests get 404 NR (a host without a route)"
-                    else:
-                        gateways.error_ratio[GatewayRole.TARGET] = error_ratio
-                        what = f"{error_ratio:.0%} 5xx"
+                    what = _break(gateways, scenario, error_ratio)
                     on_change(f"breaking the ASM gateway at weight {pair.target_weight}: {what}")
                 state = store.state_of("demo-shop")
                 if state is not None and state.phase is Phase.ROLLED_BACK and notifier.received.is_set():
@@ -236,6 +253,38 @@ def run_demo(
                 time.sleep(0.02)
         finally:
             service.stop()
+    return _result(store, pair, highest, notifier, time.monotonic() - started)
+
+
+def _result(
+    store: InMemoryStateStore, pair: InMemoryGatewayPair, highest: int, notifier: CollectingNotifier, seconds: float
+) -> DemoResult:
     final = store.state_of("demo-shop")
-    rolled_back = final is not None and final.phase is Phase.ROLLED_BACK and pair.target_weight == 0
-    return DemoResult(rolled_back, highest, tuple(notifier.alerts), time.monotonic() - started)
+    stored = store.texts.get("demo-shop")
+    status = store.statuses.get("demo-shop")
+    return DemoResult(
+        final is not None and final.phase is Phase.ROLLED_BACK and pair.target_weight == 0,
+        highest,
+        tuple(notifier.alerts),
+        seconds,
+        state_json=None if stored is None else json.loads(stored),
+        status=None if status is None else json.loads(status),
+    )
+
+
+def _break(gateways: SimulatedGateways, scenario: str, ratio: float) -> str:
+    """Break the ASM gateway as the scenario says; what was done, in words."""
+    if scenario == "missing-route":
+        gateways.no_route[GatewayRole.TARGET] = ratio
+        return f"{ratio:.0%} of its requests get 404 NR (a host without a route)"
+    gateways.error_ratio[GatewayRole.TARGET] = ratio
+    return f"{ratio:.0%} 5xx"
+
+
+def _waiting(store: InMemoryStateStore, name: str) -> str:
+    """'kind: reason' of what the rollout waits for, from the status the controller wrote."""
+    text = store.statuses.get(name)
+    if text is None:
+        return ""
+    waiting = json.loads(text).get("waiting") or {}
+    return f"{waiting.get('kind')}: {waiting.get('reason')}"

@@ -15,10 +15,12 @@ import getpass
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rich.console import Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -30,6 +32,7 @@ from controller.errors import GatewayCanaryError
 __all__ = [
     "COMMAND_EXIT",
     "STATUS_EXIT",
+    "DemoView",
     "Operator",
     "give_command",
     "render_list",
@@ -65,6 +68,23 @@ _DONE = (Phase.PROMOTED.value, Phase.ROLLED_BACK.value)
 
 class PolicyLike(Protocol):
     """What the operator adapter returns for one policy (``controller.adapters.operator.PolicyView``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state_json(self) -> dict[str, Any] | None: ...
+
+    @property
+    def status(self) -> dict[str, Any] | None: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DemoView:
+    """A policy shown without a cluster (the demo's in-memory store)."""
 
     name: str
     state_json: dict[str, Any] | None
@@ -249,8 +269,12 @@ def _until(iso: str, now: datetime) -> str:
     return _duration(max(0.0, seconds))
 
 
-def _gates_table(gates: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 2, 0, 4))
+def _indented(table: Table) -> RenderableType:
+    return Padding(table, (0, 0, 0, 4))
+
+
+def _gates_table(gates: list[dict[str, Any]]) -> RenderableType:
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 2))
     for column in ("GATE", "VERDICT", "VALUE", "THRESHOLD", "BASELINE"):
         table.add_column(column)
     for gate in gates:
@@ -263,22 +287,18 @@ def _gates_table(gates: list[dict[str, Any]]) -> Table:
             f"{gate.get('comparator', '<=')} {_number(gate.get('threshold'))}",
             _number(gate.get("baseline")),
         )
-    return table
+    return _indented(table)
 
 
-def _history_table(history: list[dict[str, Any]], now: datetime) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 2, 0, 4))
-    for column in ("WHEN", "WHAT", "PHASE", "BY", "REASON"):
-        table.add_column(column)
+def _history_table(history: list[dict[str, Any]], now: datetime) -> RenderableType:
+    """A line per transition, cut at the terminal's edge (the full reason is in the state and Events)."""
+    by_width = min(24, max(len(str(entry.get("by"))) for entry in history))
+    rows = [Text(f"    {'WHEN':<9} {'WHAT':<13} {'PHASE':<11} {'BY':<{by_width}} REASON", style="bold")]
     for entry in history:
-        table.add_row(
-            f"{_ago(entry.get('at'), now)} ago",
-            str(entry.get("action")),
-            str(entry.get("phase")),
-            str(entry.get("by")),
-            str(entry.get("reason"))[:120],
-        )
-    return table
+        when = f"{_ago(entry.get('at'), now)} ago"
+        line = f"    {when:<9} {entry.get('action')!s:<13} {entry.get('phase')!s:<11} {entry.get('by')!s:<{by_width}} "
+        rows.append(Text(line + str(entry.get("reason")), no_wrap=True, overflow="ellipsis"))
+    return Group(*rows)
 
 
 def status_exit(views: Sequence[PolicyLike]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def rig(
 
     admin = tmp_path / "admin.kubeconfig"
     admin.write_text(kube.admin_kubeconfig())
-    yield {"kube": kube, "traffic": traffic, "sink": sink, "start": start, "admin": admin}
+    yield {"kube": kube, "traffic": traffic, "sink": sink, "start": start, "admin": admin, "policies": policies}
     for service in made:
         service.stop()
     sink.close()
@@ -214,7 +215,11 @@ def test_kubectl_annotate_and_the_kubectl_plugin_work_without_the_cli(
     rig["start"]()
     wait_for(lambda: weight(kube) == 10, timeout=60, what="the rollout to start at 10")
     kubectl = kubectl_binary()
-    env = {"KUBECONFIG": str(rig["admin"]), "PATH": f"{Path(__file__).parents[1] / '.venv' / 'bin'}:/usr/bin:/bin"}
+    env = {
+        "HOME": str(tmp_path),
+        "KUBECONFIG": str(rig["admin"]),
+        "PATH": f"{Path(__file__).parents[1] / '.venv' / 'bin'}:/usr/bin:/bin",
+    }
     # the runbook's line, exactly: a bare command word on the state object
     annotate = [
         str(kubectl), "-n", kube.ns, "annotate", "configmap", "gateway-canary-shop",
@@ -239,3 +244,61 @@ def test_kubectl_annotate_and_the_kubectl_plugin_work_without_the_cli(
     code = kubectl_plugin(["status", "--kubeconfig", str(rig["admin"]), "-n", kube.ns, "-o", "yaml"])
     out = capsys.readouterr().out
     assert code == 0 and "phase: Paused" in out
+
+
+VERIFYING = """\
+metadata: {{name: shop}}
+spec:
+  source: {{service: {ns}/{src}, workload: {sw}}}
+  target: {{service: {ns}/{tgt}, workload: {tw}}}
+  schedule:
+    steps: [{{weight: 50, bakeTime: 2s}}]
+    bakeTime: 1h
+    advanceWindows: {{timeZone: UTC, windows: [{{hours: "00:00-24:00"}}], freezeDates: [{frozen}]}}
+  promotion: {{verifyFor: 4s}}
+  analysis: {{interval: 1s, window: 10s, minRequests: 10, failureThreshold: 2}}
+  gates: {{errorRate: {{max: 0.05}}}}
+"""
+
+
+def test_a_window_per_step_bake_and_post_promotion_verification_end_to_end(
+    rig: dict[str, Any], capsys: pytest.CaptureFixture[str], gateways: tuple[str, str]
+) -> None:
+    kube, traffic, sink = rig["kube"], rig["traffic"], rig["sink"]
+    policy_file = rig["policies"] / "shop.yaml"
+    fields = {"ns": kube.ns, "src": SRC, "tgt": TGT, "sw": gateways[0], "tw": gateways[1]}
+    today = datetime.now(UTC).date().isoformat()
+    policy_file.write_text(VERIFYING.format(frozen=f'"{today}"', **fields))
+    rig["start"]()
+
+    # a freeze date holds the start, saying so in status; the weight stays 0
+    def waiting() -> dict[str, Any]:
+        return dict(json.loads(kube.configmap("gateway-canary-shop")["data"]["status"])["waiting"])
+
+    wait_for(lambda: kube.state("shop") and waiting()["kind"] == "window", timeout=30, what="the window hold")
+    assert "a freeze date" in waiting()["reason"] and weight(kube) == 0
+    code, out = cli(rig, capsys, "status", "shop")
+    assert code == 0 and "waiting: window" in out and "freeze date" in out
+
+    # lifting the freeze (no restart of the evidence: windows do not steer it) lets it start; the
+    # step's own 2s bake, then 100, verified for 4s of passing checks before it is Promoted
+    policy_file.write_text(VERIFYING.format(frozen="", **fields))
+    wait_for(lambda: weight(kube) == 50, timeout=30, what="the start at 50")
+    wait_for(lambda: weight(kube) == 100, timeout=30, what="the raise to 100")
+    assert state(kube)["phase"] == "Verifying" and "Promoted" not in kinds(sink)
+    wait_for(lambda: state(kube)["phase"] == "Promoted", timeout=30, what="the verification to pass")
+    wait_for(lambda: "Promoted" in kinds(sink), timeout=20, what="the Promoted alert")
+    assert kinds(sink).count("Promoted") == 1
+
+    # again, and this time the ASM gateway fails at 100: back to the last step's split, then to 0
+    assert cli(rig, capsys, "abort", "shop")[0] == 0
+    wait_for(lambda: weight(kube) == 0, timeout=30, what="the abort")
+    assert cli(rig, capsys, "retry", "shop")[0] == 0
+    wait_for(lambda: weight(kube) == 100 and state(kube)["phase"] == "Verifying", timeout=60, what="verifying again")
+    traffic.target.error_ratio = 0.5
+    wait_for(lambda: weight(kube) == 0, timeout=60, what="the rollback after the step back")
+    writes = kube.weight_writes(TGT, WEIGHT)
+    assert writes[-3:] == ["100", "50", "0"]  # stepped back to the last step's split, then rolled back
+    assert state(kube)["phase"] == "RolledBack"
+    stepped = [b for b in sink.bodies("/global") if b["kind"] == "RolledBack" and "stepped back" in b["reason"]]
+    assert stepped and stepped[0]["severity"] == "critical"

@@ -923,10 +923,15 @@ def _report_stuck(
         decision = decision.notify(recovered)
     if decision.action is Action.ROLLBACK or state.phase in TERMINAL_PHASES:
         return decision  # nothing is held in a finished rollout
+    # at 0, before the start, the ASM gateway has no traffic: too few requests there is expected,
+    # and a start held (a window, an approval) is a wait, not a stuck rollout
+    expected = state.phase is Phase.PENDING and check is not None and check.baseline.verdict is Verdict.PASS
     stuck = [
         (cause, count)
         for cause, count in state.inconclusive
-        if count >= inconclusive_limit(policy, cause).after_checks and cause not in state.stuck_reported
+        if count >= inconclusive_limit(policy, cause).after_checks
+        and cause not in state.stuck_reported
+        and not (expected and cause is InconclusiveCause.TOO_FEW_REQUESTS)
     ]
     if not stuck:
         return decision

@@ -17,14 +17,14 @@ from typing import Any
 
 from controller.core.cloud import ConfirmationState, Split
 from controller.core.decision import TERMINAL_PHASES, inconclusive_limit
-from controller.core.enums import Phase, Verdict
+from controller.core.enums import InconclusiveCause, Phase, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import next_target_weight, target_steps
 from controller.core.state import RolloutState
 from controller.core.windows import next_opening, window_blocker
 
-__all__ = ["STATUS_VERSION", "WaitingFor", "status_view", "step_position"]
+__all__ = ["STATUS_VERSION", "WaitingFor", "ready_to_start", "status_view", "step_position"]
 
 STATUS_VERSION = 1
 
@@ -43,6 +43,8 @@ class WaitingFor:
     BAKE = "bake"
     VERIFYING = "verifying"
     START = "start"
+    #: rolled back: an operator's retry (or a policy change) starts again
+    RETRY = "retry"
     NOTHING = "nothing"
 
 
@@ -66,24 +68,42 @@ def _bake_seconds(policy: CanaryPolicy, state: RolloutState) -> float:
 def _waiting(policy: CanaryPolicy, state: RolloutState, check: CheckResult | None, now: datetime) -> tuple[str, str]:
     remaining = max(0.0, _bake_seconds(policy, state) - state.covered_seconds)
     window = window_blocker(policy.spec.schedule.advance_windows, now)
+    due = state.phase is Phase.PENDING or (state.phase is Phase.PROGRESSING and remaining <= 0)
+    unsure = check is not None and check.verdict is Verdict.INCONCLUSIVE and not ready_to_start(state, check)
     rules: list[tuple[bool, str, str]] = [
         (state.pending is not None and state.pending.rollback, WaitingFor.ROLLBACK, state.reason),
+        (
+            state.phase is Phase.ROLLED_BACK,
+            WaitingFor.RETRY,
+            f"rolled back: `gateway-canary retry {policy.name}` "
+            "(or a change of the policy) starts again from the first step",
+        ),
         (state.phase in TERMINAL_PHASES, WaitingFor.NOTHING, state.reason),
         (state.phase is Phase.PAUSED, WaitingFor.PAUSED, state.reason),
         (state.awaiting is not None, WaitingFor.APPROVAL, state.reason),
         (state.refusal is not None, WaitingFor.REFUSED, state.refusal or ""),
         (state.cloud_refusal is not None, WaitingFor.CLOUD, state.cloud_refusal or ""),
         (check is not None and check.verdict is Verdict.FAIL, WaitingFor.FAILING, state.reason),
-        (check is not None and check.verdict is Verdict.INCONCLUSIVE, WaitingFor.INCONCLUSIVE, state.reason),
+        (unsure, WaitingFor.INCONCLUSIVE, state.reason),
+        (due and window is not None, WaitingFor.WINDOW, window or ""),  # a raise is due, and held
         (state.phase is Phase.PENDING, WaitingFor.START, state.reason),
         (state.phase is Phase.VERIFYING, WaitingFor.VERIFYING, state.reason),
         (remaining > 0, WaitingFor.BAKE, state.reason),
-        (window is not None, WaitingFor.WINDOW, window or ""),
     ]
     for applies, kind, reason in rules:
         if applies:
             return kind, reason
     return WaitingFor.NOTHING, state.reason
+
+
+def ready_to_start(state: RolloutState, check: CheckResult | None) -> bool:
+    """At 0 the ASM gateway has no traffic: too few requests there is what a start expects (R7)."""
+    return (
+        state.phase is Phase.PENDING
+        and check is not None
+        and check.cause is InconclusiveCause.TOO_FEW_REQUESTS
+        and check.baseline.verdict is Verdict.PASS
+    )
 
 
 def _next_step(policy: CanaryPolicy, state: RolloutState, now: datetime) -> dict[str, Any] | None:

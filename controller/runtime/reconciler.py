@@ -146,7 +146,6 @@ class PolicyRunner:
         self.last_command_id: str | None = None
         self._status_refresh = status_refresh_seconds
         self._runbook_url = runbook_url
-        self._status: str | None = None  # this tick's status JSON, saved with the state
         self._status_written: float | None = None  # monotonic time the status was last saved
         self._last_check: tuple[CheckResult, datetime] | None = None
         self._waiting: tuple[str, str] | None = None  # what the rollout waits for, as last logged
@@ -295,7 +294,8 @@ class PolicyRunner:
         if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox) and base.command_error is None and not stale:
             return base
         try:
-            saved = self._store.save(self.policy, state, base, outbox, self._status)
+            status = json.dumps(self._view(state), sort_keys=True, separators=(",", ":"), allow_nan=False)
+            saved = self._store.save(self.policy, state, base, outbox, status)
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
@@ -341,18 +341,21 @@ class PolicyRunner:
         return replace(decision, state=decision.state.evolve(last_command=record))
 
     def _describe(self, state: RolloutState, check: CheckResult | None) -> None:
-        """The status saved with the state, the waiting metric, and a log line when the wait changes."""
-        now = self._clock.now()
+        """The waiting metric, and a log line when what the rollout waits for changes."""
         if check is not None:
-            self._last_check = (check, now)
-        last, checked_at = self._last_check if self._last_check is not None else (None, None)
-        view = status_view(self.policy, state, last, checked_at, now, split=self.split, confirmation=self.confirmation)
-        self._status = json.dumps(view, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            self._last_check = (check, self._clock.now())
+        view = self._view(state)
         kind, reason = view["waiting"]["kind"], view["waiting"]["reason"]
         self._telemetry.record_waiting(self.policy.name, state.phase.value, kind, reason)
         if self._waiting != (kind, reason):
             self._waiting = (kind, reason)
             self.log.info("waiting", kind=kind, reason=reason, phase=state.phase.value)
+
+    def _view(self, state: RolloutState) -> dict[str, Any]:
+        """What ``status`` shows for ``state`` (saved with it)."""
+        last, checked_at = self._last_check if self._last_check is not None else (None, None)
+        now = self._clock.now()
+        return status_view(self.policy, state, last, checked_at, now, split=self.split, confirmation=self.confirmation)
 
     # -- measuring -----------------------------------------------------------------------------------
 
