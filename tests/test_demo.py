@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,28 @@ def test_the_missing_route_scenario_rolls_back_on_404_nr_without_any_5xx() -> No
     assert "grew most: 404 NR (destination_service_name=unknown)" in out
     assert "gate errorRate" not in out  # no 5xx: the 5xx gates saw nothing
     assert out.rstrip().endswith("rolled back to 0 after 404 NR grew on the ASM gateway, alert delivered")
+
+
+def _shape(line: str) -> str:
+    """A line with its numbers and spacing masked: what a run must print alike."""
+    return " ".join(re.sub(r"[0-9][0-9.e+-]*", "#", line).split())
+
+
+def test_the_readme_shows_the_status_a_demo_run_prints() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- status-example:start -->")[1].split("<!-- status-example:end -->")[0]
+    shown = block.split("```text\n")[1].split("```")[0].splitlines()
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "demo"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"},
+    )  # fmt: skip
+    printed = result.stdout.split("$ gateway-canary status demo-shop")[1].split("\ndemo finished")[0]
+    printed_shapes = {_shape(line) for line in printed.splitlines()}
+    # every line of the README's example is a line the status view prints (numbers aside), and the
+    # parts an operator reads are there: the header, the gates with thresholds, the history
+    for line in shown[1:]:
+        if line.strip() and not line.startswith(("breaks", "again", "0.")):
+            assert _shape(line) in printed_shapes or _shape(line).startswith("# s ago"), line
+    assert shown[1].startswith("demo-shop  ✖ RolledBack  step 0/6")
+    assert any(line.split()[:5] == ["GATE", "VERDICT", "VALUE", "THRESHOLD", "BASELINE"] for line in shown)
+    assert "  last transitions" in shown

@@ -26,6 +26,27 @@ are asserted against an independent model of what must have happened:
       cloud (a fault-injecting CloudInspector) answers each tick's writes with a success, a
       failure, or silence
 
+Each run follows one of a few fixed policies (``FLAVOURS``): plain, with approvals (approvalAt),
+with advance windows (in Asia/Shanghai, an overnight window and a freeze date), with
+post-promotion verification (promotion.verifyFor), or all of them with a per-step bake; and an
+operator gives commands (pause, resume, approve, abort, retry, promote) on any tick:
+
+  I9  the target weight never goes up outside an advance window or on a freeze date (judged by
+      an oracle written here from the policy's text, not by controller.core.windows)
+  I10 no raise reaches or passes an approvalAt weight before an APPROVE was given for it in this
+      rollout: the distinct approval weights the controller's raises crossed never outnumber the
+      APPROVEs given, unless a PROMOTE was given (it approves everything); a rollout starts again
+      when a rolled-back one goes live (a retry, or a policy change)
+  I11 after an ABORT while the target carries traffic (the Services show a target weight above 0),
+      the tick writes the target to 0, or its writes failed and the next fault-free tick does
+  I12 every command gets an answer recorded in ``state.last_command`` in the tick that reads it
+  I13 a rollback-worthy failure while Verifying never leaves the target at 100: it goes to the
+      last step's split (or, its write failed, the next fault-free tick writes that split), one
+      FAIL from 0: the next counted FAIL rolls back to 0; checks while Verifying are absolute-only
+
+Where verification and commands legitimately change I2-I8, the adjustment is explained where the
+model makes it (look for "legitimately").
+
 ``GATEWAY_CANARY_MODEL_EXAMPLES`` sets the number of examples (CI default below).
 """
 
@@ -35,8 +56,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 import structlog
@@ -56,7 +78,7 @@ from controller.core.cloud import (
     CloudEvent,
     ServiceFacts,
 )
-from controller.core.enums import GatewayRole, Phase, Verdict
+from controller.core.enums import Command, GatewayRole, Phase, Verdict
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights, source_first
@@ -78,9 +100,56 @@ THRESHOLD = 2
 DEFICIT_CHECKS = 2
 
 
-def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100)) -> CanaryPolicy:
+#: daily 20:00-20:03 and 20:06-21:00, Tue and Thu 23:00-00:30 (overnight), nothing on 2026-11-26;
+#: in Shanghai (UTC+8, no DST): T0 (Tue 12:00 UTC) is 20:00 there
+WINDOWS: dict[str, Any] = {
+    "timeZone": "Asia/Shanghai",
+    "windows": [{"hours": "20:00-20:03"}, {"hours": "20:06-21:00"}, {"days": ["Tue", "Thu"], "hours": "23:00-00:30"}],
+    "freezeDates": ["2026-11-26"],
+}
+VERIFY = 60
+OWN_BAKE = 90
+#: the fixed policies a run chooses among (each a set of the features to switch on)
+FLAVOURS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "approvals": {"approval_at": (50, 100)},
+    "windows": {"windows": WINDOWS},
+    "verification": {"verify_for": VERIFY},
+    "everything": {"approval_at": (50,), "windows": WINDOWS, "verify_for": VERIFY, "own_bake": OWN_BAKE},
+}
+
+
+def window_open(at: datetime) -> bool:
+    """I9's oracle for ``WINDOWS``, from its text: Shanghai is UTC+8 all year."""
+    local = at.astimezone(UTC).replace(tzinfo=None) + timedelta(hours=8)
+    minute = local.hour * 60 + local.minute
+    day = local.strftime("%a")
+    if local.date() == date(2026, 11, 26):
+        return False
+    return (
+        1200 <= minute < 1203
+        or 1206 <= minute < 1260
+        or (day in ("Tue", "Thu") and minute >= 1380)
+        or (day in ("Wed", "Fri") and minute < 30)  # the tail of the evening before
+    )
+
+
+def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100), flavour: str = "plain") -> CanaryPolicy:
+    features = FLAVOURS[flavour]
+    listed: list[Any] = list(steps)
+    if "own_bake" in features:
+        listed[0] = {"weight": steps[0], "bakeTime": f"{features['own_bake']}s"}
+    schedule: dict[str, Any] = {"steps": listed, "bakeTime": f"{bake}s"}
+    if "approval_at" in features:
+        schedule["approvalAt"] = list(features["approval_at"])
+    if "windows" in features:
+        schedule["advanceWindows"] = features["windows"]
+    extra: dict[str, Any] = {}
+    if "verify_for" in features:
+        extra["promotion"] = {"verifyFor": f"{features['verify_for']}s"}
     return make_policy(
-        schedule={"steps": list(steps), "bakeTime": f"{bake}s"},
+        schedule=schedule,
+        **extra,
         analysis={
             "interval": f"{INTERVAL}s",
             "failureThreshold": THRESHOLD,
@@ -165,9 +234,11 @@ class ScriptedCollector:
     def __init__(self) -> None:
         self.next: CheckResult = PASS
         self.ran = False
+        self.absolute_only = False
 
     def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
         self.ran = True
+        self.absolute_only = absolute_only
         return self.next
 
 
@@ -225,12 +296,39 @@ class Expect:
     last_pass: float | None = None
     weight_seen: int = 0
     deficits: int = 0  # judged ticks in a row whose traffic vanished, once settled
+    step_back_owed: bool = False  # a step back decided while verifying whose write failed (I13)
+    approvals: int = 0  # APPROVEs given in this rollout (I10)
+    promote_given: bool = False  # a PROMOTE given in this rollout: it approves everything left (I10)
+    crossed: set[int] = field(default_factory=set)  # approvalAt weights our raises reached or passed (I10)
+
+    def new_rollout(self) -> None:
+        """A rolled-back rollout went live again: what was approved belongs to the old one."""
+        self.approvals, self.promote_given, self.crossed = 0, False, set()
+
+
+#: the commands an operator gives, the likelier ones more often
+COMMANDS = (
+    Command.PAUSE,
+    Command.RESUME,
+    Command.RESUME,
+    Command.APPROVE,
+    Command.APPROVE,
+    Command.APPROVE,
+    Command.ABORT,
+    Command.RETRY,
+    Command.RETRY,
+    Command.PROMOTE,
+)
 
 
 class RolloutMachine(RuleBasedStateMachine):
-    @initialize()
-    def setup(self) -> None:
-        self.policy = policy_with()
+    @initialize(flavour=st.sampled_from(sorted(FLAVOURS)))
+    def setup(self, flavour: str) -> None:
+        self.flavour = flavour
+        self.features = FLAVOURS[flavour]
+        self.steps: tuple[int, ...] = (10, 50, 100)
+        self.bake = BAKE
+        self.policy = policy_with(self.bake, self.steps, flavour)
         self.pair = FaultyPair(target_weight=0, source_weight=100)
         self.store = FaultyStore()
         self.clock = Clock()
@@ -275,7 +373,14 @@ class RolloutMachine(RuleBasedStateMachine):
         answer=st.sampled_from(ANSWERS),
     )
     def tick(
-        self, verdict: str, step: int, fault: str | None, access_denied: bool, store_fails: bool, answer: str
+        self,
+        verdict: str,
+        step: int,
+        fault: str | None,
+        access_denied: bool,
+        store_fails: bool,
+        answer: str,
+        command: Command | None = None,
     ) -> None:
         self.elapsed += step
         self.clock.t = T0 + timedelta(seconds=self.elapsed)
@@ -283,6 +388,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.cloud.vanishing = verdict == "VANISH"
         memory = self.runner._memory
         settled = memory is not None and memory.confirmed_at is not None and memory.pending is None
+        verifying = self._verifying(memory)
         self.pair.fault = fault
         self.pair.error = AccessDenied if access_denied else Conflict if fault == "after" else ClusterUnavailable
         self.store.failing = store_fails
@@ -290,24 +396,53 @@ class RolloutMachine(RuleBasedStateMachine):
         before = (self.pair.target_weight or 0, self.pair.source_weight)
         refused = self.config_error is not None or self.file_problem is not None
         prior_confirmed = self._confirmed()
-        outcome = self.runner.tick()  # I5: tick() must not raise
+        self._count_command(command)  # given before the tick decides
+        outcome = self.runner.tick(command)  # I5: tick() must not raise
         self.store.failing = False
         faulted = (self.pair.fault is None and fault is not None) or store_fails
         self.pair.fault = None
         assert outcome.error is None or "failed unexpectedly" not in outcome.error, outcome.error  # I5
         after = self.pair.target_weight or 0
         check = CHECKS[verdict] if self.collector.ran else None
+        if verifying and self.collector.ran:
+            assert self.collector.absolute_only, "I13/R10: a check while Verifying judged the comparative gates"
         self._count_coverage(before[0], check if prior_confirmed else None)
-        self._judge_rise(before, after, check, refused)
+        self._judge_rise(before, after, check, refused, command)
         assert after <= before[0] or prior_confirmed, "I7/R8: a weight rose before the cloud confirmed the last write"
-        self._judge_rollback(before[0], after, check, faulted)
-        self._judge_deficit(before[0], after, verdict, settled and prior_confirmed, faulted)
-        self._follow_terminal(after)
+        self._judge_window(before[0], after)
+        self._judge_approvals(before[0], after)
+        retrying = self.expect.step_back_owed
+        self._judge_rollback(before[0], after, check, faulted, verifying, command)
+        self._judge_deficit(before[0], after, verdict, settled and prior_confirmed, faulted, verifying, retrying)
+        self._follow_step_back(outcome.decision, after, verifying, retrying)
+        self._follow_terminal(after, command)
+        self._judge_answer(command)
         self._the_write_is_recorded(before, fault, store_fails)
         self.cloud.answer(answer, self.clock.t)  # the cloud answers this tick's writes after them
         self._latch_confirmation()
 
-    def _judge_deficit(self, before: int, after: int, verdict: str, settled: bool, faulted: bool) -> None:
+    @rule(
+        command=st.sampled_from(COMMANDS),
+        verdict=st.sampled_from(["PASS", "PASS", "PASS", "FAIL", "NODATA", "QUIET"]),
+        step=st.sampled_from([5, 30, 30, 61, 3600]),
+        fault=st.sampled_from(FAULTS),
+        answer=st.sampled_from(ANSWERS),
+    )
+    def an_operator_gives_a_command(
+        self, command: Command, verdict: str, step: int, fault: str | None, answer: str
+    ) -> None:
+        self.tick(verdict, step, fault, False, False, answer, command=command)
+
+    def _judge_deficit(
+        self,
+        before: int,
+        after: int,
+        verdict: str,
+        settled: bool,
+        faulted: bool,
+        verifying: bool | None,
+        retrying: bool,
+    ) -> None:
         e = self.expect
         if verdict != "VANISH" or not self.collector.ran:
             if self.collector.ran and verdict in ("PASS", "FAIL"):
@@ -319,8 +454,12 @@ class RolloutMachine(RuleBasedStateMachine):
         armed = not e.promoted and not e.rolled_back
         if before > 0 and armed:
             e.deficits += 1
-            if e.deficits >= DEFICIT_CHECKS and not faulted:
-                assert after == 0, f"I8/R8: {e.deficits} ticks of vanished traffic at weight {before}, still {after}"
+            # legitimately: while a step back is still being written, that write comes first (R2)
+            if e.deficits >= DEFICIT_CHECKS and not faulted and not retrying:
+                protected = self._protected(verifying)
+                assert after in protected, (
+                    f"I8/R8: {e.deficits} ticks of vanished traffic at weight {before}, still {after} (not {protected})"
+                )
         if after == 0:
             e.deficits = 0
 
@@ -361,13 +500,14 @@ class RolloutMachine(RuleBasedStateMachine):
         elif changed and fault is None and not store_fails and state is not None:
             raise AssertionError("I7/R8: a finished write was not recorded for confirmation")
 
-    @rule(count=st.integers(2, 6), start=st.booleans(), answer=st.sampled_from(ANSWERS))
-    def a_healthy_stretch(self, count: int, start: bool, answer: str) -> None:
+    @rule(count=st.integers(2, 6), start=st.booleans(), answer=st.sampled_from(ANSWERS), approve=st.booleans())
+    def a_healthy_stretch(self, count: int, start: bool, answer: str, approve: bool) -> None:
         """Several fault-free passing checks an interval apart: how a rollout really advances, and
-        what a stalled cloud controller must hold back (R8)."""
+        what a stalled cloud controller must hold back (R8); an operator may approve on the first."""
         for n in range(count):
             verdict = "QUIET" if start and n == 0 else "PASS"
-            self.tick(verdict, INTERVAL, None, False, False, answer)
+            command = Command.APPROVE if approve and n == 0 else None
+            self.tick(verdict, INTERVAL, None, False, False, answer, command=command)
 
     @rule(silent=st.booleans())
     def the_cloud_controller_stalls_or_recovers(self, silent: bool) -> None:
@@ -383,6 +523,7 @@ class RolloutMachine(RuleBasedStateMachine):
             # needs a real baseline and a pass). A documented limit of a double fault, not a rule broken.
             self.expect.fails_in_a_row = 0
             self.expect.rollback_owed = False
+            self.expect.step_back_owed = False  # (a step back is a rollback intent too)
             self.expect.rolled_back = False
             self.last_phase = None
 
@@ -403,6 +544,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.expect.last_pass = None
         self.expect.fails_in_a_row = 0  # the evidence (and a pending rollback) were in the state:
         self.expect.rollback_owed = False  # destroyed with it; the recovered state counts afresh, armed
+        self.expect.step_back_owed = False
 
     @rule(missing=st.booleans())
     def a_receiver_secret_comes_and_goes(self, missing: bool) -> None:
@@ -416,17 +558,67 @@ class RolloutMachine(RuleBasedStateMachine):
 
     @rule(bake=st.sampled_from([0, 30, 60, 90]), steps=st.sampled_from([(10, 50, 100), (5, 25, 100), (50,)]))
     def change_the_policy(self, bake: int, steps: tuple[int, ...]) -> None:
-        changed = policy_with(bake, steps)
+        changed = policy_with(bake, steps, self.flavour)
         if changed.rollout_fingerprint() == self.policy.rollout_fingerprint():
             return
-        self.policy = changed
+        self.policy, self.bake, self.steps = changed, bake, steps
         self.runner = self._new_runner()
         self.policy_changed = True
-        self.expect = Expect(promoted=self.expect.promoted, weight_seen=self.pair.target_weight or 0)
+        old = self.expect
+        # approvals belong to the rollout, which a policy change continues (a rolled-back one is
+        # started again by it: _follow_terminal sees that and forgets them)
+        self.expect = Expect(
+            promoted=old.promoted,
+            weight_seen=self.pair.target_weight or 0,
+            approvals=old.approvals,
+            promote_given=old.promote_given,
+            crossed=old.crossed,
+        )
 
     # -- the model ---------------------------------------------------------------------------------
 
-    def _judge_rise(self, before: tuple[int, int | None], after: int, check: CheckResult | None, refused: bool) -> None:
+    def _split(self) -> int | None:
+        """The last step's split a failed verification steps back to: the last step below 100."""
+        below = [weight for weight in self.steps if weight < 100]
+        return below[-1] if below else None
+
+    def _bake_at(self, weight: int) -> float:
+        """The bake at ``weight``, from the policy's text: the first step's own, else bakeTime."""
+        own = self.features.get("own_bake")
+        return float(own) if own is not None and weight == self.steps[0] else float(self.bake)
+
+    def _protected(self, verifying: bool | None) -> set[int]:
+        """The target weights protection may leave after a rollback-worthy tick: 0, or while
+        Verifying the last step's split (R10); both when it is not known whether it was verifying."""
+        split = self._split()
+        if split is None or verifying is False:
+            return {0}
+        return {split} if verifying else {0, split}
+
+    @staticmethod
+    def _verifying(state: Any) -> bool | None:
+        """Whether the tick decides from a rollout Verifying at 100; None when that is not known (no
+        state remembered, or a raise to 100 not fully written: a FAIL voids it, and it is no more)."""
+        if state is None:
+            return None
+        if state.phase is not Phase.VERIFYING:
+            return False
+        return True if state.pending is None else None
+
+    def _count_command(self, command: Command | None) -> None:
+        if command is Command.APPROVE:
+            self.expect.approvals += 1
+        elif command is Command.PROMOTE:
+            self.expect.promote_given = True
+
+    def _judge_rise(
+        self,
+        before: tuple[int, int | None],
+        after: int,
+        check: CheckResult | None,
+        refused: bool,
+        command: Command | None,
+    ) -> None:
         if after <= before[0]:
             return
         assert not refused, "I2/R3: a weight rose while the policy was refused"
@@ -436,17 +628,50 @@ class RolloutMachine(RuleBasedStateMachine):
             assert allowed, f"I2/R7: started on a {check.verdict} check (baseline {check.baseline.verdict})"
         else:
             assert check.verdict is Verdict.PASS, f"I2: rose from {before[0]} to {after} on a {check.verdict}"
-            bake = self.policy.spec.schedule.bake_time.total_seconds()
+            if command is Command.PROMOTE:
+                return  # legitimately: an operator's promotion skips the bake (never the passing check)
+            bake = self._bake_at(before[0])
             assert self.expect.covered >= bake, f"I2/R4: rose with {self.expect.covered}s of {bake}s covered"
 
-    def _judge_rollback(self, before: int, after: int, check: CheckResult | None, faulted: bool) -> None:
+    def _judge_window(self, before: int, after: int) -> None:
+        if after > before and "windows" in self.features:
+            assert window_open(self.clock.t), f"I9: the target rose {before} -> {after} at {self.clock.t}, closed"
+
+    def _judge_approvals(self, before: int, after: int) -> None:
+        gates = self.features.get("approval_at", ())
+        if after <= before or not gates:
+            return
         e = self.expect
+        e.crossed |= {gate for gate in gates if before < gate <= after}
+        assert e.promote_given or len(e.crossed) <= e.approvals, (
+            f"I10: the raise {before} -> {after} reached approval weights {sorted(e.crossed)} "
+            f"with {e.approvals} APPROVE(s) given in this rollout"
+        )
+
+    def _judge_rollback(
+        self,
+        before: int,
+        after: int,
+        check: CheckResult | None,
+        faulted: bool,
+        verifying: bool | None,
+        command: Command | None,
+    ) -> None:
+        e = self.expect
+        retrying = e.step_back_owed
         if e.rollback_owed and not faulted:
             assert after == 0, "I3/R2: a rollback that failed to write was not completed on a fault-free tick"
+        if command is Command.ABORT and before > 0:
+            if not faulted:
+                assert after == 0, f"I11: an abort at target weight {before} left it at {after}"
+            e.rollback_owed, e.step_back_owed = after != 0, False
+        elif e.step_back_owed and not faulted:
+            assert after == self._split(), f"I13/R2: a step back that failed to write was retried as {after}"
+            e.step_back_owed = False
         if after == 0:
-            e.rollback_owed, e.fails_in_a_row = False, 0
+            e.rollback_owed, e.step_back_owed, e.fails_in_a_row = False, False, 0
             return
-        if check is None:
+        if check is None or command is Command.ABORT:
             return
         armed = not e.promoted and not e.rolled_back
         if check.verdict is Verdict.PASS:
@@ -454,8 +679,36 @@ class RolloutMachine(RuleBasedStateMachine):
         elif check.verdict is Verdict.FAIL and before > 0 and armed:
             e.fails_in_a_row += 1
         if e.fails_in_a_row >= THRESHOLD and armed:
-            assert faulted, f"I3/R1: {e.fails_in_a_row} FAILs in a row at weight {before} and the target kept {after}"
-            e.rollback_owed = True
+            if retrying:
+                # legitimately: a step back not fully written is written first (R2); the FAILs counted
+                # meanwhile roll back to 0 on the next tick that does not pass
+                return
+            protected = self._protected(verifying)
+            if after in protected:
+                return  # the step back to the last split (I13); _follow_step_back takes it in
+            assert faulted, (
+                f"I3/R1/I13: {e.fails_in_a_row} FAILs in a row at weight {before} and the target kept {after} "
+                f"(not {protected})"
+            )
+            if protected == {0}:
+                e.rollback_owed = True
+            elif verifying:
+                e.step_back_owed = True
+
+    def _follow_step_back(self, decision: Any, after: int, verifying: bool | None, retrying: bool) -> None:
+        """A step back just decided (written, or its intent recorded) leaves the rollout Paused one
+        FAIL from 0 with its inconclusive counts cleared (R10): legitimately, the model follows."""
+        split, state = self._split(), self.runner._memory
+        if retrying or verifying is False or split is None or state is None or state.phase is not Phase.PAUSED:
+            return
+        pending = state.pending
+        written = decision is not None and decision.transition and decision.weights == Weights(split, 100 - split)
+        recorded = pending is not None and pending.rollback and pending.target == split
+        if not (written or recorded):
+            return
+        self.expect.fails_in_a_row = THRESHOLD - 1
+        self.expect.deficits = 0
+        self.expect.step_back_owed = after != split
 
     def _count_coverage(self, before: int, check: CheckResult | None) -> None:
         """An upper bound of what the bake may count: consecutive passes at one weight (R4)."""
@@ -473,20 +726,44 @@ class RolloutMachine(RuleBasedStateMachine):
         else:
             e.last_pass = None
 
-    def _follow_terminal(self, after: int) -> None:
+    def _follow_terminal(self, after: int, command: Command | None) -> None:
         state = self.runner._memory
         if state is None:
             return
+        e = self.expect
         if state.phase is Phase.PROMOTED and after >= 100:
-            self.expect.promoted = True
+            e.promoted = True
         if state.phase is Phase.ROLLED_BACK and after == 0 and state.pending is None:
-            self.expect.rolled_back = True
+            e.rolled_back = True
         if self.last_phase in (Phase.PROMOTED, Phase.ROLLED_BACK) and not self.policy_changed:
-            assert state.phase is self.last_phase, f"I4/R5: {self.last_phase} became {state.phase}"
+            # legitimately (R9): an operator's retry restarts a rolled-back rollout, an abort rolls a
+            # promoted one back; nothing else leaves a terminal phase
+            retried = self.last_phase is Phase.ROLLED_BACK and command is Command.RETRY
+            aborted = self.last_phase is Phase.PROMOTED and command is Command.ABORT
+            left = state.phase is not self.last_phase
+            assert not left or retried or aborted, f"I4/R5: {self.last_phase} became {state.phase} ({command})"
+            if aborted and left:
+                assert state.phase is Phase.ROLLED_BACK, f"I4/R5: an abort of a promoted rollout made it {state.phase}"
+        if self.last_phase is Phase.ROLLED_BACK and state.phase in (Phase.PENDING, Phase.PROGRESSING):
+            # a new rollout (a retry, or a policy change): armed again, nothing approved yet
+            e.promoted = e.rolled_back = False
+            e.new_rollout()
         # a terminal phase counts once it is written (an unfinished promotion is no promotion)
         self.last_phase = state.phase if state.pending is None else None
         # a policy change counts until the rollout has taken it in
         self.policy_changed = self.policy_changed and state.fingerprint != self.policy.rollout_fingerprint()
+
+    def _judge_answer(self, command: Command | None) -> None:
+        if command is None:
+            return
+        state = self.runner._memory
+        if state is None:
+            # legitimately: a process that never read a state, with the store unreachable, has nowhere
+            # to record an answer (the CLI times out; the command is read again once the store answers)
+            return
+        record = state.last_command
+        assert record is not None, f"I12: {command} got no answer"
+        assert (record.command, record.at) == (command, self.clock.t), f"I12: {command} answered by {record}"
 
     # -- invariants after every step ------------------------------------------------------------------
 

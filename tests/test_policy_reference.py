@@ -143,3 +143,25 @@ def test_the_script_fails_naming_each_field_without_a_description(
     for path in ("inner.bakeTime", "alerts", "alerts[].type"):
         assert f"  {path}\n" in captured.err
     assert doc.read_text() == "# Policies\n", "nothing is written while a field lacks a description"
+
+
+def test_every_alert_template_field_is_documented() -> None:
+    from controller.core.templates import TEMPLATE_FIELDS
+
+    text = (ROOT / "docs" / "policies.md").read_text()
+    missing = [name for name in TEMPLATE_FIELDS if f"`{name}`" not in text]
+    assert not missing, f"docs/policies.md does not name the template fields {missing}"
+
+
+def test_the_documented_template_example_loads() -> None:
+    import yaml
+
+    from controller.core.policy import CanaryPolicy
+
+    text = (ROOT / "docs" / "policies.md").read_text()
+    example = text.split("## Alert text and receivers")[1].split("```yaml\n")[1].split("```")[0]
+    shop = yaml.safe_load((ROOT / "policies" / "shop-ingress.yaml").read_text())
+    given = yaml.safe_load(example)
+    shop["metadata"]["labels"] = given["metadata"]["labels"]
+    shop["spec"]["alertTemplate"] = given["spec"]["alertTemplate"]
+    assert CanaryPolicy.model_validate(shop).spec.alert_template == given["spec"]["alertTemplate"]

@@ -1,15 +1,17 @@
 """The rollout decision: (policy, state, observation, now) -> (new state, action).
 
 Pure: no I/O, no clock, no clients. Every rule about when a weight moves lives here, so it can
-be tested exhaustively in milliseconds and read in one place. ``decide`` is four steps, and the
+be tested exhaustively in milliseconds and read in one place. ``decide`` is a few steps, and the
 safety rules are the shape of it, not the order of early returns::
 
     check    = _settled(...)           R8: a pass on traffic that does not follow the weights waits
     counted  = _count_evidence(...)    R1, R4, R6: the check is counted, whatever else happens
-    rollback = _protection(...)        R1, R2: does the evidence (or a pending rollback) demand 0?
-    decision = _rollback(...)          ...if so, that is the decision: nothing else is considered
-             | _permit(_progress(...)) otherwise: everything else, and a raise needs permission
-    return _report_cloud(_report_refusal(decision))   R3, R8: each refusal reported once
+    approval = _take_approval(...)     R9: an operator's approval is recorded like evidence
+    rollback = _protection(...)        R1, R2: do the evidence, a pending rollback or an abort demand it?
+    decision = _rollback(...)          ...if so, that is the decision (R10: a step back while verifying)
+             | _permit(_progress(...)) otherwise: everything else, and a raise needs permission (R3, R7-R9)
+    decision = _report_cloud(_report_refusal(decision))   R3, R8: each refusal reported once
+    return _record(_answer(decision))  R9: every command answered, every transition in the history
 
 The rules
 ---------
@@ -54,6 +56,22 @@ R8  A step bakes only on traffic that follows its weights. A passing check count
     requests the CLB sends it (they fail before HTTP) has a traffic deficit: a pass is then
     ``TrafficDeficit`` (a quiet check counts it besides), with its own limit
     ``analysis.onTrafficDeficit``: rollback after 3 by default.
+
+R9  People decide when, not whether it is safe. Operator commands (``Observation.command``),
+    ``schedule.approvalAt`` and ``schedule.advanceWindows`` only ever hold a raise or ask for one:
+    an approval is a recorded fact (``_take_approval``, beside the counting), a window is one more
+    blocker in ``_permit``, and a promotion an operator asks for (``promote --full``) needs this
+    tick's PASS and then all of ``_permit``. ``abort`` is protection's (``_protection``): it rolls
+    back whatever the phase while the ASM gateway carries traffic. Pause, resume and retry change
+    the phase only. Every command is answered in the tick that reads it (``_answer``: applied, or
+    rejected and why) and, with every transition, goes into the state's history with who gave it
+    (``_record``). Nothing here can skip ``_count_evidence`` or ``_protection``.
+R10 Promoted means verified at 100. With ``promotion.verifyFor`` the last raise leads to Verifying
+    (armed), judged on absolute gates only (the old gateway has no traffic to compare with), and
+    Promoted once passing checks cover ``verifyFor`` (R4's coverage). A failure there that demands
+    a rollback (not an abort) steps back to the last step's split, which was judged healthy against
+    the old gateway, at once, as a rollback intent (R2: written whatever happens, retried with its
+    own weights); the rollout is then Paused there, armed, one counted FAIL from a rollback to 0.
 
 Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
 change is adopted and reported, never fought), with rollback still armed; an unfinished raise is

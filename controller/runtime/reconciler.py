@@ -222,10 +222,17 @@ class PolicyRunner:
             if isinstance(exc, ClusterUnavailable):
                 self._unreachable_at = time.monotonic()
             return None, f"state store unavailable: {exc}"
-        if stored.version not in (self._version, ""):
+        moved = stored.version not in (self._version, "")
+        if moved and not self._same_as_memory(stored):
             self._memory = None  # someone else wrote it since: what is stored wins over what was remembered
         self._version = stored.version
         return stored, None
+
+    def _same_as_memory(self, stored: StoredState) -> bool:
+        """Whether the object moved without its state changing (an operator's command was annotated):
+        then what this process remembers (the open bake run, which is not stored) still holds."""
+        memory = self._memory
+        return memory is not None and stored.state is not None and encode_state(stored.state) == encode_state(memory)
 
     def _state_for(
         self, stored: StoredState | None, seen: PairSnapshot, store_problem: str | None
