@@ -16,7 +16,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from controller.core.policy import PrometheusSpec, checked_url
+from controller.core.policy import PrometheusSpec
+from controller.core.text import checked_url
 
 __all__ = ["LogFormat", "PrometheusConnection", "Settings", "invalid_settings"]
 

@@ -45,26 +45,24 @@ class PolicyView:
     waiting: CommandRequest | None = None
 
 
-def context_namespace(kubeconfig: str | None, context: str | None) -> str | None:
-    """The namespace the kubeconfig context names (None: none, or no kubeconfig)."""
+def _context(kubeconfig: str | None, context: str | None) -> dict[str, Any]:
+    """The kubeconfig context named (or the current one), {} when there is none."""
     try:
         contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     except (ConfigException, OSError, TypeError):
-        return None
+        return {}
     chosen = next((c for c in contexts or [] if c.get("name") == context), None) if context else active
-    namespace = ((chosen or {}).get("context") or {}).get("namespace")
-    return str(namespace) if namespace else None
+    return dict((chosen or {}).get("context") or {})
+
+
+def context_namespace(kubeconfig: str | None, context: str | None) -> str | None:
+    """The namespace the kubeconfig context names (None: none, or no kubeconfig)."""
+    return _context(kubeconfig, context).get("namespace") or None
 
 
 def kubeconfig_user(kubeconfig: str | None, context: str | None) -> str | None:
     """The user name the kubeconfig context names (who gave a command, when the API cannot say)."""
-    try:
-        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, TypeError):
-        return None
-    chosen = next((c for c in contexts or [] if c.get("name") == context), None) if context else active
-    user = ((chosen or {}).get("context") or {}).get("user")
-    return str(user) if user else None
+    return _context(kubeconfig, context).get("user") or None
 
 
 class KubernetesOperator:

@@ -903,8 +903,8 @@ def _report_refusal(decision: Decision, refusal: str | None) -> Decision:
     if (refusal and bounded(refusal)) == state.refusal:  # the state keeps it bounded: compare alike
         return decision
     updated = replace(decision, state=state.evolve(refusal=refusal))
-    if refusal is None:
-        return updated.notify(Notice(AlertKind.RECOVERED, Severity.INFO, f"no longer refused: {state.refusal}"))
+    if refusal is None:  # (no Recovered: a refusal also ends by being overwritten, e.g. an unreadable state)
+        return updated
     why = f"refused to raise weights (observing and rollback continue): {refusal}"
     return updated.notify(Notice(AlertKind.POLICY_REFUSED, Severity.WARNING, why))
 

@@ -22,7 +22,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    SecretStr,
     StrictInt,
     WithJsonSchema,
     field_validator,
@@ -33,8 +32,9 @@ from pydantic.alias_generators import to_camel
 
 from controller.core.durations import format_promql_duration, parse_duration
 from controller.core.enums import GatewayRole, OnEmpty, OnInconclusive, WeightMode
-from controller.core.receivers import DingTalkReceiver, FeishuReceiver, WeComReceiver
+from controller.core.receivers import DingTalkReceiver, FeishuReceiver, SecretUrlReceiver, WeComReceiver
 from controller.core.templates import template_problems
+from controller.core.text import Text, checked_url
 
 __all__ = [
     "AdvanceWindows",
@@ -96,40 +96,6 @@ def _real_number(value: Any) -> Any:
 Number = Annotated[float, BeforeValidator(_real_number)]
 
 
-_URL = re.compile(
-    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#\[\]]*@)?"
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#\[\]@]*)(?::(?P<port>[0-9]*))?(?P<rest>[/?#].*)?$"
-)
-
-
-def checked_url(text: str) -> str:
-    """An http(s) URL with a host; ValueError saying what is wrong, never echoing the URL (a secret).
-
-    Parsed here by a pattern, not urllib (the core imports no I/O library, urllib included).
-    """
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        raise ValueError("the URL contains spaces or control characters")
-    match = _URL.match(text)
-    if not text.lower().startswith(("http://", "https://")):
-        raise ValueError("the URL must start with http:// or https://")
-    if match is None:
-        raise ValueError("not a URL (its host or port is malformed, e.g. unbalanced [ ])")
-    if not match.group("host"):
-        raise ValueError("the URL has no host")
-    port = match.group("port")
-    if port is not None and (not port or not 0 < int(port) < 65536):
-        raise ValueError("the URL's port is not a number from 1 to 65535")
-    return text
-
-
-def _printable(value: str | None) -> str | None:
-    if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise ValueError("contains control characters (newlines, tabs, escapes)")
-    return value
-
-
-#: Free text people give things: no control characters (they would forge log lines and alert text).
-Text = Annotated[str, BeforeValidator(lambda v: _printable(v) if isinstance(v, str) else v)]
 Url = Annotated[str, BeforeValidator(lambda v: checked_url(v) if isinstance(v, str) else v)]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -765,42 +731,13 @@ class GatesSpec(_Model):
         return self
 
 
-class _SecretUrlReceiver(_Model):
-    """A receiver whose URL is a secret: given inline or, better, named by an environment variable."""
-
-    name: Text | None = Field(
-        default=None,
-        max_length=63,
-        description="what logs, metrics and delivery outcomes call this receiver (unique in the policy; "
-        "'global' is taken); default: its type, host and a digest of its URL",
-    )
-    url: SecretStr | None = Field(
-        default=None, description="the webhook URL inline; it is a secret (it carries a token): prefer urlFromEnv"
-    )
-    url_from_env: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        max_length=128,
-        description="the environment variable that holds the webhook URL (it must match SECRET_ENV_PATTERN, "
-        "by default GATEWAY_CANARY_POLICY_*)",
-    )
-
-    @model_validator(mode="after")
-    def _one_url(self) -> _SecretUrlReceiver:
-        if (self.url is None) == (self.url_from_env is None):
-            raise ValueError("give exactly one of url or urlFromEnv (the name of an environment variable)")
-        if self.url is not None:
-            checked_url(self.url.get_secret_value())
-        return self
-
-
-class SlackReceiver(_SecretUrlReceiver):
+class SlackReceiver(SecretUrlReceiver):
     """A Slack incoming webhook."""
 
     type: Literal["slack"] = Field(description="which kind of receiver this is")
 
 
-class WebhookReceiver(_SecretUrlReceiver):
+class WebhookReceiver(SecretUrlReceiver):
     """Any HTTP endpoint that takes the alert as JSON."""
 
     type: Literal["webhook"] = Field(description="which kind of receiver this is")

@@ -10,58 +10,32 @@ and an inline ``url`` is a SecretStr that prints as asterisks.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.alias_generators import to_camel
 
-__all__ = ["ChatReceiver", "DingTalkReceiver", "FeishuReceiver", "WeComReceiver"]
+from controller.core.text import Text, checked_url
+
+__all__ = [
+    "ChatReceiver",
+    "DingTalkReceiver",
+    "FeishuReceiver",
+    "SecretUrlReceiver",
+    "SignedChatReceiver",
+    "WeComReceiver",
+]
 
 #: Names of environment variables a policy may point at.
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-#: scheme://[userinfo@]host[:port][rest]; enough to refuse what cannot be a webhook URL.
-_URL = re.compile(
-    r"^https?://(?:[^@/?#\s]*@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#\[\]@\s]+)(?::(?P<port>\d{1,5}))?(?:[/?#]|$)",
-    re.IGNORECASE,
-)
 
 
-def _checked_url(text: str) -> str:
-    """An http(s) URL with a host; ValueError saying what is wrong, never the URL (it holds the token).
-
-    A pattern, not urllib: the core imports no I/O library. Deliberately smaller than the policy's
-    own check (which this module cannot import without a cycle): the adapter rejects the rest.
-    """
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        raise ValueError("the URL contains spaces or control characters")
-    if not text.lower().startswith(("http://", "https://")):
-        raise ValueError("the URL must start with http:// or https://")
-    match = _URL.match(text)
-    if match is None:
-        raise ValueError("not a URL with a host (and, if given, a port)")
-    port = match.group("port")
-    if port is not None and not 0 < int(port) < 65536:
-        raise ValueError("the URL's port is not a number from 1 to 65535")
-    return text
-
-
-def _printable(value: Any) -> Any:
-    if isinstance(value, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise ValueError("contains control characters (newlines, tabs, escapes)")
-    return value
-
-
-#: A receiver's name: shown in logs and metrics, so no control characters (they would forge lines).
-_Name = Annotated[str, BeforeValidator(_printable)]
-
-
-class ChatReceiver(BaseModel):
-    """A group robot reached at a secret webhook URL: given inline or, better, named by a variable."""
+class SecretUrlReceiver(BaseModel):
+    """A receiver whose URL is a secret (it carries a token): given inline or, better, named by a variable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
 
-    name: _Name | None = Field(
+    name: Text | None = Field(
         default=None,
         max_length=63,
         description="what logs, metrics and delivery outcomes call this receiver (unique in the policy; "
@@ -74,42 +48,45 @@ class ChatReceiver(BaseModel):
         default=None,
         pattern=_ENV_NAME,
         max_length=128,
-        description="the environment variable that holds the webhook URL (it carries the robot's token)",
+        description="the environment variable that holds the webhook URL (it must match SECRET_ENV_PATTERN, "
+        "by default GATEWAY_CANARY_POLICY_*)",
     )
 
     @model_validator(mode="after")
-    def _one_url(self) -> ChatReceiver:
+    def _one_url(self) -> SecretUrlReceiver:
         if (self.url is None) == (self.url_from_env is None):
             raise ValueError("give exactly one of url or urlFromEnv (the name of an environment variable)")
         if self.url is not None:
-            _checked_url(self.url.get_secret_value())
+            checked_url(self.url.get_secret_value())
         return self
 
 
-class DingTalkReceiver(ChatReceiver):
+class ChatReceiver(SecretUrlReceiver):
+    """A group robot (DingTalk, Feishu, WeCom)."""
+
+
+class SignedChatReceiver(ChatReceiver):
+    """A group robot that can sign every message with a secret."""
+
+    secret_from_env: str | None = Field(
+        default=None,
+        pattern=_ENV_NAME,
+        max_length=128,
+        description="the environment variable that holds the robot's signing secret; required when the "
+        "robot's security setting is the signature (DingTalk 加签, Feishu 签名校验)",
+    )
+
+
+class DingTalkReceiver(SignedChatReceiver):
     """A DingTalk (钉钉) custom robot; sent as markdown, signed when ``secretFromEnv`` is given."""
 
     type: Literal["dingtalk"] = Field(description="which kind of receiver this is")
-    secret_from_env: str | None = Field(
-        default=None,
-        pattern=_ENV_NAME,
-        max_length=128,
-        description="the environment variable that holds the robot's signing secret (加签, 'SEC...'); "
-        "required when the robot's security setting is the signature",
-    )
 
 
-class FeishuReceiver(ChatReceiver):
+class FeishuReceiver(SignedChatReceiver):
     """A Feishu/Lark custom bot (自定义机器人); sent as text, signed when ``secretFromEnv`` is given."""
 
     type: Literal["feishu"] = Field(description="which kind of receiver this is")
-    secret_from_env: str | None = Field(
-        default=None,
-        pattern=_ENV_NAME,
-        max_length=128,
-        description="the environment variable that holds the bot's signing secret (签名校验); "
-        "required when the bot's security setting is the signature",
-    )
 
 
 class WeComReceiver(ChatReceiver):

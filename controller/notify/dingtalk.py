@@ -17,13 +17,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import time
-from collections.abc import Callable
 from urllib.parse import quote_plus
 
 from controller.core.alerts import Alert
-from controller.notify.http import post_json_reply, receiver_name
-from controller.notify.robot import check_reply, fit_utf8, title_and_lines, url_secrets
+from controller.notify.http import post_json_reply
+from controller.notify.robot import SignedRobot, check_reply, fit_utf8, title_and_lines, url_secrets
 
 __all__ = ["DingTalkNotifier", "dingtalk_sign"]
 
@@ -38,24 +36,11 @@ def dingtalk_sign(timestamp_ms: str, secret: str) -> str:
     return quote_plus(base64.b64encode(digest).decode())
 
 
-class DingTalkNotifier:
+class DingTalkNotifier(SignedRobot):
     """Posts the alert as markdown; the URL (its access token) and the secret never appear in names or logs."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        secret: str | None = None,
-        name: str | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        """``clock`` gives the Unix time in seconds for the signature's timestamp (a test's hand)."""
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("a DingTalk webhook URL must start with http:// or https://")
-        self._url = url
-        self._secret = secret or None
-        self._clock = clock
-        self.name = receiver_name("dingtalk", name, url)
+    kind = "dingtalk"
+    label = "DingTalk"
 
     def send(self, alert: Alert, *, timeout: float) -> None:
         """One delivery attempt, signed anew (a retry an hour later must not reuse an old timestamp)."""

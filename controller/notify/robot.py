@@ -8,15 +8,17 @@ protocol is one signed JSON POST.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from controller.core.alerts import Alert
 from controller.core.text import redact_urls
 from controller.errors import NotificationError
-from controller.notify.http import JsonReply
+from controller.notify.http import JsonReply, receiver_name
 
-__all__ = ["check_reply", "fit_utf8", "title_and_lines", "url_secrets"]
+__all__ = ["SignedRobot", "check_reply", "fit_utf8", "title_and_lines", "url_secrets"]
 
 #: Characters of a robot's error message kept in an exception (it is logged with every retry).
 _MESSAGE_CHARS = 160
@@ -86,3 +88,27 @@ def title_and_lines(alert: Alert) -> tuple[str, list[str]]:
     """
     title, _, rest = alert.body().lstrip("\n").partition("\n")
     return (title if title.strip() else alert.summary), rest.splitlines()
+
+
+class SignedRobot:
+    """What a robot that signs its messages keeps: the URL and secret (never shown) and a clock."""
+
+    #: the receiver kind in names ("dingtalk") and in messages ("DingTalk")
+    kind: ClassVar[str]
+    label: ClassVar[str]
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: str | None = None,
+        name: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` gives the Unix time in seconds for the signature's timestamp (a test's hand)."""
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a {self.label} webhook URL must start with http:// or https://")
+        self._url = url
+        self._secret = secret or None
+        self._clock = clock
+        self.name = receiver_name(self.kind, name, url)

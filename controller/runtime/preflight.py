@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from controller.core.policy import checked_url
+from controller.core.text import checked_url
 from controller.notify.http import safe_host
 from controller.settings import Settings
 
