@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
@@ -28,7 +30,7 @@ from controller.settings import PrometheusConnection, Settings
 from tests.conftest import kubectl_binary
 from tests.helpers import make_policy
 from tests.kube_cluster import Cluster
-from tests.servers import WEIGHT, TrafficExporter, WebhookSink, wait_for
+from tests.servers import MEASURED, WEIGHT, TrafficExporter, WebhookSink, wait_for
 
 SRC, TGT = "istio-ingressgateway", "istio-ingressgateway-asm"
 POLICY = """\
@@ -123,7 +125,9 @@ def test_pause_resume_approve_promote_abort_retry_against_a_running_controller(
     wait_for(lambda: weight(kube) == 10, timeout=60, what="the rollout to start at 10")
 
     # pause holds the weight: several checks later it is still 10
+    given = time.monotonic()
     code, out = cli(rig, capsys, "pause", "shop", "--by", "alice")
+    MEASURED.setdefault("command given -> answered (poll 0.2s, interval 1s)", []).append(time.monotonic() - given)
     assert code == 0 and "pause shop: applied" in out
     assert state(kube)["phase"] == "Paused"
     assert state(kube)["history"][-1]["action"] == "Pause" and state(kube)["history"][-1]["by"] == "alice"
@@ -169,6 +173,9 @@ def test_pause_resume_approve_promote_abort_retry_against_a_running_controller(
     rolled = [body for body in sink.bodies("/global") if body["kind"] == "RolledBack"]
     assert "aborted by an operator" in rolled[0]["reason"] and rolled[0]["runbookUrl"].endswith("#rolled-back")
 
+    # a pipeline waiting on the rollout learns it rolled back: --watch exits 1 at once
+    code, out = cli(rig, capsys, "status", "shop", "--watch", "--timeout", "30s")
+    assert code == 1 and "RolledBack" in out
     # status says RolledBack (exit 1); -o json gives the stored state, which decodes back
     code, out = cli(rig, capsys, "status", "shop", "-o", "json")
     assert code == 1
@@ -202,6 +209,8 @@ def test_a_command_without_a_controller_times_out_and_is_taken_back(
 
     code, out = cli(rig, capsys, "pause", "shop", "--wait", "2s")
     assert code == 3 and "no answer from a controller within 2s" in out and "taken back" in out
+    code, out = cli(rig, capsys, "status", "shop", "--watch", "--timeout", "1s")
+    assert code == 3 and "--timeout 1s passed" in out  # still Progressing: a pipeline stops waiting
     annotations = kube.configmap("gateway-canary-shop")["metadata"].get("annotations") or {}
     assert COMMAND_ANNOTATION not in annotations
     code, out = cli(rig, capsys, "pause", "nosuch")
@@ -241,7 +250,10 @@ def test_kubectl_annotate_and_the_kubectl_plugin_work_without_the_cli(
     assert plugin.returncode == 0, plugin.stderr
     assert "shop" in plugin.stdout and "Paused" in plugin.stdout
     # and the entry point itself, with --context as kubectl users give it
-    code = kubectl_plugin(["status", "--kubeconfig", str(rig["admin"]), "-n", kube.ns, "-o", "yaml"])
+    context = yaml.safe_load(rig["admin"].read_text())["contexts"][0]["name"]
+    code = kubectl_plugin(
+        ["status", "--kubeconfig", str(rig["admin"]), "--context", context, "-n", kube.ns, "-o", "yaml"]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "phase: Paused" in out
 
