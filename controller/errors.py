@@ -7,6 +7,7 @@
     │   ├── AccessDenied           401/403: the controller's RBAC does not cover the object
     │   ├── ServiceNotFound        404: a Service the policy names does not exist
     │   ├── Conflict               409: the object changed since it was read (state object)
+    │   │   └── CommandWithdrawn   ...and the command the save answers was taken back meanwhile
     │   └── WeightChangedExternally  someone else changed a weight annotation mid-write
     └── NotificationError          an alert receiver failed (retried, never blocks a rollback)
         └── NotificationTimeout    no answer in time: it may have arrived ("unknown")
@@ -20,6 +21,7 @@ __all__ = [
     "AccessDenied",
     "ClusterError",
     "ClusterUnavailable",
+    "CommandWithdrawn",
     "Conflict",
     "GatewayCanaryError",
     "MetricsUnavailable",
@@ -56,6 +58,10 @@ class ServiceNotFound(ClusterError):
 
 class Conflict(ClusterError):
     """The object changed between reading and writing it (optimistic concurrency)."""
+
+
+class CommandWithdrawn(Conflict):
+    """The operator's command a save answers was taken back (or replaced) while the tick ran."""
 
 
 class WeightChangedExternally(ClusterError):

@@ -355,6 +355,8 @@ def give_command(
             if time.monotonic() >= deadline:
                 break
             time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+        # taken back unless answered meanwhile; a tick under way that answers it after this cannot
+        # record it (its save fails: the controller's store refuses a withdrawn command)
         late = operator.take_back(name, request.id)
         if late is not None:
             return _report(late, name, say)

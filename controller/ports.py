@@ -132,6 +132,8 @@ class StoredState:
     command: CommandRequest | None = None
     #: why the command annotation could not be read (it is dropped by the next save)
     command_error: str | None = None
+    #: the annotation's text as read (a bare word's id is the object's version, which moves)
+    command_text: str | None = None
 
 
 class StateStore(Protocol):

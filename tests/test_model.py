@@ -451,7 +451,9 @@ class RolloutMachine(RuleBasedStateMachine):
             return
         if not settled:
             return
-        assert after <= before, "I8/R8: a weight rose on a tick whose traffic vanished"
+        # (at weight 0 the CLB sends the ASM gateway nothing to lose: a quiet target is a start's
+        # baseline (R7), not vanished traffic; the earlier model missed this, found once the draws moved)
+        assert after <= before or before == 0, "I8/R8: a weight rose on a tick whose traffic vanished"
         armed = not e.promoted and not e.rolled_back
         if before > 0 and armed:
             e.deficits += 1

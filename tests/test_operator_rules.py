@@ -724,7 +724,9 @@ def test_a_failure_while_verifying_steps_back_to_the_last_split_one_fail_from_0(
     assert held.reason.startswith("verifying at 100: check failed (1/2)")
     stepped = rollout.tick(FAIL, 3030)
     assert stepped.action is Action.ROLLBACK and stepped.force and stepped.transition
-    assert stepped.weights == Weights(50, 50) and rollout.weights == (50, 50)  # complementary in either mode
+    # back to the split judged at 50: 50/50, or in target-only mode 50 against the source's own 100
+    judged = (50, 50) if mode == "complementary" else (50, 100)
+    assert stepped.weights == Weights(*judged) and rollout.weights == judged
     assert stepped.state.phase is Phase.PAUSED and stepped.state.consecutive_failures == 1
     assert [(n.kind, n.severity) for n in stepped.notices] == [(AlertKind.ROLLED_BACK, Severity.CRITICAL)]
     assert "stepped back to target weight 50" in stepped.reason
@@ -870,8 +872,9 @@ def test_a_refusal_that_clears_is_said_once() -> None:
     refusal = "alerts[0].urlFromEnv: environment variable PAGER is not set"
     assert kinds(rollout.tick(PASS, 30, refusal=refusal)) == [AlertKind.POLICY_REFUSED]
     cleared = rollout.tick(PASS, 60)
-    assert kinds(cleared) == [AlertKind.RECOVERED] and cleared.notices[0].severity is Severity.INFO
-    assert cleared.notices[0].reason == f"no longer refused: {refusal}"
+    # no Recovered for a refusal: one also ends by being overwritten (an unreadable state), where
+    # "recovered" would be wrong; status shows whether anything still refuses
+    assert cleared.notices == () and cleared.state.refusal is None
     assert rollout.tick(PASS, 90).notices == ()
 
 

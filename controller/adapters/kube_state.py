@@ -18,7 +18,9 @@ labels people add are kept.
 
 A save that meets a Conflict re-reads the object: when only its metadata moved (a command was
 annotated, a label added) and the stored state and outbox are still the ones this save replaces,
-it is written again on the new version, keeping what arrived. A moved state is a real conflict.
+it is written again on the new version, keeping what arrived. A moved state is a real conflict, and
+so is a command this save answers that was taken back meanwhile (``CommandWithdrawn``: the CLI
+told the operator it was not applied).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from controller.core.commands import COMMAND_ANNOTATION, answered, read_command
 from controller.core.policy import CanaryPolicy
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.text import bounded
-from controller.errors import Conflict, ServiceNotFound
+from controller.errors import CommandWithdrawn, Conflict, ServiceNotFound
 from controller.ports import StoredState
 from controller.rbac import state_object_name
 
@@ -70,11 +72,17 @@ class KubernetesStateStore:
         version = resource_version(body)
         data = body.get("data") or {}
         annotations = (body.get("metadata") or {}).get("annotations") or {}
-        command, command_error = read_command(annotations.get(COMMAND_ANNOTATION), version)
+        command_text = annotations.get(COMMAND_ANNOTATION)
+        command, command_error = read_command(command_text, version)
         if command_error is not None:
             _log.warning("the command annotation is unreadable; it is dropped", policy=policy.name, error=command_error)
         base = StoredState(
-            state=None, version=version, outbox=_outbox(data), command=command, command_error=command_error
+            state=None,
+            version=version,
+            outbox=_outbox(data),
+            command=command,
+            command_error=command_error,
+            command_text=command_text if isinstance(command_text, str) else None,
         )
         raw = data.get(STATE_KEY) if isinstance(data, dict) else None
         if not isinstance(raw, str):
@@ -105,10 +113,9 @@ class KubernetesStateStore:
         data: dict[str, str | None] = {
             STATE_KEY: encode_state(state),
             OUTBOX_KEY: encode_outbox(outbox) if outbox else None,
-            UNREADABLE_KEY: bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
-            if previous.error is not None and previous.raw is not None
-            else None,
         }
+        if previous.error is not None and previous.raw is not None:  # kept for an operator, never removed
+            data[UNREADABLE_KEY] = bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
         if status is not None:
             data[STATUS_KEY] = status
         what = f"write ConfigMap {self.namespace}/{name}"
@@ -122,8 +129,14 @@ class KubernetesStateStore:
             answer = json_call(what, self._api.create_namespaced_config_map, self.namespace, body)
             return StoredState(state=state, version=resource_version(answer), outbox=outbox)
         seen = previous
+        answers = answered(state, previous.command)
         for attempt in range(2):
-            drop = seen.command_error is not None or answered(state, seen.command)
+            if answers and seen.command_text != previous.command_text:
+                # the command this save answers was taken back (or replaced) while the tick ran: the
+                # operator was told it was not applied, so this decision must not be recorded
+                raise CommandWithdrawn(f"{what}: the command {previous.command.id} was taken back")  # type: ignore[union-attr]
+            # the answered command goes (compared by its text: a bare word's id moves with the object)
+            drop = seen.command_error is not None or (answers and seen.command_text == previous.command_text)
             metadata: dict[str, Any] = {"resourceVersion": seen.version, "labels": _labels(policy)}
             if drop:
                 metadata["annotations"] = {COMMAND_ANNOTATION: None}

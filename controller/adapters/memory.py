@@ -19,7 +19,7 @@ from controller.core.enums import GatewayRole
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.schedule import Weights, source_first
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
-from controller.errors import Conflict, WeightChangedExternally
+from controller.errors import CommandWithdrawn, Conflict, WeightChangedExternally
 from controller.ports import Clock, PairSnapshot, StoredState
 
 __all__ = ["InMemoryCloud", "InMemoryGatewayPair", "InMemoryStateStore", "RecordedEvent"]
@@ -123,7 +123,14 @@ class InMemoryStateStore:
             outbox = self.outboxes.get(policy.name, ())
             command_text = self.pending_commands.get(policy.name)
         command, command_error = read_command(command_text, version)
-        stored = StoredState(state=None, version=version, outbox=outbox, command=command, command_error=command_error)
+        stored = StoredState(
+            state=None,
+            version=version,
+            outbox=outbox,
+            command=command,
+            command_error=command_error,
+            command_text=command_text,
+        )
         if raw is None:
             return stored
         try:
@@ -150,11 +157,14 @@ class InMemoryStateStore:
             current = str(self.versions.get(policy.name, ""))
             if current != previous.version:
                 raise Conflict(f"state of {policy.name} changed since it was read")
+            answers = answered(state, previous.command)
+            if answers and self.pending_commands.get(policy.name) != previous.command_text:
+                raise CommandWithdrawn(f"the command answering {policy.name} was taken back")
             self.texts[policy.name] = encode_state(state)
             self.outboxes[policy.name] = outbox
             if status is not None:
                 self.statuses[policy.name] = status
-            if previous.command_error is not None or answered(state, previous.command):
+            if previous.command_error is not None or answers:
                 self.pending_commands.pop(policy.name, None)
             self.versions[policy.name] = self.versions.get(policy.name, 0) + 1
             self.saves += 1

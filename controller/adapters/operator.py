@@ -19,14 +19,19 @@ from kubernetes.config.config_exception import ConfigException
 
 from controller.adapters.kube_api import build_api_client, json_call, resource_version
 from controller.core.commands import COMMAND_ANNOTATION, CommandRequest, encode_command, read_command
+from controller.core.enums import Command
 from controller.core.state import CommandRecord, RolloutState, StateUnreadable, decode_state
 from controller.errors import ClusterUnavailable, Conflict, ServiceNotFound
 from controller.rbac import state_object_name
 
-__all__ = ["KubernetesOperator", "PolicyView", "context_namespace", "kubeconfig_user"]
+__all__ = ["CommandWaiting", "KubernetesOperator", "PolicyView", "context_namespace", "kubeconfig_user"]
 
 _MANAGED = "app.kubernetes.io/managed-by=gateway-canary"
 _MERGE = "application/merge-patch+json"
+
+
+class CommandWaiting(Conflict):
+    """Another command waits on the state object for the controller's answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,17 +135,43 @@ class KubernetesOperator:
             return None
 
     def give(self, name: str, request: CommandRequest) -> None:
-        """Write the command on the policy's state object. Raises ServiceNotFound when there is none."""
-        body = {"metadata": {"annotations": {COMMAND_ANNOTATION: encode_command(request)}}}
+        """Write the command on the policy's state object, unless another one waits for its answer.
+
+        Guarded by the object's version, so two people cannot overwrite each other's command
+        unnoticed: a waiting command is refused (CommandWaiting), except that an ``abort`` replaces
+        anything but another abort. Raises ServiceNotFound when there is no state object.
+        """
         object_name = state_object_name(name)
-        json_call(
-            f"annotate ConfigMap {self.namespace}/{object_name}",
-            self._api.patch_namespaced_config_map,
-            object_name,
-            self.namespace,
-            body,
-            _content_type=_MERGE,
-        )
+        for _ in range(3):
+            body = self._read(name)
+            if body is None:
+                raise ServiceNotFound(f"ConfigMap {self.namespace}/{object_name}: not found")
+            view = _view(body, name)
+            waiting = None if view is None else view.waiting
+            if waiting is not None and (request.command is not Command.ABORT or waiting.command is Command.ABORT):
+                raise CommandWaiting(
+                    f"{waiting.command.value} by {waiting.by} (id {waiting.id}) waits for the controller's answer; "
+                    "wait for it, or take it back: kubectl annotate ... gateway-canary.io/command-"
+                )
+            patch = {
+                "metadata": {
+                    "resourceVersion": resource_version(body),
+                    "annotations": {COMMAND_ANNOTATION: encode_command(request)},
+                }
+            }
+            try:
+                json_call(
+                    f"annotate ConfigMap {self.namespace}/{object_name}",
+                    self._api.patch_namespaced_config_map,
+                    object_name,
+                    self.namespace,
+                    patch,
+                    _content_type=_MERGE,
+                )
+                return
+            except Conflict:
+                continue  # the controller wrote meanwhile: look again
+        raise ClusterUnavailable(f"could not give the command: ConfigMap {self.namespace}/{object_name} keeps changing")
 
     def answer(self, name: str, ident: str) -> CommandRecord | None:
         """The controller's answer to command ``ident`` (None: not yet)."""

@@ -250,7 +250,9 @@ def recovered_state(policy: CanaryPolicy, observed: Observation, now: datetime, 
     Services show, rollback armed while the target carries traffic, waiting for an operator
     (resume, retry, or a policy change). A target at 100 is taken as promoted, as on first sight.
     """
-    promoted = (observed.target_weight or 0) >= FULL  # all traffic already moved: never sent back
+    # all traffic already moved: never sent back; but a promotion is verified first (R10): at 100
+    # with verifyFor the rollout holds there Paused, armed, for an operator to resume (verify) or retry
+    promoted = (observed.target_weight or 0) >= FULL and policy.spec.promotion.verify_for.total_seconds() == 0
     return RolloutState(
         policy=policy.name,
         fingerprint=policy.rollout_fingerprint(),
@@ -281,7 +283,8 @@ def decide(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
         decision = _permit(policy, _progress(policy, counted, observed, writes, now), counted, observed, now)
     decision = _report_stuck(policy, decision, written.stuck_reported, observed.check)
     decision = _report_cloud(_report_refusal(decision, observed.refusal), observed)
-    return _record(_answer(observed.command, decision, approval), observed, now)
+    caused = observed.command is not Command.APPROVE and decision.outcome is not None and decision.outcome.applied
+    return _record(_answer(observed.command, decision, approval), observed, now, by_operator=caused)
 
 
 # --- 1. what the Services show against what we last wrote ------------------------------------
@@ -413,10 +416,13 @@ def _void_unfinished_raise(state: RolloutState, observed: Observation) -> Rollou
 
 def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation) -> str | None:
     """Why the target must go to 0 now, or None. Reads only counted evidence and the pending write."""
-    if _pending_rollback(state):
+    pending = state.pending
+    if pending is not None and pending.rollback and pending.target == 0:
         return "the rollback is not fully written yet; writing it again"
     if observed.command is Command.ABORT and (state.phase in ARMED_PHASES or _carries_traffic(state, observed)):
-        return ABORTED
+        return ABORTED  # also over a step back still being written: abort means 0
+    if pending is not None and pending.rollback:
+        return "the step back is not fully written yet; writing it again"
     if not _armed(state) or not _carries_traffic(state, observed):
         return None
     analysis = policy.spec.analysis
@@ -454,15 +460,26 @@ def _carries_traffic(state: RolloutState, observed: Observation) -> bool:
 
 
 def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str) -> Decision:
-    if state.pending is not None and state.pending.rollback:
+    intent = state.pending
+    if intent is not None and intent.rollback and why != ABORTED:
+        if intent.target > 0 and observed.target_weight is not None and observed.target_weight < intent.target:
+            # a step back never raises the ASM gateway over a lower weight someone set meanwhile
+            kept = state.evolve(
+                pending=None,
+                target_weight=observed.target_weight,
+                source_weight=observed.source_weight,
+                reason=f"the step back found the target weight lowered to {observed.target_weight} by someone "
+                "else; keeping it, paused with rollback armed",
+            )
+            return Decision(state=kept, action=Action.HOLD)
         # R2: the same rollback (or step back) again, to the weights it recorded; told once, when decided
-        pending = replace(state.pending, from_target=observed.target_weight, from_source=observed.source_weight)
+        pending = replace(intent, from_target=observed.target_weight, from_source=observed.source_weight)
         # decided under this policy: an edit made meanwhile never restarts it (R5)
         retried = state.evolve(pending=pending, fingerprint=policy.rollout_fingerprint())
-        return Decision(state=retried, action=Action.ROLLBACK, weights=state.pending.weights, force=True)
-    back_to = _step_back_weight(policy, state, why)
+        return Decision(state=retried, action=Action.ROLLBACK, weights=intent.weights, force=True)
+    back_to = _step_back_weights(state, why)
     if back_to is not None:
-        return _step_back(policy, state, observed, now, why, weight=back_to)
+        return _step_back(policy, state, observed, now, why, weights=back_to)
     mode = policy.spec.schedule.weight_mode
     weights = weights_for(0, mode)
     if mode is WeightMode.TARGET_ONLY:
@@ -482,6 +499,8 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         source_weight=weights.source if weights.source is not None else observed.source_weight,
         pending=intent,
         awaiting=None,
+        verifying_from=None,
+        rolled_back_last=True,
     )
     # A rollback of a gateway that carried traffic pages; one that carried none (an abort before
     # the start landed) is said, not paged.
@@ -505,25 +524,26 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
     )
 
 
-def _step_back_weight(policy: CanaryPolicy, state: RolloutState, why: str) -> int | None:
-    """Where a failed post-promotion verification goes (R10): the last step's split, which was
-    judged healthy against the old gateway; None for a rollback to 0 (an abort, or no such step)."""
-    if state.phase is not Phase.VERIFYING or why == ABORTED:
+def _step_back_weights(state: RolloutState, why: str) -> Weights | None:
+    """Where a failed post-promotion verification goes (R10): the split the Services showed before
+    the promotion, the one judged healthy against the old gateway (in either weight mode, after a
+    ``promote --full`` too); None for a rollback to 0 (an abort, or nothing judged before 100)."""
+    before = state.verifying_from
+    if state.phase is not Phase.VERIFYING or why == ABORTED or before is None or not 0 < before[0] < FULL:
         return None
-    steps = target_steps(policy.spec.schedule)
-    return steps[-2] if len(steps) > 1 else None
+    target, source = before
+    return Weights(target, FULL - target if source is None else source)
 
 
 def _step_back(
-    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str, *, weight: int
+    policy: CanaryPolicy, state: RolloutState, observed: Observation, now: datetime, why: str, *, weights: Weights
 ) -> Decision:
-    """R10: verification failed at 100: back to the last step's split at once, Paused there with the
+    """R10: verification failed at 100: back to the judged split at once, Paused there with the
     rollback armed one check from 0 (a further FAIL rolls back to 0; a pass clears it)."""
-    weights = Weights(weight, FULL - weight)  # the source comes back whatever the weight mode
-    intent = Intent(weight, weights.source, observed.target_weight, observed.source_weight, rollback=True)
+    intent = Intent(weights.target, weights.source, observed.target_weight, observed.source_weight, rollback=True)
     reason = (
-        f"verification at 100 failed, stepped back to target weight {weight}: {why}; paused with rollback "
-        "armed (one more failed check rolls back to 0)"
+        f"verification at 100 failed, stepped back to target weight {weights.target}: {why}; paused with "
+        "rollback armed (one more failed check rolls back to 0)"
     )
     stepped = _restart_bake(state, now).evolve(
         phase=Phase.PAUSED,
@@ -535,6 +555,8 @@ def _step_back(
         consecutive_failures=max(0, policy.spec.analysis.failure_threshold - 1),
         inconclusive=(),
         stuck_reported=(),
+        verifying_from=None,
+        rolled_back_last=True,
     )
     return Decision(
         state=stepped,
@@ -554,7 +576,10 @@ def _progress(
 ) -> Decision:
     if writes is _Writes.EXTERNAL:
         return _adopt_external_change(state, observed, now)
-    if writes is _Writes.UNFINISHED:
+    if writes is _Writes.UNFINISHED and observed.command is Command.PAUSE:
+        # R9: a pause stops moving: the raise not fully written stays where the Services show it
+        state = _void_unfinished_raise(state, observed)
+    elif writes is _Writes.UNFINISHED:
         return _complete(state)
     commanded = _apply_command(policy, state, observed, now)
     if commanded is not None:
@@ -593,6 +618,7 @@ def _adopt_external_change(state: RolloutState, observed: Observation, now: date
         else f"{what}; adopted them and paused (resume or change the policy to continue)"
     )
     adopted = state.evolve(
+        rolled_back_last=False,  # the weights now shown are someone else's
         phase=state.phase if terminal else Phase.PAUSED,
         reason=reason,
         target_weight=seen.target,
@@ -626,11 +652,20 @@ def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observat
     command = observed.command
     if command is Command.RETRY and state.phase is Phase.ROLLED_BACK:
         fresh = _reset_step(state, now).evolve(
-            phase=_live_phase(state), reason="retry requested by an operator", approved=(), awaiting=None
+            phase=_live_phase(state),
+            reason="retry requested by an operator",
+            approved=(),
+            awaiting=None,
+            rolled_back_last=False,
         )
         return Decision(state=fresh, action=Action.RETRY, transition=True, outcome=_APPLIED)
     if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.VERIFYING):
-        paused = state.evolve(phase=Phase.PAUSED, reason="paused by an operator", changed_at=now)
+        # a policy change in the same tick is taken in (its bake restarts), and stays paused
+        changed = state.fingerprint != policy.rollout_fingerprint()
+        base = _restart_bake(state, now) if changed else state
+        paused = base.evolve(
+            phase=Phase.PAUSED, reason="paused by an operator", changed_at=now, fingerprint=policy.rollout_fingerprint()
+        )
         return Decision(state=paused, action=Action.PAUSE, transition=True, outcome=_APPLIED)
     if command is Command.RESUME and state.phase is Phase.PAUSED:
         resumed = _restart_bake(state, now).evolve(
@@ -707,7 +742,7 @@ def _verifying(policy: CanaryPolicy, state: RolloutState, check: CheckResult, no
             action=Action.NONE,
         )
     reason = f"promoted: verified at 100 for {verify:g}s of passing checks"
-    promoted = state.evolve(phase=Phase.PROMOTED, reason=reason, changed_at=now)
+    promoted = state.evolve(phase=Phase.PROMOTED, reason=reason, changed_at=now, verifying_from=None)
     return Decision(
         state=promoted,
         action=Action.PROMOTE,
@@ -724,7 +759,8 @@ def _policy_changed(policy: CanaryPolicy, state: RolloutState, now: datetime) ->
         )
     restarted = _restart_bake(updated, now)
     if state.phase is Phase.ROLLED_BACK:
-        restarted = _reset_step(updated, now)  # a new rollout: the old evidence led to the rollback
+        # a new rollout: the old evidence led to the rollback, and the old approvals were for it
+        restarted = _reset_step(updated, now).evolve(approved=(), awaiting=None, rolled_back_last=False)
         pending = restarted.evolve(phase=_live_phase(state), reason="policy changed after a rollback; starting again")
         return Decision(state=pending, action=Action.RETRY, transition=True)
     # a changed policy is how a paused rollout is continued
@@ -814,6 +850,7 @@ def _step_to(
     else:
         reason = f"target weight {state.target_weight} -> {weight} after a covered bake"
     verifying = promoting and verify > 0
+    seen = (observed.target_weight or 0, observed.source_weight)
     moved = _reset_step(state, now).evolve(
         phase=Phase.VERIFYING if verifying else Phase.PROMOTED if promoting else Phase.PROGRESSING,
         reason=reason,
@@ -821,6 +858,8 @@ def _step_to(
         source_weight=weights.source if weights.source is not None else state.source_weight,
         pending=intent,
         awaiting=None,
+        verifying_from=seen if verifying else None,
+        rolled_back_last=False,
     )
     notices = (Notice(AlertKind.PROMOTED, Severity.INFO, reason),) if promoting and not verifying else ()
     return Decision(
@@ -922,7 +961,7 @@ def _report_cloud(decision: Decision, observed: Observation) -> Decision:
     detail = f" ({observed.cloud_detail})" if observed.cloud_detail else ""
     # On the rollback's own tick the refusal is about the write before it; from the next tick on,
     # about the rollback, which may not have reached the load balancer.
-    rollback_unapplied = state.phase is Phase.ROLLED_BACK and decision.action is not Action.ROLLBACK
+    rollback_unapplied = state.rolled_back_last and decision.action is not Action.ROLLBACK
     if rollback_unapplied:
         why = f"the cloud has not applied the rollback, the ASM gateway may still get traffic: {refusal}{detail}"
         return updated.notify(Notice(AlertKind.CLOUD_NOT_APPLIED, Severity.CRITICAL, why))
@@ -977,15 +1016,16 @@ def _answer(command: Command | None, decision: Decision, approval: CommandOutcom
     return replace(decision, outcome=outcome)
 
 
-def _record(decision: Decision, observed: Observation, now: datetime) -> Decision:
-    """Transitions and commands go into the state's history, with who made them happen."""
+def _record(decision: Decision, observed: Observation, now: datetime, *, by_operator: bool) -> Decision:
+    """Transitions and commands go into the state's history, with who made them happen: a transition
+    is the operator's only when their command caused it (an approval never does: the raise that
+    follows is the controller's, on its evidence)."""
     state, outcome = decision.state, decision.outcome
-    by_operator = observed.command is not None and outcome is not None and outcome.applied
     entries: list[Transition] = []
     if decision.transition:
         by = observed.command_by if by_operator else "gateway-canary"
         entries.append(Transition(now, decision.action.value, state.phase, by, state.reason))
-    if observed.command is not None and outcome is not None and not (decision.transition and outcome.applied):
+    if observed.command is not None and outcome is not None and not (decision.transition and by_operator):
         verb = "applied" if outcome.applied else "rejected"
         entries.append(
             Transition(now, observed.command.value, state.phase, observed.command_by, f"{verb}: {outcome.reason}")
@@ -1009,7 +1049,10 @@ def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
 
 
 def _live_phase(state: RolloutState) -> Phase:
-    """Where a rollout continues: Pending at 0 (start on a real baseline), else bake where it stands."""
+    """Where a rollout continues: Pending at 0 (start on a real baseline), verifying at 100 when it was
+    (R10), else bake where it stands."""
+    if state.target_weight >= FULL and state.verifying_from is not None:
+        return Phase.VERIFYING
     return Phase.PROGRESSING if state.target_weight > 0 else Phase.PENDING
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from controller.core.policy import CanaryPolicy
+from controller.core.policy import CanaryPolicy, Receiver
 
 __all__ = [
     "MAX_ALIASES",
@@ -265,11 +265,15 @@ def _located(exc: ValidationError, file: str, lines: dict[_Path, int], doc_line:
     return found
 
 
+#: the receiver types, as the policy's discriminated union names them
+_RECEIVER_TYPES = tuple(get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(Receiver)[0]))
+
+
 def _strip_union_tags(loc: Sequence[str | int]) -> _Path:
     """Drop pydantic's discriminator tags (``slack``) and validator names from error paths."""
     kept: list[str | int] = []
     for part in loc:
-        if isinstance(part, str) and (part in {"slack", "webhook", "alertmanager"} or "[" in part):
+        if isinstance(part, str) and (part in _RECEIVER_TYPES or "[" in part):
             continue
         kept.append(part)
     return tuple(kept)
@@ -292,9 +296,9 @@ def _explain(error: Any, loc: _Path) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "union_tag_invalid":
-        return "unknown receiver type; allowed: slack, webhook, alertmanager"
+        return f"unknown receiver type; allowed: {', '.join(_RECEIVER_TYPES)}"
     if kind == "union_tag_not_found":
-        return "a receiver needs a type: slack, webhook or alertmanager"
+        return f"a receiver needs a type: {', '.join(_RECEIVER_TYPES)}"
     return message
 
 

@@ -161,6 +161,12 @@ class RolloutState:
     history: tuple[Transition, ...] = ()
     #: the last operator command answered
     last_command: CommandRecord | None = None
+    #: while verifying at 100 (R10): the weights the Services showed before the promotion write, the
+    #: split judged healthy against the old gateway, where a failed verification steps back to
+    verifying_from: tuple[int, int | None] | None = None
+    #: the last weights this rollout wrote were a rollback or a step back (the cloud not applying
+    #: them pages: the ASM gateway may still carry traffic it should not)
+    rolled_back_last: bool = False
 
     def __post_init__(self) -> None:
         # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
@@ -263,6 +269,8 @@ class _StateV2(_Stored):
     awaiting: _Weight | None = None
     history: Annotated[list[_TransitionV2], Field(max_length=MAX_HISTORY)] = []
     last_command: _CommandV2 | None = None
+    verifying_from: tuple[_Weight, _Weight | None] | None = None
+    rolled_back_last: bool = False
 
 
 class _StateV1(_Stored):
@@ -328,6 +336,8 @@ def encode_state(state: RolloutState) -> str:
             for t in state.history[-MAX_HISTORY:]
         ],
         "last_command": None if state.last_command is None else _command_json(state.last_command),
+        "verifying_from": None if state.verifying_from is None else list(state.verifying_from),
+        "rolled_back_last": state.rolled_back_last,
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -420,6 +430,8 @@ def _from_v2(stored: _StateV2) -> RolloutState:
             applied=stored.last_command.applied,
             reason=stored.last_command.reason,
         ),
+        verifying_from=stored.verifying_from,
+        rolled_back_last=stored.rolled_back_last,
     )
 
 

@@ -178,7 +178,7 @@ def status_view(
             "verdict": check.verdict.value,
             "cause": None if check.cause is None else check.cause.value,
             "reason": check.reason[:500],
-            "observedTargetShare": check.observed_target_share,
+            "observedTargetShare": _finite(check.observed_target_share),
             "gates": [
                 {
                     "gate": gate.gate,
@@ -192,7 +192,11 @@ def status_view(
             ],
         }
     if split is not None:
-        view["split"] = {"requested": split.requested, "effective": split.effective, "text": split.describe()}
+        view["split"] = {
+            "requested": _finite(split.requested),
+            "effective": _finite(split.effective),
+            "text": split.describe(),
+        }
     if confirmation is not None:
         view["cloud"] = {"status": confirmation.status.value, "reason": confirmation.reason}
     return view

@@ -56,7 +56,14 @@ from controller.core.schedule import Weights
 from controller.core.state import CommandRecord, Intent, RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.status import status_view
 from controller.core.text import bounded
-from controller.errors import AccessDenied, ClusterError, ClusterUnavailable, ServiceNotFound, WeightChangedExternally
+from controller.errors import (
+    AccessDenied,
+    ClusterError,
+    ClusterUnavailable,
+    CommandWithdrawn,
+    ServiceNotFound,
+    WeightChangedExternally,
+)
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
 from controller.runtime.cloud_watch import CloudView, CloudWatch
@@ -138,6 +145,7 @@ class PolicyRunner:
         self._lock = threading.Lock()
         self._memory: RolloutState | None = None  # the last state this runner decided, for store outages
         self._version: str | None = None  # the state object's version this process last read or wrote
+        self._known: str | None = None  # the encoded state this process last read or wrote
         self._reported: str | None = None  # the last trouble reported outside the state (observe, crash)
         self._provisional: RolloutState | None = None  # decided while no state could be read
         self._provisional_passed = False  # ...and whether a check passed meanwhile
@@ -222,17 +230,15 @@ class PolicyRunner:
             if isinstance(exc, ClusterUnavailable):
                 self._unreachable_at = time.monotonic()
             return None, f"state store unavailable: {exc}"
-        moved = stored.version not in (self._version, "")
-        if moved and not self._same_as_memory(stored):
-            self._memory = None  # someone else wrote it since: what is stored wins over what was remembered
+        text = None if stored.state is None else encode_state(stored.state)
+        if stored.version not in (self._version, "") and (text is None or text != self._known):
+            # someone else wrote the state since: what is stored wins over what was remembered. An
+            # object that moved with the state this process last read or wrote (an operator's command
+            # annotated) keeps the memory: the open bake run, and what could not be saved (a rollback)
+            self._memory = None
         self._version = stored.version
+        self._known = text
         return stored, None
-
-    def _same_as_memory(self, stored: StoredState) -> bool:
-        """Whether the object moved without its state changing (an operator's command was annotated):
-        then what this process remembers (the open bake run, which is not stored) still holds."""
-        memory = self._memory
-        return memory is not None and stored.state is not None and encode_state(stored.state) == encode_state(memory)
 
     def _state_for(
         self, stored: StoredState | None, seen: PairSnapshot, store_problem: str | None
@@ -300,15 +306,24 @@ class PolicyRunner:
         stale = written is None or time.monotonic() - written >= self._status_refresh
         if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox) and base.command_error is None and not stale:
             return base
+        view = self._view(state)
+        status = None if view is None else json.dumps(view, sort_keys=True, separators=(",", ":"))
         try:
-            status = json.dumps(self._view(state), sort_keys=True, separators=(",", ":"), allow_nan=False)
             saved = self._store.save(self.policy, state, base, outbox, status)
+        except CommandWithdrawn as exc:
+            # the operator was told their command was not applied: this tick's decision on it is
+            # forgotten, and the next tick decides again from what is stored (a rollback written
+            # meanwhile shows on the Services and is adopted)
+            self._memory = self._known = None
+            self.log.warning("the command this tick answered was taken back; its decision is dropped", error=str(exc))
+            return None
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
             return None
         self._status_written = time.monotonic()
         self._version = saved.version
+        self._known = encode_state(state)
         return saved
 
     # -- operators' commands and the status they read -----------------------------------------------
@@ -352,17 +367,37 @@ class PolicyRunner:
         if check is not None:
             self._last_check = (check, self._clock.now())
         view = self._view(state)
+        if view is None:
+            return
         kind, reason = view["waiting"]["kind"], view["waiting"]["reason"]
         self._telemetry.record_waiting(self.policy.name, state.phase.value, kind, reason)
         if self._waiting != (kind, reason):
             self._waiting = (kind, reason)
             self.log.info("waiting", kind=kind, reason=reason, phase=state.phase.value)
 
-    def _view(self, state: RolloutState) -> dict[str, Any]:
-        """What ``status`` shows for ``state`` (saved with it)."""
+    def _view(self, state: RolloutState) -> dict[str, Any] | None:
+        """What ``status`` shows for ``state`` (saved with it); None when it cannot be made (logged).
+
+        Guarded: it runs before the weights are written, and a bug in what people read must never
+        cost a rollback.
+        """
         last, checked_at = self._last_check if self._last_check is not None else (None, None)
-        now = self._clock.now()
-        return status_view(self.policy, state, last, checked_at, now, split=self.split, confirmation=self.confirmation)
+        try:
+            view = status_view(
+                self.policy,
+                state,
+                last,
+                checked_at,
+                self._clock.now(),
+                split=self.split,
+                confirmation=self.confirmation,
+            )
+            json.dumps(view, allow_nan=False)  # what cannot be saved is no status
+        except Exception:
+            self._telemetry.errors.labels(self.policy.name, "status").inc()
+            self.log.exception("the status view failed; the rollout goes on without it")
+            return None
+        return view
 
     # -- measuring -----------------------------------------------------------------------------------
 
