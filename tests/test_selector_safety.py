@@ -22,6 +22,7 @@ from controller.core.policy import CanaryPolicy
 from controller.core.queries import queries_for
 from controller.core.results import GatewaySamples
 from controller.core.schedule import target_steps
+from controller.core.windows import next_opening
 from controller.runtime.collector import Collector
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import T0, make_policy, samples
@@ -219,7 +220,11 @@ def test_every_shipped_example_advances_a_healthy_rollout(
     check = wait_for(passing, timeout=40, interval=0.5, what=f"{where}: a passing check on healthy traffic")
     assert all(gate.verdict is Verdict.PASS for gate in check.gates)
     first = target_steps(policy.spec.schedule)[0]
-    state = initial_state(policy, Observation(first, 100 - first), T0)  # baking at the first step...
-    state = state.evolve(baked_seconds=policy.spec.schedule.bake_time.total_seconds())  # ...bake covered
-    decision = decide(policy, state, Observation(first, 100 - first, check), T0)
+    # ...at a moment its advance windows allow a raise (when it has some)
+    windows = policy.spec.schedule.advance_windows
+    when = T0 if windows is None else next_opening(windows, T0)
+    assert when is not None, f"{where}: its advance windows never open"
+    state = initial_state(policy, Observation(first, 100 - first), when)  # baking at the first step...
+    state = state.evolve(baked_seconds=policy.spec.schedule.bake_for(first).total_seconds())  # ...bake covered
+    decision = decide(policy, state, Observation(first, 100 - first, check), when)
     assert decision.action in (Action.ADVANCE, Action.PROMOTE), decision.reason

@@ -180,7 +180,7 @@ def test_a_rollback_being_written_comes_first() -> None:
     assert waiting(stepped, 3030, FAIL) == WaitingFor.ROLLBACK
 
 
-def test_a_finished_rollout_waits_for_nothing() -> None:
+def test_a_promoted_rollout_waits_for_nothing_and_a_rolled_back_one_for_a_retry() -> None:
     promoted = at_weight(100)
     shown = view(promoted, 3000, None)
     assert shown["waiting"]["kind"] == WaitingFor.NOTHING and shown["next"] is None
@@ -188,7 +188,8 @@ def test_a_finished_rollout_waits_for_nothing() -> None:
     rolled = started()
     rolled.tick(FAIL, 30)
     rolled.tick(FAIL, 60)
-    assert waiting(rolled, 90, None) == WaitingFor.NOTHING
+    assert waiting(rolled, 90, None) == WaitingFor.RETRY
+    assert "gateway-canary retry shop" in view(rolled, 90, None)["waiting"]["reason"]
 
 
 def test_a_refusal_and_an_unapplied_write_are_named() -> None:

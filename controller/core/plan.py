@@ -8,7 +8,7 @@ faster, so a plan is a lower bound to plan a change window with, not a promise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import FULL, target_steps, weights_for
@@ -93,9 +93,10 @@ def plan_rows(policy: CanaryPolicy, start: datetime) -> list[PlanRow]:
                 approval=any(previous < gate <= weight for gate in schedule.approval_at),
                 window=held,
                 earliest=reached,
-                promoted_at=None if reached is None or not promoting else reached + verify,
+                promoted_at=None if reached is None or not promoting else reached.astimezone(UTC) + verify,
             )
         )
         previous = weight
-        reached = None if reached is None else reached + bake
+        # elapsed time is added in UTC: a bake across a DST change lasts its full length
+        reached = None if reached is None else reached.astimezone(UTC) + bake
     return rows

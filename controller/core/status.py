@@ -12,7 +12,7 @@ rollback being written, a pause, an approval, a refusal, the cloud, a window, th
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from controller.core.cloud import ConfirmationState, Split
@@ -116,7 +116,8 @@ def _next_step(policy: CanaryPolicy, state: RolloutState, now: datetime) -> dict
         weight = next_target_weight(policy.spec.schedule, state.target_weight)
     if weight is None:
         return None
-    earliest: datetime | None = now + timedelta(seconds=max(0.0, _bake_seconds(policy, state) - state.covered_seconds))
+    left = timedelta(seconds=max(0.0, _bake_seconds(policy, state) - state.covered_seconds))
+    earliest: datetime | None = now.astimezone(UTC) + left
     windows = policy.spec.schedule.advance_windows
     if windows is not None and earliest is not None and state.phase is not Phase.VERIFYING:
         earliest = next_opening(windows, earliest)

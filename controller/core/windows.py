@@ -11,7 +11,7 @@ the system has none, e.g. a slim container). A window is judged in local time, s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -79,7 +79,7 @@ def _days(days: Sequence[str]) -> str:
 
 def next_opening(spec: AdvanceWindows, now: datetime) -> datetime | None:
     """The first moment at or after ``now`` a raise may happen (``now`` itself when inside a
-    window and not frozen); None when nothing opens within the search horizon."""
+    window and not frozen; else in UTC); None when nothing opens within the search horizon."""
     tz = zone(spec.time_zone)
     local = now.astimezone(tz)
     if _inside(spec, local) and _frozen(spec, local.date()) is None:
@@ -92,9 +92,10 @@ def next_opening(spec: AdvanceWindows, now: datetime) -> datetime | None:
         # at midnight when the evening before was frozen or not yet reached)
         starts = sorted({start for window in spec.windows for start, _ in _open_intervals(window, day)})
         for minute in starts:
-            moment = datetime.combine(day, time(minute // 60, minute % 60), tzinfo=tz)
+            # through UTC: a start in the hour a DST change skips names the moment that exists
+            moment = datetime.combine(day, time(minute // 60, minute % 60), tzinfo=tz).astimezone(UTC).astimezone(tz)
             if moment >= local and _inside(spec, moment):
-                return moment
+                return moment.astimezone(UTC)
     return None
 
 

@@ -38,6 +38,8 @@ from controller.settings import Settings
 __all__ = ["ControllerService"]
 
 _log = structlog.get_logger("controller.service")
+#: an unanswered command runs its policy's tick early again after this long
+_RETRIGGER_SECONDS = 5.0
 
 
 class ControllerService:
@@ -88,7 +90,7 @@ class ControllerService:
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
-        self._triggered: dict[str, str] = {}  # policy -> the command id its tick was run early for
+        self._triggered: dict[str, tuple[str, float]] = {}  # policy -> (command id, when its tick was run early)
         self._commands_trouble: str | None = None
         self.http: StatusServer | None = None
         if serve_http:
@@ -290,11 +292,17 @@ class ControllerService:
             _log.exception("looking for operators' commands failed; they wait for the next tick")
             return
         self._commands_trouble = None
+        now = time.monotonic()
         for name, ident in waiting.items():
             runner = runners.get(name)
-            if runner is None or ident in (runner.last_command_id, self._triggered.get(name)):
+            if runner is None or ident == runner.last_command_id:
                 continue
-            self._triggered[name] = ident
+            # once per command; again after a while if still unanswered (a tick under way when the
+            # command came skips the early run, and a failing tick answers nothing)
+            before = self._triggered.get(name)
+            if before is not None and before[0] == ident and now - before[1] < _RETRIGGER_SECONDS:
+                continue
+            self._triggered[name] = (ident, now)
             job = self._scheduler.get_job(name)
             if job is not None and not self.stopping.is_set():
                 _log.info("operator command waiting; running the tick now", policy=name, command_id=ident)
