@@ -386,7 +386,7 @@ def test_approvals_reset_on_retry() -> None:
     rollout.tick(FAIL, 90)
     assert rollout.state.phase is Phase.ROLLED_BACK
     retried = rollout.tick(None, 120, command=Command.RETRY)
-    assert retried.outcome == CommandOutcome(True, "applied")
+    assert retried.outcome == CommandOutcome(True, "starting again")
     assert retried.state.approved == () and retried.state.awaiting is None
     rollout.tick(TARGET_QUIET, 150)
     rollout.every(PASS, 180, 600)
@@ -413,7 +413,7 @@ def test_promote_approves_everything_remaining() -> None:
     assert rollout.state.awaiting == 50
     decision = rollout.tick(PASS, 720, command=Command.PROMOTE)
     assert decision.action is Action.PROMOTE and rollout.weights == (100, 0)
-    assert decision.outcome == CommandOutcome(True, "applied")
+    assert decision.outcome == CommandOutcome(True, decision.reason)
     assert decision.state.approved == (50, 100) and decision.state.awaiting is None
     assert decision.state.phase is Phase.PROMOTED and kinds(decision) == [AlertKind.PROMOTED]
     assert decision.state.history[-1].by == OPERATOR and decision.state.history[-1].action == "Promote"
@@ -484,7 +484,7 @@ def test_a_pause_given_with_a_policy_change_stays_paused() -> None:
     rollout = started()
     rollout.policy = policy(bake="2m")
     paused = rollout.tick(PASS, 30, command=Command.PAUSE)
-    assert paused.outcome == CommandOutcome(True, "applied") and paused.state.phase is Phase.PAUSED
+    assert paused.outcome == CommandOutcome(True, "paused") and paused.state.phase is Phase.PAUSED
     after = rollout.tick(PASS, 60)
     assert after.state.phase is Phase.PAUSED, f"the pause was lifted: {after.reason}"
 
@@ -497,7 +497,7 @@ def test_a_paused_rollout_holds_with_the_rollback_armed_and_resume_restarts_the_
         assert rollout.tick(PASS, t).weights is None
     assert rollout.target == 10
     resumed = rollout.tick(PASS, 600, command=Command.RESUME)
-    assert resumed.outcome == CommandOutcome(True, "applied") and resumed.action is Action.RESUME
+    assert resumed.outcome == CommandOutcome(True, "resumed") and resumed.action is Action.RESUME
     assert resumed.state.phase is Phase.PROGRESSING and resumed.state.step_started_at == at(600)
     assert resumed.state.covered_seconds == 0
     rollout.every(PASS, 630, 660)
@@ -520,7 +520,7 @@ def test_resume_is_rejected_unless_paused(phase: Phase) -> None:
 def test_retry_starts_a_rolled_back_rollout_again_from_the_first_step() -> None:
     rollout = in_phase(Phase.ROLLED_BACK)
     retried = rollout.tick(None, 100, command=Command.RETRY, by="bob")
-    assert retried.action is Action.RETRY and retried.outcome == CommandOutcome(True, "applied")
+    assert retried.action is Action.RETRY and retried.outcome == CommandOutcome(True, "starting again")
     state = retried.state
     assert state.phase is Phase.PENDING and state.consecutive_failures == 0 and state.inconclusive == ()
     assert state.history[-1].by == "bob" and state.history[-1].action == "Retry"
@@ -585,7 +585,7 @@ def test_promote_is_applied_only_on_a_passing_check() -> None:
     rollout = started()
     decision = rollout.tick(PASS, 30, command=Command.PROMOTE, by="dave")
     assert decision.action is Action.PROMOTE and rollout.weights == (100, 0)
-    assert decision.outcome == CommandOutcome(True, "applied")
+    assert decision.outcome == CommandOutcome(True, decision.reason)
     assert decision.state.history[-1].by == "dave"
 
 

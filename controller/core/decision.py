@@ -658,7 +658,9 @@ def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observat
             awaiting=None,
             rolled_back_last=False,
         )
-        return Decision(state=fresh, action=Action.RETRY, transition=True, outcome=_APPLIED)
+        return Decision(
+            state=fresh, action=Action.RETRY, transition=True, outcome=CommandOutcome(True, "starting again")
+        )
     if command is Command.PAUSE and state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.VERIFYING):
         # a policy change in the same tick is taken in (its bake restarts), and stays paused
         changed = state.fingerprint != policy.rollout_fingerprint()
@@ -666,13 +668,13 @@ def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observat
         paused = base.evolve(
             phase=Phase.PAUSED, reason="paused by an operator", changed_at=now, fingerprint=policy.rollout_fingerprint()
         )
-        return Decision(state=paused, action=Action.PAUSE, transition=True, outcome=_APPLIED)
+        return Decision(state=paused, action=Action.PAUSE, transition=True, outcome=CommandOutcome(True, "paused"))
     if command is Command.RESUME and state.phase is Phase.PAUSED:
         resumed = _restart_bake(state, now).evolve(
             phase=_live_phase(state),
             reason="resumed by an operator; the bake at this step restarts",
         )
-        return Decision(state=resumed, action=Action.RESUME, transition=True, outcome=_APPLIED)
+        return Decision(state=resumed, action=Action.RESUME, transition=True, outcome=CommandOutcome(True, "resumed"))
     if command is Command.PROMOTE and state.phase in (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED):
         check = observed.check
         if check is None or check.verdict is not Verdict.PASS:
@@ -685,11 +687,8 @@ def _apply_command(policy: CanaryPolicy, state: RolloutState, observed: Observat
         # the operator's promotion approves what was left to approve (R9); _permit still judges it
         approved = state.evolve(approved=tuple(sorted({*state.approved, *policy.spec.schedule.approval_at})))
         promoted = _step_to(policy, approved, observed, FULL, now, action=Action.PROMOTE)
-        return replace(promoted, outcome=_APPLIED)
+        return replace(promoted, outcome=CommandOutcome(True, promoted.reason))
     return None
-
-
-_APPLIED = CommandOutcome(True, "applied")
 
 
 def _take_approval(
