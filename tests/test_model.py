@@ -41,11 +41,19 @@ operator gives commands (pause, resume, approve, abort, retry, promote) on any t
       the tick writes the target to 0, or its writes failed and the next fault-free tick does
   I12 every command gets an answer recorded in ``state.last_command`` in the tick that reads it
   I13 a rollback-worthy failure while Verifying never leaves the target at 100: it goes to the
-      last step's split (or, its write failed, the next fault-free tick writes that split), one
-      FAIL from 0: the next counted FAIL rolls back to 0; checks while Verifying are absolute-only
+      split the Services showed before the raise to 100 (the last step's, step by step; 0 after a
+      promotion from 0), or, its write failed, the next fault-free tick writes it; the rollout is
+      then one FAIL from 0: the next counted FAIL rolls back to 0; checks while Verifying are
+      absolute-only
 
 Where verification and commands legitimately change I2-I8, the adjustment is explained where the
-model makes it (look for "legitimately").
+model makes it (look for "legitimately"): an operator's promotion skips the bake (I2); a step back
+is the protection while Verifying, and leaves the rollout one FAIL from 0 (I3, I8); retry and
+abort leave a terminal phase (I4); the history makes the state larger, within bounds (I6). A few
+imprecisions of the earlier model showed once the draws moved (marked "the earlier model"), none of
+them a change of the rules: a quiet target at 0 is no vanished traffic (I8), weights someone else
+set need no confirmation of ours (I7), and a rolled-back rollout stays unarmed until a tick takes
+a policy change in, or after a restart whose store kept it (I3, I8).
 
 ``GATEWAY_CANARY_MODEL_EXAMPLES`` sets the number of examples (CI default below).
 """
@@ -62,7 +70,7 @@ from typing import Any
 
 import pytest
 import structlog
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -78,6 +86,7 @@ from controller.core.cloud import (
     CloudEvent,
     ServiceFacts,
 )
+from controller.core.decision import Action
 from controller.core.enums import Command, GatewayRole, Phase, Verdict
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import CheckResult
@@ -110,14 +119,16 @@ INTERVAL = 30
 BAKE = 60
 THRESHOLD = 2
 DEFICIT_CHECKS = 2
+UNKNOWN = -1  # a split judged before a promotion that the model lost track of (a corrupted state)
 
 
-#: daily 20:00-20:03 and 20:06-21:00, Tue and Thu 23:00-00:30 (overnight), nothing on 2026-11-26;
-#: in Shanghai (UTC+8, no DST): T0 (Tue 12:00 UTC) is 20:00 there
+#: daily 20:00-20:03 and 20:06-21:00, Tue and Thu 23:00-00:30 (overnight), nothing on 2026-11-25 (the
+#: tail of Tuesday's overnight window falls on it); in Shanghai (UTC+8, no DST): T0 (Tue 12:00 UTC)
+#: is 20:00 there, and the freeze starts 4 h later
 WINDOWS: dict[str, Any] = {
     "timeZone": "Asia/Shanghai",
     "windows": [{"hours": "20:00-20:03"}, {"hours": "20:06-21:00"}, {"days": ["Tue", "Thu"], "hours": "23:00-00:30"}],
-    "freezeDates": ["2026-11-26"],
+    "freezeDates": ["2026-11-25"],
 }
 VERIFY = 60
 OWN_BAKE = 90
@@ -136,7 +147,7 @@ def window_open(at: datetime) -> bool:
     local = at.astimezone(UTC).replace(tzinfo=None) + timedelta(hours=8)
     minute = local.hour * 60 + local.minute
     day = local.strftime("%a")
-    if local.date() == date(2026, 11, 26):
+    if local.date() == date(2026, 11, 25):
         return False
     return (
         1200 <= minute < 1203
@@ -308,7 +319,7 @@ class Expect:
     last_pass: float | None = None
     weight_seen: int = 0
     deficits: int = 0  # judged ticks in a row whose traffic vanished, once settled
-    step_back_owed: bool = False  # a step back decided while verifying whose write failed (I13)
+    step_back_owed: int | None = None  # the target of a step back whose write failed (I13)
     approvals: int = 0  # APPROVEs given in this rollout (I10)
     promote_given: bool = False  # a PROMOTE given in this rollout: it approves everything left (I10)
     crossed: set[int] = field(default_factory=set)  # approvalAt weights our raises reached or passed (I10)
@@ -329,6 +340,7 @@ COMMANDS = (
     Command.ABORT,
     Command.RETRY,
     Command.RETRY,
+    Command.PROMOTE,
     Command.PROMOTE,
 )
 
@@ -354,6 +366,9 @@ class RolloutMachine(RuleBasedStateMachine):
         self.unsaved = False
         self.cloud = FaultyCloud()
         self.confirmed_writes: set[datetime] = set()
+        #: the target weight the Services showed before our last raise to 100: the split a failed
+        #: verification steps back to (R10); UNKNOWN once the state was lost
+        self.judged: int | None = None
         self.runner = self._new_runner()
 
     def _new_runner(self) -> PolicyRunner:
@@ -419,12 +434,15 @@ class RolloutMachine(RuleBasedStateMachine):
         check = CHECKS[verdict] if self.collector.ran else None
         if verifying and self.collector.ran:
             assert self.collector.absolute_only, "I13/R10: a check while Verifying judged the comparative gates"
+            event(f"a {verdict} check while verifying")
         self._count_coverage(before[0], check if prior_confirmed else None)
         self._judge_rise(before, after, check, refused, command)
         assert after <= before[0] or prior_confirmed, "I7/R8: a weight rose before the cloud confirmed the last write"
         self._judge_window(before[0], after)
         self._judge_approvals(before[0], after)
-        retrying = self.expect.step_back_owed
+        if after >= 100 > before[0]:
+            self.judged = before[0]
+        retrying = self.expect.step_back_owed is not None
         self._judge_rollback(before[0], after, check, faulted, verifying, command)
         self._judge_deficit(before[0], after, verdict, settled and prior_confirmed, faulted, verifying, retrying)
         self._follow_step_back(outcome.decision, after, verifying, retrying)
@@ -536,6 +554,13 @@ class RolloutMachine(RuleBasedStateMachine):
             command = Command.APPROVE if approve and n == 0 else None
             self.tick(verdict, INTERVAL, None, False, False, answer, command=command)
 
+    @rule(count=st.integers(1, 3), verdict=st.sampled_from(["FAIL", "FAIL", "VANISH", "PROM"]))
+    def a_breaking_target(self, count: int, verdict: str) -> None:
+        """Fault-free checks an interval apart that demand protection, the cloud answering each
+        write: how a target breaks, at a step, or at 100 while verifying (R10)."""
+        for _ in range(count):
+            self.tick(verdict, INTERVAL, None, False, False, "ok")
+
     @rule(silent=st.booleans())
     def the_cloud_controller_stalls_or_recovers(self, silent: bool) -> None:
         self.cloud.silent = silent
@@ -550,15 +575,22 @@ class RolloutMachine(RuleBasedStateMachine):
             # needs a real baseline and a pass). A documented limit of a double fault, not a rule broken.
             self.expect.fails_in_a_row = 0
             self.expect.rollback_owed = False
-            self.expect.step_back_owed = False  # (a step back is a rollback intent too)
-            self.expect.rolled_back = False
-            self.last_phase = None
+            self.expect.step_back_owed = None  # (a step back is a rollback intent too)
+            # ...but what was saved before survives: a landed rollback saved as such stays terminal
+            # (the earlier model re-armed it here; found once the draws moved)
+            stored = self._stored()
+            kept = stored is not None and stored.phase is Phase.ROLLED_BACK and stored.pending is None
+            self.expect.rolled_back = self.expect.rolled_back and kept
+            self.last_phase = Phase.ROLLED_BACK if kept else None
 
     @rule(to_target=st.integers(0, 100), to_source=st.integers(0, 100))
     def human_edits_the_weights(self, to_target: int, to_source: int) -> None:
         if to_target == 0 and to_source == 0:
             to_source = 100
         self.pair.target_weight, self.pair.source_weight = to_target, to_source
+        owed = self.expect.step_back_owed
+        if owed is not None and to_target < owed:
+            self.expect.step_back_owed = None  # legitimately: a step back never raises over a lower weight
 
     @rule(garbage=st.sampled_from(["not json", '{"v": 2, "target_weight": Infinity}', '{"v": 9}']))
     def corrupt_the_state(self, garbage: str) -> None:
@@ -571,7 +603,8 @@ class RolloutMachine(RuleBasedStateMachine):
         self.expect.last_pass = None
         self.expect.fails_in_a_row = 0  # the evidence (and a pending rollback) were in the state:
         self.expect.rollback_owed = False  # destroyed with it; the recovered state counts afresh, armed
-        self.expect.step_back_owed = False
+        self.expect.step_back_owed = None
+        self.judged = UNKNOWN  # and what the promotion was judged against
 
     @rule(missing=st.booleans())
     def a_receiver_secret_comes_and_goes(self, missing: bool) -> None:
@@ -592,10 +625,13 @@ class RolloutMachine(RuleBasedStateMachine):
         self.runner = self._new_runner()
         self.policy_changed = True
         old = self.expect
-        # approvals belong to the rollout, which a policy change continues (a rolled-back one is
-        # started again by it: _follow_terminal sees that and forgets them)
+        # approvals belong to the rollout, which a policy change continues; a rolled-back one is
+        # started again by it only once a tick takes the change in (an outside change is adopted
+        # first): _follow_terminal sees the rollout go live, re-arms the model and forgets them (the
+        # earlier model re-armed here, and counted FAILs the restart does not; found once the draws moved)
         self.expect = Expect(
             promoted=old.promoted,
+            rolled_back=old.rolled_back,
             weight_seen=self.pair.target_weight or 0,
             approvals=old.approvals,
             promote_given=old.promote_given,
@@ -605,9 +641,12 @@ class RolloutMachine(RuleBasedStateMachine):
     # -- the model ---------------------------------------------------------------------------------
 
     def _split(self) -> int | None:
-        """The last step's split a failed verification steps back to: the last step below 100."""
-        below = [weight for weight in self.steps if weight < 100]
-        return below[-1] if below else None
+        """Where a failed verification steps back to: the split judged before the promotion, which
+        is the last step's in a rollout that went step by step (R10); None: a rollback to 0 (the
+        promotion came from 0); UNKNOWN when the model lost track (a corrupted state)."""
+        if self.judged is None or self.judged == UNKNOWN:
+            return self.judged
+        return self.judged if 0 < self.judged < 100 else None
 
     def _bake_at(self, weight: int) -> float:
         """The bake at ``weight``, from the policy's text: the first step's own, else bakeTime."""
@@ -616,11 +655,13 @@ class RolloutMachine(RuleBasedStateMachine):
 
     def _protected(self, verifying: bool | None) -> set[int]:
         """The target weights protection may leave after a rollback-worthy tick: 0, or while
-        Verifying the last step's split (R10); both when it is not known whether it was verifying."""
+        Verifying the split judged before the promotion (R10); both when it is not known whether it
+        was verifying; while Verifying with the split unknown, anything below 100 (I13)."""
         split = self._split()
         if split is None or verifying is False:
             return {0}
-        return {split} if verifying else {0, split}
+        below = {0, *range(1, 100)} if split == UNKNOWN else {0, split}
+        return below - {0} if verifying and split != UNKNOWN else below
 
     @staticmethod
     def _verifying(state: Any) -> bool | None:
@@ -663,8 +704,13 @@ class RolloutMachine(RuleBasedStateMachine):
             assert self.expect.covered >= bake, f"I2/R4: rose with {self.expect.covered}s of {bake}s covered"
 
     def _judge_window(self, before: int, after: int) -> None:
-        if after > before and "windows" in self.features:
+        if "windows" not in self.features:
+            return
+        if after > before:
             assert window_open(self.clock.t), f"I9: the target rose {before} -> {after} at {self.clock.t}, closed"
+        state = self.runner._memory
+        if state is not None and state.reason.startswith("not raising the weight: outside the advance windows"):
+            event("a raise held by a closed window")
 
     def _judge_approvals(self, before: int, after: int) -> None:
         gates = self.features.get("approval_at", ())
@@ -672,6 +718,7 @@ class RolloutMachine(RuleBasedStateMachine):
             return
         e = self.expect
         e.crossed |= {gate for gate in gates if before < gate <= after}
+        event("a raise reached an approval weight")
         assert e.promote_given or len(e.crossed) <= e.approvals, (
             f"I10: the raise {before} -> {after} reached approval weights {sorted(e.crossed)} "
             f"with {e.approvals} APPROVE(s) given in this rollout"
@@ -687,57 +734,63 @@ class RolloutMachine(RuleBasedStateMachine):
         command: Command | None,
     ) -> None:
         e = self.expect
-        retrying = e.step_back_owed
+        retrying = e.step_back_owed is not None
         if e.rollback_owed and not faulted:
             assert after == 0, "I3/R2: a rollback that failed to write was not completed on a fault-free tick"
         if command is Command.ABORT and before > 0:
+            event("an abort while the target carried traffic")
             if not faulted:
                 assert after == 0, f"I11: an abort at target weight {before} left it at {after}"
-            e.rollback_owed, e.step_back_owed = after != 0, False
-        elif e.step_back_owed and not faulted:
-            assert after == self._split(), f"I13/R2: a step back that failed to write was retried as {after}"
-            e.step_back_owed = False
-        if after == 0:
-            e.rollback_owed, e.step_back_owed, e.fails_in_a_row = False, False, 0
+            e.rollback_owed, e.step_back_owed = after != 0, None
+            if after == 0:
+                e.rollback_owed, e.fails_in_a_row = False, 0
             return
-        if check is None or command is Command.ABORT:
-            return
+        if e.step_back_owed is not None and not faulted:
+            owed = e.step_back_owed
+            assert after == owed, f"I13/R2: a step back to {owed} that failed to write was retried as {after}"
+            e.step_back_owed = None
         armed = not e.promoted and not e.rolled_back
-        if check.verdict is Verdict.PASS:
+        if check is not None and check.verdict is Verdict.PASS:
             e.fails_in_a_row = 0
-        elif check.verdict is Verdict.FAIL and before > 0 and armed:
+        elif check is not None and check.verdict is Verdict.FAIL and before > 0 and armed:
             e.fails_in_a_row += 1
-        if e.fails_in_a_row >= THRESHOLD and armed:
-            if retrying:
-                # legitimately: a step back not fully written is written first (R2); the FAILs counted
-                # meanwhile roll back to 0 on the next tick that does not pass
-                return
+        # legitimately: a step back not fully written is written first (R2); the FAILs counted
+        # meanwhile roll back to 0 on the next tick that does not pass
+        if check is not None and e.fails_in_a_row >= THRESHOLD and armed and not retrying:
             protected = self._protected(verifying)
-            if after in protected:
-                return  # the step back to the last split (I13); _follow_step_back takes it in
-            assert faulted, (
-                f"I3/R1/I13: {e.fails_in_a_row} FAILs in a row at weight {before} and the target kept {after} "
-                f"(not {protected})"
-            )
-            if protected == {0}:
-                e.rollback_owed = True
-            elif verifying:
-                e.step_back_owed = True
+            if after not in protected:  # (0 while Verifying is no step back: I13)
+                assert faulted, (
+                    f"I3/R1/I13: {e.fails_in_a_row} FAILs in a row at weight {before} and the target is {after} "
+                    f"(not {sorted(protected)[:3]})"
+                )
+                if protected == {0}:
+                    e.rollback_owed = True
+                # (a step back owed is taken in by _follow_step_back, from the intent it recorded)
+        if after == 0:
+            e.rollback_owed, e.step_back_owed, e.fails_in_a_row = False, None, 0
 
     def _follow_step_back(self, decision: Any, after: int, verifying: bool | None, retrying: bool) -> None:
-        """A step back just decided (written, or its intent recorded) leaves the rollout Paused one
-        FAIL from 0 with its inconclusive counts cleared (R10): legitimately, the model follows."""
-        split, state = self._split(), self.runner._memory
-        if retrying or verifying is False or split is None or state is None or state.phase is not Phase.PAUSED:
+        """A step back just decided (a rollback that is not to 0: written, or its intent recorded)
+        leaves the rollout Paused one FAIL from 0 with its inconclusive counts cleared (R10):
+        legitimately, the model follows; its target is what I13 checked against the judged split."""
+        state = self.runner._memory
+        if retrying or verifying is False or state is None or state.phase is not Phase.PAUSED:
             return
         pending = state.pending
-        written = decision is not None and decision.transition and decision.weights == Weights(split, 100 - split)
-        recorded = pending is not None and pending.rollback and pending.target == split
-        if not (written or recorded):
+        if decision is not None and decision.transition and decision.action is Action.ROLLBACK:
+            target = decision.weights.target
+        elif pending is not None and pending.rollback:
+            target = pending.target
+        else:
             return
+        if target == 0:
+            return
+        split = self._split()
+        assert split in (UNKNOWN, target), f"I13: stepped back to {target}, the split judged was {split}"
+        event("a failed verification stepped back")
         self.expect.fails_in_a_row = THRESHOLD - 1
         self.expect.deficits = 0
-        self.expect.step_back_owed = after != split
+        self.expect.step_back_owed = None if after == target else target
 
     def _count_coverage(self, before: int, check: CheckResult | None) -> None:
         """An upper bound of what the bake may count: consecutive passes at one weight (R4)."""
@@ -774,9 +827,9 @@ class RolloutMachine(RuleBasedStateMachine):
             if aborted and left:
                 assert state.phase is Phase.ROLLED_BACK, f"I4/R5: an abort of a promoted rollout made it {state.phase}"
         if self.last_phase is Phase.ROLLED_BACK and state.phase in (Phase.PENDING, Phase.PROGRESSING):
-            # a new rollout (a retry, or a policy change): armed again, nothing approved yet
-            e.promoted = e.rolled_back = False
-            e.new_rollout()
+            e.new_rollout()  # a new rollout (a retry, or a policy change): nothing approved yet
+        if state.phase not in (Phase.PROMOTED, Phase.ROLLED_BACK):
+            e.promoted = e.rolled_back = False  # live: armed
         # a terminal phase counts once it is written (an unfinished promotion is no promotion)
         self.last_phase = state.phase if state.pending is None else None
         # a policy change counts until the rollout has taken it in
@@ -793,6 +846,8 @@ class RolloutMachine(RuleBasedStateMachine):
         record = state.last_command
         assert record is not None, f"I12: {command} got no answer"
         assert (record.command, record.at) == (command, self.clock.t), f"I12: {command} answered by {record}"
+        assert record.reason != "not answered", f"I12: the decision gave {command} no answer"
+        event(f"command {command.value} {'applied' if record.applied else 'rejected'}")
 
     # -- invariants after every step ------------------------------------------------------------------
 

@@ -3,15 +3,19 @@ level of the pure decision, with injected time; plus the per-step bake and the R
 
 ``Rollout`` plays the runner's part as in tests/test_decision.py, and also says who gives a command
 (``Observation.command_by``). Times are seconds after ``T0`` (2026-11-24 12:00 UTC, a Tuesday).
+The last test drives the runner itself: which gates the checks at 100 judge is the runner's choice.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pytest
 
+from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.decision import Action, CommandOutcome, Decision, Observation, decide, initial_state
 from controller.core.enums import AlertKind, Command, GatewayRole, InconclusiveCause, Phase, Severity, Verdict
 from controller.core.gates import judge
@@ -19,6 +23,9 @@ from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
 from controller.core.state import MAX_HISTORY, RolloutState
+from controller.notify.dispatcher import AlertDispatcher
+from controller.runtime.reconciler import PolicyRunner
+from controller.runtime.telemetry import Telemetry
 from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, TARGET_QUIET, at, make_policy, samples
 
 OPERATOR = "alice"
@@ -283,9 +290,9 @@ def test_a_lowering_write_is_not_held_by_a_window() -> None:
 def test_windows_do_not_delay_a_promotion_check_that_raises_nothing() -> None:
     """Verification finishing at 100 writes nothing: it ends outside a window too."""
     rollout = verifying(policy(verify_for="2m", windows={"windows": [{"hours": "12:00-12:05"}]}))
-    start = (rollout.state.step_started_at - at(0)).total_seconds()  # type: ignore[operator]
-    rollout.every(PASS, 3600, 3720)
-    assert rollout.state.phase is Phase.PROMOTED, (start, rollout.state.reason)
+    decisions = rollout.every(PASS, 3600, 3720)  # 13:00-13:02: closed
+    assert rollout.state.phase is Phase.PROMOTED, rollout.state.reason
+    assert kinds(decisions[-1]) == [AlertKind.PROMOTED] and all(d.weights is None for d in decisions)
 
 
 # --- approvals (R9) -------------------------------------------------------------------------------------
@@ -633,11 +640,10 @@ def test_every_command_is_answered_and_recorded_in_the_history(
     command: Command, phase: Phase, check: CheckResult | None
 ) -> None:
     rollout = in_phase(phase)
-    before = rollout.state.history
     decision = rollout.tick(check, 3000, command=command, by="erin")
     assert decision.outcome is not None
-    new = decision.state.history[len(before) :] if len(before) < MAX_HISTORY else decision.state.history[-2:]
-    mine = [entry for entry in new if entry.by == "erin" and entry.at == at(3000)]
+    assert len(decision.state.history) <= MAX_HISTORY
+    mine = [entry for entry in decision.state.history if entry.by == "erin" and entry.at == at(3000)]
     assert mine, f"{command} in {phase}: no history entry by the operator"
     if not decision.outcome.applied:
         assert any(entry.action == command.value and entry.reason.startswith("rejected: ") for entry in mine)
@@ -886,3 +892,66 @@ def test_a_cloud_refusal_that_clears_is_said_once() -> None:
     assert kinds(cleared) == [AlertKind.RECOVERED] and cleared.notices[0].severity is Severity.INFO
     assert refusal in cleared.notices[0].reason
     assert rollout.tick(PASS, 90).notices == ()
+
+
+# --- the runner: which gates a check at 100 judges ------------------------------------------------------
+
+#: at 100/0 the old gateway has no traffic: a full check cannot judge there
+SOURCE_STARVED = CheckResult(
+    verdict=Verdict.INCONCLUSIVE,
+    gates=NO_DATA.gates,
+    reason="source had 0 requests in the window, needs 50",
+    cause=InconclusiveCause.TOO_FEW_REQUESTS,
+    starved=(GatewayRole.SOURCE,),
+    baseline=NO_DATA.baseline,
+)
+
+
+class AtFullCollector:
+    """The collector at 100/0: the absolute gates pass, a full check is starved; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
+        self.asked.append(absolute_only)
+        return PASS if absolute_only else SOURCE_STARVED
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = at(0)
+
+    def now(self) -> datetime:
+        return self.t
+
+
+def test_a_verification_paused_at_100_is_judged_on_the_absolute_gates_and_not_rolled_back_for_a_quiet_source() -> None:
+    """Paused while verifying, the rollout stands at 100/0 where the old gateway has no traffic to
+    compare with: full (comparative) checks can never judge there, and with onMissingData: rollback
+    they roll a healthy target back to 0."""
+    verified = policy(verify_for="10m", analysis={"onMissingData": {"action": "rollback", "afterChecks": 2}})
+    store, pair, clock, collector = InMemoryStateStore(), InMemoryGatewayPair(100, 0), Clock(), AtFullCollector()
+    store.save(verified, verifying(verified).state, store.load(verified))
+    runner = PolicyRunner(
+        verified,
+        pair=pair,
+        store=store,
+        metrics=object(),  # type: ignore[arg-type]
+        receivers=[],
+        dispatcher=AlertDispatcher(),
+        collector=collector,  # type: ignore[arg-type]
+        clock=clock,
+        telemetry=Telemetry(),
+        stopping=threading.Event(),
+    )
+    clock.t = at(3000)
+    runner.tick()
+    assert collector.asked == [True]  # verifying: the absolute gates only
+    clock.t = at(3010)
+    runner.tick(Command.PAUSE)
+    for t in (3040, 3070, 3100):
+        clock.t = at(t)
+        runner.tick()
+    assert (pair.target_weight, pair.source_weight) == (100, 0), "a paused verification was rolled back"
+    assert collector.asked[1:] == [True] * 4, f"checks at 100 while paused asked absolute_only={collector.asked}"

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from controller.core.cloud import Confirmation, ConfirmationState, Split
-from controller.core.enums import Command, InconclusiveCause, Phase, Verdict
+from controller.core.enums import Command, InconclusiveCause, Verdict
 from controller.core.plan import gate_names, plan_rows
 from controller.core.results import CheckResult, GateResult
 from controller.core.status import STATUS_VERSION, WaitingFor, status_view, step_position
 from tests.helpers import FAIL, NO_DATA, PASS, TARGET_QUIET, at, make_policy
-from tests.test_operator_rules import GATED, PLAIN, VERIFIED, Rollout, at_weight, policy, started, verifying
+from tests.test_operator_rules import GATED, PLAIN, Rollout, at_weight, policy, started, verifying
 
 #: raises only 12:00-12:05 UTC daily (T0 is 12:00)
 WINDOWED = policy(windows={"windows": [{"hours": "12:00-12:05"}]})
@@ -116,6 +116,18 @@ def test_a_closed_window_is_what_a_baked_step_waits_for_with_the_next_opening() 
         "outside the advance windows (daily 12:00-12:05 UTC); next opens 2026-11-25 12:00 UTC"
     )
     assert datetime.fromisoformat(shown["next"]["earliest"]) == NEXT_DAY_NOON
+
+
+def test_a_start_held_by_a_closed_window_waits_for_the_window() -> None:
+    rollout = Rollout.fresh(WINDOWED)
+    rollout.tick(TARGET_QUIET, 3600)  # 13:00: closed
+    assert rollout.state.phase.value == "Pending" and rollout.target == 0
+    shown = view(rollout, 3600, TARGET_QUIET)
+    assert shown["waiting"]["kind"] == WaitingFor.WINDOW
+    assert shown["waiting"]["reason"].endswith("next opens 2026-11-25 12:00 UTC")
+    assert shown["step"]["index"] == 0 and shown["next"]["weight"] == 10
+    assert datetime.fromisoformat(shown["next"]["earliest"]) == NEXT_DAY_NOON
+    assert waiting(Rollout.fresh(WINDOWED), 60, TARGET_QUIET) == WaitingFor.START  # open: waits to start
 
 
 def test_the_next_steps_earliest_time_is_the_end_of_the_bake_shifted_into_the_window() -> None:

@@ -52,7 +52,7 @@ from controller.core.decision import recovered_state as recovered
 from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
-from controller.core.schedule import Weights
+from controller.core.schedule import FULL, Weights
 from controller.core.state import CommandRecord, Intent, RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.status import status_view
 from controller.core.text import bounded
@@ -406,8 +406,10 @@ class PolicyRunner:
         if settled_terminal and state.fingerprint == self.policy.rollout_fingerprint():
             return None
         started = time.perf_counter()
-        # at 100 while verifying, the old gateway has no traffic to compare with: absolute gates only
-        check = self._collector.check(self.policy, self._metrics, absolute_only=state.phase is Phase.VERIFYING)
+        # at 100 (verifying, or paused there) the old gateway has no traffic to compare with: absolute
+        # gates only, or every check would be inconclusive (and onMissingData: rollback would fire)
+        at_full = state.phase is Phase.VERIFYING or state.target_weight >= FULL
+        check = self._collector.check(self.policy, self._metrics, absolute_only=at_full)
         seconds = time.perf_counter() - started
         self._telemetry.record_check(self.policy.name, check, seconds)
         self._log_check(check, state.target_weight, seconds)
