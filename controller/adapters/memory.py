@@ -155,8 +155,12 @@ class InMemoryStateStore:
         """Store ``state`` if nothing changed since ``previous`` was read."""
         with self._lock:
             current = str(self.versions.get(policy.name, ""))
-            if current != previous.version:
-                raise Conflict(f"state of {policy.name} changed since it was read")
+            stored = self.texts.get(policy.name)
+            read = encode_state(previous.state) if previous.state is not None else previous.raw
+            if current != previous.version and (
+                stored != read or self.outboxes.get(policy.name, ()) != previous.outbox
+            ):
+                raise Conflict(f"state of {policy.name} changed since it was read")  # (only metadata may move)
             answers = answered(state, previous.command)
             if answers and self.pending_commands.get(policy.name) != previous.command_text:
                 raise CommandWithdrawn(f"the command answering {policy.name} was taken back")

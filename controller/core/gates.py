@@ -251,6 +251,9 @@ def _judge_absolute(policy: CanaryPolicy, source: GatewaySamples, target: Gatewa
         traffic = _Unjudgeable(
             InconclusiveCause.TOO_FEW_REQUESTS, f"target had {count:.0f} requests in the window, needs {minimum}"
         ).result("targetRequests", float(minimum), target.requests.query.promql, ">=")
+    if not kept:  # no gate left judges the ASM gateway's health: that is no pass
+        why = "no absolute gate (errorRate.max, a latency pNNMs.max, a custom gate) judges the ASM gateway alone"
+        kept = (_Unjudgeable(InconclusiveCause.NO_DATA, why).result("absoluteGates", 0.0, "", ">="),)
     combined = _combine((traffic, *kept), source, target, minimum)
     starved = tuple(role for role in combined.starved if role is GatewayRole.TARGET)
     return replace(combined, starved=starved)

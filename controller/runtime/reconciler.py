@@ -311,9 +311,12 @@ class PolicyRunner:
         try:
             saved = self._store.save(self.policy, state, base, outbox, status)
         except CommandWithdrawn as exc:
+            if state.rolled_back_last or (state.pending is not None and state.pending.rollback):
+                # R2: a rollback (or step back) stands whatever became of the command: saved without
+                # the answer to it
+                return self._save_unanswered(state, base, outbox, status)
             # the operator was told their command was not applied: this tick's decision on it is
-            # forgotten, and the next tick decides again from what is stored (a rollback written
-            # meanwhile shows on the Services and is adopted)
+            # forgotten, and the next tick decides again from what is stored
             self._memory = self._known = None
             self.log.warning("the command this tick answered was taken back; its decision is dropped", error=str(exc))
             return None
@@ -324,6 +327,35 @@ class PolicyRunner:
         self._status_written = time.monotonic()
         self._version = saved.version
         self._known = encode_state(state)
+        return saved
+
+    def _save_unanswered(
+        self, state: RolloutState, base: StoredState, outbox: tuple[OutboxEntry, ...], status: str | None
+    ) -> StoredState | None:
+        """Save ``state`` on the object as it is now, without the answer to a command taken back."""
+        try:
+            fresh = self._store.load(self.policy)
+            before = fresh.state
+            command = base.command
+            answers = [] if command is None else [command.command.value]
+            kept = state.evolve(
+                last_command=None if before is None else before.last_command,
+                history=tuple(
+                    entry
+                    for entry in state.history
+                    if before is None or entry in before.history or entry.action not in answers
+                ),
+            )
+            self._memory = kept
+            saved = self._store.save(self.policy, kept, fresh, outbox, status)
+        except ClusterError as exc:  # what this process decided stays in memory for the next tick
+            self._telemetry.errors.labels(self.policy.name, "state_store").inc()
+            self.log.error("could not save the rollout state", error=str(exc))
+            return None
+        self.log.warning("the command this tick answered was taken back; the rollback stands, the answer is dropped")
+        self._status_written = time.monotonic()
+        self._version = saved.version
+        self._known = encode_state(kept)
         return saved
 
     # -- operators' commands and the status they read -----------------------------------------------
@@ -406,9 +438,9 @@ class PolicyRunner:
         if settled_terminal and state.fingerprint == self.policy.rollout_fingerprint():
             return None
         started = time.perf_counter()
-        # at 100 (verifying, or paused there) the old gateway has no traffic to compare with: absolute
-        # gates only, or every check would be inconclusive (and onMissingData: rollback would fire)
-        at_full = state.phase is Phase.VERIFYING or state.target_weight >= FULL
+        # at 100/0 (verifying, or paused there) the old gateway has no traffic to compare with:
+        # absolute gates only, or every check would be inconclusive (onMissingData: rollback fires)
+        at_full = state.phase is Phase.VERIFYING or (state.target_weight >= FULL and state.source_weight == 0)
         check = self._collector.check(self.policy, self._metrics, absolute_only=at_full)
         seconds = time.perf_counter() - started
         self._telemetry.record_check(self.policy.name, check, seconds)
