@@ -67,8 +67,8 @@ def test_broken_file_reports_file_line_field_and_what_is_allowed(tmp_path: Path)
     assert any(line.startswith(f"{bad}:12: spec.analysis.interval: 'soon' is not a duration") for line in lines)
     assert f"{bad}:14: spec.gates.errorRate.max: Input should be less than or equal to 1" in lines
     assert (
-        f"{bad}:16: spec.alerts[0]: unknown receiver type; allowed: slack, webhook, alertmanager, dingtalk, feishu, wecom"
-        in lines
+        f"{bad}:16: spec.alerts[0]: unknown receiver type; allowed: slack, webhook, alertmanager, dingtalk, feishu, "
+        "wecom" in lines
     )
     assert "2 valid" in result.stdout  # the good files still load beside the bad one
 
