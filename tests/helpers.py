@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from controller.adapters.memory import InMemoryGatewayPair
 from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome, RenderedQuery
+from controller.errors import ClusterUnavailable
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -127,3 +129,34 @@ class RecordingNotifier:
 
     def send(self, alert: Any, *, timeout: float) -> None:
         self.alerts.append(alert)
+
+
+class ScriptedChecks:
+    """A collector that answers every check with ``next`` (set it between ticks)."""
+
+    def __init__(self, first: CheckResult | None = None) -> None:
+        self.next: CheckResult = first if first is not None else TARGET_QUIET
+
+    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
+        return self.next
+
+
+class HandClock:
+    """A clock moved by the test's hand (``at``), from T0."""
+
+    def __init__(self) -> None:
+        self.at: datetime = T0
+
+    def now(self) -> datetime:
+        return self.at
+
+
+class FlakyPair(InMemoryGatewayPair):
+    """The in-memory pair, whose weight patches fail while ``failing`` (an API server brownout)."""
+
+    failing: bool = False
+
+    def write_weights(self, policy, seen, weights, *, force=False, drop_legacy_state=False):  # type: ignore[no-untyped-def]
+        if self.failing:
+            raise ClusterUnavailable("patch Service: API server answered 500: etcdserver: request timed out")
+        super().write_weights(policy, seen, weights, force=force, drop_legacy_state=drop_legacy_state)

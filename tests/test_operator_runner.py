@@ -7,41 +7,24 @@ annotated by hand is answered once, and an unreadable annotation is dropped and 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.commands import CommandRequest, encode_command
 from controller.core.enums import Command, Phase
-from controller.core.results import CheckResult
-from tests.helpers import PASS, T0, TARGET_QUIET, make_policy, runner_for
+from tests.helpers import PASS, HandClock, ScriptedChecks, make_policy, runner_for
 
 POLICY = make_policy(
     schedule={"steps": [10, 50, 100], "bakeTime": "10m", "approvalAt": [50]}, analysis={"interval": "30s"}
 )
 
 
-class Checks:
-    def __init__(self) -> None:
-        self.next: CheckResult = TARGET_QUIET
-
-    def check(self, policy, metrics, *, absolute_only=False) -> CheckResult:  # type: ignore[no-untyped-def]
-        return self.next
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.at: datetime = T0
-
-    def now(self) -> datetime:
-        return self.at
-
-
 def rig():  # type: ignore[no-untyped-def]
     pair, store, checks, clock = (
         InMemoryGatewayPair(target_weight=0, source_weight=100),
         InMemoryStateStore(),
-        Checks(),
-        Clock(),
+        ScriptedChecks(),
+        HandClock(),
     )
     runner = runner_for(POLICY, pair=pair, store=store, metrics=object(), collector=checks, clock=clock)
     runner.tick()  # Start: 10/90

@@ -8,7 +8,7 @@ CommandWithdrawn logic); the checks at 100 go through the real Collector and gat
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +17,8 @@ from controller.core.commands import CommandRequest
 from controller.core.enums import AlertKind, Command, GatewayRole, Measure, Phase, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, RenderedQuery
-from controller.core.schedule import Weights
-from controller.errors import ClusterUnavailable
-from controller.ports import PairSnapshot
 from controller.runtime.collector import Collector
-from tests.helpers import FAIL, PASS, T0, TARGET_QUIET, make_policy, runner_for
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.at: datetime = T0
-
-    def now(self) -> datetime:
-        return self.at
-
-
-class FlakyPair(InMemoryGatewayPair):
-    failing: bool = False
-
-    def write_weights(self, policy, seen: PairSnapshot, weights: Weights, *, force=False, drop_legacy_state=False):  # type: ignore[no-untyped-def]
-        if self.failing:
-            raise ClusterUnavailable("patch Service: API server answered 500: etcdserver: request timed out")
-        super().write_weights(policy, seen, weights, force=force, drop_legacy_state=drop_legacy_state)
+from tests.helpers import FAIL, PASS, T0, TARGET_QUIET, FlakyPair, HandClock, make_policy, runner_for
 
 
 class SlowChecks:
@@ -55,7 +35,7 @@ class SlowChecks:
         return self.next
 
 
-def _rig(kube: Any, tmp_path: Path) -> tuple[FlakyPair, Any, Any, SlowChecks, Clock, Any, list[Any]]:
+def _rig(kube: Any, tmp_path: Path) -> tuple[FlakyPair, Any, Any, SlowChecks, HandClock, Any, list[Any]]:
     """The real state store and the operator's CLI adapter on the real apiserver; Services in memory.
     Started at 10/90, one FAIL counted (failureThreshold 2)."""
     from controller.adapters.kube_api import build_api_client
@@ -68,7 +48,7 @@ def _rig(kube: Any, tmp_path: Path) -> tuple[FlakyPair, Any, Any, SlowChecks, Cl
     admin = tmp_path / "admin.kubeconfig"
     admin.write_text(kube.admin_kubeconfig())
     operator = KubernetesOperator(build_api_client(admin), kube.ns)
-    pair, checks, clock = FlakyPair(target_weight=0, source_weight=100), SlowChecks(), Clock()
+    pair, checks, clock = FlakyPair(target_weight=0, source_weight=100), SlowChecks(), HandClock()
     runner = runner_for(policy, pair=pair, store=store, metrics=object(), collector=checks, clock=clock)
     sink: list[Any] = []
     runner._send = sink.append  # the alerts as the dispatcher would get them
@@ -80,7 +60,7 @@ def _rig(kube: Any, tmp_path: Path) -> tuple[FlakyPair, Any, Any, SlowChecks, Cl
     return pair, store, operator, checks, clock, runner, sink
 
 
-def _fail_with_a_withdrawn_pause(operator: Any, checks: SlowChecks, clock: Clock, runner: Any) -> None:
+def _fail_with_a_withdrawn_pause(operator: Any, checks: SlowChecks, clock: HandClock, runner: Any) -> None:
     """The on-call gives ``pause``; the tick reads it, Prometheus is slow, the CLI's --wait runs out
     and takes it back (``operate.give_command``); the check is the 2nd FAIL: a rollback, whose state
     also carries the answer to the (withdrawn) pause."""
@@ -176,7 +156,7 @@ class Numbers:
 
 def _hand_edited_to_100(policy: CanaryPolicy, *, source: int) -> tuple[InMemoryGatewayPair, InMemoryStateStore, Any]:
     """Progressing at 10, then someone sets the target's weight to 100 by hand: adopted, Paused, armed."""
-    pair, store, clock = InMemoryGatewayPair(target_weight=10, source_weight=90), InMemoryStateStore(), Clock()
+    pair, store, clock = InMemoryGatewayPair(target_weight=10, source_weight=90), InMemoryStateStore(), HandClock()
     from controller.core.decision import Observation, initial_state
 
     start = initial_state(policy, Observation(10, 90), T0).evolve(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,21 @@ from controller.core.decision import Action, Decision, Observation, decide, init
 from controller.core.enums import AlertKind, Command, Phase, Severity
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
-from controller.core.schedule import Weights
 from controller.core.state import CommandRecord, RolloutState
 from controller.errors import ClusterUnavailable, GatewayCanaryError
-from controller.ports import PairSnapshot, StoredState
-from tests.helpers import FAIL, PASS, T0, TARGET_QUIET, at, make_policy, runner_for
+from controller.ports import StoredState
+from tests.helpers import (
+    FAIL,
+    PASS,
+    T0,
+    TARGET_QUIET,
+    FlakyPair,
+    HandClock,
+    ScriptedChecks,
+    at,
+    make_policy,
+    runner_for,
+)
 
 
 def policy(
@@ -166,22 +176,6 @@ def test_review_pause_is_rejected_while_the_same_tick_completes_an_unfinished_ra
 # --- 2. the runner (in-memory adapters) -----------------------------------------------------------
 
 
-class Checks:
-    def __init__(self) -> None:
-        self.next: CheckResult = TARGET_QUIET
-
-    def check(self, policy, metrics, *, absolute_only=False) -> CheckResult:  # type: ignore[no-untyped-def]
-        return self.next
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.at: datetime = T0
-
-    def now(self) -> datetime:
-        return self.at
-
-
 class FlakyStore(InMemoryStateStore):
     failing: bool = False
 
@@ -189,15 +183,6 @@ class FlakyStore(InMemoryStateStore):
         if self.failing:
             raise ClusterUnavailable("write ConfigMap: API server answered 500: etcdserver: request timed out")
         return super().save(policy, state, previous, outbox, status)
-
-
-class FlakyPair(InMemoryGatewayPair):
-    failing: bool = False
-
-    def write_weights(self, policy, seen: PairSnapshot, weights: Weights, *, force=False, drop_legacy_state=False):  # type: ignore[no-untyped-def]
-        if self.failing:
-            raise ClusterUnavailable("patch Service: API server answered 500: etcdserver: request timed out")
-        super().write_weights(policy, seen, weights, force=force, drop_legacy_state=drop_legacy_state)
 
 
 RUNNER_POLICY = make_policy(schedule={"steps": [10, 50, 100], "bakeTime": "10m"}, analysis={"interval": "30s"})
@@ -210,7 +195,12 @@ def test_review_an_operator_command_makes_the_runner_forget_an_unsaved_rollback(
     object's version, ``_same_as_memory`` compares the stored state with the UNSAVED memory, finds
     them different and drops the memory: the stored Progressing state wins, the pause is applied and
     the ASM gateway stays at 10 with no rollback pending, after people were told it rolled back."""
-    pair, store, checks, clock = FlakyPair(target_weight=0, source_weight=100), FlakyStore(), Checks(), Clock()
+    pair, store, checks, clock = (
+        FlakyPair(target_weight=0, source_weight=100),
+        FlakyStore(),
+        ScriptedChecks(),
+        HandClock(),
+    )
     sink: list[Any] = []
     runner = runner_for(RUNNER_POLICY, pair=pair, store=store, metrics=object(), collector=checks, clock=clock)
     runner._send = sink.append  # the alerts, as the dispatcher would get them
@@ -242,8 +232,8 @@ def test_review_a_bug_in_the_status_view_costs_every_rollback(monkeypatch: pytes
     pair, store, checks, clock = (
         InMemoryGatewayPair(target_weight=0, source_weight=100),
         InMemoryStateStore(),
-        Checks(),
-        Clock(),
+        ScriptedChecks(),
+        HandClock(),
     )
     runner = runner_for(RUNNER_POLICY, pair=pair, store=store, metrics=object(), collector=checks, clock=clock)
     runner.tick()

@@ -153,25 +153,27 @@ class KubernetesOperator:
                     f"{waiting.command.value} by {waiting.by} (id {waiting.id}) waits for the controller's answer; "
                     "wait for it, or take it back: kubectl annotate ... gateway-canary.io/command-"
                 )
-            patch = {
-                "metadata": {
-                    "resourceVersion": resource_version(body),
-                    "annotations": {COMMAND_ANNOTATION: encode_command(request)},
-                }
-            }
-            try:
-                json_call(
-                    f"annotate ConfigMap {self.namespace}/{object_name}",
-                    self._api.patch_namespaced_config_map,
-                    object_name,
-                    self.namespace,
-                    patch,
-                    _content_type=_MERGE,
-                )
+            if self._annotate(name, body, encode_command(request)):
                 return
-            except Conflict:
-                continue  # the controller wrote meanwhile: look again
         raise ClusterUnavailable(f"could not give the command: ConfigMap {self.namespace}/{object_name} keeps changing")
+
+    def _annotate(self, name: str, body: dict[str, Any], command: str | None) -> bool:
+        """Set (or with None remove) the command on the object as read in ``body``; False when it
+        moved since (the controller wrote meanwhile: look again)."""
+        object_name = state_object_name(name)
+        patch = {"metadata": {"resourceVersion": resource_version(body), "annotations": {COMMAND_ANNOTATION: command}}}
+        try:
+            json_call(
+                f"annotate ConfigMap {self.namespace}/{object_name}",
+                self._api.patch_namespaced_config_map,
+                object_name,
+                self.namespace,
+                patch,
+                _content_type=_MERGE,
+            )
+        except Conflict:
+            return False
+        return True
 
     def answer(self, name: str, ident: str) -> CommandRecord | None:
         """The controller's answer to command ``ident`` (None: not yet)."""
@@ -192,20 +194,8 @@ class KubernetesOperator:
             waiting = view.waiting if view is not None else None
             if waiting is None or waiting.id != ident:
                 return None
-            patch = {"metadata": {"resourceVersion": resource_version(body), "annotations": {COMMAND_ANNOTATION: None}}}
-            object_name = state_object_name(name)
-            try:
-                json_call(
-                    f"annotate ConfigMap {self.namespace}/{object_name}",
-                    self._api.patch_namespaced_config_map,
-                    object_name,
-                    self.namespace,
-                    patch,
-                    _content_type=_MERGE,
-                )
+            if self._annotate(name, body, None):
                 return None
-            except Conflict:
-                continue  # the controller wrote meanwhile: look again
         raise ClusterUnavailable(f"could not take back command {ident}: the state object keeps changing")
 
 
