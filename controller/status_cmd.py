@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -25,17 +26,25 @@ from controller.operate import (
     who,
 )
 
+if TYPE_CHECKING:
+    from controller.adapters.operator import KubernetesOperator
+
 __all__ = ["command_main", "status_main"]
 
 #: how often ``--watch`` re-reads the state objects
 WATCH_SECONDS = 2.0
 
 
-def _connect(kube: KubeOptions):  # type: ignore[no-untyped-def]
+def _connect(kube: KubeOptions, what: str) -> KubernetesOperator | None:
+    """The operator's client for the namespace the options name; None after saying why not."""
     from controller.adapters.operator import KubernetesOperator, context_namespace
 
     namespace = kube.resolved_namespace(context_namespace(kube.kubeconfig, kube.context))
-    return KubernetesOperator.connect(kube.kubeconfig, kube.context, namespace)
+    try:
+        return KubernetesOperator.connect(kube.kubeconfig, kube.context, namespace)
+    except GatewayCanaryError as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return None
 
 
 def _seconds(text: str, option: str) -> float | None:
@@ -53,10 +62,8 @@ def status_main(
     limit = _seconds(timeout, "--timeout")
     if limit is None:
         return 2
-    try:
-        operator = _connect(kube)
-    except GatewayCanaryError as exc:
-        print(f"status: {exc}", file=sys.stderr)
+    operator = _connect(kube, "status")
+    if operator is None:
         return 2
 
     def read() -> list[PolicyLike] | None:
@@ -112,10 +119,8 @@ def command_main(kube: KubeOptions, command: Command, name: str, by: str | None,
     seconds = _seconds(wait, "--wait")
     if seconds is None:
         return 2
-    try:
-        operator = _connect(kube)
-    except GatewayCanaryError as exc:
-        print(f"{command.value}: {exc}", file=sys.stderr)
+    operator = _connect(kube, command.value)
+    if operator is None:
         return 2
     try:
         from controller.adapters.operator import kubeconfig_user

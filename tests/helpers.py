@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from controller.adapters.memory import InMemoryGatewayPair
-from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Verdict
+from controller.core.decision import Decision, Observation, decide, initial_state
+from controller.core.enums import Command, GatewayRole, InconclusiveCause, Measure, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome, RenderedQuery
+from controller.core.state import RolloutState
 from controller.errors import ClusterUnavailable
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -160,3 +163,75 @@ class FlakyPair(InMemoryGatewayPair):
         if self.failing:
             raise ClusterUnavailable("patch Service: API server answered 500: etcdserver: request timed out")
         super().write_weights(policy, seen, weights, force=force, drop_legacy_state=drop_legacy_state)
+
+
+@dataclass
+class Rollout:
+    """A policy's state and the Services' weights, advanced one decision at a time (the pure decision)."""
+
+    policy: CanaryPolicy
+    state: RolloutState
+    target: int | None = 0
+    source: int | None = 100
+    decisions: list[Decision] = field(default_factory=list)
+    #: the policy ``fresh()`` starts without one (None: ``make_policy()``), and who gives commands
+    DEFAULT_POLICY: ClassVar[CanaryPolicy | None] = None
+    OPERATOR: ClassVar[str] = "operator"
+
+    @classmethod
+    def fresh(cls, policy: CanaryPolicy | None = None, target: int = 0, source: int = 100) -> Rollout:
+        chosen = policy or cls.DEFAULT_POLICY or make_policy()
+        return cls(chosen, initial_state(chosen, Observation(target, source), at(0)), target, source)
+
+    def tick(
+        self,
+        check: CheckResult | None,
+        t: float,
+        *,
+        command: Command | None = None,
+        by: str | None = None,
+        refusal: str | None = None,
+        write: bool = True,
+        settling: str | None = None,
+        cloud_refusal: str | None = None,
+        cloud_detail: str | None = None,
+        deficit: str | None = None,
+    ) -> Decision:
+        observed = Observation(
+            self.target,
+            self.source,
+            check,
+            command,
+            refusal,
+            settling=settling,
+            cloud_refusal=cloud_refusal,
+            cloud_detail=cloud_detail,
+            deficit=deficit,
+            command_by=by or self.OPERATOR,
+        )
+        decision = decide(self.policy, self.state, observed, at(t))
+        if command is not None:
+            assert decision.outcome is not None, f"{command} got no answer"  # R9: every command, every tick
+        self.decisions.append(decision)
+        self.state = decision.state
+        if decision.weights is not None and write:
+            self.target = decision.weights.target
+            if decision.weights.source is not None:
+                self.source = decision.weights.source
+            self.state = self.state.evolve(pending=None)
+        return decision
+
+    def every(self, check: CheckResult, start: float, end: float, step: float = 30) -> list[Decision]:
+        t, out = start, []
+        while t <= end:
+            out.append(self.tick(check, t))
+            t += step
+        return out
+
+    @property
+    def weights(self) -> tuple[int | None, int | None]:
+        return self.target, self.source
+
+    def share(self) -> float:
+        """The ASM gateway's share of the CLB at the Services' weights."""
+        return (self.target or 0) / ((self.target or 0) + (self.source or 0))

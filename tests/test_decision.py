@@ -8,72 +8,13 @@ Services would show. Tests named ``test_r<N>_...`` guard rule R<N> of the module
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 from controller.core.decision import Action, Decision, Observation, decide, initial_state, recovered_state
 from controller.core.enums import AlertKind, Command, GatewayRole, InconclusiveCause, Phase, Severity, Verdict
 from controller.core.policy import CanaryPolicy
-from controller.core.results import CheckResult
-from controller.core.state import RolloutState
-from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, TARGET_QUIET, at, check, make_policy
+from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, SOURCE_ERRORING, TARGET_QUIET, Rollout, at, check, make_policy
 
 POLICY = make_policy()  # steps [10, 50, 100], bake 5m, interval 30s, failureThreshold 2
-
-
-@dataclass
-class Rollout:
-    """A policy's state and the Services' weights, advanced one decision at a time."""
-
-    policy: CanaryPolicy
-    state: RolloutState
-    target: int | None = 0
-    source: int | None = 100
-    decisions: list[Decision] = field(default_factory=list)
-
-    @classmethod
-    def fresh(cls, policy: CanaryPolicy = POLICY, target: int = 0, source: int = 100) -> Rollout:
-        return cls(policy, initial_state(policy, Observation(target, source), at(0)), target, source)
-
-    def tick(
-        self,
-        check: CheckResult | None,
-        t: float,
-        *,
-        command: Command | None = None,
-        refusal: str | None = None,
-        write: bool = True,
-        settling: str | None = None,
-        cloud_refusal: str | None = None,
-        cloud_detail: str | None = None,
-        deficit: str | None = None,
-    ) -> Decision:
-        observed = Observation(
-            self.target,
-            self.source,
-            check,
-            command,
-            refusal,
-            settling=settling,
-            cloud_refusal=cloud_refusal,
-            cloud_detail=cloud_detail,
-            deficit=deficit,
-        )
-        decision = decide(self.policy, self.state, observed, at(t))
-        self.decisions.append(decision)
-        self.state = decision.state
-        if decision.weights is not None and write:
-            self.target = decision.weights.target
-            if decision.weights.source is not None:
-                self.source = decision.weights.source
-            self.state = self.state.evolve(pending=None)
-        return decision
-
-    def every(self, check: CheckResult, start: float, end: float, step: float = 30) -> list[Decision]:
-        t, out = start, []
-        while t <= end:
-            out.append(self.tick(check, t))
-            t += step
-        return out
 
 
 def started(policy: CanaryPolicy = POLICY) -> Rollout:

@@ -9,23 +9,23 @@ The last test drives the runner itself: which gates the checks at 100 judge is t
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import pytest
 
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
-from controller.core.decision import Action, CommandOutcome, Decision, Observation, decide, initial_state
+from controller.core.decision import Action, CommandOutcome, Decision
 from controller.core.enums import AlertKind, Command, GatewayRole, InconclusiveCause, Phase, Severity, Verdict
 from controller.core.gates import judge
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights
-from controller.core.state import MAX_HISTORY, RolloutState
+from controller.core.state import MAX_HISTORY
 from controller.notify.dispatcher import AlertDispatcher
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
+from tests import helpers
 from tests.helpers import FAIL, NO_DATA, PASS, PROM_DOWN, TARGET_QUIET, at, make_policy, samples
 
 OPERATOR = "alice"
@@ -66,66 +66,11 @@ WINDOWED = policy(windows={"windows": [{"hours": "12:00-12:05"}]})
 DAY = 86400
 
 
-@dataclass
-class Rollout:
-    """A policy's state and the Services' weights, advanced one decision at a time."""
+class Rollout(helpers.Rollout):
+    """The rollout of these tests: the plain policy by default, commands given by OPERATOR."""
 
-    policy: CanaryPolicy
-    state: RolloutState
-    target: int | None = 0
-    source: int | None = 100
-    decisions: list[Decision] = field(default_factory=list)
-
-    @classmethod
-    def fresh(cls, policy: CanaryPolicy = PLAIN, target: int = 0, source: int = 100) -> Rollout:
-        return cls(policy, initial_state(policy, Observation(target, source), at(0)), target, source)
-
-    def tick(
-        self,
-        check: CheckResult | None,
-        t: float,
-        *,
-        command: Command | None = None,
-        by: str = OPERATOR,
-        refusal: str | None = None,
-        write: bool = True,
-        settling: str | None = None,
-        cloud_refusal: str | None = None,
-        deficit: str | None = None,
-    ) -> Decision:
-        observed = Observation(
-            self.target,
-            self.source,
-            check,
-            command,
-            refusal,
-            settling=settling,
-            cloud_refusal=cloud_refusal,
-            deficit=deficit,
-            command_by=by,
-        )
-        decision = decide(self.policy, self.state, observed, at(t))
-        if command is not None:
-            assert decision.outcome is not None, f"{command} got no answer"  # R9: every command, every tick
-        self.decisions.append(decision)
-        self.state = decision.state
-        if decision.weights is not None and write:
-            self.target = decision.weights.target
-            if decision.weights.source is not None:
-                self.source = decision.weights.source
-            self.state = self.state.evolve(pending=None)
-        return decision
-
-    def every(self, check: CheckResult, start: float, end: float, step: float = 30) -> list[Decision]:
-        t, out = start, []
-        while t <= end:
-            out.append(self.tick(check, t))
-            t += step
-        return out
-
-    @property
-    def weights(self) -> tuple[int | None, int | None]:
-        return self.target, self.source
+    DEFAULT_POLICY = PLAIN
+    OPERATOR = OPERATOR
 
 
 def started(policy: CanaryPolicy = PLAIN, t: float = 0) -> Rollout:

@@ -8,7 +8,6 @@ then the Kubernetes adapters against the real kube-apiserver (the ``kube`` fixtu
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,9 @@ import pytest
 
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.commands import COMMAND_ANNOTATION, CommandRequest, encode_command
-from controller.core.decision import Action, Decision, Observation, decide, initial_state, recovered_state
+from controller.core.decision import Action, Observation, initial_state, recovered_state
 from controller.core.enums import AlertKind, Command, Phase, Severity
 from controller.core.policy import CanaryPolicy
-from controller.core.results import CheckResult
 from controller.core.state import CommandRecord, RolloutState
 from controller.errors import ClusterUnavailable, GatewayCanaryError
 from controller.ports import StoredState
@@ -31,6 +29,7 @@ from tests.helpers import (
     TARGET_QUIET,
     FlakyPair,
     HandClock,
+    Rollout,
     ScriptedChecks,
     at,
     make_policy,
@@ -51,44 +50,6 @@ def policy(
     if verify_for is not None:
         extra["promotion"] = {"verifyFor": verify_for}
     return make_policy(schedule=schedule, **extra)
-
-
-@dataclass
-class Rollout:
-    """The decision and the Services' weights, one tick at a time (as tests/test_operator_rules.py)."""
-
-    policy: CanaryPolicy
-    state: RolloutState
-    target: int | None = 0
-    source: int | None = 100
-    decisions: list[Decision] = field(default_factory=list)
-
-    @classmethod
-    def fresh(cls, policy: CanaryPolicy) -> Rollout:
-        return cls(policy, initial_state(policy, Observation(0, 100), at(0)))
-
-    def tick(
-        self,
-        check: CheckResult | None,
-        t: float,
-        *,
-        command: Command | None = None,
-        write: bool = True,
-        cloud_refusal: str | None = None,
-    ) -> Decision:
-        observed = Observation(self.target, self.source, check, command, cloud_refusal=cloud_refusal)
-        decision = decide(self.policy, self.state, observed, at(t))
-        self.decisions.append(decision)
-        self.state = decision.state
-        if decision.weights is not None and write:
-            self.target = decision.weights.target
-            if decision.weights.source is not None:
-                self.source = decision.weights.source
-            self.state = self.state.evolve(pending=None)
-        return decision
-
-    def share(self) -> float:
-        return (self.target or 0) / ((self.target or 0) + (self.source or 0))
 
 
 def baked_to(weight: int, rollout: Rollout) -> tuple[Rollout, float, dict[int, float]]:

@@ -16,7 +16,8 @@ import pytest
 
 from controller.core.cloud import Confirmation, ConfirmationState, Split
 from controller.core.enums import Command, InconclusiveCause, Verdict
-from controller.core.plan import gate_names, plan_rows
+from controller.core.gates import gate_names
+from controller.core.plan import plan_rows
 from controller.core.results import CheckResult, GateResult
 from controller.core.status import STATUS_VERSION, WaitingFor, status_view, step_position
 from tests.helpers import FAIL, NO_DATA, PASS, TARGET_QUIET, at, make_policy

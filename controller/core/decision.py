@@ -111,6 +111,8 @@ __all__ = [
     "Decision",
     "Notice",
     "Observation",
+    "approval_needed",
+    "before_start",
     "decide",
     "inconclusive_limit",
     "initial_state",
@@ -708,7 +710,7 @@ def _take_approval(
     return approved, CommandOutcome(True, f"approved the raise to {weight}{when}")
 
 
-def _approval_needed(policy: CanaryPolicy, state: RolloutState, weight: int) -> int | None:
+def approval_needed(policy: CanaryPolicy, state: RolloutState, weight: int) -> int | None:
     """The first ``approvalAt`` weight a raise to ``weight`` reaches that is not approved yet (R9)."""
     for gate in policy.spec.schedule.approval_at:
         if state.target_weight < gate <= weight and gate not in state.approved:
@@ -776,7 +778,7 @@ def _start(policy: CanaryPolicy, state: RolloutState, observed: Observation, now
     if why_not is not None:
         return Decision(state=state.evolve(reason=f"waiting to start: {why_not}"), action=Action.HOLD)
     first = target_steps(policy.spec.schedule)[0]
-    gate = _approval_needed(policy, state, first)
+    gate = approval_needed(policy, state, first)
     if gate is not None:
         return _await_approval(state, gate, first, policy.name)
     return _step_to(policy, state, observed, first, now, action=Action.START)
@@ -817,7 +819,7 @@ def _progressing(
         )
     upcoming = next_target_weight(policy.spec.schedule, state.target_weight)
     weight = upcoming if upcoming is not None else FULL
-    gate = _approval_needed(policy, state, weight)
+    gate = approval_needed(policy, state, weight)
     if gate is not None:
         return _await_approval(state, gate, weight, policy.name)
     return _step_to(policy, state, observed, weight, now, action=Action.ADVANCE)
@@ -979,9 +981,8 @@ def _report_stuck(
         decision = decision.notify(recovered)
     if decision.action is Action.ROLLBACK or state.phase in TERMINAL_PHASES:
         return decision  # nothing is held in a finished rollout
-    # at 0, before the start, the ASM gateway has no traffic: too few requests there is expected,
-    # and a start held (a window, an approval) is a wait, not a stuck rollout
-    expected = state.phase is Phase.PENDING and check is not None and check.baseline.verdict is Verdict.PASS
+    # a start held (a window, an approval) is a wait, not a stuck rollout
+    expected = before_start(state, check)
     stuck = [
         (cause, count)
         for cause, count in state.inconclusive
@@ -1045,6 +1046,12 @@ def _restart_bake(state: RolloutState, now: datetime) -> RolloutState:
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
     """A new step (or an operator's retry): the bake and the counters start again."""
     return _restart_bake(state, now).evolve(consecutive_failures=0, inconclusive=(), stuck_reported=())
+
+
+def before_start(state: RolloutState, check: CheckResult | None) -> bool:
+    """Pending on a real baseline: at 0 the ASM gateway has no traffic, so too few requests there is
+    what a start expects (R7), not a sign of trouble."""
+    return state.phase is Phase.PENDING and check is not None and check.baseline.verdict is Verdict.PASS
 
 
 def _live_phase(state: RolloutState) -> Phase:

@@ -225,11 +225,31 @@ def judge(
     return _combine(tuple(results), source, target, minimum)
 
 
+def gate_names(policy: CanaryPolicy, *, absolute_only: bool = False) -> tuple[str, ...]:
+    """The gates a check judges (absolute_only: those post-promotion verification keeps)."""
+    gates = policy.spec.gates
+    names: list[str] = []
+    if gates.error_rate is not None:
+        if gates.error_rate.max is not None:
+            names.append("errorRate")
+        if gates.error_rate.max_increase is not None and not absolute_only:
+            names.append("errorRateIncrease")
+    if gates.latency is not None:
+        label = gates.latency.label.upper()
+        if gates.latency.max_ms is not None:
+            names.append(f"latency{label}")
+        if gates.latency.max_ratio is not None and not absolute_only:
+            names.append(f"latency{label}Ratio")
+    if gates.response_mix.enabled and not absolute_only:
+        names += ["responses4xx", "responsesAuth", "responsesNoRoute"]
+    if gates.tls_handshake is not None and not absolute_only:
+        names.append("tlsHandshakeFailures")
+    names += [custom.name for custom in gates.custom]
+    return tuple(names)
+
+
 def _judge_absolute(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
-    latency = policy.spec.gates.latency
-    comparative = {"errorRateIncrease", "responses4xx", "responsesAuth", "responsesNoRoute", "tlsHandshakeFailures"}
-    if latency is not None:
-        comparative.add(f"latency{latency.label.upper()}Ratio")
+    comparative = set(gate_names(policy)) - set(gate_names(policy, absolute_only=True))
     full = judge(policy, source, target)
     kept = tuple(g for g in full.gates if g.gate not in comparative)
     minimum = policy.spec.analysis.min_requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from controller.core.gates import gate_names
 from controller.core.policy import CanaryPolicy
 from controller.core.schedule import FULL, target_steps, weights_for
 from controller.core.windows import describe, next_opening
@@ -36,29 +37,6 @@ class PlanRow:
     earliest: datetime | None
     #: when verification ends at 100 and the rollout is Promoted (last row only)
     promoted_at: datetime | None = None
-
-
-def gate_names(policy: CanaryPolicy, *, absolute_only: bool = False) -> tuple[str, ...]:
-    """The gates a check judges (absolute_only: those post-promotion verification keeps)."""
-    gates = policy.spec.gates
-    names: list[str] = []
-    if gates.error_rate is not None:
-        if gates.error_rate.max is not None:
-            names.append("errorRate")
-        if gates.error_rate.max_increase is not None and not absolute_only:
-            names.append("errorRateIncrease")
-    if gates.latency is not None:
-        label = gates.latency.label.upper()
-        if gates.latency.max_ms is not None:
-            names.append(f"latency{label}")
-        if gates.latency.max_ratio is not None and not absolute_only:
-            names.append(f"latency{label}Ratio")
-    if gates.response_mix.enabled and not absolute_only:
-        names += ["responses4xx", "responsesAuth", "responsesNoRoute"]
-    if gates.tls_handshake is not None and not absolute_only:
-        names.append("tlsHandshakeFailures")
-    names += [custom.name for custom in gates.custom]
-    return tuple(names)
 
 
 def plan_rows(policy: CanaryPolicy, start: datetime) -> list[PlanRow]:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from controller.core.cloud import ConfirmationState, Split
-from controller.core.decision import TERMINAL_PHASES, inconclusive_limit
+from controller.core.decision import TERMINAL_PHASES, approval_needed, before_start, inconclusive_limit
 from controller.core.enums import InconclusiveCause, Phase, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
@@ -24,7 +24,7 @@ from controller.core.schedule import next_target_weight, target_steps
 from controller.core.state import RolloutState
 from controller.core.windows import next_opening, window_blocker
 
-__all__ = ["STATUS_VERSION", "WaitingFor", "ready_to_start", "status_view", "step_position"]
+__all__ = ["STATUS_VERSION", "WaitingFor", "status_view", "step_position"]
 
 STATUS_VERSION = 1
 
@@ -69,7 +69,9 @@ def _waiting(policy: CanaryPolicy, state: RolloutState, check: CheckResult | Non
     remaining = max(0.0, _bake_seconds(policy, state) - state.covered_seconds)
     window = window_blocker(policy.spec.schedule.advance_windows, now)
     due = state.phase is Phase.PENDING or (state.phase is Phase.PROGRESSING and remaining <= 0)
-    unsure = check is not None and check.verdict is Verdict.INCONCLUSIVE and not ready_to_start(state, check)
+    # before the start, too few requests on the ASM gateway is expected, not a doubt
+    quiet_start = before_start(state, check) and check is not None and check.cause is InconclusiveCause.TOO_FEW_REQUESTS
+    unsure = check is not None and check.verdict is Verdict.INCONCLUSIVE and not quiet_start
     rules: list[tuple[bool, str, str]] = [
         (state.pending is not None and state.pending.rollback, WaitingFor.ROLLBACK, state.reason),
         (
@@ -96,16 +98,6 @@ def _waiting(policy: CanaryPolicy, state: RolloutState, check: CheckResult | Non
     return WaitingFor.NOTHING, state.reason
 
 
-def ready_to_start(state: RolloutState, check: CheckResult | None) -> bool:
-    """At 0 the ASM gateway has no traffic: too few requests there is what a start expects (R7)."""
-    return (
-        state.phase is Phase.PENDING
-        and check is not None
-        and check.cause is InconclusiveCause.TOO_FEW_REQUESTS
-        and check.baseline.verdict is Verdict.PASS
-    )
-
-
 def _next_step(policy: CanaryPolicy, state: RolloutState, now: datetime) -> dict[str, Any] | None:
     """The next weight and the earliest it could be reached (bake left, then the next window)."""
     if state.phase in TERMINAL_PHASES:
@@ -124,9 +116,7 @@ def _next_step(policy: CanaryPolicy, state: RolloutState, now: datetime) -> dict
     blocked_by = None
     if state.phase is Phase.PAUSED:
         blocked_by = "resume"
-    elif state.awaiting is not None or any(
-        state.target_weight < gate <= weight and gate not in state.approved for gate in policy.spec.schedule.approval_at
-    ):
+    elif state.awaiting is not None or approval_needed(policy, state, weight) is not None:
         blocked_by = "approve"
     return {
         "weight": weight,

@@ -324,10 +324,7 @@ class PolicyRunner:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
             return None
-        self._status_written = time.monotonic()
-        self._version = saved.version
-        self._known = encode_state(state)
-        return saved
+        return self._saved(state, saved)
 
     def _save_unanswered(
         self, state: RolloutState, base: StoredState, outbox: tuple[OutboxEntry, ...], status: str | None
@@ -353,9 +350,13 @@ class PolicyRunner:
             self.log.error("could not save the rollout state", error=str(exc))
             return None
         self.log.warning("the command this tick answered was taken back; the rollback stands, the answer is dropped")
+        return self._saved(kept, saved)
+
+    def _saved(self, state: RolloutState, saved: StoredState) -> StoredState:
+        """What this process knows after ``state`` was saved as ``saved``."""
         self._status_written = time.monotonic()
         self._version = saved.version
-        self._known = encode_state(kept)
+        self._known = encode_state(state)
         return saved
 
     # -- operators' commands and the status they read -----------------------------------------------
