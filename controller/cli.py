@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import structlog
 import typer
 import yaml
 from pydantic import ValidationError
@@ -48,6 +51,9 @@ from controller.operate import COMMAND_EXIT, STATUS_EXIT
 from controller.policy_files import policy_files, read_policies
 from controller.settings import LogFormat, Settings, invalid_settings
 
+if TYPE_CHECKING:
+    from controller.runtime.leader import LeaderElector
+
 __all__ = [
     "DEFAULT_NAMESPACE",
     "EXIT_CODES",
@@ -64,6 +70,7 @@ __all__ = [
 ]
 
 PROG = "gateway-canary"
+_log = structlog.get_logger("controller.cli")
 KUBECTL_PROG = "kubectl gateway-canary"
 
 _USAGE_ERROR = "a usage error (an unknown option, a missing or bad argument; the usage is on stderr)"
@@ -293,8 +300,10 @@ def _validate_as_data(paths: Sequence[str], output: OutputFormat) -> int:
     return 1 if errors or not files else 0
 
 
-def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str | None) -> int:
+def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str | None, lease_name: str) -> int:
     """Print the Roles and RoleBindings the policies need; refuse while any policy file is bad."""
+    import re
+
     import yaml
 
     from controller.core.policy import ServiceRef
@@ -306,6 +315,9 @@ def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str |
     except ValidationError:
         print(f"--service-account {service_account!r}: expected NAMESPACE/NAME, both DNS labels", file=sys.stderr)
         return 2
+    if len(lease_name) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", lease_name):
+        print(f"--lease-name {lease_name[:60]!r}: expected a DNS subdomain name (a Lease's name)", file=sys.stderr)
+        return 2
     loaded = _load_reporting_errors(paths)
     if loaded is None:
         return 2
@@ -313,7 +325,9 @@ def _cmd_rbac(paths: Sequence[str], service_account: str, state_namespace: str |
     if errors or not policies:
         print("no RBAC printed: fix the policy files first" if errors else "no policies found", file=sys.stderr)
         return 1
-    objects = controller_rbac((item.policy for item in policies), account, state_namespace=state_namespace)
+    objects = controller_rbac(
+        (item.policy for item in policies), account, state_namespace=state_namespace, lease_name=lease_name
+    )
     print(f"# gateway-canary RBAC for {len(policies)} policy(ies); ServiceAccount {account}")
     print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
@@ -407,10 +421,18 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
     except GatewayCanaryError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
+    identity = settings.identity or f"{socket.gethostname()}_{secrets.token_hex(4)}"
+    for each in {id(api): api, id(asm): asm}.values():  # the API server's audit log names the replica
+        each.user_agent = f"gateway-canary/{_version()} ({identity})"
+    elector = _elector(settings, api, identity)
     real = KubernetesGatewayPair(
-        api, asm_client=asm, state_namespace=settings.namespace, check_write_access=not settings.dry_run
+        api,
+        asm_client=asm,
+        state_namespace=settings.namespace,
+        check_write_access=not settings.dry_run,
+        fence=elector,
     )
-    real_store = KubernetesStateStore(api, settings.namespace)
+    real_store = KubernetesStateStore(api, settings.namespace, fence=elector)
     pair = DryRunGatewayPair(real) if settings.dry_run else real
     store = DryRunStateStore(real_store) if settings.dry_run else real_store
     sources: dict[tuple[object, ...], PrometheusMetricsSource] = {}
@@ -431,6 +453,7 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
             clock=SystemClock(),
             cloud=KubernetesCloudInspector(api),
             routes=KubernetesIstioRoutes(api, asm),
+            elector=elector,
         )
     except OSError as exc:  # the port was taken between the check and now
         print(
@@ -440,6 +463,29 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
         return 2
     service.run_forever()
     return 0
+
+
+def _elector(settings: Settings, api: Any, identity: str) -> LeaderElector | None:
+    """The leader elector when election is on (never for a dry run: it must not take the Lease from
+    the controller it watches)."""
+    from controller.adapters.kube_lease import KubernetesLeaseStore
+    from controller.core.lease import LeaseTiming
+    from controller.runtime.clock import SystemClock
+    from controller.runtime.leader import LeaderElector
+
+    if not settings.leader_election:
+        return None
+    if settings.dry_run:
+        _log.info("dry run: no leader election (a dry run writes nothing and never takes the Lease)")
+        return None
+    timing = LeaseTiming(
+        settings.lease_duration_seconds, settings.renew_deadline_seconds, settings.retry_period_seconds
+    )
+    leases = KubernetesLeaseStore(
+        api, settings.namespace, settings.lease_name, timeout_seconds=settings.renew_deadline_seconds / 2
+    )
+    _log.info("leader election on", identity=identity, lease=f"{settings.namespace}/{settings.lease_name}")
+    return LeaderElector(leases, identity, timing, clock=SystemClock())
 
 
 def _version() -> str:
@@ -546,9 +592,15 @@ def _rbac(
             show_default=False,
         ),
     ] = None,
+    lease_name: Annotated[
+        str,
+        typer.Option(
+            help="the Lease the replicas elect a leader with, in the state namespace (GATEWAY_CANARY_LEASE_NAME)"
+        ),
+    ] = "gateway-canary",
 ) -> None:
     """Print the least-privilege Roles and RoleBindings the policies need."""
-    raise typer.Exit(_cmd_rbac(paths, service_account, state_namespace))
+    raise typer.Exit(_cmd_rbac(paths, service_account, state_namespace, lease_name))
 
 
 @app.command("preflight", epilog=_exit_codes_help("preflight"))

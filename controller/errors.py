@@ -8,7 +8,8 @@
     │   ├── ServiceNotFound        404: a Service the policy names does not exist
     │   ├── Conflict               409: the object changed since it was read (state object)
     │   │   └── CommandWithdrawn   ...and the command the save answers was taken back meanwhile
-    │   └── WeightChangedExternally  someone else changed a weight annotation mid-write
+    │   ├── WeightChangedExternally  someone else changed a weight annotation mid-write
+    │   └── NotLeader          this process does not hold the leader Lease (or a newer term wrote)
     └── NotificationError          an alert receiver failed (retried, never blocks a rollback)
         └── NotificationTimeout    no answer in time: it may have arrived ("unknown")
 
@@ -25,6 +26,7 @@ __all__ = [
     "Conflict",
     "GatewayCanaryError",
     "MetricsUnavailable",
+    "NotLeader",
     "NotificationError",
     "NotificationTimeout",
     "ServiceNotFound",
@@ -66,6 +68,11 @@ class CommandWithdrawn(Conflict):
 
 class WeightChangedExternally(ClusterError):
     """A weight annotation changed between reading and writing: someone else is steering."""
+
+
+class NotLeader(ClusterError):
+    """A write this process may not make: it does not hold the leader Lease now, or the state object
+    carries a newer term's token (it was deposed). Nothing was written; the tick is abandoned."""
 
 
 class NotificationError(GatewayCanaryError):

@@ -14,6 +14,7 @@ from typing import Protocol
 from controller.core.alerts import Alert, OutboxEntry
 from controller.core.cloud import Backends, CloudEvent, ServiceFacts
 from controller.core.commands import CommandRequest
+from controller.core.lease import FenceToken, LeaseRecord
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import RenderedQuery
 from controller.core.schedule import Weights
@@ -22,11 +23,14 @@ from controller.core.state import RolloutState
 __all__ = [
     "Clock",
     "CloudInspector",
+    "Fence",
     "GatewayPair",
+    "LeaseStore",
     "MetricsSource",
     "Notifier",
     "PairSnapshot",
     "RouteInspector",
+    "SoleWriter",
     "StateStore",
     "StoredState",
 ]
@@ -134,6 +138,8 @@ class StoredState:
     command_error: str | None = None
     #: the annotation's text as read (a bare word's id is the object's version, which moves)
     command_text: str | None = None
+    #: the term of the leader that last saved it (None: saved without leader election)
+    fence: FenceToken | None = None
 
 
 class StateStore(Protocol):
@@ -200,4 +206,55 @@ class RouteInspector(Protocol):
 
     def route_refusal(self, policy: CanaryPolicy) -> str | None:
         """Why the target does not serve everything the source does (None: it does). Raises ClusterError."""
+        ...
+
+
+class Fence(Protocol):
+    """Whether this process may write now, and the token its writes carry (leader election).
+
+    Every adapter that writes asks ``check()`` right before each write; the state store also
+    writes ``token()`` into the state object and refuses to save over a newer one.
+    """
+
+    def token(self) -> FenceToken | None:
+        """The current term's token; None when there is no election (this process is the only writer)."""
+        ...
+
+    def check(self) -> None:
+        """Raise NotLeader unless this process holds the Lease now (renewed within the deadline)."""
+        ...
+
+    def deposed(self, why: str) -> None:
+        """A newer term's token was found where this process writes: stop leading at once."""
+        ...
+
+
+class SoleWriter:
+    """The Fence of a process that runs without leader election: it may always write, with no token."""
+
+    def token(self) -> FenceToken | None:
+        """No election, no token."""
+        return None
+
+    def check(self) -> None:
+        """Always allowed."""
+
+    def deposed(self, why: str) -> None:
+        """Nobody can depose the only writer (a token in the state object comes from an elected
+        controller that ran before: this one writes over it)."""
+
+
+class LeaseStore(Protocol):
+    """The one Lease the replicas elect a leader with."""
+
+    def get(self) -> LeaseRecord | None:
+        """The Lease, None when there is none. Raises ClusterError."""
+        ...
+
+    def create(self, record: LeaseRecord) -> LeaseRecord:
+        """Create it as ``record``. Raises Conflict when someone created it first, or ClusterError."""
+        ...
+
+    def update(self, record: LeaseRecord) -> LeaseRecord:
+        """Replace it with ``record``, guarded by ``record.version``. Raises Conflict, or ClusterError."""
         ...

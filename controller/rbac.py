@@ -2,8 +2,10 @@
 
 The controller reads and patches exactly the Services its policies name (``resourceNames``),
 records Events beside the target Services, and keeps one state object per policy (a ConfigMap
-``gateway-canary-<policy>``) in its own namespace: ``get``/``update`` on exactly those names, and
-``create`` (which RBAC cannot restrict by name) on ConfigMaps in that one namespace.
+``gateway-canary-<policy>``) in its own namespace: ``get``/``patch`` on exactly those names, and
+``create`` (which RBAC cannot restrict by name) on ConfigMaps in that one namespace. For leader
+election among replicas it reads and renews one ``coordination.k8s.io`` Lease there (``get``/``update``
+by name) and may create it (``create`` on Leases in that namespace, again not restricted by name).
 
 To verify that the cloud applied a weight (``docs/alibaba-cloud.md``) it also reads, in each
 gateway namespace, the Events (the cloud controller's confirmations; read with a field selector
@@ -28,9 +30,12 @@ from typing import Any
 from controller.core.istio_gateway import ISTIO_GATEWAY_GROUP
 from controller.core.policy import CanaryPolicy, ServiceRef
 
-__all__ = ["ROLE_NAME", "AccessCheck", "access_needed", "controller_rbac", "state_object_name"]
+__all__ = ["LEASE_NAME", "ROLE_NAME", "AccessCheck", "access_needed", "controller_rbac", "state_object_name"]
 
 ROLE_NAME = "gateway-canary"
+#: the Lease the replicas elect a leader with (GATEWAY_CANARY_LEASE_NAME's default)
+LEASE_NAME = "gateway-canary"
+_LEASE_GROUP = "coordination.k8s.io"
 _STATE_PREFIX = "gateway-canary-"
 
 
@@ -108,21 +113,37 @@ def controller_rbac(
     *,
     state_namespace: str | None = None,
     role_name: str = ROLE_NAME,
+    lease_name: str | None = LEASE_NAME,
 ) -> list[dict[str, Any]]:
     """For the controller's ServiceAccount: a Role and RoleBinding per namespace the policies touch
     and one ClusterRole (+ binding) for the cluster-scoped reads; and, for IstioGateway targets, the
     same for the ASM control plane (named ``...-asm``, annotated: applied there).
 
-    The state objects live in ``state_namespace`` (default: the ServiceAccount's namespace).
+    The state objects and the leader-election Lease ``lease_name`` live in ``state_namespace``
+    (default: the ServiceAccount's namespace); ``lease_name=None``: no Lease (a controller run
+    without leader election).
     """
     home = state_namespace or service_account.namespace
     checks = [check for policy in policies for check in access_needed(policy, home)]
+    if lease_name is not None:
+        checks += _lease_checks(home, lease_name)
     subjects = [{"kind": "ServiceAccount", "name": service_account.name, "namespace": service_account.namespace}]
     objects = _plane([c for c in checks if not c.asm], role_name, service_account, subjects, None)
     asm = [c for c in checks if c.asm]
     if asm:
         objects += _plane(asm, f"{role_name}-asm", service_account, subjects, _ASM_NOTE)
     return objects
+
+
+def _lease_checks(namespace: str, name: str) -> list[AccessCheck]:
+    """Leader election: read and renew (or take over) the one Lease by name; create it, which RBAC
+    cannot restrict by name, so on Leases in that namespace. Not in ``access_needed``: that is what
+    one policy needs before its first write, and the Lease is the controller's, not a policy's."""
+    return [
+        AccessCheck("get", "leases", namespace, name, group=_LEASE_GROUP),
+        AccessCheck("update", "leases", namespace, name, group=_LEASE_GROUP),
+        AccessCheck("create", "leases", namespace, group=_LEASE_GROUP),
+    ]
 
 
 def _plane(

@@ -13,7 +13,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller.core.policy import PrometheusSpec
@@ -126,6 +126,57 @@ class Settings(BaseSettings):
         description="a 403 right after the API server was unreachable is retried this long before it is a refusal",
     )
 
+    leader_election: bool = Field(
+        default=False,
+        description="elect one leader among replicas with a coordination.k8s.io Lease; only it ticks and writes "
+        "(the chart turns it on; off, this process is the only writer)",
+    )
+    lease_name: str = Field(
+        default="gateway-canary",
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="the Lease in GATEWAY_CANARY_NAMESPACE the replicas elect a leader with",
+    )
+    lease_duration_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="a candidate takes the Lease over once it has seen it unrenewed this long",
+    )
+    renew_deadline_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="the leader stops ticking and writing when it has not renewed the Lease for this long "
+        "(less than the lease duration: it stops before anyone else may start)",
+    )
+    retry_period_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="how often the leader renews and candidates try to acquire the Lease",
+    )
+    identity: str | None = Field(
+        default=None,
+        max_length=128,
+        description="this replica's name in the Lease; unset: the host (pod) name and a random suffix, new "
+        "for every process",
+    )
+
+    @model_validator(mode="after")
+    def _election_timing(self) -> Settings:
+        if self.renew_deadline_seconds >= self.lease_duration_seconds:
+            raise ValueError(
+                "GATEWAY_CANARY_RENEW_DEADLINE_SECONDS must be less than GATEWAY_CANARY_LEASE_DURATION_SECONDS: a "
+                "leader must stop writing before a candidate may take the Lease"
+            )
+        if self.retry_period_seconds >= self.renew_deadline_seconds:
+            raise ValueError(
+                "GATEWAY_CANARY_RETRY_PERIOD_SECONDS must be less than GATEWAY_CANARY_RENEW_DEADLINE_SECONDS: the "
+                "leader renews several times within its deadline"
+            )
+        return self
+
     @field_validator("prometheus_url", "alertmanager_url", "runbook_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
@@ -232,6 +283,10 @@ def invalid_settings(exc: ValidationError) -> list[str]:
     """One line per bad setting, named by its environment variable (``GATEWAY_CANARY_...: why``)."""
     problems = []
     for error in exc.errors(include_url=False):
+        why = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+        if not error["loc"]:  # a rule across settings names them itself
+            problems.append(why)
+            continue
         name = "GATEWAY_CANARY_" + "_".join(str(part) for part in error["loc"]).upper()
-        problems.append(f"{name}: {' '.join(str(error['msg']).removeprefix('Value error, ').split())}")
+        problems.append(f"{name}: {why}")
     return problems

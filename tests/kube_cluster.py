@@ -103,6 +103,7 @@ rules:
     resources:
       - {group: "", resources: [services, events, configmaps]}
       - {group: istio.alibabacloud.com, resources: [istiogateways]}
+      - {group: coordination.k8s.io, resources: [leases]}
   - level: None
 """
 
@@ -118,6 +119,9 @@ class AuditedWrite:
     name: str
     code: int
     body: dict[str, Any]
+    #: the client's User-Agent (the controller names its replica there) and when the write was made
+    user_agent: str = ""
+    at: str = ""
 
 
 class ControlPlane:
@@ -281,6 +285,8 @@ class ControlPlane:
                         name=ref.get("name", ""),
                         code=int(entry.get("responseStatus", {}).get("code", 0)),
                         body=entry.get("requestObject") or {},
+                        user_agent=str(entry.get("userAgent", "")),
+                        at=str(entry.get("requestReceivedTimestamp", "")),
                     )
                 )
         return writes

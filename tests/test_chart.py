@@ -98,7 +98,7 @@ def test_the_deployment_is_locked_down_and_not_rolled_by_a_policy_change(helm: A
     documents = render(helm, tmp_path, OPTIONS)
     deployment = find(documents, "Deployment")[0]
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"  # leader election: see below
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -137,7 +137,11 @@ def test_the_deployment_is_locked_down_and_not_rolled_by_a_policy_change(helm: A
     [
         ({"imgae": {"tag": "x"}}, "additional properties 'imgae' not allowed"),
         ({"replicaCount": "one"}, "replicaCount"),
-        ({"replicaCount": 2}, "maximum: got 2, want 1"),
+        ({"leaderElection": {"leaseName": "Shop_Lease"}}, "/leaderElection/leaseName"),
+        ({"leaderElection": {"leaseDuration": 0}}, "/leaderElection/leaseDuration"),
+        ({"settings": {"LEASE_NAME": "x"}}, "settings.LEASE_NAME: set it with the leaderElection values"),
+        ({"settings": {"LEADER_ELECTION": False}}, "settings.LEADER_ELECTION: set it with the leaderElection values"),
+        ({"settings": {"IDENTITY": "me"}}, "settings.IDENTITY: every replica would claim the Lease"),
         ({"settings": {"PROMETHEUS_TOKEN": "abc"}}, "'not' failed"),
         ({"settings": {"PROMETHEUS_URL": "http://user:pw@prom:9090"}}, "PROMETHEUS_URL"),
         (
@@ -162,6 +166,195 @@ def test_the_chart_refuses_mistakes_and_secret_literals(
 ) -> None:
     result = render(helm, tmp_path, values, ok=False)
     assert result.returncode != 0 and needle in result.stderr, result.stderr
+
+
+# --- leader election: replicas on standby, one writer ------------------------------------------------
+
+LEASE = "coordination.k8s.io"
+ELECTION_ENV = (
+    "GATEWAY_CANARY_LEADER_ELECTION",
+    "GATEWAY_CANARY_LEASE_NAME",
+    "GATEWAY_CANARY_LEASE_DURATION_SECONDS",
+    "GATEWAY_CANARY_RENEW_DEADLINE_SECONDS",
+    "GATEWAY_CANARY_RETRY_PERIOD_SECONDS",
+)
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def _lease_rules(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for role in find(documents, "Role") for rule in role["rules"] if rule["resources"] == ["leases"]]
+
+
+def test_by_default_two_replicas_elect_a_leader_and_roll_one_at_a_time(helm: Any, tmp_path: Path) -> None:
+    documents = render(helm, tmp_path, {})
+    (deployment,) = find(documents, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {name: item.get("value") for name, item in _env(deployment).items()}
+    assert {name: env.get(name) for name in ELECTION_ENV} == {
+        "GATEWAY_CANARY_LEADER_ELECTION": "true",
+        "GATEWAY_CANARY_LEASE_NAME": FULLNAME,  # the release's: two releases never share a leader
+        "GATEWAY_CANARY_LEASE_DURATION_SECONDS": "15",
+        "GATEWAY_CANARY_RENEW_DEADLINE_SECONDS": "10",
+        "GATEWAY_CANARY_RETRY_PERIOD_SECONDS": "2",
+    }
+    assert "GATEWAY_CANARY_IDENTITY" not in env  # each process names itself after its pod
+    # the replicas prefer different nodes; preferred, so that a one-node cluster still runs both
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert list(anti) == ["preferredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (budget,) = find(documents, "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1" and budget["metadata"]["namespace"] == "canary"
+    assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # the Lease lives in the release's namespace: even with no policy yet, a Role (and binding) there grants it
+    (role,) = find(documents, "Role")
+    assert role["metadata"]["namespace"] == "canary"
+    assert _lease_rules(documents) == [
+        {"apiGroups": [LEASE], "resources": ["leases"], "resourceNames": [FULLNAME], "verbs": ["get", "update"]},
+        {"apiGroups": [LEASE], "resources": ["leases"], "verbs": ["create"]},
+    ]
+    (binding,) = find(documents, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_values_without_a_leader_election_block_render_its_defaults(helm: Any, tmp_path: Path) -> None:
+    """``helm upgrade --reuse-values`` from a chart without leader election reuses that chart's values,
+    which have no ``leaderElection``: the templates fill in the defaults, the same as values.yaml's."""
+    assert render(helm, tmp_path, {"leaderElection": None}) == render(helm, tmp_path, {})  # null drops the block
+    reused = render(helm, tmp_path, {"leaderElection": None, "replicaCount": 1})  # the old default
+    assert find(reused, "Deployment")[0]["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert _lease_rules(reused) and not find(reused, "PodDisruptionBudget")
+
+
+@pytest.mark.parametrize(("replicas", "budgets"), [(0, 0), (1, 0), (2, 1), (3, 1)])
+def test_a_disruption_budget_only_with_more_than_one_replica(
+    helm: Any, tmp_path: Path, replicas: int, budgets: int
+) -> None:
+    documents = render(helm, tmp_path, {"replicaCount": replicas})
+    assert len(find(documents, "PodDisruptionBudget")) == budgets  # with one, a budget blocks every drain
+    assert find(documents, "Deployment")[0]["spec"]["replicas"] == replicas
+
+
+def test_affinity_in_the_values_replaces_the_anti_affinity(helm: Any, tmp_path: Path) -> None:
+    mine = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}]
+            }
+        }
+    }
+    documents = render(helm, tmp_path, {"affinity": mine})
+    assert find(documents, "Deployment")[0]["spec"]["template"]["spec"]["affinity"] == mine
+
+
+def test_without_leader_election_one_replica_is_recreated_with_no_budget_and_no_lease(
+    helm: Any, tmp_path: Path
+) -> None:
+    policies = shipped_policies()
+    values = {"leaderElection": {"enabled": False}, "replicaCount": 1, "policies": policies}
+    documents = render(helm, tmp_path, values)
+    (deployment,) = find(documents, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = {name: item.get("value") for name, item in _env(deployment).items()}
+    assert env["GATEWAY_CANARY_LEADER_ELECTION"] == "false"
+    assert not set(ELECTION_ENV[1:]) & set(env)
+    assert find(documents, "PodDisruptionBudget") == []
+    assert _lease_rules(documents) == []
+    models = [CanaryPolicy.model_validate(policy) for policy in policies.values()]
+    expected = controller_rbac(models, ServiceRef(namespace="canary", name=FULLNAME), lease_name=None)
+    assert _rules(documents) == _rules(expected)
+
+
+def test_two_replicas_without_leader_election_are_refused_naming_both_values(helm: Any, tmp_path: Path) -> None:
+    result = render(helm, tmp_path, {"leaderElection": {"enabled": False}}, ok=False)  # replicaCount: 2 by default
+    assert result.returncode != 0
+    # either fix is enough: one replica, or leader election back on
+    assert "at '/replicaCount': maximum: got 2, want 1" in result.stderr, result.stderr
+    assert "at '/leaderElection/enabled': value must be true" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("timing", "needle"),
+    [
+        (
+            {"renewDeadline": 15},
+            "leaderElection.renewDeadline (15) must be less than leaderElection.leaseDuration (15)",
+        ),
+        ({"leaseDuration": 8}, "leaderElection.renewDeadline (10) must be less than leaderElection.leaseDuration (8)"),
+        ({"retryPeriod": 10}, "leaderElection.retryPeriod (10) must be less than leaderElection.renewDeadline (10)"),
+        (
+            {"retryPeriod": 12, "renewDeadline": 10, "leaseDuration": 30},
+            "leaderElection.retryPeriod (12) must be less than leaderElection.renewDeadline (10)",
+        ),
+    ],
+)
+def test_election_timings_out_of_order_fail_the_render_naming_the_values(
+    helm: Any, tmp_path: Path, timing: dict[str, int], needle: str
+) -> None:
+    result = render(helm, tmp_path, {"leaderElection": timing}, ok=False)
+    assert result.returncode != 0 and needle in result.stderr, result.stderr
+
+
+def test_timings_given_with_set_are_compared_as_numbers(helm: Any) -> None:
+    """``--set`` makes integers where a values file makes floats; the check compares numbers, not text."""
+    template = ("template", RELEASE, str(CHART), "--namespace", "canary", "--kube-version", "1.37.0")
+    refused = helm(*template, "--set", "leaderElection.renewDeadline=20", ok=False)
+    assert "leaderElection.renewDeadline (20) must be less than leaderElection.leaseDuration (15)" in refused.stderr
+    # 100 > 20 > 3 as numbers (as text "20" > "100")
+    timing = "leaderElection.leaseDuration=100,leaderElection.renewDeadline=20,leaderElection.retryPeriod=3"
+    rendered = helm(*template, "--set", timing)
+    (deployment,) = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] == "Deployment"]
+    env = {name: item.get("value") for name, item in _env(deployment).items()}
+    assert env["GATEWAY_CANARY_LEASE_DURATION_SECONDS"] == "100"
+    assert env["GATEWAY_CANARY_RENEW_DEADLINE_SECONDS"] == "20"
+
+
+SETTINGS_CASES: dict[str, tuple[dict[str, Any], tuple[bool, str, float, float, float]]] = {
+    # values -> (leader_election, lease_name, lease duration, renew deadline, retry period) the controller reads
+    "defaults": ({}, (True, FULLNAME, 15, 10, 2)),
+    "options": (OPTIONS, (True, FULLNAME, 15, 10, 2)),
+    "own-lease": (
+        {"leaderElection": {"leaseName": "edge.canary", "leaseDuration": 60, "renewDeadline": 40, "retryPeriod": 5}},
+        (True, "edge.canary", 60, 40, 5),
+    ),
+    "no-election": ({"leaderElection": {"enabled": False}, "replicaCount": 1}, (False, "gateway-canary", 15, 10, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS_CASES))
+def test_the_rendered_environment_is_valid_controller_settings(
+    helm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    from controller.settings import Settings
+
+    values, expected = SETTINGS_CASES[name]
+    (deployment,) = find(render(helm, tmp_path, values), "Deployment")
+    for key in list(os.environ):
+        if key.startswith("GATEWAY_CANARY_"):
+            monkeypatch.delenv(key)
+    for item in _env(deployment).values():
+        if "valueFrom" in item:  # the pod's namespace, as the kubelet fills it in
+            assert item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+            monkeypatch.setenv(item["name"], "canary")
+        else:
+            monkeypatch.setenv(item["name"], item["value"])
+    settings = Settings()  # raises on any variable the controller would refuse to start with
+    assert settings.namespace == "canary"
+    got = (
+        settings.leader_election,
+        settings.lease_name,
+        settings.lease_duration_seconds,
+        settings.renew_deadline_seconds,
+        settings.retry_period_seconds,
+    )
+    assert got == expected
 
 
 # --- RBAC: the same rules as `gateway-canary rbac` -----------------------------------------------------
@@ -189,8 +382,10 @@ def test_the_charts_rbac_is_what_gateway_canary_rbac_prints(helm: Any, tmp_path:
     policies = shipped_policies()
     documents = render(helm, tmp_path, {"policies": policies})
     models = [CanaryPolicy.model_validate(policy) for policy in policies.values()]
-    expected = controller_rbac(models, ServiceRef(namespace="canary", name=FULLNAME))
+    expected = controller_rbac(models, ServiceRef(namespace="canary", name=FULLNAME), lease_name=FULLNAME)
     assert _rules(documents) == _rules(expected)
+    assert ("coordination.k8s.io", "leases", ("get", "update"), (FULLNAME,)) in _rules(documents)[("canary", False)]
+    assert ("coordination.k8s.io", "leases", ("create",), ()) in _rules(documents)[("canary", False)]
     bindings = find(documents, "RoleBinding")
     assert {b["metadata"]["namespace"] for b in bindings} == {ns for ns, _ in _rules(expected)}
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "canary"}] for b in bindings)
@@ -204,7 +399,9 @@ def test_the_charts_rbac_for_an_istio_gateway_target_and_no_route_parity(helm: A
     policy["spec"]["target"]["istioGateway"] = {"namespace": "istio-system", "name": "ingressgateway-asm"}
     policy["spec"]["routes"] = {"check": False}
     documents = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
-    expected = controller_rbac([CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME))
+    expected = controller_rbac(
+        [CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME), lease_name=FULLNAME
+    )
     assert _rules(documents) == _rules(expected)
     assert _cluster_rules(documents) == _cluster_rules(expected) == {(False, "nodes", ("list",))}
     asm = [d for d in find(documents, "Role") if d["metadata"]["name"].endswith("-asm")]
@@ -216,7 +413,9 @@ def test_the_charts_rbac_with_an_istio_gateway_and_route_parity_covers_both_plan
     policy = yaml.safe_load((ROOT / "policies" / "shop-ingress.yaml").read_text())
     policy["spec"]["target"]["istioGateway"] = {"namespace": "istio-system", "name": "ingressgateway-asm"}
     documents = render(helm, tmp_path, {"policies": {"shop.yaml": policy}})
-    expected = controller_rbac([CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME))
+    expected = controller_rbac(
+        [CanaryPolicy.model_validate(policy)], ServiceRef(namespace="canary", name=FULLNAME), lease_name=FULLNAME
+    )
     assert _rules(documents) == _rules(expected)
     assert _cluster_rules(documents) == _cluster_rules(expected)
     assert (True, "gateways", ("list",)) in _cluster_rules(documents)
@@ -245,20 +444,22 @@ def test_an_existing_configmap_names_its_services_for_rbac(helm: Any, tmp_path: 
         "gates": {"errorRate": {"max": 0.01}},
     }
     policy = CanaryPolicy.model_validate({"metadata": {"name": "shop"}, "spec": spec})
-    assert _rules(documents) == _rules(controller_rbac([policy], ServiceRef(namespace="canary", name=FULLNAME)))
+    account = ServiceRef(namespace="canary", name=FULLNAME)
+    assert _rules(documents) == _rules(controller_rbac([policy], account, lease_name=FULLNAME))
 
 
 # --- installed into the real API server ----------------------------------------------------------------
 
 
-def can(kube: Cluster, user: str, verb: str, resource: str, namespace: str, name: str = "") -> bool:
+def can(kube: Cluster, user: str, verb: str, resource: str, namespace: str, name: str = "", group: str = "") -> bool:
+    attributes = {"namespace": namespace, "verb": verb, "resource": resource, "name": name, "group": group}
     review = {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
         "spec": {
             "user": user,
             "groups": ["system:serviceaccounts", f"system:serviceaccounts:{kube.ns}", "system:authenticated"],
-            "resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource, "name": name},
+            "resourceAttributes": attributes,
         },
     }
     return bool(
@@ -305,6 +506,20 @@ def test_install_probe_the_identity_run_a_step_upgrade_and_uninstall(helm: Any, 
     assert can(kube, user, "create", "configmaps", kube.ns) and can(
         kube, user, "patch", "configmaps", kube.ns, "gateway-canary-shop"
     )
+    # leader election: its one Lease by name, and create (which RBAC cannot restrict by name)
+    lease = "coordination.k8s.io"
+    assert can(kube, user, "get", "leases", kube.ns, FULLNAME, lease)
+    assert can(kube, user, "update", "leases", kube.ns, FULLNAME, lease)
+    assert can(kube, user, "create", "leases", kube.ns, group=lease)
+    assert not can(kube, user, "update", "leases", kube.ns, "another-controller", lease)
+    assert not can(kube, user, "delete", "leases", kube.ns, FULLNAME, lease)
+    assert not can(kube, user, "update", "leases", "kube-system", FULLNAME, lease)
+    (budget,) = [
+        item
+        for item in kube.plane.call("GET", f"/apis/policy/v1/namespaces/{kube.ns}/poddisruptionbudgets")["items"]
+        if item["metadata"]["name"] == FULLNAME
+    ]
+    assert budget["spec"]["maxUnavailable"] == 1  # the API server took it as rendered
 
     # the controller, as that identity, with the policy the chart installed
     installed = kube.plane.call("GET", f"/api/v1/namespaces/{kube.ns}/configmaps/{FULLNAME}-policies")
@@ -339,6 +554,8 @@ def test_install_probe_the_identity_run_a_step_upgrade_and_uninstall(helm: Any, 
         assert not [i for i in items if i["metadata"]["name"].startswith(FULLNAME)]
     roles = kube.plane.call("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{kube.ns}/roles")["items"]
     assert not [r for r in roles if r["metadata"]["name"] == FULLNAME]
+    budgets = kube.plane.call("GET", f"/apis/policy/v1/namespaces/{kube.ns}/poddisruptionbudgets")["items"]
+    assert not [b for b in budgets if b["metadata"]["name"] == FULLNAME]
 
 
 # --- strict validation against the Kubernetes schemas of the oldest and newest supported release -------
@@ -354,6 +571,7 @@ VALUE_SETS = {
     "no-rbac": {"rbac": {"create": False}, "policies": shipped_policies()},
     "pinned": {"image": {"repository": "registry.example/gc", "digest": "sha256:" + "0123456789abcdef" * 4}},
     "metrics-from": {"networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]}},
+    "no-election": {"leaderElection": {"enabled": False}, "replicaCount": 1, "policies": shipped_policies()},
 }
 
 
@@ -473,6 +691,7 @@ def test_each_alert_fires_on_the_exported_series_and_stays_silent_when_healthy(h
         assert any(labels.get("policy") == "good" for labels in series[name]), name
     crash = next(labels for labels in series["gateway_canary_errors_total"] if labels.get("kind") == "crash")
     assert set(crash) == {"policy", "kind"} and "gateway_canary_oldest_undelivered_alert_seconds" in series
+    assert series["gateway_canary_is_leader"] == [{}] and series["gateway_canary_cluster_reachable"] == [{}]
     checks = {
         labels["verdict"]: labels for labels in series["gateway_canary_checks_total"] if labels["policy"] == "good"
     }
@@ -509,6 +728,12 @@ def test_each_alert_fires_on_the_exported_series_and_stays_silent_when_healthy(h
              _selector("gateway_canary_checks_total", passing): "9x30"}, "15m", {**good, "severity": "critical"}),
         case("GatewayCanaryNotChecking", {**policies_up, _selector("gateway_canary_phase", progressing): "1x30",
              _selector("gateway_canary_checks_total", passing): "0+2x30"}, "15m", None),
+        case("GatewayCanaryNotChecking", {**policies_up, "gateway_canary_is_leader": "0x30"}, "15m",
+             {"severity": "critical"}),  # no replica leads: both stand by
+        case("GatewayCanaryNotChecking", {**policies_up, "gateway_canary_is_leader": "1x30"}, "15m", None),
+        case("GatewayCanaryClusterUnreachable", {"gateway_canary_cluster_reachable": "1 0 0 0 0"}, "4m",
+             {"severity": "critical"}),
+        case("GatewayCanaryClusterUnreachable", {"gateway_canary_cluster_reachable": "1 0 1 0 1"}, "4m", None),
         case("GatewayCanaryAlertingBroken", {"gateway_canary_oldest_undelivered_alert_seconds": "0+60x20"}, "12m",
              {"severity": "critical"}),
         case("GatewayCanaryAlertingBroken", {"gateway_canary_oldest_undelivered_alert_seconds": "0x20"}, "12m", None),
@@ -573,7 +798,9 @@ def test_policies_can_be_given_as_files(helm: Any, tmp_path: Path) -> None:
     documents = render(helm, tmp_path, {"policies": {"shop.yaml": text}})
     assert find(documents, "ConfigMap")[0]["data"]["shop.yaml"].strip() == text.strip()
     expected = controller_rbac(
-        [CanaryPolicy.model_validate(yaml.safe_load(text))], ServiceRef(namespace="canary", name=FULLNAME)
+        [CanaryPolicy.model_validate(yaml.safe_load(text))],
+        ServiceRef(namespace="canary", name=FULLNAME),
+        lease_name=FULLNAME,
     )
     assert _rules(documents) == _rules(expected)
 

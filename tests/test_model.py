@@ -46,6 +46,16 @@ operator gives commands (pause, resume, approve, abort, retry, promote) on any t
       then one FAIL from 0: the next counted FAIL rolls back to 0; checks while Verifying are
       absolute-only
 
+The runner runs under leader election (a fault-injecting Fence shared by it and its adapters, as
+in the service): its term runs out before a tick (a paused process that resumed), a newer term
+saves the state object first (the process does not know it was deposed), or the term ends in the
+middle of a weight write; each time the process is then elected again, in a newer term, with a new
+runner (a new term reads everything from the store):
+
+  I14 a tick whose term ended writes nothing: no weight, no state, no Event (the one ending in the
+      middle of a weight write, nothing after that point); a newer term's token in the store
+      deposes the reader; the token in the store never goes back to an older term
+
 Where verification and commands legitimately change I2-I8, the adjustment is explained where the
 model makes it (look for "legitimately"): an operator's promotion skips the bake (I2); a step back
 is the protection while Verifying, and leaves the rollout one FAIL from 0 (I3, I8); retry and
@@ -88,6 +98,7 @@ from controller.core.cloud import (
 )
 from controller.core.decision import Action
 from controller.core.enums import Command, GatewayRole, Phase, Verdict
+from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights, source_first
@@ -100,7 +111,7 @@ from controller.core.state import (
     decode_state,
     encode_state,
 )
-from controller.errors import AccessDenied, ClusterUnavailable, Conflict
+from controller.errors import AccessDenied, ClusterUnavailable, Conflict, NotLeader
 from controller.notify.dispatcher import AlertDispatcher
 from controller.ports import PairSnapshot, StoredState
 from controller.runtime.cloud_watch import CloudWatch
@@ -270,6 +281,7 @@ class FaultyPair(InMemoryGatewayPair):
 
     fault: str | None = None
     error: type[Exception] = ClusterUnavailable
+    fired: bool = False  # the last write_weights met its fault
 
     def write_weights(
         self,
@@ -281,6 +293,7 @@ class FaultyPair(InMemoryGatewayPair):
         drop_legacy_state: bool = False,
     ) -> None:
         fault, self.fault = self.fault, None
+        self.fired = fault is not None
         roles = (GatewayRole.TARGET, GatewayRole.SOURCE)
         first, second = reversed(roles) if source_first(weights, seen.source_weight) else roles
         if fault == "before":
@@ -291,6 +304,25 @@ class FaultyPair(InMemoryGatewayPair):
         self.write_one(second, seen, weights, force=force, drop_legacy_state=drop_legacy_state)
         if fault == "after":
             raise self.error("injected: the answer was lost after both patches")
+
+
+@dataclass
+class ModelFence:
+    """The leader election seen by one process: its term, and whether that term may still write."""
+
+    term_no: int = 1
+    expired: bool = False
+    deposed_calls: list[str] = field(default_factory=list)
+
+    def token(self) -> FenceToken:
+        return FenceToken("model-process", self.term_no, None, "lease-uid")
+
+    def check(self) -> None:
+        if self.expired:
+            raise NotLeader("model: this process's term ran out")
+
+    def deposed(self, why: str) -> None:
+        self.deposed_calls.append(why)
 
 
 class FaultyStore(InMemoryStateStore):
@@ -353,8 +385,10 @@ class RolloutMachine(RuleBasedStateMachine):
         self.steps: tuple[int, ...] = (10, 50, 100)
         self.bake = BAKE
         self.policy = policy_with(self.bake, self.steps, flavour)
-        self.pair = FaultyPair(target_weight=0, source_weight=100)
-        self.store = FaultyStore()
+        self.fence = ModelFence()
+        self.pair = FaultyPair(target_weight=0, source_weight=100, fence=self.fence)
+        self.store = FaultyStore(fence=self.fence)
+        self.tokens_stored: list[FenceToken] = []
         self.clock = Clock()
         self.collector = ScriptedCollector()
         self.config_error: str | None = None
@@ -385,6 +419,7 @@ class RolloutMachine(RuleBasedStateMachine):
             stopping=threading.Event(),
             config_error=self.config_error,
             cloud=CloudWatch(self.cloud),
+            fence=self.fence,
         )
         runner.file_problem = self.file_problem
         return runner
@@ -408,6 +443,7 @@ class RolloutMachine(RuleBasedStateMachine):
         store_fails: bool,
         answer: str,
         command: Command | None = None,
+        term_ends_mid_write: bool = False,
     ) -> None:
         self.elapsed += step
         self.clock.t = T0 + timedelta(seconds=self.elapsed)
@@ -418,6 +454,8 @@ class RolloutMachine(RuleBasedStateMachine):
         verifying = self._verifying(memory)
         self.pair.fault = fault
         self.pair.error = AccessDenied if access_denied else Conflict if fault == "after" else ClusterUnavailable
+        if term_ends_mid_write:
+            self.pair.error = NotLeader
         self.store.failing = store_fails
         self.unsaved = store_fails  # a tick with a working store saves what earlier ones could not
         before = (self.pair.target_weight or 0, self.pair.source_weight)
@@ -560,6 +598,62 @@ class RolloutMachine(RuleBasedStateMachine):
         write: how a target breaks, at a step, or at 100 while verifying (R10)."""
         for _ in range(count):
             self.tick(verdict, INTERVAL, None, False, False, "ok")
+
+    @rule(
+        how=st.sampled_from(["expired", "deposed"]),
+        verdict=st.sampled_from(["PASS", "FAIL", "FAIL", "NODATA"]),
+        step=st.sampled_from([5, 30, 61]),
+    )
+    def the_term_ends_before_a_tick(self, how: str, verdict: str, step: int) -> None:
+        """A paused process resumes past its Lease, or a newer term saved the state object first."""
+        before = (self.pair.writes, self.store.saves, len(self.pair.events), self.pair.target_weight)
+        if how == "expired":
+            self.fence.expired = True
+        else:
+            self.store.stamp(self.policy.name, FenceToken("another-process", self.fence.term_no + 1, None, "lease-uid"))
+        self.elapsed += step
+        self.clock.t = T0 + timedelta(seconds=self.elapsed)
+        self.collector.next, self.collector.ran = CHECKS[verdict], False
+        outcome = self.runner.tick()
+        after = (self.pair.writes, self.store.saves, len(self.pair.events), self.pair.target_weight)
+        assert after == before, f"I14: a process whose term ended ({how}) wrote: {before} -> {after}"
+        assert outcome.decision is None and outcome.error is not None, "I14: a tick ran without a term"
+        if how == "deposed":
+            assert self.fence.deposed_calls, "I14: a newer term's token in the store did not depose the reader"
+        event(f"term ended before a tick: {how}")
+        self._elected_again(self.fence.term_no + 2)
+
+    @rule(
+        fault=st.sampled_from(["before", "between"]),
+        verdict=st.sampled_from(["PASS", "FAIL", "FAIL"]),
+        step=st.sampled_from([5, 30, 61, 3600]),
+    )
+    def the_term_ends_mid_write(self, fault: str, verdict: str, step: int) -> None:
+        """The fence refuses the first (or the second) Service patch of a weight change."""
+        saves = self.store.saves
+        self.pair.fired = False
+        self.tick(verdict, step, fault, False, False, "ok", term_ends_mid_write=True)
+        if self.pair.fired:  # the tick wrote weights and its term ended there
+            event(f"term ended mid-write: {fault}")
+            assert self.store.saves - saves <= 1, "I14: a term that ended mid-write saved after that"
+        self._elected_again(self.fence.term_no + 1)
+
+    def _elected_again(self, term: int) -> None:
+        """This process is elected again, in a newer term: a new runner, reading from the store."""
+        self.fence.expired = False
+        self.fence.term_no = term
+        self.fence.deposed_calls.clear()
+        self.crash_and_restart()
+
+    @invariant()
+    def the_stored_token_never_goes_back(self) -> None:
+        token = self.store.fences.get(self.policy.name)
+        if token is None:
+            return
+        if self.tokens_stored:
+            assert not self.tokens_stored[-1].supersedes(token), "I14: an older term's token replaced a newer one"
+        if not self.tokens_stored or self.tokens_stored[-1] != token:
+            self.tokens_stored.append(token)
 
     @rule(silent=st.booleans())
     def the_cloud_controller_stalls_or_recovers(self, silent: bool) -> None:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from controller.cli import main
 from controller.core.policy import ServiceRef
-from controller.rbac import controller_rbac
+from controller.rbac import access_needed, controller_rbac
 from tests.helpers import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCOUNT = ServiceRef(namespace="ops", name="canary")
+LEASE_BY_NAME = {
+    "apiGroups": ["coordination.k8s.io"],
+    "resources": ["leases"],
+    "resourceNames": ["gateway-canary"],
+    "verbs": ["get", "update"],
+}
+LEASE_CREATE = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}
 
 
 def test_one_role_per_namespace_with_only_the_named_services_and_state_objects() -> None:
@@ -32,7 +40,8 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
         *reads,
     ]  # our own Events go beside the target only
     assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]} in roles["mesh"]["rules"]
-    # the state objects: one ConfigMap per policy in the controller's own namespace, by name
+    # the state objects: one ConfigMap per policy in the controller's own namespace, by name; and there
+    # the leader-election Lease, by name
     assert roles["ops"]["rules"] == [
         {
             "apiGroups": [""],
@@ -40,13 +49,17 @@ def test_one_role_per_namespace_with_only_the_named_services_and_state_objects()
             "resourceNames": ["gateway-canary-across", "gateway-canary-local"],
             "verbs": ["get", "patch"],
         },
+        LEASE_BY_NAME,
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},  # RBAC cannot name a create
+        LEASE_CREATE,
     ]
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
     assert len(bindings) == 3
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "canary", "namespace": "ops"}] for b in bindings)
     verbs = {verb for role in roles.values() for rule in role["rules"] for verb in rule["verbs"]}
-    assert verbs == {"get", "patch", "create", "list"}  # never watch, update or delete
+    assert verbs == {"get", "patch", "create", "list", "update"}  # never watch or delete
+    updated = [rule for role in roles.values() for rule in role["rules"] if "update" in rule["verbs"]]
+    assert updated == [LEASE_BY_NAME]  # update: only the one Lease (renewed with its resourceVersion)
     for role in roles.values():  # what is listed is never a Service, a ConfigMap or a Secret
         listed = {r for rule in role["rules"] if "list" in rule["verbs"] for r in rule["resources"]}
         assert listed <= {"events", "endpointslices"}
@@ -114,6 +127,32 @@ def test_the_state_namespace_can_differ_from_the_accounts() -> None:
     roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
     assert sorted(roles) == ["canary-state", "istio-system"]
     assert roles["canary-state"]["rules"][0]["resourceNames"] == ["gateway-canary-shop"]
+    # the Lease lives beside the state objects (GATEWAY_CANARY_NAMESPACE), not in the account's namespace
+    assert LEASE_BY_NAME in roles["canary-state"]["rules"] and LEASE_CREATE in roles["canary-state"]["rules"]
+
+
+def _lease_rules(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (o["metadata"]["namespace"], rule)
+        for o in objects
+        if o["kind"] == "Role"
+        for rule in o["rules"]
+        if rule["resources"] == ["leases"]
+    ]
+
+
+def test_the_lease_is_named_or_left_out_and_never_part_of_a_policys_access() -> None:
+    policy = make_policy()
+    named = controller_rbac([policy], ACCOUNT, lease_name="edge-canary")
+    assert _lease_rules(named) == [
+        ("ops", {**LEASE_BY_NAME, "resourceNames": ["edge-canary"]}),
+        ("ops", LEASE_CREATE),
+    ]
+    without = controller_rbac([policy], ACCOUNT, lease_name=None)  # a controller run without leader election
+    assert _lease_rules(without) == []
+    assert [o for o in without if o["kind"] != "Role"] == [o for o in named if o["kind"] != "Role"]
+    # the pre-write access review of a policy asks for that policy's objects only
+    assert not [check for check in access_needed(policy, "ops") if check.resource == "leases"]
 
 
 def test_rbac_command_prints_applyable_yaml_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
@@ -123,6 +162,13 @@ def test_rbac_command_prints_applyable_yaml_and_refuses_bad_input(tmp_path: Path
 
     assert main(["rbac", str(ROOT / "policies"), "--service-account", "no-slash"]) == 2
     assert "expected NAMESPACE/NAME" in capsys.readouterr().err
+
+    assert main(["rbac", str(ROOT / "policies"), "--lease-name", "edge.canary"]) == 0
+    documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    names = [r.get("resourceNames") for d in documents if d["kind"] == "Role" for r in d["rules"]]
+    assert ["edge.canary"] in names
+    assert main(["rbac", str(ROOT / "policies"), "--lease-name", "Edge_Canary"]) == 2
+    assert "--lease-name 'Edge_Canary': expected a DNS subdomain name" in capsys.readouterr().err
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("metadata: {name: x}\nspec:\n  schedule: {steps: [50, 10]}\n")

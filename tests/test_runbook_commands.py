@@ -16,7 +16,8 @@ controller-manager; it gives ``scale``, ``rollout restart`` and the label select
 cloud controller EMULATED (tests/ccm_emulator.py: ``EnsuredLoadBalancer`` Events, the CLB's applied
 weights, which the simulated gateways' traffic follows); and the controller running in-process as
 the chart's ServiceAccount, for the policy ``shop-ingress`` from a copy of
-policies/shop-ingress.yaml with short timings (``_test_policy``), against real Prometheus. Also
+policies/shop-ingress.yaml with short timings (``_test_policy``), against real Prometheus, elected
+leader on the chart's Lease (``canary-gateway-canary``, through the chart's Lease RBAC). Also
 ``ingress``: the namespace of the other policy in policies/, which ``gateway-canary rbac policies/
 | kubectl apply -f -`` writes Roles to (without it that line fails: namespace not found).
 Everything created is deleted afterwards, cluster-scoped objects included.
@@ -75,12 +76,15 @@ from pydantic import SecretStr
 
 from controller.adapters.cloud import KubernetesCloudInspector
 from controller.adapters.kube_api import build_api_client
+from controller.adapters.kube_lease import KubernetesLeaseStore
 from controller.adapters.kube_state import KubernetesStateStore
 from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.cloud import BackendMode, Backends
 from controller.core.commands import COMMAND_ANNOTATION
+from controller.core.lease import LeaseTiming
 from controller.runtime.clock import SystemClock
+from controller.runtime.leader import LeaderElector
 from controller.runtime.service import ControllerService
 from controller.settings import PrometheusConnection, Settings
 from tests.ccm_emulator import CcmEmulator
@@ -156,6 +160,8 @@ SHOWS: tuple[tuple[str, str], ...] = (
     (r"get deployment istio-ingressgateway", r"^istio-ingressgateway "),
     (r"^kubectl auth can-i", r"\Ayes\Z"),
     (r"get istiogateway ingressgateway-asm -o jsonpath", r"\A\d+\Z"),
+    (r"get lease canary-gateway-canary -o jsonpath", r"\Acanary-0\Z"),  # the in-process controller leads
+    (r"get lease canary-gateway-canary -o yaml", r"holderIdentity: canary-0"),
     (r"vgroup-port\}$", r"\Arsp-test:80\Z"),
     (r"^gateway-canary preflight", r"every item passed"),
     (r"^gateway-canary migrate-config", r"nothing to migrate"),
@@ -412,13 +418,17 @@ def rig(
             status_refresh_seconds=0,
         )
         api = build_api_client(identity)
+        # elected on the chart's Lease, through the chart's Lease RBAC (the runbook reads who leads)
+        leases = KubernetesLeaseStore(api, CONTROLLER_NS, f"{RELEASE}-gateway-canary", timeout_seconds=5)
+        elector = LeaderElector(leases, "canary-0", LeaseTiming(15, 10, 2), clock=SystemClock())
         service = ControllerService(
             settings,
-            pair=KubernetesGatewayPair(api, state_namespace=CONTROLLER_NS),
-            store=KubernetesStateStore(api, CONTROLLER_NS),
+            pair=KubernetesGatewayPair(api, state_namespace=CONTROLLER_NS, fence=elector),
+            store=KubernetesStateStore(api, CONTROLLER_NS, fence=elector),
             metrics_for=lambda policy: PrometheusMetricsSource(PrometheusConnection(settings, None)),
             clock=SystemClock(),
             cloud=KubernetesCloudInspector(api),
+            elector=elector,
         )
         service.start()
         teardown.callback(service.stop)
@@ -668,9 +678,9 @@ def test_every_runbook_command_runs_against_a_running_controller(rig: Rig) -> No
         "GET", f"/apis/{ISTIO_GATEWAY_GROUP}/v1beta1/namespaces/{GATEWAYS_NS}/istiogateways/{ISTIO_GATEWAY}"
     )
     assert istio_gateway["spec"]["serviceAnnotations"][WEIGHT] == "0"
-    # the chart's Deployment was scaled back to 1 and restarted; the upgrades are in the history
+    # the chart's Deployment was scaled back to its 2 replicas and restarted; the upgrades are in the history
     deployment = rig.plane.call("GET", f"/apis/apps/v1/namespaces/{CONTROLLER_NS}/deployments/{CHART_ACCOUNT}")
-    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["replicas"] == 2
     assert "kubectl.kubernetes.io/restartedAt" in deployment["spec"]["template"]["metadata"].get("annotations", {})
     upgrades = sum(1 for line in runbook_lines() if line.command.startswith("helm upgrade"))
     secrets = rig.plane.call("GET", f"/api/v1/namespaces/{CONTROLLER_NS}/secrets?labelSelector=owner%3Dhelm")

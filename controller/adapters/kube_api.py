@@ -62,10 +62,16 @@ def translate(exc: Exception, what: str) -> ClusterError:
     return ClusterUnavailable(f"{what}: API server unreachable: {type(exc).__name__}")
 
 
-def json_call(what: str, call: Callable[..., Any], *args: Any, **options: Any) -> dict[str, Any]:
+def json_call(
+    what: str,
+    call: Callable[..., Any],
+    *args: Any,
+    request_timeout: tuple[float, float] = TIMEOUT,
+    **options: Any,
+) -> dict[str, Any]:
     """Call the client for the raw JSON; library errors become ours."""
     try:
-        response = call(*args, _preload_content=False, _request_timeout=TIMEOUT, **options)
+        response = call(*args, _preload_content=False, _request_timeout=request_timeout, **options)
         body = json.loads(response.data)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise translate(exc, what) from exc

@@ -11,10 +11,12 @@ optimistic concurrency: a save against a version that changed since it was read 
 Layout: ``data.state`` holds the JSON of ``controller.core.state``; ``data.unreadable-state`` keeps
 what stood there before if it could not be read (for an operator; never read back);
 ``data.outbox`` the undelivered alerts; ``data.status`` what ``gateway-canary status`` shows (the
-last check, the step, what the rollout waits for). Labelled ``app.kubernetes.io/managed-by:
-gateway-canary`` and ``gateway-canary.io/policy: <name>``. Operators' commands arrive as the
-annotation ``gateway-canary.io/command`` (``controller.core.commands``); other annotations and
-labels people add are kept.
+last check, the step, what the rollout waits for); ``data.leader`` the fencing token of the
+leader's term that saved it (``controller.core.lease``): a save by an older term is refused, so a
+deposed leader (a paused process that resumed) cannot overwrite what the new one decided.
+Labelled ``app.kubernetes.io/managed-by: gateway-canary`` and ``gateway-canary.io/policy: <name>``.
+Operators' commands arrive as the annotation ``gateway-canary.io/command``
+(``controller.core.commands``); other annotations and labels people add are kept.
 
 A save that meets a Conflict re-reads the object: when only its metadata moved (a command was
 annotated, a label added) and the stored state and outbox are still the ones this save replaces,
@@ -25,6 +27,7 @@ told the operator it was not applied).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -35,18 +38,20 @@ from kubernetes import client
 from controller.adapters.kube_api import json_call, resource_version
 from controller.core.alerts import OutboxEntry, decode_outbox, encode_outbox
 from controller.core.commands import COMMAND_ANNOTATION, answered, read_command
+from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
 from controller.core.text import bounded
-from controller.errors import CommandWithdrawn, Conflict, ServiceNotFound
-from controller.ports import StoredState
+from controller.errors import CommandWithdrawn, Conflict, NotLeader, ServiceNotFound
+from controller.ports import Fence, SoleWriter, StoredState
 from controller.rbac import state_object_name
 
-__all__ = ["OUTBOX_KEY", "STATE_KEY", "STATUS_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
+__all__ = ["LEADER_KEY", "OUTBOX_KEY", "STATE_KEY", "STATUS_KEY", "UNREADABLE_KEY", "KubernetesStateStore"]
 
 STATE_KEY = "state"
 OUTBOX_KEY = "outbox"
 STATUS_KEY = "status"
+LEADER_KEY = "leader"
 
 UNREADABLE_KEY = "unreadable-state"
 _KEEP_UNREADABLE_CHARS = 16 * 1024
@@ -56,9 +61,10 @@ _log = structlog.get_logger("controller.state")
 class KubernetesStateStore:
     """StateStore over ConfigMaps in one namespace."""
 
-    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api_client: client.ApiClient, namespace: str, *, fence: Fence | None = None) -> None:
         self._api = client.CoreV1Api(api_client)
         self.namespace = namespace
+        self._fence = fence or SoleWriter()
 
     def load(self, policy: CanaryPolicy) -> StoredState:
         """The stored state, None when there is no object yet; garbage is reported, not raised."""
@@ -83,6 +89,7 @@ class KubernetesStateStore:
             command=command,
             command_error=command_error,
             command_text=command_text if isinstance(command_text, str) else None,
+            fence=_fence(data),
         )
         raw = data.get(STATE_KEY) if isinstance(data, dict) else None
         if not isinstance(raw, str):
@@ -110,10 +117,14 @@ class KubernetesStateStore:
         after the read (only an answered or unreadable one is removed).
         """
         name = state_object_name(policy.name)
+        token = self._fence.token()
+        self._refuse_newer_term(previous, name)
         data: dict[str, str | None] = {
             STATE_KEY: encode_state(state),
             OUTBOX_KEY: encode_outbox(outbox) if outbox else None,
         }
+        if token is not None:  # (without election, a token left by an elected controller stays as it is)
+            data[LEADER_KEY] = json.dumps(token.as_dict(), sort_keys=True)
         if previous.error is not None and previous.raw is not None:  # kept for an operator, never removed
             data[UNREADABLE_KEY] = bounded(previous.raw, _KEEP_UNREADABLE_CHARS)
         if status is not None:
@@ -126,8 +137,9 @@ class KubernetesStateStore:
                 "metadata": {"name": name, "namespace": self.namespace, "labels": _labels(policy)},
                 "data": {key: value for key, value in data.items() if value is not None},
             }
+            self._fence.check()
             answer = json_call(what, self._api.create_namespaced_config_map, self.namespace, body)
-            return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+            return StoredState(state=state, version=resource_version(answer), outbox=outbox, fence=token)
         seen = previous
         answers = answered(state, previous.command)
         for attempt in range(2):
@@ -141,6 +153,7 @@ class KubernetesStateStore:
             if drop:
                 metadata["annotations"] = {COMMAND_ANNOTATION: None}
             body = {"metadata": metadata, "data": data}
+            self._fence.check()
             try:
                 answer = json_call(
                     what,
@@ -155,16 +168,31 @@ class KubernetesStateStore:
                     raise
                 seen = self._moved_metadata_only(policy, previous)
                 continue
-            return StoredState(state=state, version=resource_version(answer), outbox=outbox)
+            return StoredState(
+                state=state, version=resource_version(answer), outbox=outbox, fence=token or previous.fence
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _refuse_newer_term(self, stored: StoredState, name: str) -> None:
+        """NotLeader (and this process deposed) when a newer leader's term saved the object."""
+        token = self._fence.token()
+        newer = stored.fence
+        if token is None or newer is None or not newer.supersedes(token):
+            return
+        why = f"the state object {self.namespace}/{name} was saved in term {newer.term} of {newer.holder}"
+        self._fence.deposed(why)
+        raise NotLeader(f"not saved: {why}, after this process's term {token.term}")
+
     def _moved_metadata_only(self, policy: CanaryPolicy, previous: StoredState) -> StoredState:
-        """After a Conflict: the object as it is now, if only its metadata moved (else Conflict)."""
+        """After a Conflict: the object as it is now, if only its metadata moved (else Conflict, or
+        NotLeader when a newer leader's term saved it)."""
         now = self.load(policy)
+        self._refuse_newer_term(now, state_object_name(policy.name))
         same_state = (now.raw if now.state is None else encode_state(now.state)) == (
             previous.raw if previous.state is None else encode_state(previous.state)
         )
-        if not same_state or now.outbox != previous.outbox or now.error != previous.error:
+        moved = now.outbox != previous.outbox or now.error != previous.error or now.fence != previous.fence
+        if not same_state or moved:
             raise Conflict(f"ConfigMap {self.namespace}/{state_object_name(policy.name)}: the state changed since read")
         return now
 
@@ -199,6 +227,17 @@ def _labels(policy: CanaryPolicy) -> dict[str, str]:
         "app.kubernetes.io/name": "gateway-canary",
         "gateway-canary.io/policy": policy.name,
     }
+
+
+def _fence(data: Any) -> FenceToken | None:
+    """The token of the leader's term that last saved the object (None: none, or unreadable)."""
+    text = data.get(LEADER_KEY) if isinstance(data, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return FenceToken.from_dict(json.loads(text))
+    except ValueError:
+        return None
 
 
 def _outbox(data: Any) -> tuple[OutboxEntry, ...]:

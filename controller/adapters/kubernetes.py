@@ -57,7 +57,7 @@ from controller.errors import (
     ServiceNotFound,
     WeightChangedExternally,
 )
-from controller.ports import PairSnapshot
+from controller.ports import Fence, PairSnapshot, SoleWriter
 from controller.rbac import AccessCheck, access_needed
 
 __all__ = [
@@ -90,6 +90,7 @@ class KubernetesGatewayPair:
     cluster as ``api_client``). ``state_namespace`` is where the state objects live (their
     permissions are part of the access review). ``check_write_access=False`` (dry run) skips the
     write-permission check: a read-only identity is enough to watch what a rollout would do.
+    ``fence`` (leader election) is asked right before every write request, each retry included.
     """
 
     def __init__(
@@ -99,8 +100,11 @@ class KubernetesGatewayPair:
         asm_client: client.ApiClient | None = None,
         state_namespace: str = "gateway-canary",
         check_write_access: bool = True,
+        fence: Fence | None = None,
     ) -> None:
         self._api = client.CoreV1Api(api_client)
+        #: asked before every write request (leader election): a deposed leader writes nothing
+        self._fence = fence or SoleWriter()
         self._authz = client.AuthorizationV1Api(api_client)
         asm = asm_client if asm_client is not None else api_client
         self._custom = client.CustomObjectsApi(asm)
@@ -374,6 +378,7 @@ class KubernetesGatewayPair:
             if located.conflict is not None and not force:
                 raise ClusterError(f"{what}: not written: {located.conflict}")
             gateway_version = self._gateway_versions.get(str(ref), ISTIO_GATEWAY_VERSIONS[0])
+            self._fence.check()
             if self._send(
                 what,
                 self._custom.patch_namespaced_custom_object,
@@ -408,6 +413,7 @@ class KubernetesGatewayPair:
     ) -> None:
         for _attempt in range(_CONFLICT_RETRIES):
             body = {"metadata": {"resourceVersion": version, "annotations": annotations}}
+            self._fence.check()
             try:
                 self._api.patch_namespaced_service(
                     ref.name, ref.namespace, body, _content_type=_MERGE_PATCH, _request_timeout=TIMEOUT
@@ -458,6 +464,7 @@ class KubernetesGatewayPair:
             "lastTimestamp": now,
             "count": 1,
         }
+        self._fence.check()
         try:
             # The client serialises a plain dict as-is; its type hint names only the model class.
             self._api.create_namespaced_event(ref.namespace, body, _request_timeout=TIMEOUT)  # type: ignore[arg-type]

@@ -16,11 +16,12 @@ from controller.core.alerts import OutboxEntry
 from controller.core.cloud import BackendMode, Backends
 from controller.core.commands import answered, read_command
 from controller.core.enums import GatewayRole
+from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.schedule import Weights, source_first
 from controller.core.state import RolloutState, StateUnreadable, decode_state, encode_state
-from controller.errors import CommandWithdrawn, Conflict, WeightChangedExternally
-from controller.ports import Clock, PairSnapshot, StoredState
+from controller.errors import CommandWithdrawn, Conflict, NotLeader, WeightChangedExternally
+from controller.ports import Clock, Fence, PairSnapshot, SoleWriter, StoredState
 
 __all__ = ["InMemoryCloud", "InMemoryGatewayPair", "InMemoryStateStore", "RecordedEvent"]
 
@@ -44,6 +45,8 @@ class InMemoryGatewayPair:
     legacy_state: str | None = None
     events: list[RecordedEvent] = field(default_factory=list)
     writes: int = 0
+    #: asked before every write, as the Kubernetes adapter does (leader election)
+    fence: Fence = field(default_factory=SoleWriter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def observe(self, policy: CanaryPolicy) -> PairSnapshot:
@@ -73,6 +76,7 @@ class InMemoryGatewayPair:
         self, role: GatewayRole, seen: PairSnapshot, weights: Weights, *, force: bool, drop_legacy_state: bool = False
     ) -> None:
         """One Service's patch, as the real adapter makes it (a test can fail between the two)."""
+        self.fence.check()
         with self._lock:
             if role is GatewayRole.TARGET and (force or weights.target != self.target_weight):
                 if not force and self.target_weight != seen.target_weight:
@@ -98,6 +102,7 @@ class InMemoryGatewayPair:
 
     def record_event(self, policy: CanaryPolicy, reason: str, message: str, *, warning: bool) -> None:
         """Keep the Event for inspection."""
+        self.fence.check()
         with self._lock:
             self.events.append(RecordedEvent(reason, message, warning))
 
@@ -112,6 +117,10 @@ class InMemoryStateStore:
     statuses: dict[str, str] = field(default_factory=dict)
     #: commands waiting, as the annotation's value (the demo and tests give them like the CLI does)
     pending_commands: dict[str, str] = field(default_factory=dict)
+    #: the leader's token each state object was last saved with (leader election)
+    fences: dict[str, FenceToken] = field(default_factory=dict)
+    #: asked before every save, and its token written, as the Kubernetes store does
+    fence: Fence = field(default_factory=SoleWriter)
     saves: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -122,6 +131,7 @@ class InMemoryStateStore:
             version = str(self.versions.get(policy.name, ""))
             outbox = self.outboxes.get(policy.name, ())
             command_text = self.pending_commands.get(policy.name)
+            fence = self.fences.get(policy.name)
         command, command_error = read_command(command_text, version)
         stored = StoredState(
             state=None,
@@ -130,6 +140,7 @@ class InMemoryStateStore:
             command=command,
             command_error=command_error,
             command_text=command_text,
+            fence=fence,
         )
         if raw is None:
             return stored
@@ -137,6 +148,12 @@ class InMemoryStateStore:
             return replace(stored, state=decode_state(raw))
         except StateUnreadable as exc:
             return replace(stored, error=str(exc), raw=raw)
+
+    def stamp(self, policy: str, token: FenceToken) -> None:
+        """Another leader's save of the object, as far as fencing goes: its token, a new version."""
+        with self._lock:
+            self.fences[policy] = token
+            self.versions[policy] = self.versions.get(policy, 0) + 1
 
     def give(self, policy: str, command: str) -> None:
         """An operator's command, as the CLI writes it (a new version, like an annotation write)."""
@@ -152,13 +169,21 @@ class InMemoryStateStore:
         outbox: tuple[OutboxEntry, ...] = (),
         status: str | None = None,
     ) -> StoredState:
-        """Store ``state`` if nothing changed since ``previous`` was read."""
+        """Store ``state`` if nothing changed since ``previous`` was read, and this writer's term is
+        not older than the one that saved it last."""
+        token = self.fence.token()
         with self._lock:
+            held = self.fences.get(policy.name)
+            for newer in (previous.fence, held):
+                if token is not None and newer is not None and newer.supersedes(token):
+                    self.fence.deposed(f"term {newer.term} of {newer.holder} saved {policy.name}")
+                    raise NotLeader(f"not saved: a newer term saved {policy.name}")
+            self.fence.check()
             current = str(self.versions.get(policy.name, ""))
             stored = self.texts.get(policy.name)
             read = encode_state(previous.state) if previous.state is not None else previous.raw
             if current != previous.version and (
-                stored != read or self.outboxes.get(policy.name, ()) != previous.outbox
+                stored != read or self.outboxes.get(policy.name, ()) != previous.outbox or held != previous.fence
             ):
                 raise Conflict(f"state of {policy.name} changed since it was read")  # (only metadata may move)
             answers = answered(state, previous.command)
@@ -166,13 +191,17 @@ class InMemoryStateStore:
                 raise CommandWithdrawn(f"the command answering {policy.name} was taken back")
             self.texts[policy.name] = encode_state(state)
             self.outboxes[policy.name] = outbox
+            if token is not None:
+                self.fences[policy.name] = token
             if status is not None:
                 self.statuses[policy.name] = status
             if previous.command_error is not None or answers:
                 self.pending_commands.pop(policy.name, None)
             self.versions[policy.name] = self.versions.get(policy.name, 0) + 1
             self.saves += 1
-            return StoredState(state=state, version=str(self.versions[policy.name]), outbox=outbox)
+            return StoredState(
+                state=state, version=str(self.versions[policy.name]), outbox=outbox, fence=self.fences.get(policy.name)
+            )
 
     def commands(self, policies: Iterable[CanaryPolicy]) -> dict[str, str]:
         """Policy name -> id of the waiting command."""

@@ -7,7 +7,10 @@ struggling Prometheus delays a rollback, and the next check comes soon anyway.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import math
+from collections.abc import Iterator
 
 import requests
 from prometheus_api_client import PrometheusConnect
@@ -41,6 +44,7 @@ class PrometheusMetricsSource:
             timeout=connection.timeout_seconds,
             retry=Retry(total=1, backoff_factor=0.05, status_forcelist=(502, 503, 504), allowed_methods=None),
         )
+        self._secrets = _credentials(connection)
 
     def query(self, query: RenderedQuery) -> float | None:
         """Run an instant query; raise MetricsUnavailable with the cause, never return a guess.
@@ -48,12 +52,39 @@ class PrometheusMetricsSource:
         A 200 answer that is not what the API promises (no ``data``, another ``resultType``, a
         string or infinite value, many series) is unavailable too, with the reason: it is never a
         number to judge and never an exception out of the collector. Error bodies are cut short
-        before they reach a reason, an Event or an alert.
+        before they reach a reason, an Event or an alert, and the credentials this source sends are
+        cut out of them (a server or proxy may echo the Authorization header it refused).
         """
-        return _scalar(self._ask(query))
+        with self._credentials_cut():
+            return _scalar(self._ask(query))
 
     def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
         """Every series of an instant vector, with its labels; raise MetricsUnavailable as ``query``."""
+        with self._credentials_cut():
+            return self._vector(query)
+
+    @contextlib.contextmanager
+    def _credentials_cut(self) -> Iterator[None]:
+        """A MetricsUnavailable whose message holds a credential this source sends is raised again
+        with ``***`` in its place, unchained (the original holds it in its message and its cause)."""
+        try:
+            yield
+        except MetricsUnavailable as exc:
+            text = self._cut(str(exc))
+            if text == str(exc):
+                raise
+            raise MetricsUnavailable(text) from None
+
+    def _cut(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _short(self, exc: BaseException) -> str:
+        """An error for a reason: credentials cut out first, then cut short (no half credential left)."""
+        return bounded(self._cut(f"{type(exc).__name__}: {exc}"), _MAX_ERROR_CHARS)
+
+    def _vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
         result = self._ask(query)
         if not isinstance(result, list) or any(not isinstance(s, dict) or "value" not in s for s in result):
             raise MetricsUnavailable("the query did not return an instant vector")
@@ -70,21 +101,30 @@ class PrometheusMetricsSource:
         try:
             return self._client.custom_query(query.promql, timeout=self._timeout)
         except PrometheusApiClientException as exc:
-            raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {_short(exc)}") from exc
+            raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {self._short(exc)}") from exc
         except (requests.exceptions.JSONDecodeError, KeyError, TypeError, IndexError) as exc:  # no data.result
-            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {_short(exc)}") from exc
+            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {self._short(exc)}") from exc
         except requests.RequestException as exc:
             raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
         except ValueError as exc:  # a body that is not JSON, from an older requests
-            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {_short(exc)}") from exc
+            raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {self._short(exc)}") from exc
 
     def close(self) -> None:
         """Release the HTTP connection pool."""
         self._client.close()
 
 
-def _short(exc: BaseException) -> str:
-    return bounded(f"{type(exc).__name__}: {exc}", _MAX_ERROR_CHARS)
+def _credentials(connection: PrometheusConnection) -> list[str]:
+    """What a server could echo back of the credentials sent to it, longest first: each header value,
+    the token without its scheme, the Basic password and its base64 form."""
+    found: list[str] = []
+    for value in connection.headers.values():
+        found += [value, *value.split()[1:]]
+    if connection.basic_auth is not None:
+        user, password = connection.basic_auth
+        if password:
+            found += [password, base64.b64encode(f"{user}:{password}".encode()).decode()]
+    return sorted({secret for secret in found if len(secret) >= 4}, key=len, reverse=True)
 
 
 def _scalar(result: object) -> float | None:

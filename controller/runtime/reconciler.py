@@ -61,11 +61,22 @@ from controller.errors import (
     ClusterError,
     ClusterUnavailable,
     CommandWithdrawn,
+    NotLeader,
     ServiceNotFound,
     WeightChangedExternally,
 )
 from controller.notify.dispatcher import AlertDispatcher
-from controller.ports import Clock, GatewayPair, MetricsSource, Notifier, PairSnapshot, StateStore, StoredState
+from controller.ports import (
+    Clock,
+    Fence,
+    GatewayPair,
+    MetricsSource,
+    Notifier,
+    PairSnapshot,
+    SoleWriter,
+    StateStore,
+    StoredState,
+)
 from controller.runtime.cloud_watch import CloudView, CloudWatch
 from controller.runtime.collector import Collector
 from controller.runtime.telemetry import Telemetry
@@ -116,8 +127,13 @@ class PolicyRunner:
         cloud: CloudWatch | None = None,
         status_refresh_seconds: float = 60.0,
         runbook_url: str = "",
+        fence: Fence | None = None,
     ) -> None:
         self.policy = policy
+        #: leader election: a tick runs only while this process leads, and is abandoned, writing
+        #: nothing more, the moment it does not (its adapters ask the same fence before each write)
+        self._fence = fence or SoleWriter()
+        self._retired = False
         self._pair = pair
         self._store = store
         self._metrics = metrics
@@ -164,8 +180,12 @@ class PolicyRunner:
     def tick(self, command: Command | None = None) -> TickOutcome:
         """Run one tick (``command``: an operator's, given directly rather than through the store). Never raises."""
         with self._lock:
+            if self._retired:
+                return TickOutcome(None, None, error="retired: its term ended")
             try:
                 outcome = self._tick(command)
+            except NotLeader as exc:  # deposed, or the term ran out mid-tick: the new leader decides
+                return self._stand_down(exc)
             except Exception as exc:  # the promise: a bug costs one tick, never the controller
                 return self._crashed(exc)
             self.failing_since = None
@@ -174,10 +194,13 @@ class PolicyRunner:
             return outcome
 
     def _tick(self, command: Command | None) -> TickOutcome:
+        self._fence.check()  # not leading (any more): not even a read
         try:
             seen = self._pair.observe(self.policy)
         except ClusterError as exc:
             return self._cluster_trouble(exc, "observe")
+        if self._telemetry.reachable(True):
+            self.log.info("the Kubernetes API server answers again")
         stored, store_problem = self._load()
         if stored is not None and not self._restored:
             self._restored = True
@@ -230,6 +253,11 @@ class PolicyRunner:
             if isinstance(exc, ClusterUnavailable):
                 self._unreachable_at = time.monotonic()
             return None, f"state store unavailable: {exc}"
+        token = self._fence.token()
+        if token is not None and stored.fence is not None and stored.fence.supersedes(token):
+            why = f"term {stored.fence.term} of {stored.fence.holder} saved the state of {self.policy.name}"
+            self._fence.deposed(why)
+            raise NotLeader(f"a newer leader decides: {why}")
         text = None if stored.state is None else encode_state(stored.state)
         if stored.version not in (self._version, "") and (text is None or text != self._known):
             # someone else wrote the state since: what is stored wins over what was remembered. An
@@ -304,12 +332,17 @@ class PolicyRunner:
         unchanged = base.state is not None and base.error is None and encode_state(base.state) == encode_state(state)
         written = self._status_written
         stale = written is None or time.monotonic() - written >= self._status_refresh
-        if unchanged and _outbox_key(base.outbox) == _outbox_key(outbox) and base.command_error is None and not stale:
+        # a new term saves once even with nothing new: its token in the object fences off the old term
+        claimed = self._fence.token() in (None, base.fence)
+        quiet = _outbox_key(base.outbox) == _outbox_key(outbox) and base.command_error is None
+        if unchanged and quiet and claimed and not stale:
             return base
         view = self._view(state)
         status = None if view is None else json.dumps(view, sort_keys=True, separators=(",", ":"))
         try:
             saved = self._store.save(self.policy, state, base, outbox, status)
+        except NotLeader:
+            raise
         except CommandWithdrawn as exc:
             if state.rolled_back_last or (state.pending is not None and state.pending.rollback):
                 # R2: a rollback (or step back) stands whatever became of the command: saved without
@@ -345,6 +378,8 @@ class PolicyRunner:
             )
             self._memory = kept
             saved = self._store.save(self.policy, kept, fresh, outbox, status)
+        except NotLeader:
+            raise
         except ClusterError as exc:  # what this process decided stays in memory for the next tick
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             self.log.error("could not save the rollout state", error=str(exc))
@@ -535,6 +570,8 @@ class PolicyRunner:
                 force=decision.force,
                 drop_legacy_state=recorded is not None and bool(recorded.version),
             )
+        except NotLeader:
+            raise
         except WeightChangedExternally as exc:
             self.log.warning("weight changed by someone else during the write; re-reading next tick", error=str(exc))
             return TickOutcome(None, check, recheck_soon=True, error=str(exc))
@@ -723,6 +760,12 @@ class PolicyRunner:
         self._telemetry.errors.labels(self.policy.name, kind).inc()
         if isinstance(exc, ClusterUnavailable):
             self._unreachable_at = time.monotonic()
+            if self._telemetry.reachable(False):
+                self.log.error(
+                    "the Kubernetes API server is unreachable: no weight, state or Event can be written until it "
+                    "answers (gateway_canary_cluster_reachable 0)",
+                    error=str(exc),
+                )
         if isinstance(exc, AccessDenied) and self._warming_up():
             self.log.warning(
                 "403 right after the API server was unreachable; retrying before calling it a refusal",
@@ -745,6 +788,18 @@ class PolicyRunner:
                 "Kubernetes API trouble; nothing changed this tick", step=step, error=str(exc), rollback_pending=urgent
             )
         return TickOutcome(None, check, recheck_soon=urgent, error=str(exc))
+
+    def retire(self) -> None:
+        """Its term ended: wait for the tick in flight, and never tick again (a new term has new runners)."""
+        with self._lock:
+            self._retired = True
+
+    def _stand_down(self, exc: NotLeader) -> TickOutcome:
+        """Not the leader (any more): nothing more is written; whoever leads reads the state object."""
+        self._memory = self._known = None
+        self._provisional = None
+        self.log.info("not leading: tick abandoned, nothing more written", why=str(exc))
+        return TickOutcome(None, None, error=str(exc))
 
     def _crashed(self, exc: Exception) -> TickOutcome:
         if self.failing_since is None:

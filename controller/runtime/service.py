@@ -2,7 +2,14 @@
 
 APScheduler runs each policy's tick at its interval (one at a time per policy, missed runs
 coalesced) and re-reads the policies directory on a timer. SIGTERM stops new ticks, lets the
-one in flight finish or abandon its raise (a rollback is always written), then flushes alerts.
+one in flight finish or abandon its raise (a rollback is always written), releases the leader
+Lease, then flushes alerts.
+
+With leader election (``controller.runtime.leader``) all of that runs only while this replica
+leads: a term starts with fresh runners that read every policy's state from its state object
+(never from an earlier term's memory) and ends by removing the ticks and waiting for the one in
+flight (whose writes the fence refuses). A standby serves /metrics, /healthz and /readyz (it is
+ready: a rolling update waits for it) and reports ``gateway_canary_is_leader 0``.
 """
 
 from __future__ import annotations
@@ -20,16 +27,27 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from controller.core.alerts import build_alert
 from controller.core.enums import AlertKind, Severity
+from controller.core.lease import FenceToken
 from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
 from controller.core.results import RenderedQuery
 from controller.errors import ClusterError, MetricsUnavailable
 from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.notify.factory import global_receivers, policy_receivers
-from controller.ports import Clock, CloudInspector, GatewayPair, MetricsSource, Notifier, RouteInspector, StateStore
+from controller.ports import (
+    Clock,
+    CloudInspector,
+    GatewayPair,
+    MetricsSource,
+    Notifier,
+    RouteInspector,
+    SoleWriter,
+    StateStore,
+)
 from controller.runtime.cloud_watch import CloudWatch
 from controller.runtime.collector import Collector
 from controller.runtime.http import StatusServer
+from controller.runtime.leader import LeaderElector
 from controller.runtime.policy_source import PolicyCatalog
 from controller.runtime.reconciler import PolicyRunner
 from controller.runtime.telemetry import Telemetry
@@ -59,8 +77,12 @@ class ControllerService:
         serve_http: bool = True,
         cloud: CloudInspector | None = None,
         routes: RouteInspector | None = None,
+        elector: LeaderElector | None = None,
     ) -> None:
         self.settings = settings
+        #: None: no election, this process is the only writer and always leads
+        self.elector = elector
+        self._leading = False
         self.telemetry = telemetry or Telemetry()
         self.stopping = threading.Event()
         self.runners: dict[str, PolicyRunner] = {}
@@ -105,8 +127,11 @@ class ControllerService:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        """Scheduling, not stopping, and no policy whose ticks keep failing past the setting."""
+        """Scheduling, not stopping, electing (with election), and no policy whose ticks keep failing
+        past the setting. An unreachable API server is not unhealthy: a restart would not bring it back."""
         if not self._scheduler.running or self.stopping.is_set():
+            return False
+        if self.elector is not None and not self.elector.alive():
             return False
         limit = self.settings.unhealthy_after_seconds
         now = time.monotonic()
@@ -118,31 +143,84 @@ class ControllerService:
             self.http.start()
             _log.info("status server listening", port=self.http.port)
         self._scheduler.start()
-        self.reload()
-        self._scheduler.add_job(
-            self.reload,
-            IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
-            id="__reload__",
-            max_instances=1,
-            coalesce=True,
-        )
-        if self.settings.command_poll_seconds > 0:
+        if self.elector is None:
+            self._lead(None)
+        else:
+            self.telemetry.is_leader.set(0)
+            self.elector.start(on_started=self._lead, on_stopped=self._follow, on_reachable=self._reachability)
+        self._loaded.set()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica runs the policies now (always, without election)."""
+        return self._leading
+
+    def _lead(self, term: FenceToken | None) -> None:
+        """A term starts (or, without election, the process): load the policies and tick them."""
+        with self._reload_lock:
+            if self.stopping.is_set():
+                return
+            self._leading = True
+            self.telemetry.is_leader.set(1)
+            if term is not None:
+                self.telemetry.leader_transitions.labels("started").inc()
+                _log.info("leading: running the policies", term=term.term)
+            self._reload_guarded()
             self._scheduler.add_job(
-                self.look_for_commands,
-                IntervalTrigger(seconds=self.settings.command_poll_seconds / self._scale),
-                id="__commands__",
+                self.reload,
+                IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
+                id="__reload__",
+                replace_existing=True,
                 max_instances=1,
                 coalesce=True,
             )
-        self._loaded.set()
+            if self.settings.command_poll_seconds > 0:
+                self._scheduler.add_job(
+                    self.look_for_commands,
+                    IntervalTrigger(seconds=self.settings.command_poll_seconds / self._scale),
+                    id="__commands__",
+                    replace_existing=True,
+                    max_instances=1,
+                    coalesce=True,
+                )
+
+    def _follow(self, why: str) -> None:
+        """The term ended: no more ticks; returns once the tick in flight (if any) is over."""
+        with self._reload_lock:
+            self._leading = False
+            self.telemetry.is_leader.set(0)
+            self.telemetry.leader_transitions.labels("ended").inc()
+            for job in ("__reload__", "__commands__", *self.runners):
+                self._unschedule(job)
+            runners, self.runners = self.runners, {}
+            self._reported_errors = set()
+            self._triggered.clear()
+            self._catalog.invalidate()
+        for runner in runners.values():
+            runner.retire()  # waits for its tick in flight, which writes nothing more
+        self.telemetry.stand_by()
+        _log.warning("standing by: the policies run on the leader", why=why, policies=len(runners))
+
+    def _reachability(self, reachable: bool) -> None:
+        if self.telemetry.reachable(reachable):
+            if reachable:
+                _log.info("the Kubernetes API server answers again")
+            else:
+                _log.error(
+                    "the Kubernetes API server is unreachable: no Lease, weight or state can be written until it "
+                    "answers (gateway_canary_cluster_reachable 0)"
+                )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop scheduling, wait for in-flight ticks, flush alerts."""
         if self.stopping.is_set():
             return
-        self.stopping.set()
+        with self._reload_lock:  # a term starting now sees it and starts nothing
+            self.stopping.set()
         _log.info("stopping: waiting for in-flight checks")
         self._scheduler.shutdown(wait=True)
+        if self.elector is not None:  # after the last tick: the peer takes over at once
+            self.elector.stop(release=True)
         self._dispatcher.close(timeout=min(timeout, 10.0))
         self._collector.close()
         if self.http is not None:
@@ -169,14 +247,17 @@ class ControllerService:
         """Re-read the directory and add, replace or remove runners to match it. Never raises:
         a reload that fails keeps every running policy as it is and is logged with its traceback."""
         with self._reload_lock:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or not self._leading:
                 return
-            try:
-                self._reload()
-            except Exception:  # a bug here must not stop the reload job, nor any policy's protection
-                _log.exception("reloading the policies failed; the running policies keep running")
-                self.telemetry.errors.labels("-", "reload").inc()
-                self._catalog.invalidate()  # and the next reload tries again
+            self._reload_guarded()
+
+    def _reload_guarded(self) -> None:
+        try:
+            self._reload()
+        except Exception:  # a bug here must not stop the reload job, nor any policy's protection
+            _log.exception("reloading the policies failed; the running policies keep running")
+            self.telemetry.errors.labels("-", "reload").inc()
+            self._catalog.invalidate()  # and the next reload tries again
 
     def _reload(self) -> None:
         snapshot = self._catalog.refresh()
@@ -232,6 +313,7 @@ class ControllerService:
             else CloudWatch(self._cloud, self._routes, verify_writes=not self.settings.dry_run),
             status_refresh_seconds=self.settings.status_refresh_seconds,
             runbook_url=self.settings.runbook_url,
+            fence=self.elector or SoleWriter(),
         )
         self.runners[policy.name] = runner
         seconds = policy.spec.analysis.interval.total_seconds() / self._scale

@@ -104,6 +104,30 @@ class Telemetry:
             registry=r,
         )
         self._waiting_labels: dict[str, tuple[str, str, str]] = {}
+        self.is_leader = Gauge(
+            "gateway_canary_is_leader",
+            "1 while this replica holds the leader Lease (only it ticks and writes); 0 on a standby. Without "
+            "leader election always 1",
+            registry=r,
+        )
+        self.leader_transitions = Counter(
+            "gateway_canary_leader_transitions", "Terms this replica started or ended, by what happened", ["event"],
+            registry=r,
+        )  # fmt: skip
+        self.cluster_reachable = Gauge(
+            "gateway_canary_cluster_reachable",
+            "0 while the Kubernetes API server cannot be reached (nothing moves: no weight, no state, no Lease "
+            "can be written), else 1",
+            registry=r,
+        )
+        self.cluster_reachable.set(1)
+        self._reachable = True
+
+    def reachable(self, reachable: bool) -> bool:
+        """Record whether the API server answered; True when that changed (worth one log line)."""
+        changed, self._reachable = self._reachable != reachable, reachable
+        self.cluster_reachable.set(1 if reachable else 0)
+        return changed
 
     def notified(self, receiver: str, kind: str, outcome: str) -> None:
         """One delivery outcome (the dispatcher's callback)."""
@@ -156,6 +180,27 @@ class Telemetry:
             self.effective_share.labels(policy).set(split.effective)
         if confirmation is not None:
             self.cloud_confirmed.labels(policy).set(1 if confirmation.applied else 0)
+
+    def stand_by(self) -> None:
+        """This replica stopped leading: it exports no policy's series (the leader does), so sums over
+        replicas count each policy once and a standby's stale phase cannot hide the leader's."""
+        for metric in (
+            self.target_weight,
+            self.source_weight,
+            self.phase,
+            self.gate_value,
+            self.gate_threshold,
+            self.gate_baseline,
+            self.observed_share,
+            self.requested_share,
+            self.effective_share,
+            self.cloud_confirmed,
+            self.refused,
+            self.waiting,
+        ):
+            metric.clear()
+        self._waiting_labels.clear()
+        self.policies.set(0)
 
     def forget(self, policy: str) -> None:
         """Drop a removed policy's series."""

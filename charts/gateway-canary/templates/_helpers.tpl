@@ -95,3 +95,44 @@ The same rules as `gateway-canary rbac` (controller/rbac.py); tests/test_chart.p
 {{- define "gateway-canary.policy" -}}
 {{- if kindIs "string" . -}}{{ . }}{{- else -}}{{ toYaml . }}{{- end -}}
 {{- end -}}
+
+{{/*
+The leaderElection values as JSON, each missing key filled with its default (the same as in
+values.yaml; tests/test_chart.py compares them). `helm upgrade --reuse-values` from a chart without
+leader election reuses that chart's values, which have no leaderElection block at all.
+*/}}
+{{- define "gateway-canary.election" -}}
+{{- $election := dict "enabled" true "leaseName" "" "leaseDuration" 15 "renewDeadline" 10 "retryPeriod" 2 -}}
+{{- range $key, $value := .Values.leaderElection | default dict }}{{ $_ := set $election $key $value }}{{ end -}}
+{{- $election | toJson -}}
+{{- end -}}
+
+{{/* The Lease the replicas elect a leader with (in the release's namespace). */}}
+{{- define "gateway-canary.leaseName" -}}
+{{- default (include "gateway-canary.fullname" .) (include "gateway-canary.election" . | fromJson).leaseName -}}
+{{- end -}}
+
+{{/*
+Fails the render on leader-election values the schema cannot check: the order of the three timings
+(the controller refuses to start otherwise: GATEWAY_CANARY_RENEW_DEADLINE_SECONDS and friends), and
+settings that would bypass or break `leaderElection`. Renders nothing.
+*/}}
+{{- define "gateway-canary.checkLeaderElection" -}}
+{{- $election := include "gateway-canary.election" . | fromJson -}}
+{{- with $election -}}
+{{- if ge (float64 .renewDeadline) (float64 .leaseDuration) -}}
+{{- fail (printf "leaderElection.renewDeadline (%v) must be less than leaderElection.leaseDuration (%v): the leader must stop writing before a standby may take the Lease over" .renewDeadline .leaseDuration) -}}
+{{- end -}}
+{{- if ge (float64 .retryPeriod) (float64 .renewDeadline) -}}
+{{- fail (printf "leaderElection.retryPeriod (%v) must be less than leaderElection.renewDeadline (%v): the leader must get several tries at renewing before it stops" .retryPeriod .renewDeadline) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "LEADER_ELECTION" "LEASE_NAME" "LEASE_DURATION_SECONDS" "RENEW_DEADLINE_SECONDS" "RETRY_PERIOD_SECONDS" -}}
+{{- if hasKey $.Values.settings $key -}}
+{{- fail (printf "settings.%s: set it with the leaderElection values (the chart renders GATEWAY_CANARY_%s from them)" $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $election.enabled (hasKey .Values.settings "IDENTITY") -}}
+{{- fail "settings.IDENTITY: every replica would claim the Lease under the same name (two leaders); leave it unset, each process then names itself after its pod" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,135 @@
+"""The leader-election Lease (``coordination.k8s.io/v1``) through the official client.
+
+One Lease, by name, in the controller's namespace: ``get``, ``create`` and ``update`` (a replace
+guarded by ``resourceVersion``, so two candidates that read the same version cannot both take
+it: the second gets a Conflict). Calls time out within half the renew deadline: a hung API server
+must not keep the elector from noticing that its term ran out.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+
+from controller.adapters.kube_api import json_call, resource_version
+from controller.core.lease import LeaseRecord
+from controller.errors import ServiceNotFound
+
+__all__ = ["KubernetesLeaseStore"]
+
+
+class KubernetesLeaseStore:
+    """LeaseStore over one named Lease."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, name: str, *, timeout_seconds: float) -> None:
+        self._api = client.CoordinationV1Api(api_client)
+        self.namespace = namespace
+        self.name = name
+        half = max(0.2, timeout_seconds)
+        self._timeout = (min(3.0, half), half)
+
+    def get(self) -> LeaseRecord | None:
+        """The Lease, None when there is none."""
+        try:
+            body = json_call(
+                f"read Lease {self.namespace}/{self.name}",
+                self._api.read_namespaced_lease,
+                self.name,
+                self.namespace,
+                request_timeout=self._timeout,
+            )
+        except ServiceNotFound:  # (404: the adapters' "not found")
+            return None
+        return _record(body)
+
+    def create(self, record: LeaseRecord) -> LeaseRecord:
+        """Create it; Conflict when another candidate was first."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "gateway-canary",
+                    "app.kubernetes.io/name": "gateway-canary",
+                },
+            },
+            "spec": _spec(record),
+        }
+        answer = json_call(
+            f"create Lease {self.namespace}/{self.name}",
+            self._api.create_namespaced_lease,
+            self.namespace,
+            body,
+            request_timeout=self._timeout,
+        )
+        return _record(answer)
+
+    def update(self, record: LeaseRecord) -> LeaseRecord:
+        """Replace it, guarded by the version it was read at."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": self.namespace, "resourceVersion": record.version},
+            "spec": _spec(record),
+        }
+        answer = json_call(
+            f"update Lease {self.namespace}/{self.name}",
+            self._api.replace_namespaced_lease,
+            self.name,
+            self.namespace,
+            body,
+            request_timeout=self._timeout,
+        )
+        return _record(answer)
+
+
+def _micro_time(when: datetime | None) -> str | None:
+    """A MicroTime as the API server wants it: UTC, microseconds, ``Z``."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _spec(record: LeaseRecord) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "holderIdentity": record.holder,
+        "leaseTransitions": record.transitions,
+        "acquireTime": _micro_time(record.acquired),
+        "renewTime": _micro_time(record.renewed),
+    }
+    if record.duration_seconds is not None:
+        spec["leaseDurationSeconds"] = max(1, round(record.duration_seconds))
+    return spec
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _record(body: dict[str, Any]) -> LeaseRecord:
+    """The Lease JSON as a record; fields it lacks (or has wrong) read as empty, never as an error."""
+    spec = body.get("spec") or {}
+    metadata = body.get("metadata") or {}
+    holder = spec.get("holderIdentity")
+    transitions = spec.get("leaseTransitions")
+    duration = spec.get("leaseDurationSeconds")
+    return LeaseRecord(
+        holder=holder if isinstance(holder, str) else "",
+        transitions=transitions if isinstance(transitions, int) and transitions >= 0 else 0,
+        duration_seconds=float(duration) if isinstance(duration, int | float) and duration > 0 else None,
+        acquired=_time(spec.get("acquireTime")),
+        renewed=_time(spec.get("renewTime")),
+        created=_time(metadata.get("creationTimestamp")),
+        uid=str(metadata.get("uid", "")),
+        version=resource_version(body),
+    )
