@@ -6,14 +6,19 @@ kubernetes) goes through the same processors, so in JSON mode every line is JSON
 per-retry warnings (one per attempt while Prometheus is down: hundreds a minute) are silenced:
 the failed check is logged once, with its reason. Every string in every line has its URLs
 reduced to scheme://host (no userinfo, path or query: that is where secrets are).
+
+Both writers (structlog's and the standard logging's handler) write through one ``_Lines``: each
+line in one write, under one lock, flushed. Two of them writing the same stream, each with its own
+lock, once joined a line of one thread to a line of another (found by the two-replica tests).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -25,6 +30,26 @@ __all__ = ["configure_logging", "redact"]
 _HANDLER_NAME = "gateway-canary"
 #: loggers whose warnings repeat per retry or per request, kept to errors
 _QUIETED = ("urllib3.connectionpool", "urllib3.util.retry", "kubernetes.client.rest")
+
+
+class _Lines:
+    """A stream whose every ``write`` is whole: written and flushed under one lock."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            written = int(self._out.write(text))
+            self._out.flush()
+        return written
+
+    def flush(self) -> None:
+        """Every write was flushed already."""
+
+    def isatty(self) -> bool:
+        return bool(self._out.isatty())
 
 
 def _scrub(value: Any) -> Any:
@@ -46,7 +71,7 @@ def redact(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mutable
 
 def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "INFO", *, stream: Any = None) -> None:
     """Configure structlog, and route the standard logging of the client libraries through it."""
-    out = stream or sys.stderr
+    out = _Lines(stream or sys.stderr)
     use_json = fmt is LogFormat.JSON or (fmt is LogFormat.AUTO and not out.isatty())
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -66,7 +91,8 @@ def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "INFO", *, s
     structlog.configure(
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # message and newline in one write (the factory asks for a TextIO: it uses write and flush)
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, out)),
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

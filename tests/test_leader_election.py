@@ -191,3 +191,32 @@ def test_the_state_store_refuses_a_deposed_terms_save(kube: Cluster, tmp_path: P
         assert old_store.load(policy).state.reason == "claimed"  # type: ignore[union-attr]
     finally:
         api.close()
+
+
+def test_the_gateway_adapter_asks_the_fence_before_every_write(kube: Cluster, tmp_path: Path) -> None:
+    """A term that may not write sends no Service patch and no Event: the audit log has none."""
+    from controller.adapters.kubernetes import KubernetesGatewayPair
+    from controller.core.schedule import Weights
+
+    kube.add_gateways()
+    policy = kube.policy()
+    kube.grant(policy)
+    api = build_api_client(kube.write_kubeconfig())
+    try:
+        fence = StaticFence(FenceToken("replica-a", 1, at(0), "uid-1"))
+        pair = KubernetesGatewayPair(api, state_namespace=kube.ns, fence=fence)
+        seen = pair.observe(policy)
+        fence.allowed = False
+        for write in (
+            lambda: pair.write_weights(policy, seen, Weights(10, 90)),
+            lambda: pair.write_weights(policy, seen, Weights(0, 100), force=True),  # a rollback too
+            lambda: pair.record_event(policy, "Test", "must not be recorded", warning=False),
+        ):
+            with pytest.raises(NotLeader):
+                write()
+        assert kube.controller_writes() == []
+        fence.allowed = True
+        pair.write_weights(policy, seen, Weights(10, 90))
+        assert [w.resource for w in kube.controller_writes()] == ["services", "services"]
+    finally:
+        api.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 
 import pytest
 import structlog
@@ -62,3 +64,41 @@ def test_console_tracebacks_are_redacted_too() -> None:
         for handler in [h for h in root.handlers if h.get_name() == "gateway-canary"]:
             root.removeHandler(handler)
     assert "topsecret" not in out.getvalue() and "http://prom:9090/…" in out.getvalue()
+
+
+class _Dribble(io.StringIO):
+    """A stream that hands the other threads the CPU inside every write (as a pipe can)."""
+
+    def write(self, text: str) -> int:
+        written = 0
+        for part in (text[: len(text) // 2], text[len(text) // 2 :]):
+            written += super().write(part)
+            time.sleep(0)
+        return written
+
+
+def test_lines_of_threads_logging_at_once_never_run_into_each_other() -> None:
+    """structlog's writer and the standard logging's handler share one stream: each line stays whole
+    (the two-replica tests once found a controller line and an APScheduler line joined)."""
+    out = _Dribble()
+    configure_logging(LogFormat.JSON, "INFO", stream=out)
+
+    def ours() -> None:
+        for n in range(200):
+            structlog.get_logger("controller.test").info("ours", n=n)
+
+    def theirs() -> None:
+        for n in range(200):
+            logging.getLogger("apscheduler.scheduler").warning("theirs %d", n)
+
+    try:
+        threads = [threading.Thread(target=work) for work in (ours, theirs, ours, theirs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 800
+        assert all(isinstance(json.loads(line), dict) for line in lines)
+    finally:
+        configure_logging(LogFormat.CONSOLE, "INFO")
