@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 
 import requests
+import urllib3
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
@@ -105,6 +106,8 @@ class PrometheusMetricsSource:
         except (requests.exceptions.JSONDecodeError, KeyError, TypeError, IndexError) as exc:  # no data.result
             raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {self._short(exc)}") from exc
         except requests.RequestException as exc:
+            if _timed_out(exc):  # a read timeout, retried, arrives as a ConnectionError
+                raise MetricsUnavailable(f"Prometheus at {self._url} did not answer within {self._timeout:g}s") from exc
             raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
         except ValueError as exc:  # a body that is not JSON, from an older requests
             raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {self._short(exc)}") from exc
@@ -112,6 +115,15 @@ class PrometheusMetricsSource:
     def close(self) -> None:
         """Release the HTTP connection pool."""
         self._client.close()
+
+
+def _timed_out(exc: requests.RequestException) -> bool:
+    """Whether Prometheus took longer than the timeout (rather than refusing or failing the connection)."""
+    if isinstance(exc, requests.Timeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    refused = isinstance(reason, urllib3.exceptions.NewConnectionError)  # a ConnectTimeoutError to urllib3
+    return isinstance(reason, urllib3.exceptions.TimeoutError) and not refused
 
 
 def _credentials(connection: PrometheusConnection) -> list[str]:

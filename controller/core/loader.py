@@ -168,7 +168,13 @@ def decode_policy_file(data: bytes, file: str) -> str | PolicyError:
     return text
 
 
-def _yaml_error(exc: yaml.YAMLError, file: str) -> PolicyError:
+def _yaml_error(exc: yaml.YAMLError, file: str, text: str = "") -> PolicyError:
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow, with its index
+        line = text[: exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        return PolicyError(
+            file, line, "", f"a control character (U+{code:04X}) YAML does not allow in a file: remove it"
+        )
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -181,15 +187,18 @@ def parse_policy_text(text: str, file: str) -> LoadResult:
     """Validate every YAML document of one file. Never raises; every problem has a line."""
     if len(text) > MAX_FILE_BYTES:
         return LoadResult((), (PolicyError(file, 1, "", f"the file is larger than {MAX_FILE_BYTES} bytes"),))
-    loader = _LineLoader(text)
     nodes: list[yaml.Node] = []
+    try:
+        loader = _LineLoader(text)  # (it checks the whole text for unprintable characters at once)
+    except yaml.YAMLError as exc:
+        return LoadResult((), (_yaml_error(exc, file, text),))
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is not None:
                 nodes.append(node)
     except yaml.YAMLError as exc:
-        return LoadResult((), (_yaml_error(exc, file),))
+        return LoadResult((), (_yaml_error(exc, file, text),))
     except RecursionError:
         return LoadResult((), (PolicyError(file, 1, "", f"nested deeper than {MAX_DEPTH} levels"),))
     finally:

@@ -221,7 +221,11 @@ class LeaderElector:
             self._term, self._renewed_at, self._record, self._deposed = token, sent, written, None
         waited = self._monotonic() - self.started_at
         _log.info("became the leader", identity=self.identity, term=token.term, why=move.why, waited_s=round(waited, 2))
-        self._on_started(token)
+        try:
+            self._on_started(token)
+        except Exception:  # a term this process cannot run must not be held: another replica leads
+            _log.exception("starting the term failed; giving it up")
+            self._end("starting the term failed")
 
     def _end(self, why: str) -> None:
         """The term is over: no more writes (``check`` already refuses), then the ticks stop."""
