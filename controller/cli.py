@@ -482,7 +482,7 @@ def _elector(settings: Settings, api: Any, identity: str) -> LeaderElector | Non
         settings.lease_duration_seconds, settings.renew_deadline_seconds, settings.retry_period_seconds
     )
     leases = KubernetesLeaseStore(
-        api, settings.namespace, settings.lease_name, timeout_seconds=settings.renew_deadline_seconds / 2
+        api, settings.namespace, settings.lease_name, timeout_seconds=settings.renew_deadline_seconds
     )
     _log.info("leader election on", identity=identity, lease=f"{settings.namespace}/{settings.lease_name}")
     return LeaderElector(leases, identity, timing, clock=SystemClock())

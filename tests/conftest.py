@@ -89,28 +89,37 @@ def gateways(traffic: TrafficExporter, request: pytest.FixtureRequest) -> Iterat
     traffic.share = lambda: 0.0
 
 
-@pytest.fixture(scope="session")
-def prometheus(workdir: Path, traffic: TrafficExporter) -> Iterator[str]:
-    """A real Prometheus scraping the traffic exporter every second."""
+def prometheus_command(directory: Path, port: int, targets: list[int]) -> tuple[list[str], Callable[[], bool]]:
+    """A real Prometheus on 127.0.0.1:``port`` scraping the exporters on loopback ports ``targets`` every
+    second: its command line (config and data in ``directory``, so a restart keeps its data) and the
+    check that it has scraped every target. Skips (fails in CI) when the binary is missing.
+    """
     _need(PROMETHEUS)
-    port = free_port()
-    config = workdir / "prometheus.yml"
+    config = directory / "prometheus.yml"
+    listed = ", ".join(f"'127.0.0.1:{target}'" for target in targets)
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n"
-        f"  - job_name: traffic\n    static_configs:\n      - targets: ['127.0.0.1:{traffic.server.port}']\n"
+        f"  - job_name: traffic\n    static_configs:\n      - targets: [{listed}]\n"
     )
-    url = f"http://127.0.0.1:{port}"
     args = [
         PROMETHEUS,
         f"--config.file={config}",
-        f"--storage.tsdb.path={workdir / 'prom-data'}",
+        f"--storage.tsdb.path={directory / 'prom-data'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--storage.tsdb.retention.time=1h",
     ]
-    scraped = partial(_answers, f"{url}/api/v1/query", {"query": 'up{job="traffic"} == 1'}, with_result=True)
+    every = f'count(up{{job="traffic"}} == 1) == {len(targets)}'
+    return args, partial(_answers, f"http://127.0.0.1:{port}/api/v1/query", {"query": every}, with_result=True)
+
+
+@pytest.fixture(scope="session")
+def prometheus(workdir: Path, traffic: TrafficExporter) -> Iterator[str]:
+    """A real Prometheus scraping the traffic exporter every second."""
+    port = free_port()
+    args, scraped = prometheus_command(workdir, port, [traffic.server.port])
     with _serving(args, workdir / "prometheus.log", scraped, "Prometheus's first scrape of the exporter"):
-        yield url
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -920,3 +920,25 @@ def test_every_dashboard_query_returns_data_from_a_running_controller(helm: Any,
                 wait_for(lambda e=concrete: query(e), timeout=30, interval=0.5, what=f"data for {concrete}")
     finally:
         service.stop()
+
+
+def test_an_upgrade_from_an_unelected_release_recreates_once_then_rolls(
+    helm: Any, kube: Cluster, tmp_path: Path
+) -> None:
+    """The pods of a release without leader election cannot be fenced: the upgrade that turns it on
+    replaces them (Recreate) instead of running elected pods beside them; the next upgrade rolls."""
+    admin = tmp_path / "admin-kubeconfig"
+    admin.write_text(kube.admin_kubeconfig())
+    common = ["--kubeconfig", str(admin), "--namespace", kube.ns, "--wait=false"]
+
+    def strategy() -> str:
+        path = f"/apis/apps/v1/namespaces/{kube.ns}/deployments/{FULLNAME}"
+        return str(kube.plane.call("GET", path)["spec"]["strategy"]["type"])
+
+    helm("install", RELEASE, str(CHART), *common, "--set", "leaderElection.enabled=false", "--set", "replicaCount=1")
+    assert strategy() == "Recreate"
+    helm("upgrade", RELEASE, str(CHART), *common, "--reset-values")  # the defaults: two replicas, elected
+    assert strategy() == "Recreate"
+    helm("upgrade", RELEASE, str(CHART), *common, "--reset-values")
+    assert strategy() == "RollingUpdate"
+    helm("uninstall", RELEASE, "--kubeconfig", str(admin), "--namespace", kube.ns, "--wait=false")

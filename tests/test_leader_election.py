@@ -2,7 +2,7 @@
 
 Two electors campaign for one real Lease; the state store refuses a deposed term's save. The
 processes' version (SIGKILL, SIGSTOP, a rolling restart, with the audit log as witness) is in
-tests/test_two_replicas.py.
+tests/faults/test_two_replicas.py.
 """
 
 from __future__ import annotations

@@ -62,14 +62,9 @@ class Seconds:
 def elector(lease: MemoryLease, seconds: Seconds, name: str = "me") -> tuple[LeaderElector, list[str]]:
     said: list[str] = []
     made = LeaderElector(lease, name, TIMING, clock=HandClock(), monotonic=seconds)
-    made.start(  # (its thread is not run: the test calls round() itself)
-        on_started=lambda token: said.append(f"started {token.term}"),
-        on_stopped=lambda why: said.append(f"stopped: {why}"),
-    )
-    made._stop.set()
-    made._wake.set()
-    assert made._thread is not None
-    made._thread.join(5)
+    # its thread is not started: the test runs the rounds itself
+    made._on_started = lambda token: said.append(f"started {token.term}")
+    made._on_stopped = lambda why: said.append(f"stopped: {why}")
     return made, said
 
 

@@ -2,12 +2,14 @@
 
 One Lease, by name, in the controller's namespace: ``get``, ``create`` and ``update`` (a replace
 guarded by ``resourceVersion``, so two candidates that read the same version cannot both take
-it: the second gets a Conflict). Calls time out within half the renew deadline: a hung API server
-must not keep the elector from noticing that its term ran out.
+it: the second gets a Conflict). A slow API server (one under API priority and fairness queueing)
+is waited for up to the renew deadline, as client-go does (writes never depend on it: the fence
+reads the clock, not the elector thread).
 """
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +21,8 @@ from controller.errors import ServiceNotFound
 
 __all__ = ["KubernetesLeaseStore"]
 
+_LABELS = {"app.kubernetes.io/managed-by": "gateway-canary", "app.kubernetes.io/name": "gateway-canary"}
+
 
 class KubernetesLeaseStore:
     """LeaseStore over one named Lease."""
@@ -27,8 +31,8 @@ class KubernetesLeaseStore:
         self._api = client.CoordinationV1Api(api_client)
         self.namespace = namespace
         self.name = name
-        half = max(0.2, timeout_seconds)
-        self._timeout = (min(3.0, half), half)
+        read = max(0.2, timeout_seconds)
+        self._timeout = (min(3.0, read), read)
 
     def get(self) -> LeaseRecord | None:
         """The Lease, None when there is none."""
@@ -73,7 +77,12 @@ class KubernetesLeaseStore:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace, "resourceVersion": record.version},
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "resourceVersion": record.version,
+                "labels": _LABELS,  # (a replace: what it leaves out is removed)
+            },
             "spec": _spec(record),
         }
         answer = json_call(
@@ -102,7 +111,7 @@ def _spec(record: LeaseRecord) -> dict[str, Any]:
         "renewTime": _micro_time(record.renewed),
     }
     if record.duration_seconds is not None:
-        spec["leaseDurationSeconds"] = max(1, round(record.duration_seconds))
+        spec["leaseDurationSeconds"] = max(1, math.ceil(record.duration_seconds))  # never shorter than it is
     return spec
 
 

@@ -97,6 +97,7 @@ class InMemoryGatewayPair:
 
     def drop_legacy_state(self, policy: CanaryPolicy, seen: PairSnapshot) -> None:
         """Remove the version-1 state annotation."""
+        self.fence.check()
         with self._lock:
             self.legacy_state = None
 

@@ -14,11 +14,11 @@ The rules are client-go's, so a platform team reasons about them as about any co
   start (``LeaseTiming.valid``).
 
 Every acquisition starts a new *term*: ``leaseTransitions`` goes up by one, also when the same
-process takes the Lease again after losing it. A term is named by its ``FenceToken``: the Lease's
-lineage (its creation time and uid: a Lease deleted and created again starts a new lineage, later
-than the old one) and the term number. The token is written into every state object the leader
-saves; a save finding a newer token there is refused (``FenceToken.supersedes``): the writer was
-deposed, even if it has not noticed yet (a process paused past its Lease, then resumed).
+process takes the Lease again after losing it. A term is named by its ``FenceToken``: the Lease
+(its uid: a Lease deleted and created again is another one) and the term number. The token is
+written into every state object the leader saves; a save finding a later term of the same Lease
+there is refused (``FenceToken.supersedes``): the writer was deposed, even if it has not noticed
+yet (a process paused past its Lease, then resumed).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class LeaseRecord:
     version: str = ""
 
     def observed_key(self) -> tuple[object, ...]:
-        """What a candidate compares to tell a renewal from silence (any change restarts its wait)."""
-        return (self.holder, self.transitions, self.renewed, self.acquired, self.uid)
+        """What a candidate compares to tell a renewal from silence (any change restarts its wait): every
+        write moves the resourceVersion, even one whose holder's wall clock stands still."""
+        return (self.version, self.holder, self.transitions, self.renewed, self.acquired, self.uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +74,14 @@ class FenceToken:
     lease_uid: str = ""
 
     def supersedes(self, other: FenceToken) -> bool:
-        """Whether this term came after ``other``'s: a later lineage, or a later term of the same one.
+        """Whether this term came after ``other``'s of the same Lease (the same uid: one lineage).
 
-        Two lineages created in the same second cannot be ordered: neither supersedes (the local
-        Lease check still fences both).
+        Tokens of two Leases are never ordered. A Lease of another name (a release renamed, then
+        rolled back; a controller run by hand on the binary's default name) would otherwise depose
+        every term of this one for good, and a Lease deleted and created again has its old holder
+        stop by itself: its renewals find no Lease and its term ends within a retry period.
         """
-        if self.lease_uid == other.lease_uid:
-            return self.term > other.term
-        if self.lease_created is None or other.lease_created is None:
-            return False
-        return self.lease_created > other.lease_created
+        return self.lease_uid == other.lease_uid and self.term > other.term
 
     def as_dict(self) -> dict[str, object]:
         """The JSON kept in the state object (``data.leader``)."""

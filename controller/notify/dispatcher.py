@@ -135,6 +135,22 @@ class AlertDispatcher:
                 entry[1].append(name)
         return [(alert, tuple(sorted(names)), age) for alert, names, age in by_id.values()]
 
+    def abandon(self, deliveries: set[tuple[str, str]]) -> int:
+        """Stop delivering these (receiver name, alert id) pairs; how many were pending.
+
+        For a replica whose term ended: these alerts are in the state objects' outboxes, which the
+        next leader delivers from (with the same ids). Delivering them here too would page twice on
+        receivers that do not de-duplicate by id (chat robots, Slack).
+        """
+        with self.lock:
+            dropped = [key for key in deliveries if self._pending.pop(key, None) is not None]
+            for queue in self._queues.values():
+                kept = [job for job in queue.jobs if (job.receiver.name, job.alert.id) not in deliveries]
+                if len(kept) != len(queue.jobs):
+                    heapq.heapify(kept)
+                    queue.jobs = kept
+        return len(dropped)
+
     def oldest_pending_seconds(self) -> float:
         """Age of the oldest undelivered alert (0 when all are delivered): alerting broken is an alert."""
         now = self._clock()
@@ -194,6 +210,10 @@ class AlertDispatcher:
         job.delay = min(self.policy.backoff_max_seconds, max(self.policy.backoff_seconds, job.delay * 2))
         if self._closing.is_set():
             log.warning("alert not delivered before shutdown; the outbox keeps it for the next start")
+            return
+        with self.lock:
+            abandoned = (job.receiver.name, job.alert.id) not in self._pending
+        if abandoned:  # (left to the next leader while this attempt was under way)
             return
         if now + job.delay > job.give_up_at:
             with self.lock:

@@ -37,6 +37,14 @@ _log = structlog.get_logger("controller.leader")
 _JITTER = 0.2
 
 
+def _since_boot() -> float:
+    """Seconds on a clock that never goes back and counts a suspended machine's sleep too (Linux's
+    CLOCK_BOOTTIME; elsewhere the monotonic clock): a node that slept through its Lease wakes up
+    knowing its term is over."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
 class LeaderElector:
     """Takes and keeps the Lease for this process; the Fence of its writes."""
 
@@ -47,7 +55,7 @@ class LeaderElector:
         timing: LeaseTiming,
         *,
         clock: Clock,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.identity = identity
         self.timing = timing
@@ -56,7 +64,7 @@ class LeaderElector:
         self._on_started: Callable[[FenceToken], None] = lambda token: None
         self._on_stopped: Callable[[str], None] = lambda why: None
         self._on_reachable: Callable[[bool], None] = lambda reachable: None
-        self._monotonic = monotonic
+        self._monotonic = monotonic or _since_boot
         self._trouble_seen: str | None = None
         self._lock = threading.Lock()
         self._term: FenceToken | None = None
@@ -69,7 +77,7 @@ class LeaderElector:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         #: monotonic seconds from one term's end (or this process's start) to the next term's start
-        self.started_at = monotonic()
+        self.started_at = self._monotonic()
 
     # -- the Fence ----------------------------------------------------------------------------------
 
@@ -182,6 +190,9 @@ class LeaderElector:
         except ClusterError as exc:
             self._trouble(exc, "read")
             return
+        # seen when the answer came, not when it was asked for (client-go's observedTime): a slow read
+        # must not shorten a candidate's wait for a renewal that landed while it was in flight
+        now = self._monotonic()
         self._on_reachable(True)
         self._trouble_seen = None
         if current is None or current.observed_key() != self._seen:

@@ -50,6 +50,7 @@ from controller.core.decision import (
 )
 from controller.core.decision import recovered_state as recovered
 from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severity, Verdict
+from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
 from controller.core.schedule import FULL, Weights
@@ -134,6 +135,7 @@ class PolicyRunner:
         #: nothing more, the moment it does not (its adapters ask the same fence before each write)
         self._fence = fence or SoleWriter()
         self._retired = False
+        self._foreign: FenceToken | None = None  # a token of another Lease found in the state object, said once
         self._pair = pair
         self._store = store
         self._metrics = metrics
@@ -166,6 +168,9 @@ class PolicyRunner:
         self._provisional: RolloutState | None = None  # decided while no state could be read
         self._provisional_passed = False  # ...and whether a check passed meanwhile
         self._restored = False  # the stored outbox was handed to the dispatcher
+        #: (receiver, alert id) of the undelivered alerts in the state object as last read or saved: whoever
+        #: leads next delivers those, so a replica whose term ended stops delivering them
+        self.persisted: set[tuple[str, str]] = set()
         #: the id of the last operator command this runner answered (the service's quick tick skips it)
         self.last_command_id: str | None = None
         self._status_refresh = status_refresh_seconds
@@ -258,6 +263,20 @@ class PolicyRunner:
             why = f"term {stored.fence.term} of {stored.fence.holder} saved the state of {self.policy.name}"
             self._fence.deposed(why)
             raise NotLeader(f"a newer leader decides: {why}")
+        foreign = stored.fence
+        if (
+            token is not None
+            and foreign is not None
+            and foreign.lease_uid != token.lease_uid
+            and foreign != self._foreign
+        ):
+            self._foreign = foreign  # said once: a Lease created again, or a second controller on this policy
+            self.log.warning(
+                "the state object was last saved under another leader Lease; two controllers running this "
+                "policy are two writers (a Lease deleted and created again explains it too)",
+                holder=foreign.holder,
+                term=foreign.term,
+            )
         text = None if stored.state is None else encode_state(stored.state)
         if stored.version not in (self._version, "") and (text is None or text != self._known):
             # someone else wrote the state since: what is stored wins over what was remembered. An
@@ -266,6 +285,7 @@ class PolicyRunner:
             self._memory = None
         self._version = stored.version
         self._known = text
+        self.persisted = _deliveries(stored.outbox)
         return stored, None
 
     def _state_for(
@@ -392,6 +412,7 @@ class PolicyRunner:
         self._status_written = time.monotonic()
         self._version = saved.version
         self._known = encode_state(state)
+        self.persisted = _deliveries(saved.outbox)
         return saved
 
     # -- operators' commands and the status they read -----------------------------------------------
@@ -750,8 +771,8 @@ class PolicyRunner:
 
     def _warming_up(self) -> bool:
         """Whether the API server was unreachable within the grace period (its 403s may be spurious)."""
-        since = self._unreachable_at
-        return since is not None and time.monotonic() - since < self._forbidden_grace
+        times = [t for t in (self._unreachable_at, self._telemetry.unreachable_at) if t is not None]
+        return bool(times) and time.monotonic() - max(times) < self._forbidden_grace
 
     def _cluster_trouble(
         self, exc: ClusterError, step: str, *, check: CheckResult | None = None, urgent: bool = False
@@ -825,6 +846,10 @@ def _changed_roles(intent: Intent) -> tuple[GatewayRole, ...]:
     if intent.source is not None and intent.source != intent.from_source:
         roles.append(GatewayRole.SOURCE)
     return tuple(roles)
+
+
+def _deliveries(outbox: tuple[OutboxEntry, ...]) -> set[tuple[str, str]]:
+    return {(receiver, entry.alert.id) for entry in outbox for receiver in entry.receivers}
 
 
 def _outbox_key(outbox: tuple[OutboxEntry, ...]) -> list[tuple[str, tuple[str, ...]]]:

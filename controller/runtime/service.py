@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
@@ -147,8 +147,33 @@ class ControllerService:
             self._lead(None)
         else:
             self.telemetry.is_leader.set(0)
+            self._watch_while_standing_by()
             self.elector.start(on_started=self._lead, on_stopped=self._follow, on_reachable=self._reachability)
         self._loaded.set()
+
+    def _watch_while_standing_by(self) -> None:
+        """A standby reads the policies directory too (reporting nothing): when it takes over, a file
+        that turned invalid still has its last good version, which keeps protecting (R3)."""
+        self._scheduler.add_job(
+            self._watch,
+            IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
+            id="__watch__",
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+
+    def _watch(self) -> None:
+        if self.stopping.is_set():
+            return
+        with self._reload_lock:
+            if self._leading or self.stopping.is_set():
+                return
+            try:
+                self._catalog.refresh()
+            except Exception:  # reading is all a standby does: never a reason to stop standing by
+                _log.exception("reading the policies directory failed while standing by")
 
     @property
     def leading(self) -> bool:
@@ -165,6 +190,8 @@ class ControllerService:
             if term is not None:
                 self.telemetry.leader_transitions.labels("started").inc()
                 _log.info("leading: running the policies", term=term.term)
+            self._unschedule("__watch__")
+            self._catalog.invalidate()  # (what was read standing by is reported now; last good versions stay)
             self._reload_guarded()
             self._scheduler.add_job(
                 self.reload,
@@ -190,8 +217,10 @@ class ControllerService:
             self._leading = False
             self.telemetry.is_leader.set(0)
             self.telemetry.leader_transitions.labels("ended").inc()
-            for job in ("__reload__", "__commands__", *self.runners):
-                self._unschedule(job)
+            if not self.stopping.is_set():  # (stop() shuts the scheduler down: no job calls meanwhile)
+                for job in ("__reload__", "__commands__", *self.runners):
+                    self._unschedule(job)
+                self._watch_while_standing_by()
             runners, self.runners = self.runners, {}
             self._reported_errors = set()
             self._triggered.clear()
@@ -199,7 +228,13 @@ class ControllerService:
         for runner in runners.values():
             runner.retire()  # waits for its tick in flight, which writes nothing more
         self.telemetry.stand_by()
-        _log.warning("standing by: the policies run on the leader", why=why, policies=len(runners))
+        left = self._leave_alerts(runners.values())
+        _log.warning("standing by: the policies run on the leader", why=why, policies=len(runners), alerts_left=left)
+
+    def _leave_alerts(self, runners: Iterable[PolicyRunner]) -> int:
+        """Stop delivering the alerts the state objects' outboxes hold: the next leader sends them (the
+        same ids), and two senders would page twice where receivers do not de-duplicate."""
+        return self._dispatcher.abandon(set().union(*(runner.persisted for runner in runners)))
 
     def _reachability(self, reachable: bool) -> None:
         if self.telemetry.reachable(reachable):
@@ -219,7 +254,8 @@ class ControllerService:
             self.stopping.set()
         _log.info("stopping: waiting for in-flight checks")
         self._scheduler.shutdown(wait=True)
-        if self.elector is not None:  # after the last tick: the peer takes over at once
+        if self.elector is not None:  # after the last tick: the peer takes over at once, and sends what
+            self._leave_alerts(self.runners.values())  # the outboxes hold; the rest gets its last try here
             self.elector.stop(release=True)
         self._dispatcher.close(timeout=min(timeout, 10.0))
         self._collector.close()
@@ -246,6 +282,8 @@ class ControllerService:
     def reload(self) -> None:
         """Re-read the directory and add, replace or remove runners to match it. Never raises:
         a reload that fails keeps every running policy as it is and is logged with its traceback."""
+        if self.stopping.is_set():  # (before the lock: stop() may be waiting for this job)
+            return
         with self._reload_lock:
             if self.stopping.is_set() or not self._leading:
                 return
@@ -362,6 +400,8 @@ class ControllerService:
 
         Never raises: a store that cannot be read only delays commands to their policy's next tick.
         """
+        if self.stopping.is_set() or not self._leading:
+            return
         runners = dict(self.runners)
         try:
             waiting = self._store.commands([runner.policy for runner in runners.values()])

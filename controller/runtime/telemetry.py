@@ -7,6 +7,7 @@ phase as a one-hot gauge, and every rollback counted with its reason.
 from __future__ import annotations
 
 import contextlib
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -122,11 +123,16 @@ class Telemetry:
         )
         self.cluster_reachable.set(1)
         self._reachable = True
+        self.unreachable_at: float | None = None
 
     def reachable(self, reachable: bool) -> bool:
         """Record whether the API server answered; True when that changed (worth one log line)."""
         changed, self._reachable = self._reachable != reachable, reachable
         self.cluster_reachable.set(1 if reachable else 0)
+        if not reachable:
+            #: monotonic time the API server was last found unreachable, by any part of the process (a
+            #: term's runners start after an outage ended the last term: its 403 grace still applies)
+            self.unreachable_at = time.monotonic()
         return changed
 
     def notified(self, receiver: str, kind: str, outcome: str) -> None:
