@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from controller.adapters.memory import InMemoryGatewayPair
 from controller.core.decision import Decision, Observation, decide, initial_state
 from controller.core.enums import Command, GatewayRole, InconclusiveCause, Measure, Verdict
+from controller.core.lease import LeaseRecord, LeaseTiming
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome, RenderedQuery
 from controller.core.state import RolloutState
-from controller.errors import ClusterUnavailable
+from controller.errors import ClusterUnavailable, Conflict
+from controller.runtime.leader import LeaderElector
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -235,3 +237,79 @@ class Rollout:
     def share(self) -> float:
         """The ASM gateway's share of the CLB at the Services' weights."""
         return (self.target or 0) / ((self.target or 0) + (self.source or 0))
+
+
+#: the shipped election timings
+TIMING = LeaseTiming(lease_duration=15.0, renew_deadline=10.0, retry_period=2.0)
+
+
+# -- an in-memory Lease shared by replicas, each through its own connection ------------------------
+
+
+@dataclass
+class SharedLease:
+    """One Lease object as the API server keeps it (create fails when it exists; update when the
+    version moved)."""
+
+    record: LeaseRecord | None = None
+    versions: int = 0
+    created: datetime = T0 - timedelta(days=300)
+    uid: str = "uid-gateway-canary"
+
+    def store(self, record: LeaseRecord) -> LeaseRecord:
+        self.versions += 1
+        self.record = replace(record, version=str(self.versions), created=self.created, uid=self.uid)
+        return self.record
+
+
+@dataclass
+class Connection:
+    """One replica's view of the shared Lease: it may be cut off (``down``), and its next read may be
+    slow (``during_read`` runs while the read is in flight: time passes, others write)."""
+
+    lease: SharedLease
+    down: bool = False
+    during_read: Any = None
+
+    def get(self) -> LeaseRecord | None:
+        if self.down:
+            raise ClusterUnavailable("test: this replica cannot reach the API server")
+        hook, self.during_read = self.during_read, None
+        if hook is not None:
+            hook()
+        return self.lease.record
+
+    def create(self, record: LeaseRecord) -> LeaseRecord:
+        if self.down:
+            raise ClusterUnavailable("test: this replica cannot reach the API server")
+        if self.lease.record is not None:
+            raise Conflict("test: exists")
+        return self.lease.store(record)
+
+    def update(self, record: LeaseRecord) -> LeaseRecord:
+        if self.down:
+            raise ClusterUnavailable("test: this replica cannot reach the API server")
+        if self.lease.record is None or record.version != self.lease.record.version:
+            raise Conflict("test: version moved")
+        return self.lease.store(record)
+
+
+class Seconds:
+    """One monotonic clock for every replica (they run at the same rate; only what they saw differs)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hand_elector(
+    leases: Any, seconds: Seconds, name: str, timing: LeaseTiming = TIMING
+) -> tuple[LeaderElector, list[str]]:
+    """An elector whose rounds the test runs itself (its thread is not started), and what it said."""
+    said: list[str] = []
+    made = LeaderElector(leases, name, timing, clock=HandClock(), monotonic=seconds)
+    made._on_started = lambda token: said.append(f"started {token.term}")
+    made._on_stopped = lambda why: said.append(f"stopped: {why}")
+    return made, said

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,26 @@ from controller.core.decision import Observation, initial_state
 from controller.core.enums import AlertKind
 from controller.core.lease import FenceToken, LeaseRecord, LeaseTiming
 from controller.core.policy import CanaryPolicy
-from controller.errors import AccessDenied, ClusterUnavailable, Conflict, NotificationError, NotLeader
+from controller.errors import AccessDenied, ClusterUnavailable, NotificationError, NotLeader
 from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
 from controller.ports import PairSnapshot
 from controller.runtime.clock import SystemClock
 from controller.runtime.leader import LeaderElector
 from controller.runtime.service import ControllerService
 from controller.settings import Settings
-from tests.helpers import FAIL, PASS, HandClock, RecordingNotifier, Rollout, ScriptedChecks, make_policy, runner_for
+from tests.helpers import (
+    FAIL,
+    PASS,
+    Connection,
+    RecordingNotifier,
+    Rollout,
+    ScriptedChecks,
+    Seconds,
+    SharedLease,
+    hand_elector,
+    make_policy,
+    runner_for,
+)
 from tests.kube_cluster import Cluster
 
 TIMING = LeaseTiming(lease_duration=15.0, renew_deadline=10.0, retry_period=2.0)
@@ -40,76 +52,6 @@ TIMING = LeaseTiming(lease_duration=15.0, renew_deadline=10.0, retry_period=2.0)
 OLD_LINEAGE = datetime(2026, 1, 1, tzinfo=UTC)
 #: ... one of another name (another release name or leaseName, later rolled back)
 NEWER_LINEAGE = datetime(2026, 6, 1, tzinfo=UTC)
-
-
-# -- an in-memory Lease shared by replicas, each through its own connection ------------------------
-
-
-@dataclass
-class SharedLease:
-    """One Lease object as the API server keeps it (create fails when it exists; update when the
-    version moved)."""
-
-    record: LeaseRecord | None = None
-    versions: int = 0
-    created: datetime = OLD_LINEAGE
-    uid: str = "uid-gateway-canary"
-
-    def store(self, record: LeaseRecord) -> LeaseRecord:
-        self.versions += 1
-        self.record = replace(record, version=str(self.versions), created=self.created, uid=self.uid)
-        return self.record
-
-
-@dataclass
-class Connection:
-    """One replica's view of the shared Lease: it may be cut off (``down``), and its next read may be
-    slow (``during_read`` runs while the read is in flight: time passes, others write)."""
-
-    lease: SharedLease
-    down: bool = False
-    during_read: Any = None
-
-    def get(self) -> LeaseRecord | None:
-        if self.down:
-            raise ClusterUnavailable("test: this replica cannot reach the API server")
-        hook, self.during_read = self.during_read, None
-        if hook is not None:
-            hook()
-        return self.lease.record
-
-    def create(self, record: LeaseRecord) -> LeaseRecord:
-        if self.down:
-            raise ClusterUnavailable("test: this replica cannot reach the API server")
-        if self.lease.record is not None:
-            raise Conflict("test: exists")
-        return self.lease.store(record)
-
-    def update(self, record: LeaseRecord) -> LeaseRecord:
-        if self.down:
-            raise ClusterUnavailable("test: this replica cannot reach the API server")
-        if self.lease.record is None or record.version != self.lease.record.version:
-            raise Conflict("test: version moved")
-        return self.lease.store(record)
-
-
-class Seconds:
-    """One monotonic clock for every replica (they run at the same rate; only what they saw differs)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def elector(connection: Connection, seconds: Seconds, name: str) -> tuple[LeaderElector, list[str]]:
-    """An elector whose rounds the test runs itself (no thread)."""
-    said: list[str] = []
-    made = LeaderElector(connection, name, TIMING, clock=HandClock(), monotonic=seconds)
-    made._on_started = lambda token: said.append(f"started {token.term}")
-    made._on_stopped = lambda why: said.append(f"stopped: {why}")
-    return made, said
 
 
 # -- 1. two leaders: a candidate dates its first sight of a renewal from before its read ----------
@@ -126,8 +68,8 @@ def test_a_slow_read_does_not_let_a_candidate_take_over_while_the_old_leader_sti
     server under load)."""
     seconds, lease = Seconds(), SharedLease()
     a_conn, b_conn = Connection(lease), Connection(lease)
-    a, _ = elector(a_conn, seconds, "replica-a")
-    b, _ = elector(b_conn, seconds, "replica-b")
+    a, _ = hand_elector(a_conn, seconds, "replica-a")
+    b, _ = hand_elector(b_conn, seconds, "replica-b")
     a.round()  # creates the Lease and leads
     b.round()  # the candidate's first look
     seconds.now = 1002.0
@@ -167,7 +109,7 @@ def test_a_token_from_a_newer_lease_of_another_name_does_not_stop_protection_for
     Lease either (it keeps moving). ``max(is_leader) == 0`` flaps, so NotChecking may not fire."""
     policy = make_policy()
     seconds, lease = Seconds(), SharedLease(created=OLD_LINEAGE)
-    me, said = elector(Connection(lease), seconds, "replica-a")
+    me, said = hand_elector(Connection(lease), seconds, "replica-a")
     store = InMemoryStateStore(fence=me)
     pair = InMemoryGatewayPair(target_weight=10, source_weight=90, fence=me)
     rollout = Rollout.fresh(policy)

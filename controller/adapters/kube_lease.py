@@ -50,50 +50,33 @@ class KubernetesLeaseStore:
 
     def create(self, record: LeaseRecord) -> LeaseRecord:
         """Create it; Conflict when another candidate was first."""
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "labels": {
-                    "app.kubernetes.io/managed-by": "gateway-canary",
-                    "app.kubernetes.io/name": "gateway-canary",
-                },
-            },
-            "spec": _spec(record),
-        }
         answer = json_call(
             f"create Lease {self.namespace}/{self.name}",
             self._api.create_namespaced_lease,
             self.namespace,
-            body,
+            self._body(record),
             request_timeout=self._timeout,
         )
         return _record(answer)
 
     def update(self, record: LeaseRecord) -> LeaseRecord:
         """Replace it, guarded by the version it was read at."""
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "resourceVersion": record.version,
-                "labels": _LABELS,  # (a replace: what it leaves out is removed)
-            },
-            "spec": _spec(record),
-        }
         answer = json_call(
             f"update Lease {self.namespace}/{self.name}",
             self._api.replace_namespaced_lease,
             self.name,
             self.namespace,
-            body,
+            self._body(record, version=record.version),
             request_timeout=self._timeout,
         )
         return _record(answer)
+
+    def _body(self, record: LeaseRecord, *, version: str | None = None) -> dict[str, Any]:
+        """The whole object (an update is a replace: what it leaves out, labels included, is removed)."""
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "labels": _LABELS}
+        if version is not None:
+            metadata["resourceVersion"] = version
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": _spec(record)}
 
 
 def _micro_time(when: datetime | None) -> str | None:
