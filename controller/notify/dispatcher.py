@@ -174,6 +174,9 @@ class AlertDispatcher:
 
     def _attempt(self, job: _Job, queue: _ReceiverQueue) -> None:
         alert, receiver = job.alert, job.receiver
+        with self.lock:
+            if (receiver.name, alert.id) not in self._pending:  # abandoned since it was taken off the queue
+                return
         job.attempts += 1
         log = _log.bind(receiver=receiver.name, policy=alert.policy, kind=alert.kind.value, alert_id=alert.id)
         started = self._clock()

@@ -154,14 +154,18 @@ class ControllerService:
     def _watch_while_standing_by(self) -> None:
         """A standby reads the policies directory too (reporting nothing): when it takes over, a file
         that turned invalid still has its last good version, which keeps protecting (R3)."""
+        self._every(self.settings.reload_interval_seconds, self._watch, "__watch__", at_once=True)
+
+    def _every(self, seconds: float, job: Callable[[], None], name: str, *, at_once: bool = False) -> None:
+        """A service job (one at a time, missed runs coalesced), replacing one of the same name."""
         self._scheduler.add_job(
-            self._watch,
-            IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
-            id="__watch__",
+            job,
+            IntervalTrigger(seconds=seconds / self._scale),
+            id=name,
             replace_existing=True,
             max_instances=1,
             coalesce=True,
-            next_run_time=datetime.now(UTC),
+            **({"next_run_time": datetime.now(UTC)} if at_once else {}),
         )
 
     def _watch(self) -> None:
@@ -193,23 +197,9 @@ class ControllerService:
             self._unschedule("__watch__")
             self._catalog.invalidate()  # (what was read standing by is reported now; last good versions stay)
             self._reload_guarded()
-            self._scheduler.add_job(
-                self.reload,
-                IntervalTrigger(seconds=self.settings.reload_interval_seconds / self._scale),
-                id="__reload__",
-                replace_existing=True,
-                max_instances=1,
-                coalesce=True,
-            )
+            self._every(self.settings.reload_interval_seconds, self.reload, "__reload__")
             if self.settings.command_poll_seconds > 0:
-                self._scheduler.add_job(
-                    self.look_for_commands,
-                    IntervalTrigger(seconds=self.settings.command_poll_seconds / self._scale),
-                    id="__commands__",
-                    replace_existing=True,
-                    max_instances=1,
-                    coalesce=True,
-                )
+                self._every(self.settings.command_poll_seconds, self.look_for_commands, "__commands__")
 
     def _follow(self, why: str) -> None:
         """The term ended: no more ticks; returns once the tick in flight (if any) is over."""
