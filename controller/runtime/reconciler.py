@@ -22,6 +22,12 @@ raising anything. A raise is abandoned if a stop arrives before it is written; a
 written even while stopping. Alerts go to the dispatcher and never wait. Nothing escapes a tick:
 an unexpected exception is logged with its traceback, counted, reported once, and the next tick
 runs (``failing_since`` feeds ``/healthz``).
+
+Leader election: the tick runs only while this process's term holds (``Fence.check``), and every
+write asks the fence again (the adapters do, right before each request). ``NotLeader`` from any of
+them, or a later term's token found in the state object, abandons the tick, writing nothing more:
+the new leader decides from the state object. The first save of a term writes its token even when
+nothing else changed, so a deposed term's next save is refused by the store.
 """
 
 from __future__ import annotations
