@@ -45,7 +45,13 @@ class Clock(Protocol):
 
 
 class MetricsSource(Protocol):
-    """Turns one query into one number."""
+    """Turns one query into one number.
+
+    A source whose ``answers_groups`` attribute is True answers a query grouped by labels as
+    Prometheus does (``sum by (...)``): checks of many policies then share the built-in measures'
+    queries (``controller.runtime.sharing``). A simulated source that answers by a query's meaning
+    leaves it out.
+    """
 
     def query(self, query: RenderedQuery) -> float | None:
         """The scalar answer, or None for an empty result. Raises MetricsUnavailable."""

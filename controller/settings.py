@@ -228,6 +228,16 @@ class Settings(BaseSettings):
             raise ValueError(f"{where}: environment variable {name} is not set")
         return value
 
+    query_share_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description=(
+            "checks of policies that share a Prometheus endpoint and window share one query per measure "
+            "for all their gateways, answered at most this long before a check asks (and never an answer "
+            "a policy already judged, nor older than half its interval); 0: every check asks its own"
+        ),
+    )
     failure_recheck_seconds: float = Field(
         default=15.0,
         ge=0,

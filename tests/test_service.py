@@ -11,8 +11,9 @@ from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
 from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.adapters.prometheus import PrometheusMetricsSource
+from controller.core.enums import Verdict
 from controller.runtime.clock import SystemClock
-from controller.runtime.service import ControllerService
+from controller.runtime.service import ControllerService, _staggered
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import make_policy
 from tests.kube_cluster import CLB, Cluster
@@ -87,6 +88,21 @@ def kinds(sink: WebhookSink) -> list[str]:
     return [body["kind"] for body in sink.bodies("/global")]
 
 
+def _count(svc: ControllerService, histogram: str) -> float:
+    return svc.telemetry.registry.get_sample_value(f"{histogram}_count") or 0.0
+
+
+def test_policies_loaded_together_start_apart_each_within_its_interval() -> None:
+    assert _staggered({"one": 5.0}) == {"one": 0.0}
+    many = _staggered({f"p{i:03}": 5.0 for i in range(500)})
+    assert sorted(many.values()) == pytest.approx([i * 0.01 for i in range(500)])  # over the whole interval
+    few = _staggered({"a": 60.0, "b": 1.0, "c": 0.03})
+    assert few == pytest.approx({"a": 0.0, "b": 0.02, "c": 0.02})  # 20 ms apart, c within its interval
+    for intervals in ({f"q{i}": 0.5 + i for i in range(50)}, {"x": 1.0, "y": 1.0}):
+        for name, after in _staggered(intervals).items():
+            assert 0 <= after < intervals[name]
+
+
 def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dict) -> None:
     kube, policies, sink = service["kube"], service["policies"], service["sink"]
     (policies / "a-good.yaml").write_text(
@@ -107,12 +123,17 @@ def test_bad_file_beside_good_one_refused_policy_beside_running_one(service: dic
         + "  alerts:\n    - {type: slack, urlFromEnv: GATEWAY_CANARY_POLICY_TEST_UNSET}\n"
     )
     (policies / "c-broken.yaml").write_text("metadata: {name: broken}\nspec:\n  schedule: {steps: [50, 10]}\n")
-    service["start"]()
+    svc = service["start"]()
     wait_for(
         lambda: kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10",
         timeout=30,
         what="the good policy to start",
     )
+    # every tick's lateness and duration are measured (docs/benchmarks.md reads them)
+    ticks = sum(svc.telemetry.checks.labels("good", v.value)._value.get() for v in Verdict)
+    assert ticks >= 1
+    assert _count(svc, "gateway_canary_check_lateness_seconds") >= ticks
+    assert _count(svc, "gateway_canary_tick_seconds") >= ticks
     wait_for(
         lambda: "PolicyInvalid" in kinds(sink),
         timeout=20,

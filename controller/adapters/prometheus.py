@@ -32,6 +32,9 @@ _MAX_ERROR_CHARS = 300
 class PrometheusMetricsSource:
     """A MetricsSource backed by a Prometheus HTTP API."""
 
+    #: Prometheus groups by labels: policies that share it share the built-in measures' queries
+    answers_groups = True
+
     def __init__(self, connection: PrometheusConnection) -> None:
         session = requests.Session()
         session.verify = connection.ca_file or True
@@ -46,6 +49,9 @@ class PrometheusMetricsSource:
             retry=Retry(total=1, backoff_factor=0.05, status_forcelist=(502, 503, 504), allowed_methods=None),
         )
         self._secrets = _credentials(connection)
+        self._session = session
+        self._headers = connection.headers or None
+        self._auth = connection.basic_auth
 
     def query(self, query: RenderedQuery) -> float | None:
         """Run an instant query; raise MetricsUnavailable with the cause, never return a guess.
@@ -86,7 +92,7 @@ class PrometheusMetricsSource:
         return bounded(self._cut(f"{type(exc).__name__}: {exc}"), _MAX_ERROR_CHARS)
 
     def _vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
-        result = self._ask(query)
+        result = self._ask(query, form=True)
         if not isinstance(result, list) or any(not isinstance(s, dict) or "value" not in s for s in result):
             raise MetricsUnavailable("the query did not return an instant vector")
         series = []
@@ -95,11 +101,14 @@ class PrometheusMetricsSource:
             if not isinstance(value, list) or len(value) != 2:
                 raise MetricsUnavailable(f"malformed sample {bounded(repr(value), 80)}")
             labels = sample.get("metric") or {}
-            series.append(({str(k): str(v) for k, v in dict(labels).items()}, _float(value[1])))
+            # an infinite value is kept: it is one group's (whoever reads it refuses it), not the answer's
+            series.append(({str(k): str(v) for k, v in dict(labels).items()}, _float(value[1], infinite=True)))
         return series
 
-    def _ask(self, query: RenderedQuery) -> object:
+    def _ask(self, query: RenderedQuery, *, form: bool = False) -> object:
         try:
+            if form:
+                return self._post(query.promql)
             return self._client.custom_query(query.promql, timeout=self._timeout)
         except PrometheusApiClientException as exc:
             raise MetricsUnavailable(f"Prometheus at {self._url} answered an error: {self._short(exc)}") from exc
@@ -111,6 +120,20 @@ class PrometheusMetricsSource:
             raise MetricsUnavailable(f"Prometheus at {self._url} unreachable: {type(exc).__name__}") from exc
         except ValueError as exc:  # a body that is not JSON, from an older requests
             raise MetricsUnavailable(f"Prometheus at {self._url} sent a malformed answer: {self._short(exc)}") from exc
+
+    def _post(self, promql: str) -> object:
+        """An instant query in a form body: a query shared by hundreds of gateways names them all,
+        longer than proxies accept in a URL (the HTTP API takes POST for that reason)."""
+        response = self._session.post(
+            f"{self._client.url}/api/v1/query",
+            data={"query": promql},
+            headers=self._headers,
+            auth=self._auth,
+            timeout=self._timeout,
+        )
+        if response.status_code != 200:
+            raise PrometheusApiClientException(f"HTTP Status Code {response.status_code} ({response.content!r})")
+        return response.json()["data"]["result"]
 
     def close(self) -> None:
         """Release the HTTP connection pool."""
@@ -160,12 +183,12 @@ def _scalar(result: object) -> float | None:
     return _float(value[1])
 
 
-def _float(text: object) -> float:
-    """A sample's value: NaN is kept (a judged "not a number"), infinities and text are malformed."""
+def _float(text: object, *, infinite: bool = False) -> float:
+    """A sample's value: NaN is kept (a judged "not a number"), infinities (unless kept) and text are malformed."""
     try:
         value = float(str(text))
     except ValueError as exc:
         raise MetricsUnavailable(f"not a number in the answer: {bounded(repr(text), 80)}") from exc
-    if math.isinf(value):
+    if math.isinf(value) and not infinite:
         raise MetricsUnavailable(f"the answer is {text}: no finite value to judge")
     return value

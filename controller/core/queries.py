@@ -6,14 +6,25 @@ observers are kept apart from its providers.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from controller.core.durations import format_promql_duration
 from controller.core.enums import GatewayRole, Measure
 from controller.core.policy import CanaryPolicy, CustomGate
 from controller.core.results import RenderedQuery
 
-__all__ = ["MIX_KINDS", "CheckQueries", "breakdown_query", "queries_for", "render_selector"]
+__all__ = [
+    "MIX_KINDS",
+    "CheckQueries",
+    "SharedMeasure",
+    "breakdown_query",
+    "queries_for",
+    "render_selector",
+    "shared_value",
+]
 
 _REQUESTS = "istio_requests_total"
 #: The kinds of responses the response-mix gate compares, each with its extra label matcher. Envoy
@@ -103,6 +114,20 @@ class CheckQueries:
                 self.mix[kind] = RenderedQuery(f"sum(increase({metric}{pods}[{window}]))", Measure.TLS, role, gate=kind)
         self._labels = labels
         self._window = window
+        #: the queries every gateway asks in the same form, answerable for many gateways at once
+        self.shared: dict[RenderedQuery, SharedMeasure] = {
+            self.requests: SharedMeasure(Measure.REQUESTS, window, tuple(sorted(labels))),
+            self.error_rate: SharedMeasure(Measure.ERROR_RATE, window, tuple(sorted(labels))),
+            self.latency: SharedMeasure(Measure.LATENCY, window, tuple(sorted(labels)), quantile=quantile),
+        }
+        for kind in MIX_KINDS:
+            if kind in self.mix:
+                self.shared[self.mix[kind]] = SharedMeasure(Measure.RESPONSES, window, tuple(sorted(labels)), kind)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The label matchers that select this gateway's Istio metrics."""
+        return dict(self._labels)
 
     def all(self) -> list[RenderedQuery]:
         """Every query of this gateway, built-in first."""
@@ -133,3 +158,93 @@ def breakdown_query(labels: dict[str, str], window: str, kind: str, role: Gatewa
 def queries_for(policy: CanaryPolicy) -> dict[GatewayRole, CheckQueries]:
     """Both gateways' queries."""
     return {role: CheckQueries(policy, role) for role in GatewayRole}
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMeasure:
+    """A measure every gateway asks in the same form (built-in gates): one query, grouped by the
+    selector's label names, answers it for all the gateways that share a Prometheus and a window.
+
+    Per gateway it means what the gateway's own query means: the group of its labels is its
+    ``sum(...)``; a gateway missing from the answer has no data (``None``), except for response
+    counts, which are 0 then (their own query ends in ``or vector(0)``).
+    """
+
+    measure: Measure
+    window: str
+    #: the selector's label names, sorted: the groups of the answer
+    keys: tuple[str, ...]
+    #: which response kind (``MIX_KINDS``) for RESPONSES
+    kind: str | None = None
+    #: for LATENCY
+    quantile: float | None = None
+
+    @property
+    def absent(self) -> float | None:
+        """What a gateway missing from the answer has."""
+        return 0.0 if self.measure is Measure.RESPONSES else None
+
+    def promql(self, selectors: Iterable[Mapping[str, str]]) -> str:
+        """One instant query for every selector given (each with exactly ``keys``).
+
+        Each label is matched against the alternation of the values asked (an exact match when
+        there is one): the product of those may select groups nobody asked for, which are ignored,
+        while every group asked for is exactly a gateway's own selection.
+        """
+        values: dict[str, set[str]] = {key: set() for key in self.keys}
+        for selector in selectors:
+            for key in self.keys:
+                values[key].add(selector[key])
+        union = ",".join(_union_matcher(key, sorted(values[key])) for key in self.keys)
+        by = ", ".join(self.keys)
+        window = self.window
+        everything = f"{_REQUESTS}{{{union}}}"
+        match self.measure:
+            case Measure.REQUESTS:
+                return f"sum by ({by}) (increase({everything}[{window}]))"
+            case Measure.ERROR_RATE:
+                # A gateway with traffic and no 5xx series has 0 (its own query's "or vector(0)"),
+                # by group: "or 0 * total" adds the groups the 5xx side lacks.
+                errors = f'{_REQUESTS}{{{union},response_code=~"5.."}}'
+                total = f"sum by ({by}) (rate({everything}[{window}]))"
+                return f"(sum by ({by}) (rate({errors}[{window}])) or 0 * {total}) / {total}"
+            case Measure.LATENCY:
+                buckets = f"{_DURATION_BUCKETS}{{{union}}}"
+                return f"histogram_quantile({self.quantile:g}, sum by (le, {by}) (rate({buckets}[{window}])))"
+            case Measure.RESPONSES if self.kind in MIX_KINDS:
+                counted = f"{_REQUESTS}{{{union},{MIX_KINDS[self.kind]}}}"
+                return f"sum by ({by}) (increase({counted}[{window}]))"
+        raise ValueError(f"{self.measure} {self.kind} is not a shared measure")
+
+
+def _union_matcher(key: str, values: Sequence[str]) -> str:
+    if len(values) == 1:
+        return f'{key}="{_escape(values[0])}"'
+    return f'{key}=~"{_escape("|".join(_regex_literal(value) for value in values))}"'
+
+
+#: RE2's metacharacters (Prometheus anchors every label regex, so no value can match more than itself)
+_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+
+
+def _regex_literal(value: str) -> str:
+    return "".join("\\" + char if char in _RE2_SPECIAL else char for char in value)
+
+
+def shared_value(
+    measure: SharedMeasure, answer: Sequence[tuple[Mapping[str, str], float]], labels: Mapping[str, str]
+) -> float | None:
+    """One gateway's value in a shared answer: its group's, or ``measure.absent``.
+
+    Raises ValueError for an infinite value (that gateway's own query would have been refused the
+    same way) or for two series in its group (the answer is not what was asked).
+    """
+    wanted = tuple(labels[key] for key in measure.keys)
+    found = [value for series, value in answer if tuple(series.get(key, "") for key in measure.keys) == wanted]
+    if len(found) > 1:
+        raise ValueError(f"the shared answer has {len(found)} series for one gateway")
+    if not found:
+        return measure.absent
+    if math.isinf(found[0]):
+        raise ValueError(f"the answer is {found[0]}: no finite value to judge")
+    return found[0]

@@ -29,6 +29,9 @@ class RenderedQuery:
     measure: Measure
     role: GatewayRole
     gate: str | None = None
+    #: a query shared by many gateways (``controller.runtime.sharing``): the label sets it groups
+    #: by, one per gateway, so that a simulated source can answer each; empty for a gateway's own
+    groups: tuple[tuple[tuple[str, str], ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

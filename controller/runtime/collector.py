@@ -7,6 +7,7 @@ slowest query, not the sum, and so is the time to a rollback.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from controller.core.queries import CheckQueries, queries_for
 from controller.core.results import CheckResult, GatewaySamples, QueryOutcome, RenderedQuery
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
+from controller.runtime.sharing import SharedQueries
 
 __all__ = ["Collector"]
 
@@ -25,16 +27,36 @@ _MIX_GATES = {"responses4xx": "4xx", "responsesAuth": "auth", "responsesNoRoute"
 
 
 class Collector:
-    """Runs a policy's queries through a MetricsSource and judges the answers."""
+    """Runs a policy's queries through a MetricsSource and judges the answers.
 
-    def __init__(self, *, workers: int = 8) -> None:
+    ``share_seconds`` > 0: the built-in measures are asked through ``SharedQueries`` (one query
+    for all the policies on a Prometheus that answers groups), each answer at most that old and
+    never older than half the policy's interval; 0: every check asks its own.
+    """
+
+    def __init__(self, *, workers: int = 8, share_seconds: float = 0.0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="queries")
+        self._share_seconds = share_seconds
+        self.shared = SharedQueries()
 
     def check(self, policy: CanaryPolicy, source: MetricsSource, *, absolute_only: bool = False) -> CheckResult:
         """One complete check of both gateways; a failed response-mix gate says which routes grew."""
         plans = queries_for(policy)
-        queries = [query for plan in plans.values() for query in plan.all()]
-        outcomes = dict(zip(queries, self._pool.map(lambda q: _ask(source, q), queries), strict=True))
+        max_age = min(self._share_seconds, policy.spec.analysis.interval.total_seconds() / 2)
+        share = max_age > 0 and getattr(source, "answers_groups", False) is True
+
+        def ask(plan: CheckQueries, query: RenderedQuery) -> QueryOutcome:
+            measure = plan.shared.get(query) if share else None
+            if measure is None:
+                return _ask(source, query)
+            return _timed(
+                query, lambda: self.shared.ask(source, measure, query, plan.labels, asker=policy.name, max_age=max_age)
+            )
+
+        asked = [(plan, query) for plan in plans.values() for query in plan.all()]
+        outcomes = {
+            query: outcome for (_, query), outcome in zip(asked, self._pool.map(lambda a: ask(*a), asked), strict=True)
+        }
         result = judge(
             policy,
             _samples(plans[GatewayRole.SOURCE], outcomes),
@@ -79,9 +101,13 @@ def _request_total(samples: GatewaySamples | None) -> float:
 
 
 def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:
+    return _timed(query, lambda: source.query(query))
+
+
+def _timed(query: RenderedQuery, answer: Callable[[], float | None]) -> QueryOutcome:
     started = time.perf_counter()
     try:
-        value = source.query(query)
+        value = answer()
     except MetricsUnavailable as exc:
         return QueryOutcome(query, error=str(exc), seconds=time.perf_counter() - started)
     return QueryOutcome(query, value=value, seconds=time.perf_counter() - started)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import structlog
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -95,7 +96,7 @@ class ControllerService:
         self._scale = time_scale
         self._extra_receivers = extra_receivers or []
         self._catalog = PolicyCatalog(settings.policies_dir)
-        self._collector = Collector()
+        self._collector = Collector(share_seconds=settings.query_share_seconds)
         self._dispatcher = AlertDispatcher(
             DeliveryPolicy(
                 backoff_seconds=settings.notify_backoff_seconds,
@@ -109,6 +110,8 @@ class ControllerService:
         )
         self.telemetry.oldest_undelivered.set_function(self._dispatcher.oldest_pending_seconds)
         self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._due: dict[str, datetime] = {}  # job id -> when the run just submitted was due
+        self._scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
@@ -299,10 +302,22 @@ class ControllerService:
             self._unschedule(name)
             runner.alert_removed()
             self.telemetry.forget(name)
+        changed = [
+            name
+            for name, sourced in snapshot.policies.items()
+            if name not in self.runners or self.runners[name].policy != sourced.policy
+        ]
+        starts = _staggered(
+            {
+                name: snapshot.policies[name].policy.spec.analysis.interval.total_seconds() / self._scale
+                for name in changed
+            }
+        )
         for name, sourced in snapshot.policies.items():
-            current = self.runners.get(name)
-            if current is None or current.policy != sourced.policy:
-                current = self._install(sourced.policy, replacing=current is not None)
+            if name in starts:
+                current = self._install(sourced.policy, replacing=name in self.runners, after=starts[name])
+            else:
+                current = self.runners[name]
             current.file = sourced.file
             # R3: a file that turned invalid keeps its last good policy observing and rolling
             # back, but refuses raises until it is fixed (reported once, as PolicyInvalid below).
@@ -311,7 +326,7 @@ class ControllerService:
         self.telemetry.policies.set(len(self.runners))
         self._report_errors(snapshot.errors)
 
-    def _install(self, policy: CanaryPolicy, *, replacing: bool) -> PolicyRunner:
+    def _install(self, policy: CanaryPolicy, *, replacing: bool, after: float = 0.0) -> PolicyRunner:
         # Receivers that cannot be built are refusals (no raise), never a reason to stop watching:
         # the ones that can be built, and the global ones, still hear about everything.
         own, problems = policy_receivers(policy, self.settings)
@@ -354,7 +369,7 @@ class ControllerService:
             max_instances=1,
             coalesce=True,
             misfire_grace_time=None,
-            next_run_time=datetime.now(UTC),
+            next_run_time=datetime.now(UTC) + timedelta(seconds=after),
         )
         _log.info(
             "policy replaced" if replacing else "policy loaded",
@@ -368,16 +383,28 @@ class ControllerService:
         if self._scheduler.get_job(name) is not None:
             self._scheduler.remove_job(name)
 
+    def _submitted(self, event: JobSubmissionEvent) -> None:
+        """Remember when a run was due (the earliest of the runs it coalesced): its lateness is
+        measured when it starts, after any wait for a thread."""
+        if event.scheduled_run_times:
+            self._due[event.job_id] = min(event.scheduled_run_times)
+
     def _tick(self, name: str) -> None:
+        due = self._due.pop(name, None)
         runner = self.runners.get(name)
         if runner is None or self.stopping.is_set():
             return
+        started = time.perf_counter()
+        if due is not None:
+            self.telemetry.check_lateness.observe(max((datetime.now(UTC) - due).total_seconds(), 0.0))
         try:
             outcome = runner.tick()
         except Exception:  # a bug must not kill the scheduler thread; it is logged with its traceback
             runner.log.exception("tick crashed")
             self.telemetry.errors.labels(name, "crash").inc()
             return
+        finally:
+            self.telemetry.tick_seconds.observe(time.perf_counter() - started)
         recheck = self.settings.failure_recheck_seconds
         if outcome.recheck_soon and recheck > 0 and not self.stopping.is_set():
             job = self._scheduler.get_job(name)
@@ -445,6 +472,22 @@ class ControllerService:
                 runbook_base_url=self.settings.runbook_url,
             )
             self._dispatcher.submit(alert, list(receivers.values()))
+
+
+#: policies loaded together start their ticks at least this far apart (up to their interval / count)
+_STAGGER_SECONDS = 0.02
+
+
+def _staggered(intervals: dict[str, float]) -> dict[str, float]:
+    """Seconds from now to each policy's first tick, when several are loaded at once (a start, a
+    takeover, a ConfigMap of many files): spread over the interval rather than all at one instant,
+    where their ticks would queue behind each other at every interval for good (a tick keeps its
+    phase). One policy alone starts at once; none waits longer than its interval.
+    """
+    count = len(intervals)
+    return {
+        name: index * min(intervals[name] / count, _STAGGER_SECONDS) for index, name in enumerate(sorted(intervals))
+    }
 
 
 class _NoMetrics:

@@ -19,6 +19,10 @@ from controller.core.state import RolloutState
 __all__ = ["Telemetry"]
 
 
+#: from a millisecond to ten seconds, fine enough for a p99 read off the buckets
+_FINE_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+
+
 class Telemetry:
     """All metrics in one registry of their own (tests and the demo can have several)."""
 
@@ -115,6 +119,20 @@ class Telemetry:
             "gateway_canary_leader_transitions", "Terms this replica started or ended, by what happened", ["event"],
             registry=r,
         )  # fmt: skip
+        # Unlabelled: what the scheduler costs is the process's, and 500 policies' buckets would
+        # make /metrics itself a load (docs/benchmarks.md reads these two).
+        self.check_lateness = Histogram(
+            "gateway_canary_check_lateness_seconds",
+            "Seconds from when a policy's tick was due to when it started (the scheduler keeping up)",
+            registry=r,
+            buckets=_FINE_SECONDS,
+        )
+        self.tick_seconds = Histogram(
+            "gateway_canary_tick_seconds",
+            "Seconds a policy's tick took, reads, check, decision and writes included",
+            registry=r,
+            buckets=_FINE_SECONDS,
+        )
         self.cluster_reachable = Gauge(
             "gateway_canary_cluster_reachable",
             "0 while the Kubernetes API server cannot be reached (nothing moves: no weight, no state, no Lease "

@@ -1,0 +1,150 @@
+"""One query per measure for all the policies that share a Prometheus and a window.
+
+Without it a check asks about a dozen queries (three built-in measures and three response kinds,
+per gateway): 500 policies at a 5 s interval are 1 200 queries a second, which ARMS meters and
+rate-limits. Here the first check that needs a measure asks it for every gateway that asked it
+recently (``sum by`` the selector's labels), and the checks that come within ``max_age`` take
+their gateway's group from that answer: the queries a second stay at about
+``measures / max_age`` however many policies there are.
+
+What no sharing may do:
+
+* count evidence twice: a policy never judges an answer it judged before (each check's answer
+  was sent after the one its previous check used), so N consecutive failures are N answers;
+* judge old data: an answer serves only checks that ask within ``max_age`` of when it was sent
+  (the caller bounds it by half the policy's interval), and a check asking while it is in flight
+  waits for it;
+* spread one policy's trouble: a gateway missing from the answer has no data (only it); a failed
+  query is "metrics unavailable" for the checks it served (the ones that share its Prometheus and
+  window); custom gates are never shared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from controller.core.queries import SharedMeasure, shared_value
+from controller.core.results import RenderedQuery
+from controller.errors import MetricsUnavailable
+from controller.ports import MetricsSource
+
+__all__ = ["SharedQueries"]
+
+#: a gateway that has not asked for this long leaves the shared query (its policy was removed)
+_FORGET_SECONDS = 600.0
+_Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class _Answer:
+    """One shared query: who it covers, when it was sent, what came back."""
+
+    members: frozenset[_Labels]
+    sent_at: float
+    done: threading.Event = field(default_factory=threading.Event)
+    series: list[tuple[dict[str, str], float]] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Shared:
+    """Everything known of one (source, measure): the gateways that ask it and its latest answer."""
+
+    asked: dict[_Labels, float] = field(default_factory=dict)  # gateway -> when it last asked
+    latest: _Answer | None = None
+
+
+class SharedQueries:
+    """Shares the built-in measures' queries between the checks of many policies (thread-safe)."""
+
+    def __init__(self, *, wait_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._wait = wait_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._shared: dict[tuple[int, SharedMeasure], _Shared] = {}
+        # (asker, source, measure, gateway) -> sent_at of the answer it judged last
+        self._judged: dict[tuple[str, int, SharedMeasure, _Labels], float] = {}
+        self._pruned = clock()
+        self.sent = 0  # shared queries sent, for the benchmarks and tests
+
+    def ask(
+        self,
+        source: MetricsSource,
+        measure: SharedMeasure,
+        query: RenderedQuery,
+        labels: Mapping[str, str],
+        *,
+        asker: str,
+        max_age: float,
+    ) -> float | None:
+        """The value of ``measure`` for the gateway ``labels`` selects; raise MetricsUnavailable.
+
+        ``query`` is what the answer is sent as (its meaning, for a simulated source).
+        """
+        gateway: _Labels = tuple(sorted(labels.items()))
+        key = (id(source), measure)
+        judged_key = (asker, id(source), measure, gateway)
+        with self._lock:
+            now = self._clock()
+            shared = self._shared.setdefault(key, _Shared())
+            shared.asked[gateway] = now
+            answer = shared.latest
+            after = self._judged.get(judged_key)
+            fresh = (
+                answer is not None
+                and gateway in answer.members
+                and now - answer.sent_at <= max_age
+                and (after is None or answer.sent_at > after)
+            )
+            lead = not fresh
+            if lead:
+                self._prune(now)
+                answer = shared.latest = _Answer(frozenset(shared.asked), now)
+                self.sent += 1
+            assert answer is not None
+            self._judged[judged_key] = answer.sent_at
+        if lead:
+            self._send(source, measure, query, answer)
+        elif not answer.done.wait(self._wait):
+            raise MetricsUnavailable(f"the shared query did not come back within {self._wait:g}s")
+        if answer.error is not None:
+            raise MetricsUnavailable(answer.error)
+        assert answer.series is not None
+        try:
+            return shared_value(measure, answer.series, labels)
+        except ValueError as exc:
+            raise MetricsUnavailable(str(exc)) from None
+
+    def _prune(self, now: float) -> None:
+        """Forget the gateways that stopped asking (their policy was removed) and what they judged.
+
+        Never sooner: a policy edited or taken over keeps its name and its state's counts, so what
+        it judged must stay judged (a replaced runner would otherwise count an answer again).
+        """
+        if now - self._pruned < _FORGET_SECONDS / 10:
+            return
+        self._pruned = now
+        for shared in self._shared.values():
+            for gone in [g for g, at in shared.asked.items() if now - at > _FORGET_SECONDS]:
+                del shared.asked[gone]
+        for key in [k for k, at in self._judged.items() if now - at > _FORGET_SECONDS]:
+            del self._judged[key]
+
+    def _send(self, source: MetricsSource, measure: SharedMeasure, query: RenderedQuery, answer: _Answer) -> None:
+        started = time.perf_counter()
+        try:
+            members = tuple(sorted(answer.members))
+            promql = measure.promql(dict(member) for member in members)
+            shared = RenderedQuery(promql, query.measure, query.role, query.gate, groups=members)
+            answer.series = source.query_vector(shared)
+        except MetricsUnavailable as exc:
+            answer.error = str(exc)
+        except Exception as exc:  # a bug in a source: unavailable for those it served, never a crash
+            answer.error = f"the shared query failed: {type(exc).__name__}: {exc}"
+        finally:
+            answer.seconds = time.perf_counter() - started
+            answer.done.set()
