@@ -314,3 +314,15 @@ def test_a_window_per_step_bake_and_post_promotion_verification_end_to_end(
     assert state(kube)["phase"] == "RolledBack"
     stepped = [b for b in sink.bodies("/global") if b["kind"] == "RolledBack" and "stepped back" in b["reason"]]
     assert stepped and stepped[0]["severity"] == "critical"
+
+
+def test_the_operator_is_who_the_api_server_says(kube: Cluster) -> None:
+    """Without --by, a command is recorded under the name the API server authenticates (a
+    SelfSubjectReview), before the kubeconfig's user name: here the ServiceAccount's full name."""
+    from controller.adapters.operator import KubernetesOperator
+
+    operator = KubernetesOperator(build_api_client(kube.write_kubeconfig()), kube.ns)
+    try:
+        assert operator.who_am_i() == kube.controller_user
+    finally:
+        operator.close()

@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
+import requests.certs
 
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import GatewayRole, Measure
@@ -45,6 +47,8 @@ class RecordingApi:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            do_POST = do_GET  # (a shared query is a form POST)
 
             def log_message(self, format: str, *args: object) -> None:
                 return
@@ -116,7 +120,7 @@ def test_missing_token_variable_is_an_error_naming_it() -> None:
         PrometheusConnection(Settings(), PrometheusSpec(token_from_env="GATEWAY_CANARY_POLICY_NOT_SET_ANYWHERE_TOKEN"))
 
 
-def test_ca_bundle_is_used_for_tls(tmp_path: Path) -> None:
+def test_ca_bundle_is_used_for_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [
@@ -146,6 +150,12 @@ def test_ca_bundle_is_used_for_tls(tmp_path: Path) -> None:
     try:
         trusted = Settings(prometheus_url=server.url, prometheus_ca_file=cert)
         assert PrometheusMetricsSource(PrometheusConnection(trusted, None)).query(QUERY) == 0.25
+        # requests lets a CA bundle named in the environment override a session's: never ours
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+        monkeypatch.setenv("CURL_CA_BUNDLE", requests.certs.where())
+        source = PrometheusMetricsSource(PrometheusConnection(trusted, None))
+        assert source.query(QUERY) == 0.25
+        assert source.query_vector(QUERY) == [({}, 0.25)]  # POSTed, as shared queries are
         untrusted = Settings(prometheus_url=server.url)
         with pytest.raises(MetricsUnavailable, match="unreachable: SSLError"):
             PrometheusMetricsSource(PrometheusConnection(untrusted, None)).query(QUERY)

@@ -51,6 +51,7 @@ import structlog
 from kubernetes import client
 
 from controller.adapters.kube_api import json_call
+from controller.adapters.kube_rest import CoreV1, DiscoveryV1
 from controller.core.cloud import BackendMode, Backends, CloudEvent, ServiceFacts
 from controller.core.policy import ServiceRef
 from controller.errors import AccessDenied
@@ -126,8 +127,8 @@ class KubernetesCloudInspector:
     """
 
     def __init__(self, api_client: client.ApiClient) -> None:
-        self._core = client.CoreV1Api(api_client)
-        self._discovery = client.DiscoveryV1Api(api_client)
+        self._core = CoreV1(api_client)
+        self._discovery = DiscoveryV1(api_client)
         self._denied_logged: set[str] = set()
 
     # -- Events ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import structlog
 from kubernetes import client
 
 from controller.adapters.kube_api import json_call
+from controller.adapters.kube_rest import CustomObjects
 from controller.core.policy import CanaryPolicy
 from controller.core.routes import MigrationManifest, RouteParity, migration_plan, policy_parity
 from controller.errors import ClusterError, ClusterUnavailable, ServiceNotFound
@@ -46,7 +47,7 @@ class GatewayApiMissing(ClusterError):
 class _Side:
     """One API server's Gateways: its client, what to call it in messages, the version that answered."""
 
-    api: client.CustomObjectsApi
+    api: CustomObjects
     name: str
     hint: str
     version: str | None = None
@@ -61,16 +62,16 @@ class KubernetesIstioRoutes:
 
     def __init__(self, data_plane_client: client.ApiClient, asm_client: client.ApiClient | None = None) -> None:
         self._data = _Side(
-            client.CustomObjectsApi(data_plane_client),
+            CustomObjects(data_plane_client),
             "data-plane cluster",
             "is the self-managed Istio installed there (GATEWAY_CANARY_KUBECONFIG / GATEWAY_CANARY_KUBE_CONTEXT)?",
         )
         self._same = asm_client is None or asm_client is data_plane_client
         self._asm = (
             self._data
-            if self._same
+            if asm_client is None or self._same
             else _Side(
-                client.CustomObjectsApi(asm_client),
+                CustomObjects(asm_client),
                 "ASM control plane",
                 "point GATEWAY_CANARY_ASM_KUBECONFIG (and GATEWAY_CANARY_ASM_CONTEXT) at the ASM instance's "
                 "control-plane kubeconfig",

@@ -2,7 +2,8 @@
 
 Only the modules in ``controller.adapters`` import ``kubernetes`` (an import-linter contract).
 Every call asks for raw JSON (``_preload_content=False``): no model classes, and a body we did not
-expect is our error, not an AttributeError deep inside the client.
+expect is our error, not an AttributeError deep inside the client. The calls are ``kube_rest``'s,
+not the generated API classes' (which would load hundreds of pydantic models at start-up).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client
 
 from controller.adapters.kube_api import json_call, resource_version
+from controller.adapters.kube_rest import CoordinationV1
 from controller.core.lease import LeaseRecord
 from controller.errors import ServiceNotFound
 
@@ -28,7 +29,7 @@ class KubernetesLeaseStore:
     """LeaseStore over one named Lease."""
 
     def __init__(self, api_client: client.ApiClient, namespace: str, name: str, *, timeout_seconds: float) -> None:
-        self._api = client.CoordinationV1Api(api_client)
+        self._api = CoordinationV1(api_client)
         self.namespace = namespace
         self.name = name
         read = max(0.2, timeout_seconds)

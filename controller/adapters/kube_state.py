@@ -36,6 +36,7 @@ import structlog
 from kubernetes import client
 
 from controller.adapters.kube_api import json_call, resource_version
+from controller.adapters.kube_rest import CoreV1
 from controller.core.alerts import OutboxEntry, decode_outbox, encode_outbox
 from controller.core.commands import COMMAND_ANNOTATION, answered, read_command
 from controller.core.lease import FenceToken
@@ -62,7 +63,7 @@ class KubernetesStateStore:
     """StateStore over ConfigMaps in one namespace."""
 
     def __init__(self, api_client: client.ApiClient, namespace: str, *, fence: Fence | None = None) -> None:
-        self._api = client.CoreV1Api(api_client)
+        self._api = CoreV1(api_client)
         self.namespace = namespace
         self._fence = fence or SoleWriter()
 

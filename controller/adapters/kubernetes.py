@@ -39,6 +39,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller.adapters.kube_api import TIMEOUT, build_api_client, json_call, resource_version, translate
+from controller.adapters.kube_rest import AuthorizationV1, CoreV1, CustomObjects
 from controller.core import cloud
 from controller.core.istio_gateway import (
     ISTIO_GATEWAY_GROUP,
@@ -102,13 +103,13 @@ class KubernetesGatewayPair:
         check_write_access: bool = True,
         fence: Fence | None = None,
     ) -> None:
-        self._api = client.CoreV1Api(api_client)
+        self._api = CoreV1(api_client)
         #: asked before every write request (leader election): a deposed leader writes nothing
         self._fence = fence or SoleWriter()
-        self._authz = client.AuthorizationV1Api(api_client)
+        self._authz = AuthorizationV1(api_client)
         asm = asm_client if asm_client is not None else api_client
-        self._custom = client.CustomObjectsApi(asm)
-        self._asm_authz = client.AuthorizationV1Api(asm)
+        self._custom = CustomObjects(asm)
+        self._asm_authz = AuthorizationV1(asm)
         #: the API version each IstioGateway answered on (ASM serves v1beta1, the Go types say v1)
         self._gateway_versions: dict[str, str] = {}
         #: per policy: the IstioGateway's resourceVersion at the last observe and where its weight lives
@@ -466,8 +467,7 @@ class KubernetesGatewayPair:
         }
         self._fence.check()
         try:
-            # The client serialises a plain dict as-is; its type hint names only the model class.
-            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=TIMEOUT)  # type: ignore[arg-type]
+            self._api.create_namespaced_event(ref.namespace, body, _request_timeout=TIMEOUT)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise translate(exc, f"create Event for {ref}") from exc
 

@@ -18,6 +18,7 @@ from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
 from controller.adapters.kube_api import build_api_client, json_call, resource_version
+from controller.adapters.kube_rest import AuthenticationV1, CoreV1
 from controller.core.commands import COMMAND_ANNOTATION, CommandRequest, encode_command, read_command
 from controller.core.enums import Command
 from controller.core.state import CommandRecord, RolloutState, StateUnreadable, decode_state
@@ -75,7 +76,7 @@ class KubernetesOperator:
 
     def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
         self._client = api_client
-        self._api = client.CoreV1Api(api_client)
+        self._api = CoreV1(api_client)
         self.namespace = namespace
 
     @classmethod
@@ -91,16 +92,7 @@ class KubernetesOperator:
         """The user the API server authenticates this client as (SelfSubjectReview), None if it cannot say."""
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
         try:
-            answer = json_call(
-                "who am I",
-                self._client.call_api,
-                "/apis/authentication.k8s.io/v1/selfsubjectreviews",
-                "POST",
-                body=body,
-                header_params={"Content-Type": "application/json", "Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
+            answer = json_call("who am I", AuthenticationV1(self._client).create_self_subject_review, body)
         except Exception:  # an older API server, a denied review: the kubeconfig's name will do
             return None
         name = ((answer.get("status") or {}).get("userInfo") or {}).get("username")

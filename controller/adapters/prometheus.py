@@ -130,6 +130,9 @@ class PrometheusMetricsSource:
             headers=self._headers,
             auth=self._auth,
             timeout=self._timeout,
+            # named again, as prometheus-api-client does: requests lets REQUESTS_CA_BUNDLE or
+            # CURL_CA_BUNDLE in the environment replace a session's CA file otherwise
+            verify=self._session.verify,
         )
         if response.status_code != 200:
             raise PrometheusApiClientException(f"HTTP Status Code {response.status_code} ({response.content!r})")
