@@ -130,6 +130,9 @@ def _exit_codes_help(command: str) -> str:
 
 #: The namespace of the state objects when neither -n, GATEWAY_CANARY_NAMESPACE nor the context names one.
 DEFAULT_NAMESPACE = "gateway-canary"
+#: how long the running controller reuses a Service's CLB backends (and the Node list): they change
+#: with Nodes and endpoints, not per tick (docs/benchmarks.md: most API requests at 500 policies)
+BACKENDS_CACHE_SECONDS = 10.0
 _CLUSTER_PANEL = "Cluster"
 
 
@@ -451,7 +454,7 @@ def _cmd_run(policies: str | None, dry_run: bool) -> int:
             store=store,
             metrics_for=metrics_for,
             clock=SystemClock(),
-            cloud=KubernetesCloudInspector(api),
+            cloud=KubernetesCloudInspector(api, backends_cache_seconds=BACKENDS_CACHE_SECONDS),
             routes=KubernetesIstioRoutes(api, asm),
             elector=elector,
         )

@@ -292,6 +292,29 @@ def test_cluster_backends_are_the_ready_nodes_the_cloud_does_not_exclude(
         assert inspector.backends(ref(kube, SOURCE)) == Backends(BackendMode.CLUSTER, nodes=8)
 
 
+def test_backends_are_read_again_only_once_the_cache_has_expired(kube: Cluster, grant_cloud_reads: None) -> None:
+    """The running controller reuses backends and the Node list for a while (cli.BACKENDS_CACHE_SECONDS);
+    a change shows once that has passed, and both gateways share one reading of the Nodes."""
+    kube.add_gateways()
+    seconds = [0.0]
+    inspector = KubernetesCloudInspector(
+        build_api_client(kube.write_kubeconfig()), backends_cache_seconds=10, clock=lambda: seconds[0]
+    )
+    with emulator(kube) as ccm:
+        ccm.add_nodes(3)
+        assert inspector.backends(ref(kube)) == Backends(BackendMode.CLUSTER, nodes=3)
+        ccm.add_nodes(2)
+        seconds[0] = 9.9
+        assert inspector.backends(ref(kube)) == Backends(BackendMode.CLUSTER, nodes=3)  # cached
+        assert inspector.backends(ref(kube, SOURCE)) == Backends(BackendMode.CLUSTER, nodes=3)  # the same Nodes
+        seconds[0] = 10.0
+        assert inspector.backends(ref(kube)) == Backends(BackendMode.CLUSTER, nodes=5)  # expired: read again
+        kube.edit(TARGET, {BACKEND_LABEL_ANNOTATION: "pool"})
+        assert inspector.backends(ref(kube)) == Backends(BackendMode.CLUSTER, nodes=5)
+        seconds[0] = 20.0
+        assert inspector.backends(ref(kube)) is None  # a Service edited shows too, once expired
+
+
 def test_local_backends_are_ready_pods_per_backend_node(kube: Cluster, inspector: KubernetesCloudInspector) -> None:
     kube.add_gateways()
     with emulator(kube) as ccm:

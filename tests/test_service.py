@@ -10,6 +10,7 @@ import pytest
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
 from controller.adapters.kubernetes import KubernetesGatewayPair
+from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import Verdict
 from controller.runtime.clock import SystemClock
@@ -222,3 +223,36 @@ def test_running_policy_survives_a_broken_edit_restarts_bake_on_change_and_alert
     wait_for(lambda: "PolicyRemoved" in kinds(sink), timeout=20, what="the removal alert")
     assert "good" not in svc.runners
     assert kube.annotations("istio-ingressgateway-asm")[WEIGHT] == "10"  # left where it was
+
+
+class _Runner:
+    """What the look for commands reads of a runner: its policy's name and when it read its object."""
+
+    def __init__(self, name: str, read_at: float | None) -> None:
+        self.policy = make_policy(name)
+        self.read_at = read_at
+
+
+def test_the_look_for_commands_reads_each_object_at_most_so_often(tmp_path: Path) -> None:
+    """A few policies: every object at every look (as before). Hundreds: the objects nobody read for
+    policies / 50 seconds, oldest first, 50 reads a second at most (a tick's read counts)."""
+    settings = Settings(policies_dir=tmp_path, command_poll_seconds=2)
+    svc = ControllerService(
+        settings,
+        pair=InMemoryGatewayPair(),
+        store=InMemoryStateStore(),
+        metrics_for=lambda policy: None,  # type: ignore[arg-type,return-value]
+        clock=SystemClock(),
+        serve_http=False,
+    )
+    few = {f"p{i}": _Runner(f"p{i}", read_at=99.9) for i in range(5)}
+    assert sorted(svc._unread_for_commands(few, now=100.0)) == sorted(few)  # read 0.1 s ago: read again
+    many = {f"p{i:03}": _Runner(f"p{i:03}", read_at=100.0 - (i % 20)) for i in range(500)}  # 0-19 s ago
+    asked = svc._unread_for_commands(many, now=100.0)
+    # period 500 / 50 = 10 s: read again when 8 s old at this look (10 s at the next), oldest first
+    assert len(asked) == 100  # 50 a second x 2 s
+    assert all(100.0 - many[name].read_at >= 8 for name in asked)
+    assert {100.0 - many[name].read_at for name in asked} == {19.0, 18.0, 17.0, 16.0}  # 25 of each age
+    svc._polled.update(dict.fromkeys(asked, 100.0))  # (what look_for_commands does after reading them)
+    later = svc._unread_for_commands(many, now=102.0)
+    assert not set(later) & set(asked) and len(later) == 100

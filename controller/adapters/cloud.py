@@ -41,6 +41,8 @@ caller reports "effective share unknown" instead of failing the check.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -126,10 +128,24 @@ class KubernetesCloudInspector:
     read is a raw-JSON call through ``kube_api.json_call``: client errors become ours.
     """
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        backends_cache_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._core = CoreV1(api_client)
         self._discovery = DiscoveryV1(api_client)
         self._denied_logged: set[str] = set()
+        #: Backends change with Nodes and endpoints, not with every tick: read at most this often
+        #: per Service (0: every call). Each tick asks for both gateways', and each answer lists
+        #: every Node: with hundreds of policies that was most of the controller's API requests.
+        self._backends_ttl = backends_cache_seconds
+        self._clock = clock
+        self._cache_lock = threading.Lock()
+        self._backends_cache: dict[ServiceRef, tuple[float, Backends | None]] = {}
+        self._nodes_cache: tuple[float, list[dict[str, Any]]] | None = None  # every Service's
 
     # -- Events ----------------------------------------------------------------------------------
 
@@ -170,8 +186,22 @@ class KubernetesCloudInspector:
 
         None when the identity may not list what it takes (Nodes, EndpointSlices), or when the
         CCM itself could not build the backends (a malformed backend-label annotation, an
-        endpoint without a node in Local mode): the effective share is then unknown.
+        endpoint without a node in Local mode): the effective share is then unknown. An answer
+        is reused for ``backends_cache_seconds``; a failed read is never kept.
         """
+        if self._backends_ttl <= 0:
+            return self._read_backends(ref)
+        now = self._clock()
+        with self._cache_lock:
+            cached = self._backends_cache.get(ref)
+        if cached is not None and now - cached[0] < self._backends_ttl:
+            return cached[1]
+        found = self._read_backends(ref)
+        with self._cache_lock:
+            self._backends_cache[ref] = (now, found)
+        return found
+
+    def _read_backends(self, ref: ServiceRef) -> Backends | None:
         service = self._service(ref)
         annotations = _annotations(service)
         spec = service.get("spec") or {}
@@ -238,13 +268,25 @@ class KubernetesCloudInspector:
                 wanted.append((key, value.split("=", 1)[0]))
         remove_unschedulable = annotations.get(REMOVE_UNSCHEDULED_ANNOTATION, "") == "on"
         nodes: dict[str, dict[str, Any]] = {}
-        for node in self._pages("list Nodes", self._core.list_node, _NODE_PAGE):
+        for node in self._nodes():
             metadata = node.get("metadata") or {}
             labels = metadata.get("labels") or {}
             if any(labels.get(key) != value for key, value in wanted):
                 continue
             if _considered(node, labels, remove_unschedulable=remove_unschedulable):
                 nodes[str(metadata.get("name", ""))] = node
+        return nodes
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """Every Node, read once for all the Services while the cache lasts."""
+        now = self._clock()
+        with self._cache_lock:
+            cached = self._nodes_cache
+        if self._backends_ttl > 0 and cached is not None and now - cached[0] < self._backends_ttl:
+            return cached[1]
+        nodes = list(self._pages("list Nodes", self._core.list_node, _NODE_PAGE))
+        with self._cache_lock:
+            self._nodes_cache = (now, nodes)
         return nodes
 
     def _endpoints(self, ref: ServiceRef) -> list[_Endpoint]:

@@ -185,6 +185,8 @@ class PolicyRunner:
         self._last_check: tuple[CheckResult, datetime] | None = None
         self._waiting: tuple[str, str] | None = None  # what the rollout waits for, as last logged
         self.log = structlog.get_logger("controller.rollout").bind(policy=policy.name)
+        #: monotonic time this runner last read its state object (a command there was seen then)
+        self.read_at: float | None = None
 
     # -- the tick ----------------------------------------------------------------------------------
 
@@ -259,6 +261,7 @@ class PolicyRunner:
     def _load(self) -> tuple[StoredState | None, str | None]:
         try:
             stored = self._store.load(self.policy)
+            self.read_at = time.monotonic()
         except ClusterError as exc:
             self._telemetry.errors.labels(self.policy.name, "state_store").inc()
             if isinstance(exc, ClusterUnavailable):

@@ -14,6 +14,7 @@ ready: a rolling update waits for it) and reports ``gateway_canary_is_leader 0``
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -22,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import structlog
-from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -109,12 +111,14 @@ class ControllerService:
             on_outcome=self.telemetry.notified,
         )
         self.telemetry.oldest_undelivered.set_function(self._dispatcher.oldest_pending_seconds)
-        self._scheduler = BackgroundScheduler(timezone=UTC)
         self._due: dict[str, datetime] = {}  # job id -> when the run just submitted was due
-        self._scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC, executors={"default": _DueRecordingExecutor(self._due, _TICK_THREADS)}
+        )
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
+        self._polled: dict[str, float] = {}  # policy -> when a look for commands last read its object
         self._triggered: dict[str, tuple[str, float]] = {}  # policy -> (command id, when its tick was run early)
         self._commands_trouble: str | None = None
         self.http: StatusServer | None = None
@@ -383,12 +387,6 @@ class ControllerService:
         if self._scheduler.get_job(name) is not None:
             self._scheduler.remove_job(name)
 
-    def _submitted(self, event: JobSubmissionEvent) -> None:
-        """Remember when a run was due (the earliest of the runs it coalesced): its lateness is
-        measured when it starts, after any wait for a thread."""
-        if event.scheduled_run_times:
-            self._due[event.job_id] = min(event.scheduled_run_times)
-
     def _tick(self, name: str) -> None:
         due = self._due.pop(name, None)
         runner = self.runners.get(name)
@@ -420,8 +418,10 @@ class ControllerService:
         if self.stopping.is_set() or not self._leading:
             return
         runners = dict(self.runners)
+        now = time.monotonic()
+        asked = self._unread_for_commands(runners, now)
         try:
-            waiting = self._store.commands([runner.policy for runner in runners.values()])
+            waiting = self._store.commands([runners[name].policy for name in asked])
         except ClusterError as exc:
             if self._commands_trouble != str(exc):
                 self._commands_trouble = str(exc)
@@ -431,7 +431,7 @@ class ControllerService:
             _log.exception("looking for operators' commands failed; they wait for the next tick")
             return
         self._commands_trouble = None
-        now = time.monotonic()
+        self._polled.update(dict.fromkeys(asked, now))
         for name, ident in waiting.items():
             runner = runners.get(name)
             if runner is None or ident == runner.last_command_id:
@@ -446,6 +446,25 @@ class ControllerService:
             if job is not None and not self.stopping.is_set():
                 _log.info("operator command waiting; running the tick now", policy=name, command_id=ident)
                 job.modify(next_run_time=datetime.now(UTC))
+
+    def _unread_for_commands(self, runners: dict[str, PolicyRunner], now: float) -> list[str]:
+        """The policies whose state object nobody read (a tick, or an earlier look) for a poll period,
+        oldest first, at most ``_POLL_BUDGET`` reads a second: one read per policy and poll would be
+        hundreds a second with hundreds of policies, while a tick reads its object every interval
+        anyway. With up to ``_POLL_BUDGET x COMMAND_POLL_SECONDS`` policies every look reads every
+        object; with more, a command is seen within ``policies / _POLL_BUDGET`` seconds (or at its
+        policy's next tick, if sooner)."""
+        poll = self.settings.command_poll_seconds
+        period = max(poll, len(runners) / _POLL_BUDGET)
+
+        def last_read(name: str) -> float:
+            return max(runners[name].read_at or -math.inf, self._polled.get(name, -math.inf))
+
+        # read again when it would be older than the period at the next look (a few: every look)
+        stale = sorted((name for name in runners if now - last_read(name) >= period - poll), key=last_read)
+        for name in set(self._polled) - set(runners):
+            del self._polled[name]
+        return stale[: max(1, math.ceil(_POLL_BUDGET * poll))]
 
     def _report_errors(self, errors: tuple[PolicyError, ...]) -> None:
         """Log every current error; report each distinct one once: one PolicyInvalid alert (global
@@ -472,6 +491,27 @@ class ControllerService:
                 runbook_base_url=self.settings.runbook_url,
             )
             self._dispatcher.submit(alert, list(receivers.values()))
+
+
+#: state objects read a second at most when looking for operators' commands
+_POLL_BUDGET = 50.0
+#: threads that run ticks (and service jobs): a tick mostly waits on the API server and Prometheus
+_TICK_THREADS = 10
+
+
+class _DueRecordingExecutor(ThreadPoolExecutor):  # type: ignore[misc]  # (apscheduler is untyped)
+    """The scheduler's thread pool, noting when each run was due (the earliest of the runs it
+    coalesced) before a thread can start it: a tick measures its lateness from there, queueing for
+    a thread included (a listener of the submission event runs after the submission: too late)."""
+
+    def __init__(self, due: dict[str, datetime], threads: int) -> None:
+        super().__init__(threads)
+        self._due = due
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        if run_times:
+            self._due[job.id] = min(run_times)
+        super()._do_submit_job(job, run_times)
 
 
 #: policies loaded together start their ticks at least this far apart (up to their interval / count)
