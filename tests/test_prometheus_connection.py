@@ -161,3 +161,23 @@ def test_ca_bundle_is_used_for_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             PrometheusMetricsSource(PrometheusConnection(untrusted, None)).query(QUERY)
     finally:
         server.close()
+
+
+def test_the_environments_proxy_is_used_and_no_proxy_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxies come from the environment, read once when the source is built (not per request)."""
+    proxy = RecordingApi()  # answers every request it is sent, as a forwarding proxy would
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "")
+        behind = Settings(prometheus_url="http://prometheus.invalid:9090", prometheus_timeout_seconds=2)
+        source = PrometheusMetricsSource(PrometheusConnection(behind, None))
+        assert source.query(QUERY) == 0.25
+        assert source.query_vector(QUERY) == [({}, 0.25)]
+        assert len(proxy.headers) == 2
+        monkeypatch.setenv("NO_PROXY", "prometheus.invalid")
+        direct = PrometheusMetricsSource(PrometheusConnection(behind, None))
+        with pytest.raises(MetricsUnavailable, match="unreachable"):
+            direct.query(QUERY)
+        assert len(proxy.headers) == 2
+    finally:
+        proxy.close()

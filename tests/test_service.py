@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from controller.adapters.kubernetes import KubernetesGatewayPair
 from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import Verdict
+from controller.core.results import RenderedQuery
 from controller.runtime.clock import SystemClock
 from controller.runtime.service import ControllerService, _staggered
 from controller.settings import PrometheusConnection, Settings
@@ -256,3 +258,36 @@ def test_the_look_for_commands_reads_each_object_at_most_so_often(tmp_path: Path
     svc._polled.update(dict.fromkeys(asked, 100.0))  # (what look_for_commands does after reading them)
     later = svc._unread_for_commands(many, now=102.0)
     assert not set(later) & set(asked) and len(later) == 100
+
+
+def test_ticks_that_cannot_keep_up_are_counted_as_skipped(tmp_path: Path) -> None:
+    """A tick still running when its next one is due: the next is dropped, and counted (overload)."""
+    (tmp_path / "p.yaml").write_text(
+        "metadata: {name: shop}\nspec:\n  source: {service: a/b}\n  target: {service: a/c}\n"
+        "  schedule: {steps: [10, 100]}\n  analysis: {interval: 1s}\n  gates: {errorRate: {max: 0.01}}\n"
+    )
+    released = threading.Event()
+
+    class Stuck:
+        def query(self, query: RenderedQuery) -> float | None:
+            released.wait(30)
+            return None
+
+        def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+            return []
+
+    stuck = Stuck()
+    svc = ControllerService(
+        Settings(policies_dir=tmp_path, command_poll_seconds=0),
+        pair=InMemoryGatewayPair(),
+        store=InMemoryStateStore(),
+        metrics_for=lambda policy: stuck,
+        clock=SystemClock(),
+        serve_http=False,
+    )
+    svc.start()
+    try:
+        wait_for(lambda: svc.telemetry.ticks_skipped._value.get() >= 1, timeout=10, what="a skipped tick")
+    finally:
+        released.set()
+        svc.stop()

@@ -22,7 +22,7 @@ import requests
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import Verdict
 from controller.core.policy import CanaryPolicy
-from controller.core.queries import queries_for, shared_value
+from controller.core.queries import queries_for, shared_index, shared_value
 from controller.core.results import CheckResult
 from controller.runtime.collector import Collector
 from controller.settings import PrometheusConnection, Settings
@@ -135,7 +135,7 @@ def test_each_gateways_group_is_its_own_query_at_the_same_instant(pairs: _Pairs,
         answer = _vector(prometheus_of_pairs, measure.promql(plan.labels for plan, _ in askers), at)
         for plan, query in askers:
             own = _own(prometheus_of_pairs, query.promql, at)
-            mine = shared_value(measure, answer, plan.labels)
+            mine = shared_value(measure, shared_index(measure, answer), plan.labels)
             assert _same(own, mine), f"{plan.labels} {measure}: own {own}, shared {mine}\n{query.promql}"
             numbers += own is not None and not math.isnan(own)
             key = f"{measure.measure}:{measure.kind or ''}"
@@ -157,7 +157,7 @@ def test_what_the_gateways_show_is_in_the_shared_answers(pairs: _Pairs, promethe
         answer = _vector(prometheus_of_pairs, measure.promql(plan.labels for _, plan in plans), at)
         for name, plan in plans:
             values[(name, plan.role.value, f"{measure.measure}{measure.kind or ''}")] = shared_value(
-                measure, answer, plan.labels
+                measure, shared_index(measure, answer), plan.labels
             )
     assert values[("failing", "target", "errorRate")] == pytest.approx(0.1, abs=0.01)
     assert values[("failing", "source", "errorRate")] == 0.0  # traffic, never a 5xx series

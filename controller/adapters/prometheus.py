@@ -38,6 +38,11 @@ class PrometheusMetricsSource:
     def __init__(self, connection: PrometheusConnection) -> None:
         session = requests.Session()
         session.verify = connection.ca_file or True
+        # The environment's proxies are read once, here, for this URL (NO_PROXY included): with
+        # trust_env on, requests reads every proxy variable and ~/.netrc again on each request,
+        # about a third of a query's CPU (docs/benchmarks.md). No netrc: credentials are settings.
+        session.proxies = requests.utils.get_environ_proxies(connection.url)
+        session.trust_env = False
         self._url = redact_urls(connection.url)  # for messages: where, never who or which token
         self._timeout = connection.timeout_seconds
         self._client = PrometheusConnect(

@@ -23,6 +23,7 @@ __all__ = [
     "breakdown_query",
     "queries_for",
     "render_selector",
+    "shared_index",
     "shared_value",
 ]
 
@@ -231,16 +232,26 @@ def _regex_literal(value: str) -> str:
     return "".join("\\" + char if char in _RE2_SPECIAL else char for char in value)
 
 
+def shared_index(
+    measure: SharedMeasure, answer: Sequence[tuple[Mapping[str, str], float]]
+) -> dict[tuple[str, ...], list[float]]:
+    """A shared answer by group (the values of ``measure.keys``), built once for all its gateways:
+    looking each gateway up in the whole answer would cost policies x policies per round."""
+    index: dict[tuple[str, ...], list[float]] = {}
+    for series, value in answer:
+        index.setdefault(tuple(series.get(key, "") for key in measure.keys), []).append(value)
+    return index
+
+
 def shared_value(
-    measure: SharedMeasure, answer: Sequence[tuple[Mapping[str, str], float]], labels: Mapping[str, str]
+    measure: SharedMeasure, index: Mapping[tuple[str, ...], Sequence[float]], labels: Mapping[str, str]
 ) -> float | None:
-    """One gateway's value in a shared answer: its group's, or ``measure.absent``.
+    """One gateway's value in a shared answer (``shared_index``): its group's, or ``measure.absent``.
 
     Raises ValueError for an infinite value (that gateway's own query would have been refused the
     same way) or for two series in its group (the answer is not what was asked).
     """
-    wanted = tuple(labels[key] for key in measure.keys)
-    found = [value for series, value in answer if tuple(series.get(key, "") for key in measure.keys) == wanted]
+    found = index.get(tuple(labels[key] for key in measure.keys), ())
     if len(found) > 1:
         raise ValueError(f"the shared answer has {len(found)} series for one gateway")
     if not found:

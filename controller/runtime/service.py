@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import structlog
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -98,7 +99,7 @@ class ControllerService:
         self._scale = time_scale
         self._extra_receivers = extra_receivers or []
         self._catalog = PolicyCatalog(settings.policies_dir)
-        self._collector = Collector(share_seconds=settings.query_share_seconds)
+        self._collector = Collector(workers=_QUERY_THREADS, share_seconds=settings.query_share_seconds)
         self._dispatcher = AlertDispatcher(
             DeliveryPolicy(
                 backoff_seconds=settings.notify_backoff_seconds,
@@ -115,6 +116,7 @@ class ControllerService:
         self._scheduler = BackgroundScheduler(
             timezone=UTC, executors={"default": _DueRecordingExecutor(self._due, _TICK_THREADS)}
         )
+        self._scheduler.add_listener(lambda event: self.telemetry.ticks_skipped.inc(), EVENT_JOB_MAX_INSTANCES)
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
@@ -493,16 +495,22 @@ class ControllerService:
             self._dispatcher.submit(alert, list(receivers.values()))
 
 
+#: threads that send a check's queries (a check's custom gates, or its wait for a shared answer)
+_QUERY_THREADS = 16
 #: state objects read a second at most when looking for operators' commands
 _POLL_BUDGET = 50.0
-#: threads that run ticks (and service jobs): a tick mostly waits on the API server and Prometheus
-_TICK_THREADS = 10
+#: threads that run ticks (and service jobs). A tick mostly waits on the API server and Prometheus
+#: (200-350 ms at 500 policies for 12-20 ms of CPU): APScheduler's default of 10 capped a process
+#: at ~40 ticks a second, well before its CPU did (docs/benchmarks.md)
+_TICK_THREADS = 24
 
 
 class _DueRecordingExecutor(ThreadPoolExecutor):  # type: ignore[misc]  # (apscheduler is untyped)
-    """The scheduler's thread pool, noting when each run was due (the earliest of the runs it
-    coalesced) before a thread can start it: a tick measures its lateness from there, queueing for
-    a thread included (a listener of the submission event runs after the submission: too late)."""
+    """The scheduler's thread pool, noting when each run was due before a thread can start it: a
+    tick measures its lateness from there, queueing for a thread included (a listener of the
+    submission event runs after the submission: too late). With runs coalesced APScheduler hands
+    over the latest due time only; runs dropped because the last one still runs are counted apart
+    (``gateway_canary_ticks_skipped``)."""
 
     def __init__(self, due: dict[str, datetime], threads: int) -> None:
         super().__init__(threads)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from controller.core.queries import SharedMeasure, shared_value
+from controller.core.queries import SharedMeasure, shared_index, shared_value
 from controller.core.results import RenderedQuery
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
@@ -45,7 +45,7 @@ class _Answer:
     members: frozenset[_Labels]
     sent_at: float
     done: threading.Event = field(default_factory=threading.Event)
-    series: list[tuple[dict[str, str], float]] | None = None
+    index: dict[tuple[str, ...], list[float]] | None = None  # the answer by group
     error: str | None = None
     seconds: float = 0.0
 
@@ -113,9 +113,9 @@ class SharedQueries:
             raise MetricsUnavailable(f"the shared query did not come back within {self._wait:g}s")
         if answer.error is not None:
             raise MetricsUnavailable(answer.error)
-        assert answer.series is not None
+        assert answer.index is not None
         try:
-            return shared_value(measure, answer.series, labels)
+            return shared_value(measure, answer.index, labels)
         except ValueError as exc:
             raise MetricsUnavailable(str(exc)) from None
 
@@ -140,7 +140,7 @@ class SharedQueries:
             members = tuple(sorted(answer.members))
             promql = measure.promql(dict(member) for member in members)
             shared = RenderedQuery(promql, query.measure, query.role, query.gate, groups=members)
-            answer.series = source.query_vector(shared)
+            answer.index = shared_index(measure, source.query_vector(shared))
         except MetricsUnavailable as exc:
             answer.error = str(exc)
         except Exception as exc:  # a bug in a source: unavailable for those it served, never a crash

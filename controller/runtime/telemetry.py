@@ -127,6 +127,11 @@ class Telemetry:
             registry=r,
             buckets=_FINE_SECONDS,
         )
+        self.ticks_skipped = Counter(
+            "gateway_canary_ticks_skipped",
+            "Ticks not run because the policy's previous tick was still running: the process cannot keep up",
+            registry=r,
+        )
         self.tick_seconds = Histogram(
             "gateway_canary_tick_seconds",
             "Seconds a policy's tick took, reads, check, decision and writes included",
