@@ -6,6 +6,7 @@ import json
 import threading
 
 import pytest
+from structlog.testing import capture_logs
 
 from controller.adapters.dry_run import DryRunGatewayPair, DryRunStateStore
 from controller.adapters.kube_api import build_api_client
@@ -458,3 +459,32 @@ def test_trouble_that_returns_after_it_cleared_is_reported_again_and_blindness_p
     refused = [a for a in recorder.alerts if a.kind.value == "PolicyRefused"]
     assert len(refused) == 2 and len({a.id for a in refused}) == 2
     assert all(a.severity.value == "critical" and "protection is blind" in a.reason for a in refused)
+
+
+def test_a_pass_like_the_last_is_logged_at_debug_anything_else_at_info() -> None:
+    """Hundreds of policies passing every few seconds would flood the log: the first check, a change
+    of verdict, every failure and one pass a minute are at info; the rest at debug (not shown)."""
+    pair = InMemoryGatewayPair(target_weight=0, source_weight=100)
+    gateways = SimulatedGateways(pair)
+    baking = make_policy(
+        schedule={"steps": [10, 100], "bakeTime": "1h"},
+        analysis={"interval": "30s", "window": "1m", "minRequests": 50, "failureThreshold": 3},
+    )
+    checker = runner(pair, gateways, policy=baking)
+    checker.tick()  # starts: the target at 10 carries traffic from now on
+    assert pair.target_weight == 10
+    with capture_logs() as logs:
+        for error_ratio in (0.0, 0.0, 0.0, 0.5, 0.0, 0.0):
+            gateways.error_ratio[GatewayRole.TARGET] = error_ratio
+            checker.tick()
+    assert [line["verdict"] for line in logs if line["event"] == "check" and line["log_level"] == "info"] == [
+        "PASS",  # the first since the start (an INCONCLUSIVE one)
+        "FAIL",
+        "PASS",  # the first after the failure
+    ]
+    assert pair.target_weight == 10  # (all six were checks of the same bake)
+    checker._check_logged_at -= 60  # a minute since the last check at info
+    with capture_logs() as logs:
+        gateways.error_ratio[GatewayRole.TARGET] = 0.0
+        checker.tick()
+    assert [line["log_level"] for line in logs if line["event"] == "check"] == ["info"]
