@@ -26,6 +26,7 @@ from tests.kube_cluster import CLB, Cluster
 from tests.kube_cluster import SOURCE as SRC
 from tests.kube_cluster import TARGET as TGT
 from tests.servers import (
+    MEASURED,
     STATE,
     WEIGHT,
     LaggedShare,
@@ -96,8 +97,7 @@ def setup(
     tmp_path: Path,
 ) -> Iterator[dict]:
     kube.add_gateways()
-    names = ("e2e-resume", "e2e-secrets", *(f"e2e-rollback-{run}" for run in range(RUNS)))
-    kube.grant(*(kube.policy(name=name) for name in names))
+    kube.grant(*(kube.policy(name=name) for name in ("e2e-resume", "e2e-secrets", "e2e-rollback")))
 
     # The cloud (EMULATED: tests/ccm_emulator.py) confirms each weight change with its Events and
     # applies it to the CLB; the traffic follows the CLB's applied weights over 20 nodes, a little late.
@@ -155,14 +155,9 @@ def target_weight(kube: Cluster) -> int:
     return int(kube.annotations(TGT)[WEIGHT])
 
 
-#: scripts/bench_rollback.py sets this to repeat the scenario and report the median.
-RUNS = int(os.environ.get("GATEWAY_CANARY_E2E_RUNS", "1"))
-
-
-@pytest.mark.parametrize("run", range(RUNS))
-def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink, run: int) -> None:
+def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sink: WebhookSink) -> None:
     kube, traffic, sink = setup["kube"], setup["traffic"], setup["sink"]
-    setup["write_policy"](f"e2e-rollback-{run}", "[10, 25, 50, 100]", "3s", f"{sink.url}/hook/s3cr3t-webhook-token")
+    setup["write_policy"]("e2e-rollback", "[10, 25, 50, 100]", "3s", f"{sink.url}/hook/s3cr3t-webhook-token")
     controller = setup["start"]()
     wait_for(lambda: (controller.get("/readyz") or requests.Response()).status_code == 200, timeout=30, what="/readyz")
     wait_for(lambda: target_weight(kube) >= 25, timeout=60, interval=0.1, what="the weight to climb to 25")
@@ -174,12 +169,12 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     injected = time.monotonic()
     wait_for(lambda: target_weight(kube) == 0, timeout=60, interval=0.05, what="the rollback to weight 0")
     rollback_seconds = time.monotonic() - injected
-    print(
-        f"\nMEASURED error injection -> target weight 0: {rollback_seconds:.2f}s "
-        "(scrape 1s, check interval 1s, window 10s, failureThreshold 2)"
+    # one figure of it; bench/rollback.py measures it against the floor, many times
+    MEASURED.setdefault("5xx injection -> target weight 0 (1 s checks, 10 s window, threshold 2)", []).append(
+        rollback_seconds
     )
     assert kube.annotations(SRC)[WEIGHT] == "100"
-    state = wait_for(lambda: (s := kube.state(f"e2e-rollback-{run}")) and s["pending"] is None and s, timeout=10)
+    state = wait_for(lambda: (s := kube.state("e2e-rollback")) and s["pending"] is None and s, timeout=10)
     assert state["phase"] == "RolledBack" and state["last_failed_gate"] == "errorRate"
     # the gateway Services received weight changes and nothing else (the state has its own object)
     assert kube.patches and all(set(annotations) == {WEIGHT} for annotations in kube.service_patches())
@@ -189,8 +184,7 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
             a
             for body in alert_sink.bodies("/alertmanager")
             for a in body["alerts"]
-            if a["labels"].get("policy") == f"e2e-rollback-{run}"
-            and a["labels"]["alertname"] == "GatewayCanaryRolledBack"
+            if a["labels"].get("policy") == "e2e-rollback" and a["labels"]["alertname"] == "GatewayCanaryRolledBack"
         ],
         timeout=30,
         what="the rollback alert through Alertmanager",
@@ -210,16 +204,16 @@ def test_weight_climbs_then_rolls_back_to_zero_with_alert(setup: dict, alert_sin
     assert ("Warning", "RolledBack") in reasons
 
     metrics = controller.get("/metrics")
-    assert metrics is not None and f'gateway_canary_target_weight{{policy="e2e-rollback-{run}"}} 0.0' in metrics.text
-    assert f'gateway_canary_rollbacks_total{{policy="e2e-rollback-{run}"}} 1.0' in metrics.text
-    assert f'gateway_canary_gate_threshold{{gate="errorRate",policy="e2e-rollback-{run}"}} 0.05' in metrics.text
+    assert metrics is not None and 'gateway_canary_target_weight{policy="e2e-rollback"} 0.0' in metrics.text
+    assert 'gateway_canary_rollbacks_total{policy="e2e-rollback"} 1.0' in metrics.text
+    assert 'gateway_canary_gate_threshold{gate="errorRate",policy="e2e-rollback"} 0.05' in metrics.text
     assert 'gateway_canary_notifications_total{kind="RolledBack",outcome="delivered",receiver="webhook:e2e"} 1.0' in (
         metrics.text
     )
     assert "gateway_canary_oldest_undelivered_alert_seconds 0.0" in metrics.text
 
     checks = [line for line in controller.lines() if line.get("event") == "check"]
-    assert checks and all(line["policy"] == f"e2e-rollback-{run}" for line in checks)
+    assert checks and all(line["policy"] == "e2e-rollback" for line in checks)
     assert any(line["verdict"] == "FAIL" and line["target"]["errorRate"] > 0.05 for line in checks)
     assert controller.stop() == 0
     assert any(line.get("event") == "stopped" for line in controller.lines())
