@@ -132,7 +132,7 @@ def _exit_codes_help(command: str) -> str:
 DEFAULT_NAMESPACE = "gateway-canary"
 #: how long the running controller reuses a Service's CLB backends (and the Node list): they change
 #: with Nodes and endpoints, not per tick (docs/benchmarks.md: most API requests at 500 policies)
-BACKENDS_CACHE_SECONDS = 10.0
+BACKENDS_CACHE_SECONDS = 30.0
 _CLUSTER_PANEL = "Cluster"
 
 

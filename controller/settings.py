@@ -235,7 +235,8 @@ class Settings(BaseSettings):
         description=(
             "checks of policies that share a Prometheus endpoint and window share one query per measure "
             "for all their gateways, answered at most this long before a check asks (and never an answer "
-            "a policy already judged, nor older than half its interval); 0: every check asks its own"
+            "a policy already judged, nor older than half its interval or half FAILURE_RECHECK_SECONDS); a "
+            "shared query that fails leaves each check to its own query; 0: every check asks its own"
         ),
     )
     failure_recheck_seconds: float = Field(

@@ -53,6 +53,7 @@ class FaultySource:
         self.infinite_next: int | None = None
         self.faults: dict[int, dict[str, int | None]] = {}  # answer number -> fault -> gateway hit
         self.latest: dict[int, int] = {}  # measure (index in MEASURES) -> number of its latest answer
+        self.named: dict[int, tuple[int, set[int]]] = {}  # answer number -> (measure, gateways it names)
 
     def query(self, query: RenderedQuery) -> float | None:
         raise AssertionError("a shared measure is asked as a vector")
@@ -60,7 +61,9 @@ class FaultySource:
     def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
         number = len(self.sent_at)
         self.sent_at.append(self.clock())
-        self.latest[1 if 'response_code=~"4.."' in query.promql else 0] = number
+        measure = 1 if 'response_code=~"4.."' in query.promql else 0
+        self.latest[measure] = number
+        self.named[number] = (measure, {int(dict(g)["source_workload"].removeprefix("gw-")) for g in query.groups})
         assert query.groups, "a shared query names the gateways it groups by"
         if self.fail_next:
             self.fail_next = False
@@ -123,8 +126,11 @@ class SharingMachine(RuleBasedStateMachine):
             error = None
         except MetricsUnavailable as exc:
             value, error = None, str(exc)
-        # which answer served this check: a new one, or the latest one of this measure before it
-        number = self.source.latest[measure]
+        # which answer served this check: a new one, or the newest of this measure that names the gateway
+        if len(self.source.sent_at) > before:
+            number = self.source.latest[measure]
+        else:
+            number = max(n for n, (m, named) in self.source.named.items() if m == measure and gateway in named)
         assert len(self.source.sent_at) - before <= 1, "one check of one gateway sends one query at most"
         faults = self.source.faults.get(number, {})
         # fresh enough, and never an answer this policy judged for this gateway before

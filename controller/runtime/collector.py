@@ -14,11 +14,11 @@ from dataclasses import replace
 from controller.core.enums import GatewayRole, Verdict
 from controller.core.gates import describe_growth, judge
 from controller.core.policy import CanaryPolicy
-from controller.core.queries import CheckQueries, queries_for
+from controller.core.queries import CheckQueries, SharedMeasure, queries_for
 from controller.core.results import CheckResult, GatewaySamples, QueryOutcome, RenderedQuery
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
-from controller.runtime.sharing import SharedQueries
+from controller.runtime.sharing import MISSING, SharedQueries
 
 __all__ = ["Collector"]
 
@@ -45,18 +45,42 @@ class Collector:
         max_age = min(self._share_seconds, policy.spec.analysis.interval.total_seconds() / 2)
         share = max_age > 0 and getattr(source, "answers_groups", False) is True
 
+        def shared(plan: CheckQueries, query: RenderedQuery, measure: SharedMeasure, lead: bool) -> QueryOutcome | None:
+            """The gateway's value from a shared answer; None: none serves it yet (and ``lead`` was off)."""
+            started = time.perf_counter()
+            try:
+                value = self.shared.ask(
+                    source, measure, query, plan.labels, asker=policy.name, max_age=max_age, lead_if_missing=lead
+                )
+            except MetricsUnavailable as exc:
+                # The shared query failed: for its size (a server's limit on samples, series or time),
+                # its form (a POST), the wait for it, or the server itself. Only this gateway's own
+                # query tells which, so it is asked, as every check did before sharing: one gateway's
+                # evidence never depends on a query about hundreds of others.
+                own = _ask(source, query)
+                return replace(own, seconds=time.perf_counter() - started, error=own.error and f"{own.error} ({exc})")
+            if value is MISSING:
+                return None
+            return QueryOutcome(query, value=value, seconds=time.perf_counter() - started)
+
         def ask(plan: CheckQueries, query: RenderedQuery) -> QueryOutcome:
             measure = plan.shared.get(query) if share else None
             if measure is None:
                 return _ask(source, query)
-            return _timed(
-                query, lambda: self.shared.ask(source, measure, query, plan.labels, asker=policy.name, max_age=max_age)
-            )
+            outcome = shared(plan, query, measure, True)
+            assert outcome is not None
+            return outcome
 
         asked = [(plan, query) for plan in plans.values() for query in plan.all()]
-        outcomes = {
-            query: outcome for (_, query), outcome in zip(asked, self._pool.map(lambda a: ask(*a), asked), strict=True)
-        }
+        outcomes: dict[RenderedQuery, QueryOutcome] = {}
+        if share:  # an answer already there (or on its way) is a lookup: no thread for it
+            for plan, query in asked:
+                measure = plan.shared.get(query)
+                found = None if measure is None else shared(plan, query, measure, False)
+                if found is not None:
+                    outcomes[query] = found
+        rest = [(plan, query) for plan, query in asked if query not in outcomes]
+        outcomes.update(zip((query for _, query in rest), self._pool.map(lambda a: ask(*a), rest), strict=True))
         result = judge(
             policy,
             _samples(plans[GatewayRole.SOURCE], outcomes),

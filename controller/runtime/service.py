@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import structlog
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -99,7 +99,11 @@ class ControllerService:
         self._scale = time_scale
         self._extra_receivers = extra_receivers or []
         self._catalog = PolicyCatalog(settings.policies_dir)
-        self._collector = Collector(workers=_QUERY_THREADS, share_seconds=settings.query_share_seconds)
+        # a failure's re-check must not judge an answer sent a moment after the failed check's
+        share = settings.query_share_seconds
+        if settings.failure_recheck_seconds > 0:
+            share = min(share, settings.failure_recheck_seconds / 2)
+        self._collector = Collector(workers=_QUERY_THREADS, share_seconds=share)
         self._dispatcher = AlertDispatcher(
             DeliveryPolicy(
                 backoff_seconds=settings.notify_backoff_seconds,
@@ -116,7 +120,7 @@ class ControllerService:
         self._scheduler = BackgroundScheduler(
             timezone=UTC, executors={"default": _DueRecordingExecutor(self._due, _TICK_THREADS)}
         )
-        self._scheduler.add_listener(lambda event: self.telemetry.ticks_skipped.inc(), EVENT_JOB_MAX_INSTANCES)
+        self._scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
@@ -388,6 +392,11 @@ class ControllerService:
     def _unschedule(self, name: str) -> None:
         if self._scheduler.get_job(name) is not None:
             self._scheduler.remove_job(name)
+
+    def _skipped(self, event: JobEvent) -> None:
+        """A policy's tick dropped because its last one still runs (the service's own jobs are not ticks)."""
+        if event.job_id in self.runners:
+            self.telemetry.ticks_skipped.inc()
 
     def _tick(self, name: str) -> None:
         due = self._due.pop(name, None)

@@ -21,6 +21,7 @@ What no sharing may do:
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,11 +32,22 @@ from controller.core.results import RenderedQuery
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
 
-__all__ = ["SharedQueries"]
+__all__ = ["MISSING", "Missing", "SharedQueries"]
 
 #: a gateway that has not asked for this long leaves the shared query (its policy was removed)
 _FORGET_SECONDS = 600.0
 _Labels = tuple[tuple[str, str], ...]
+#: no answer serves a check longer than this (QUERY_SHARE_SECONDS is at most 60)
+_KEEP_SECONDS = 60.0
+
+
+class Missing(enum.Enum):
+    """No answer serves this ask yet (``SharedQueries.ask(lead_if_missing=False)``)."""
+
+    MISSING = "missing"
+
+
+MISSING = Missing.MISSING
 
 
 @dataclass
@@ -52,10 +64,11 @@ class _Answer:
 
 @dataclass
 class _Shared:
-    """Everything known of one (source, measure): the gateways that ask it and its latest answer."""
+    """Everything known of one (source, measure): the gateways that ask it and its recent answers."""
 
     asked: dict[_Labels, float] = field(default_factory=dict)  # gateway -> when it last asked
-    latest: _Answer | None = None
+    #: the answers sent within the last _KEEP_SECONDS, oldest first
+    recent: list[_Answer] = field(default_factory=list)
 
 
 class SharedQueries:
@@ -80,10 +93,13 @@ class SharedQueries:
         *,
         asker: str,
         max_age: float,
-    ) -> float | None:
+        lead_if_missing: bool = True,
+    ) -> float | Missing | None:
         """The value of ``measure`` for the gateway ``labels`` selects; raise MetricsUnavailable.
 
-        ``query`` is what the answer is sent as (its meaning, for a simulated source).
+        ``query`` is what the answer is sent as (its meaning, for a simulated source). Without
+        ``lead_if_missing``, ``MISSING`` when no answer serves it yet (a check asks again, on a
+        thread of its own, only then): most asks are a lookup, not worth a thread.
         """
         gateway: _Labels = tuple(sorted(labels.items()))
         key = (id(source), measure)
@@ -92,18 +108,21 @@ class SharedQueries:
             now = self._clock()
             shared = self._shared.setdefault(key, _Shared())
             shared.asked[gateway] = now
-            answer = shared.latest
             after = self._judged.get(judged_key)
-            fresh = (
-                answer is not None
-                and gateway in answer.members
-                and now - answer.sent_at <= max_age
-                and (after is None or answer.sent_at > after)
-            )
-            lead = not fresh
+            answer = self._usable(shared, gateway, now, max_age, after)
+            if answer is None and not lead_if_missing:
+                return MISSING
+            lead = answer is None
             if lead:
                 self._prune(now)
-                answer = shared.latest = _Answer(frozenset(shared.asked), now)
+                # A gateway new to a round under way (the fresh answers do not name it) asks only for
+                # the gateways none of them names: policies loaded together (a start, a takeover)
+                # would otherwise each name every gateway again. Otherwise a new round, for all.
+                fresh = [a for a in shared.recent if now - a.sent_at <= max_age]
+                named = frozenset().union(*(a.members for a in fresh))
+                everyone = frozenset(shared.asked)
+                answer = _Answer(everyone if gateway in named else (everyone - named) | {gateway}, now)
+                shared.recent = [a for a in shared.recent if now - a.sent_at <= _KEEP_SECONDS] + [answer]
                 self.sent += 1
             assert answer is not None
             self._judged[judged_key] = answer.sent_at
@@ -118,6 +137,16 @@ class SharedQueries:
             return shared_value(measure, answer.index, labels)
         except ValueError as exc:
             raise MetricsUnavailable(str(exc)) from None
+
+    @staticmethod
+    def _usable(shared: _Shared, gateway: _Labels, now: float, max_age: float, after: float | None) -> _Answer | None:
+        """The newest answer that names ``gateway``, is at most ``max_age`` old and newer than ``after``."""
+        for answer in reversed(shared.recent):
+            if now - answer.sent_at > max_age:
+                return None
+            if gateway in answer.members and (after is None or answer.sent_at > after):
+                return answer
+        return None
 
     def _prune(self, now: float) -> None:
         """Forget the gateways that stopped asking (their policy was removed) and what they judged.
