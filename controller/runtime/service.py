@@ -510,8 +510,9 @@ _QUERY_THREADS = 16
 _POLL_BUDGET = 50.0
 #: threads that run ticks (and service jobs). A tick mostly waits on the API server and Prometheus
 #: (200-350 ms at 500 policies for 12-20 ms of CPU): APScheduler's default of 10 capped a process
-#: at ~40 ticks a second, well before its CPU did (docs/benchmarks.md)
-_TICK_THREADS = 24
+#: at ~40 ticks a second, well before its CPU did; bursts (a shared answer every check of a round
+#: waits for) need room on top (docs/benchmarks.md)
+_TICK_THREADS = 48
 
 
 class _DueRecordingExecutor(ThreadPoolExecutor):  # type: ignore[misc]  # (apscheduler is untyped)

@@ -37,8 +37,6 @@ __all__ = ["MISSING", "Missing", "SharedQueries"]
 #: a gateway that has not asked for this long leaves the shared query (its policy was removed)
 _FORGET_SECONDS = 600.0
 _Labels = tuple[tuple[str, str], ...]
-#: no answer serves a check longer than this (QUERY_SHARE_SECONDS is at most 60)
-_KEEP_SECONDS = 60.0
 
 
 class Missing(enum.Enum):
@@ -67,7 +65,7 @@ class _Shared:
     """Everything known of one (source, measure): the gateways that ask it and its recent answers."""
 
     asked: dict[_Labels, float] = field(default_factory=dict)  # gateway -> when it last asked
-    #: the answers sent within the last _KEEP_SECONDS, oldest first
+    #: the answers some check may still take (see SharedQueries._longest), oldest first
     recent: list[_Answer] = field(default_factory=list)
 
 
@@ -82,6 +80,7 @@ class SharedQueries:
         # (asker, source, measure, gateway) -> sent_at of the answer it judged last
         self._judged: dict[tuple[str, int, SharedMeasure, _Labels], float] = {}
         self._pruned = clock()
+        self._longest = 0.0  # the longest max_age any check asked with
         self.sent = 0  # shared queries sent, for the benchmarks and tests
 
     def ask(
@@ -122,7 +121,10 @@ class SharedQueries:
                 named = frozenset().union(*(a.members for a in fresh))
                 everyone = frozenset(shared.asked)
                 answer = _Answer(everyone if gateway in named else (everyone - named) | {gateway}, now)
-                shared.recent = [a for a in shared.recent if now - a.sent_at <= _KEEP_SECONDS] + [answer]
+                # kept while some check may still take it: the longest max_age asked with (each answer
+                # holds every gateway's value: a minute of them was ~60 MB with 500 policies)
+                self._longest = max(self._longest, max_age)
+                shared.recent = [a for a in shared.recent if now - a.sent_at <= self._longest] + [answer]
                 self.sent += 1
             assert answer is not None
             self._judged[judged_key] = answer.sent_at
