@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from controller.adapters.memory import InMemoryGatewayPair
+from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.core.decision import Decision, Observation, decide, initial_state
 from controller.core.enums import Command, GatewayRole, InconclusiveCause, Measure, Verdict
 from controller.core.lease import LeaseRecord, LeaseTiming
@@ -14,7 +14,11 @@ from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome, RenderedQuery
 from controller.core.state import RolloutState
 from controller.errors import ClusterUnavailable, Conflict
+from controller.ports import MetricsSource
+from controller.runtime.clock import SystemClock
 from controller.runtime.leader import LeaderElector
+from controller.runtime.service import ControllerService
+from controller.settings import Settings
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -313,3 +317,16 @@ def hand_elector(
     made._on_started = lambda token: said.append(f"started {token.term}")
     made._on_stopped = lambda why: said.append(f"stopped: {why}")
     return made, said
+
+
+def memory_service(settings: Settings, metrics: MetricsSource | None = None, store: Any = None) -> ControllerService:
+    """A service over in-memory Services and state (no HTTP server), every policy on ``metrics``
+    (None: the test never lets a check run)."""
+    return ControllerService(
+        settings,
+        pair=InMemoryGatewayPair(),
+        store=store if store is not None else InMemoryStateStore(),
+        metrics_for=lambda policy: metrics,  # type: ignore[arg-type,return-value]
+        clock=SystemClock(),
+        serve_http=False,
+    )

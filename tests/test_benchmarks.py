@@ -18,7 +18,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- bench/scale.py: many policies in one controller ----------------------------------------------------
 
+
 #: every figure bench/scale.py reports per run (the table's columns), each a finite number
+def _run(script: str, *args: str, timeout: float) -> str:
+    """Run a benchmark at its smallest size; it must exit 0 (it exits 1 when a figure is missing).
+    Its printed report is returned."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _need_binaries(*servers: str) -> None:
+    """The servers a benchmark starts: "prometheus", "alertmanager", "etcd", "kube-apiserver"."""
+    from tests.conftest import ALERTMANAGER, PROMETHEUS, TEST_BIN, _need
+    from tests.kube_cluster import binary_paths
+
+    binaries = {name: str(path) for name, path in binary_paths(TEST_BIN).items()}
+    for server in servers:
+        _need({"prometheus": PROMETHEUS, "alertmanager": ALERTMANAGER}.get(server) or binaries[server])
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 _SCALE_FIGURES = (
     "ticks_per_s",
     "lateness_p50_s",
@@ -37,29 +67,12 @@ _SCALE_FIGURES = (
 )
 
 
-def _scale_need_binaries() -> None:
-    from tests.conftest import PROMETHEUS, TEST_BIN, _need
-    from tests.kube_cluster import binary_paths
-
-    binaries = binary_paths(TEST_BIN)
-    for binary in (PROMETHEUS, str(binaries["etcd"]), str(binaries["kube-apiserver"])):
-        _need(binary)
-
-
 @pytest.mark.integration
 def test_scale_benchmark_produces_figures(tmp_path: Path) -> None:
     """One policy, with and without shared queries: every figure present and finite, the table printed."""
-    _scale_need_binaries()
+    _need_binaries("prometheus", "etcd", "kube-apiserver")
     out = tmp_path / "scale.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--sizes", "1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    stdout = _run("scale.py", "--quick", "--sizes", "1", "--json", str(out), timeout=180)
     runs = json.loads(out.read_text())["runs"]
     assert [(run["size"], run["share_seconds"]) for run in runs] == [(1, 0.0), (1, 1.0)]
     for run in runs:
@@ -67,7 +80,7 @@ def test_scale_benchmark_produces_figures(tmp_path: Path) -> None:
         for name in _SCALE_FIGURES:
             value = run.get(name)
             assert isinstance(value, int | float) and math.isfinite(value), f"{name}: {value!r}"
-    assert "late p99" in done.stdout and "kube w/s" in done.stdout  # the table
+    assert "late p99" in stdout and "kube w/s" in stdout  # the table
 
 
 # --- bench/footprint.py: what one `gateway-canary run` costs ----------------------------------------------
@@ -89,44 +102,22 @@ _FOOTPRINT_FIGURES = (
 )
 
 
-def _footprint_need_binaries() -> None:
-    """The control plane is needed; Prometheus is not (the benchmark then gives an unreachable URL)."""
-    from tests.conftest import TEST_BIN, _need
-    from tests.kube_cluster import binary_paths
-
-    binaries = binary_paths(TEST_BIN)
-    for name in ("etcd", "kube-apiserver"):
-        _need(str(binaries[name]))
-
-
-def _footprint_finite(value: object) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
 @pytest.mark.integration
 def test_footprint_benchmark_produces_figures(tmp_path: Path) -> None:
     """The smallest size: every figure present and finite, the top lists filled, the report printed."""
-    _footprint_need_binaries()
+    _need_binaries("etcd", "kube-apiserver")  # no Prometheus: an unreachable URL then
     out = tmp_path / "footprint.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "footprint.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    stdout = _run("footprint.py", "--quick", "--json", str(out), timeout=180)
     figures = json.loads(out.read_text())
     for name in _FOOTPRINT_FIGURES:
-        assert _footprint_finite(figures.get(name)), f"{name}: {figures.get(name)!r}"
-    assert len(figures["ready_s"]) == 2 and all(_footprint_finite(s) for s in figures["ready_s"])
+        assert _finite(figures.get(name)), f"{name}: {figures.get(name)!r}"
+    assert len(figures["ready_s"]) == 2 and all(_finite(s) for s in figures["ready_s"])
     assert figures["idle_checks"] >= 1  # idle RSS was read after checks, not at import only
     for top in ("import_top_cumulative", "import_top_packages", "installed_top"):
-        assert figures[top] and all(isinstance(name, str) and _footprint_finite(v) for name, v in figures[top]), top
+        assert figures[top] and all(isinstance(name, str) and _finite(v) for name, v in figures[top]), top
     assert any(name.startswith("controller") for name, _ in figures["import_top_cumulative"])  # the run path's
     for line in ("import time of the run path", "start -> ready", "idle RSS", "wheel:", "image estimate:"):
-        assert line in done.stdout, line
+        assert line in stdout, line
 
 
 # --- bench/rollback.py: rollback latency against the floor --------------------------------------------
@@ -157,34 +148,13 @@ _ROLLBACK_SAMPLE_TIMES = (
 )
 
 
-def _rollback_need_binaries() -> None:
-    from tests.conftest import ALERTMANAGER, PROMETHEUS, TEST_BIN, _need
-    from tests.kube_cluster import binary_paths
-
-    binaries = binary_paths(TEST_BIN)
-    for binary in (PROMETHEUS, ALERTMANAGER, str(binaries["etcd"]), str(binaries["kube-apiserver"])):
-        _need(binary)
-
-
-def _rollback_finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @pytest.mark.integration
 def test_rollback_benchmark_produces_figures(tmp_path: Path) -> None:
     """The smallest size (one scenario, failureThreshold 1, two injections): every figure present and
     finite for each injection and in the row, the table and the targets printed. No timing is judged."""
-    _rollback_need_binaries()
+    _need_binaries("prometheus", "alertmanager", "etcd", "kube-apiserver")
     out = tmp_path / "rollback.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rollback.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    stdout = _run("rollback.py", "--quick", "--json", str(out), timeout=240)
     report = json.loads(out.read_text())
     config = report["config"]
     assert (config["scenarios"], config["thresholds"], config["injections"]) == (["5xx-0to100"], [1], 2)
@@ -193,7 +163,7 @@ def test_rollback_benchmark_produces_figures(tmp_path: Path) -> None:
     for sample in samples:
         assert sample["error"] is None, sample
         for name in _ROLLBACK_SAMPLE_TIMES:
-            assert _rollback_finite(sample[name]), f"{name}: {sample[name]!r}"
+            assert _finite(sample[name]), f"{name}: {sample[name]!r}"
         assert sample["floor_value"] > 0.05  # the floor is the gate's limit crossed
         assert sample["floor_trace"]  # the poller's answers, kept
     (row,) = report["summary"]
@@ -201,8 +171,8 @@ def test_rollback_benchmark_produces_figures(tmp_path: Path) -> None:
     for name in _ROLLBACK_FIGURES:
         figure = row["figures"][name]
         assert figure["n"] == 2, (name, figure)
-        assert _rollback_finite(figure["p50"]) and _rollback_finite(figure["p95"]), (name, figure)
+        assert _finite(figure["p50"]) and _finite(figure["p95"]), (name, figure)
     assert len(report["targets"]) == 3 and all(isinstance(t["met"], bool) for t in report["targets"])
     for text in ("(b-a) s", "(c-b) ms", "where (b - a) goes", "targets at failureThreshold 1", "wall time"):
-        assert text in done.stdout, text
-    assert "5xx-0to100    1    2/2" in done.stdout  # the row
+        assert text in stdout, text
+    assert "5xx-0to100    1    2/2" in stdout  # the row

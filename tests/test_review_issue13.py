@@ -17,11 +17,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,20 +28,19 @@ import pytest
 import requests
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 
-from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
+from controller.adapters.memory import InMemoryStateStore
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import GatewayRole, Measure, Verdict
 from controller.core.policy import CanaryPolicy
 from controller.core.queries import SharedMeasure, queries_for
 from controller.core.results import CheckResult, RenderedQuery
-from controller.runtime.clock import SystemClock
 from controller.runtime.collector import Collector
-from controller.runtime.service import _STAGGER_SECONDS, ControllerService
+from controller.runtime.service import _STAGGER_SECONDS
 from controller.runtime.sharing import SharedQueries
 from controller.settings import PrometheusConnection, Settings
 from tests.conftest import _serving, prometheus_command
-from tests.helpers import make_policy
-from tests.servers import GatewayTraffic, Response, TrafficExporter, free_port, wait_for
+from tests.helpers import make_policy, memory_service
+from tests.servers import GatewayTraffic, Response, TrafficExporter, _Quiet, _Server, free_port, wait_for
 
 NAMESPACE = "review-ns"
 #: samples one query may load: each gateway's own queries stay well under it, the shared one not
@@ -164,32 +161,19 @@ class _GetOnly:
     forwards GET to a real Prometheus, answers POST with 405."""
 
     def __init__(self, upstream: str) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_Quiet):
             def do_GET(self) -> None:
                 answer = requests.get(f"{upstream}{self.path}", timeout=5)
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
+                self.reply(answer.status_code, answer.content)
 
             def do_POST(self) -> None:
-                body = b'{"status":"error","error":"method not allowed"}'
-                self.send_response(405)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(405, {"status": "error", "error": "method not allowed"})
 
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = _Server(Handler)
+        self.url = self.server.url
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 def test_an_endpoint_that_refuses_the_shared_form_leaves_each_check_to_its_own_query(world: _World) -> None:
@@ -231,17 +215,12 @@ class _SlowPrometheus:
                 return "0"
             return "1000"
 
-        def reply(handler: BaseHTTPRequestHandler, series: list[dict[str, str]], promql: str) -> None:
-            time.sleep(delay)
+        def reply(handler: _Quiet, series: list[dict[str, str]], promql: str) -> None:
+            time.sleep(delay)  # (the slowness this test is about)
             result = [{"metric": labels, "value": [time.time(), value(promql)]} for labels in series]
-            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
-            handler.send_response(200)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
+            handler.reply(200, {"status": "success", "data": {"resultType": "vector", "result": result}})
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_Quiet):
             def do_POST(self) -> None:
                 form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
                 reply(self, [_gateway(w) for w in workloads], form["query"][0])
@@ -249,16 +228,11 @@ class _SlowPrometheus:
             def do_GET(self) -> None:
                 reply(self, [{}], parse_qs(urlsplit(self.path).query)["query"][0])
 
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = _Server(Handler)
+        self.url = self.server.url
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 def _gateway(workload: str) -> dict[str, str]:
@@ -363,14 +337,7 @@ def test_a_recheck_never_judges_an_answer_sent_a_moment_after_the_failed_one(tmp
     at t=15 takes those, sent 0.1 s after the ones it failed on: the same scrape judged twice, two
     consecutive failures of one piece of evidence (on its own queries the recheck asks at t=15)."""
     settings = Settings(policies_dir=tmp_path, query_share_seconds=20, failure_recheck_seconds=15)
-    svc = ControllerService(
-        settings,
-        pair=InMemoryGatewayPair(),
-        store=InMemoryStateStore(),
-        metrics_for=lambda policy: None,  # type: ignore[arg-type,return-value]
-        clock=SystemClock(),
-        serve_http=False,
-    )
+    svc = memory_service(settings)
     clock = _Clock()
     source = _CountingSource()
     sent: list[float] = []
@@ -424,14 +391,7 @@ def test_a_slow_look_for_commands_is_not_counted_as_a_skipped_tick(tmp_path: Pat
             time.sleep(0.5)
             return {}
 
-    svc = ControllerService(
-        Settings(policies_dir=tmp_path, command_poll_seconds=0.1),
-        pair=InMemoryGatewayPair(),
-        store=SlowStore(),
-        metrics_for=lambda policy: None,  # type: ignore[arg-type,return-value]
-        clock=SystemClock(),
-        serve_http=False,
-    )
+    svc = memory_service(Settings(policies_dir=tmp_path, command_poll_seconds=0.1), store=SlowStore())
     dropped: list[str] = []  # every run APScheduler drops, whatever the job
     svc._scheduler.add_listener(lambda event: dropped.append(event.job_id), EVENT_JOB_MAX_INSTANCES)
     svc.start()

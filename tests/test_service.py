@@ -11,14 +11,13 @@ import pytest
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
 from controller.adapters.kubernetes import KubernetesGatewayPair
-from controller.adapters.memory import InMemoryGatewayPair, InMemoryStateStore
 from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import Verdict
 from controller.core.results import RenderedQuery
 from controller.runtime.clock import SystemClock
 from controller.runtime.service import ControllerService, _staggered
 from controller.settings import PrometheusConnection, Settings
-from tests.helpers import make_policy
+from tests.helpers import make_policy, memory_service
 from tests.kube_cluster import CLB, Cluster
 from tests.servers import LB_ID, STATE, WEIGHT, TrafficExporter, WebhookSink, wait_for
 
@@ -239,14 +238,7 @@ def test_the_look_for_commands_reads_each_object_at_most_so_often(tmp_path: Path
     """A few policies: every object at every look (as before). Hundreds: the objects nobody read for
     policies / 50 seconds, oldest first, 50 reads a second at most (a tick's read counts)."""
     settings = Settings(policies_dir=tmp_path, command_poll_seconds=2)
-    svc = ControllerService(
-        settings,
-        pair=InMemoryGatewayPair(),
-        store=InMemoryStateStore(),
-        metrics_for=lambda policy: None,  # type: ignore[arg-type,return-value]
-        clock=SystemClock(),
-        serve_http=False,
-    )
+    svc = memory_service(settings)
     few = {f"p{i}": _Runner(f"p{i}", read_at=99.9) for i in range(5)}
     assert sorted(svc._unread_for_commands(few, now=100.0)) == sorted(few)  # read 0.1 s ago: read again
     many = {f"p{i:03}": _Runner(f"p{i:03}", read_at=100.0 - (i % 20)) for i in range(500)}  # 0-19 s ago
@@ -277,14 +269,7 @@ def test_ticks_that_cannot_keep_up_are_counted_as_skipped(tmp_path: Path) -> Non
             return []
 
     stuck = Stuck()
-    svc = ControllerService(
-        Settings(policies_dir=tmp_path, command_poll_seconds=0),
-        pair=InMemoryGatewayPair(),
-        store=InMemoryStateStore(),
-        metrics_for=lambda policy: stuck,
-        clock=SystemClock(),
-        serve_http=False,
-    )
+    svc = memory_service(Settings(policies_dir=tmp_path, command_poll_seconds=0), stuck)
     svc.start()
     try:
         wait_for(lambda: svc.telemetry.ticks_skipped._value.get() >= 1, timeout=10, what="a skipped tick")
