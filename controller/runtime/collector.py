@@ -73,14 +73,19 @@ class Collector:
 
         asked = [(plan, query) for plan in plans.values() for query in plan.all()]
         outcomes: dict[RenderedQuery, QueryOutcome] = {}
-        if share:  # an answer already there (or on its way) is a lookup: no thread for it
+        pending = {}
+        if share:  # the own queries (custom gates) are sent first; meanwhile an answer already there
+            # (or on its way) is a lookup on this thread; only what none serves yet needs a thread
+            pending = {
+                query: self._pool.submit(_ask, source, query) for plan, query in asked if query not in plan.shared
+            }
             for plan, query in asked:
-                measure = plan.shared.get(query)
-                found = None if measure is None else shared(plan, query, measure, False)
-                if found is not None:
-                    outcomes[query] = found
-        rest = [(plan, query) for plan, query in asked if query not in outcomes]
-        outcomes.update(zip((query for _, query in rest), self._pool.map(lambda a: ask(*a), rest), strict=True))
+                if query in plan.shared:
+                    found = shared(plan, query, plan.shared[query], False)
+                    if found is not None:
+                        outcomes[query] = found
+        pending |= {q: self._pool.submit(ask, p, q) for p, q in asked if q not in outcomes and q not in pending}
+        outcomes.update({query: future.result() for query, future in pending.items()})
         result = judge(
             policy,
             _samples(plans[GatewayRole.SOURCE], outcomes),
