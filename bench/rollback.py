@@ -408,7 +408,7 @@ class Rig:
 
 
 @contextlib.contextmanager
-def started_rig(workdir: Path, policy_names: Sequence[str]) -> Iterator[Rig]:
+def started_rig(workdir: Path, policy_names: Sequence[str], after_scrape: float = 0.0) -> Iterator[Rig]:
     """Start Prometheus and Alertmanager (in the background), the control plane, the gateways, the
     emulated cloud controller and the controller; stop them all at the end, however it ends."""
     with contextlib.ExitStack() as stack:
@@ -442,7 +442,8 @@ def started_rig(workdir: Path, policy_names: Sequence[str]) -> Iterator[Rig]:
             Fleet(kube=kube, policies=policies, prometheus_url=prometheus, workdir=workdir,
                   webhook_url=f"{receiver.url}/hook", alertmanager_url=am_url,
                   extra_env={"GATEWAY_CANARY_FAILURE_RECHECK_SECONDS": f"{INTERVAL_S:g}",
-                             "GATEWAY_CANARY_RELOAD_INTERVAL_SECONDS": f"{RELOAD_S:g}"})
+                             "GATEWAY_CANARY_RELOAD_INTERVAL_SECONDS": f"{RELOAD_S:g}",
+                             "GATEWAY_CANARY_CHECK_AFTER_SCRAPE_SECONDS": f"{after_scrape:g}"})
         )  # fmt: skip
         controller = fleet.start("controller")
         yield Rig(kube, traffic, share, prometheus, receiver, watch, controller, policies, workdir)
@@ -736,6 +737,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed of the random phases")
     parser.add_argument("--json", type=Path, help="write the raw samples and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (all the logs)")
+    parser.add_argument(
+        "--after-scrape", type=float, default=0.0, help="GATEWAY_CANARY_CHECK_AFTER_SCRAPE_SECONDS (default 0: off)"
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else {"scenarios": list(SCENARIOS), "thresholds": [1, 2], "injections": 8}
     for key, value in size.items():
@@ -766,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: list[Sample] = []
     began = time.monotonic()
     try:
-        with started_rig(workdir, names) as setup:
+        with started_rig(workdir, names, args.after_scrape) as setup:
             print(f"set up in {time.monotonic() - began:.1f} s (logs in {workdir}); {len(plan)} injections",
                   file=sys.stderr)  # fmt: skip
             for (i, scenario, threshold), name in zip(plan, names, strict=True):

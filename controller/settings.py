@@ -239,6 +239,17 @@ class Settings(BaseSettings):
             "shared query that fails leaves each check to its own query; 0: every check asks its own"
         ),
     )
+    check_after_scrape_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description=(
+            "0: off. Else each policy's checks run this long after Prometheus's newest sample of the "
+            "ASM gateway's requests (re-phased every minute): a check then sees a scrape as soon as it is "
+            "stored, not up to an interval later. For a check interval that is a multiple of the scrape "
+            "interval (docs/benchmarks.md)"
+        ),
+    )
     failure_recheck_seconds: float = Field(
         default=15.0,
         ge=0,

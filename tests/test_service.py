@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controller.adapters.kube_api import build_api_client
 from controller.adapters.kube_state import KubernetesStateStore
@@ -15,7 +18,7 @@ from controller.adapters.prometheus import PrometheusMetricsSource
 from controller.core.enums import Verdict
 from controller.core.results import RenderedQuery
 from controller.runtime.clock import SystemClock
-from controller.runtime.service import ControllerService, _staggered
+from controller.runtime.service import ControllerService, _staggered, after_scrape
 from controller.settings import PrometheusConnection, Settings
 from tests.helpers import make_policy, memory_service
 from tests.kube_cluster import CLB, Cluster
@@ -276,3 +279,55 @@ def test_ticks_that_cannot_keep_up_are_counted_as_skipped(tmp_path: Path) -> Non
     finally:
         released.set()
         svc.stop()
+
+
+def test_checks_can_be_phased_just_after_the_scrapes(tmp_path: Path) -> None:
+    """CHECK_AFTER_SCRAPE_SECONDS: the next check moves to the grid `newest sample + margin + k x
+    interval`, less than an interval later than it was due and never sooner (a check sooner than a
+    scrape after the last one would judge the same samples twice)."""
+    assert after_scrape(phase=100.2, interval=1.0, due=205.7) == pytest.approx(206.2)  # later, never sooner
+    assert after_scrape(phase=100.2, interval=1.0, due=205.2) == pytest.approx(205.2)  # on the grid already
+    assert after_scrape(phase=100.2, interval=5.0, due=205.7) == pytest.approx(210.2)
+    (tmp_path / "p.yaml").write_text(
+        "metadata: {name: shop}\nspec:\n  source: {service: a/b}\n  target: {service: a/c}\n"
+        "  schedule: {steps: [10, 100]}\n  analysis: {interval: 2s}\n  gates: {errorRate: {max: 0.01}}\n"
+    )
+    scraped = time.time() - 0.37  # Prometheus's newest sample of the ASM gateway
+
+    class Newest:
+        def query(self, query: RenderedQuery) -> float | None:
+            return scraped if query.gate == "newestSample" else None
+
+        def query_vector(self, query: RenderedQuery) -> list[tuple[dict[str, str], float]]:
+            return []
+
+    svc = memory_service(
+        Settings(policies_dir=tmp_path, command_poll_seconds=0, check_after_scrape_seconds=0.25), Newest()
+    )
+    svc.start()
+    try:
+
+        def phase() -> float | None:
+            job = svc._scheduler.get_job("shop")
+            if job is None or "shop" not in svc._phased or job.next_run_time is None:
+                return None
+            return (job.next_run_time.timestamp() - (scraped + 0.25)) % 2.0
+
+        offset = wait_for(lambda: (p := phase()) is not None and p + 1, timeout=10, what="the checks phased") - 1
+        assert min(offset, 2.0 - offset) < 0.002  # on the grid of the scrapes, 0.25 s after them
+    finally:
+        svc.stop()
+
+
+@given(
+    phase=st.floats(0, 1e9, allow_nan=False),
+    interval=st.floats(0.5, 3600, allow_nan=False),
+    due=st.floats(0, 1e9, allow_nan=False),
+)
+def test_phasing_after_the_scrapes_never_brings_a_check_forward(phase: float, interval: float, due: float) -> None:
+    """The rule of CHECK_AFTER_SCRAPE_SECONDS, for any grid and due time: on the grid, not sooner
+    than due, less than an interval later."""
+    moved = after_scrape(phase, interval, due)
+    assert due - 1e-6 * max(1.0, abs(due)) <= moved < due + interval * (1 + 1e-6)
+    steps = (moved - phase) / interval
+    assert abs(steps - round(steps)) < 1e-6 * max(1.0, abs(steps))

@@ -21,6 +21,7 @@ __all__ = [
     "CheckQueries",
     "SharedMeasure",
     "breakdown_query",
+    "newest_sample_query",
     "queries_for",
     "render_selector",
     "shared_index",
@@ -154,6 +155,13 @@ def breakdown_query(labels: dict[str, str], window: str, kind: str, role: Gatewa
     return RenderedQuery(
         f"sum by ({by}) (increase({_REQUESTS}{counted}[{window}]))", Measure.RESPONSES, role, gate=f"{kind}:by-route"
     )
+
+
+def newest_sample_query(policy: CanaryPolicy) -> RenderedQuery:
+    """When Prometheus last stored the ASM gateway's requests (the scrape's time, seconds since
+    the epoch): checks can be phased just after the scrapes that change their answer."""
+    selector = render_selector(policy.gateway(GatewayRole.TARGET).selector())
+    return RenderedQuery(f"max(timestamp({_REQUESTS}{selector}))", Measure.CUSTOM, GatewayRole.TARGET, "newestSample")
 
 
 def queries_for(policy: CanaryPolicy) -> dict[GatewayRole, CheckQueries]:

@@ -196,6 +196,11 @@ class PolicyRunner:
 
     # -- the tick ----------------------------------------------------------------------------------
 
+    @property
+    def metrics(self) -> MetricsSource:
+        """Where this policy's checks are measured."""
+        return self._metrics
+
     def tick(self, command: Command | None = None) -> TickOutcome:
         """Run one tick (``command``: an operator's, given directly rather than through the store). Never raises."""
         with self._lock:

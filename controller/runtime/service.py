@@ -34,6 +34,7 @@ from controller.core.enums import AlertKind, Severity
 from controller.core.lease import FenceToken
 from controller.core.loader import PolicyError
 from controller.core.policy import CanaryPolicy
+from controller.core.queries import newest_sample_query
 from controller.core.results import RenderedQuery
 from controller.errors import ClusterError, MetricsUnavailable
 from controller.notify.dispatcher import AlertDispatcher, DeliveryPolicy
@@ -124,6 +125,7 @@ class ControllerService:
         self._reload_lock = threading.Lock()
         self._loaded = threading.Event()
         self._reported_errors: set[PolicyError] = set()
+        self._phased: dict[str, tuple[float, float]] = {}  # policy -> (when read, grid start) after the scrapes
         self._polled: dict[str, float] = {}  # policy -> when a look for commands last read its object
         self._triggered: dict[str, tuple[str, float]] = {}  # policy -> (command id, when its tick was run early)
         self._commands_trouble: str | None = None
@@ -420,6 +422,31 @@ class ControllerService:
             soon = datetime.now(UTC) + timedelta(seconds=recheck / self._scale)
             if job is not None and (job.next_run_time is None or soon < job.next_run_time):
                 job.modify(next_run_time=soon)
+        self._after_scrape(name, runner)  # (a re-check too: on the grid, never sooner than asked)
+
+    def _after_scrape(self, name: str, runner: PolicyRunner) -> None:
+        """With CHECK_AFTER_SCRAPE_SECONDS, put the policy's next check on the grid that starts that
+        long after Prometheus's newest sample of the ASM gateway (read again every minute): at most an
+        interval later than it was due, never sooner. Any trouble: left as it was."""
+        margin = self.settings.check_after_scrape_seconds
+        if margin <= 0 or self.stopping.is_set():
+            return
+        now = time.monotonic()
+        if now - self._phased.get(name, (-math.inf, 0.0))[0] >= _REPHASE_SECONDS:
+            try:
+                newest = runner.metrics.query(newest_sample_query(runner.policy))
+            except MetricsUnavailable:
+                newest = None
+            if newest is not None and math.isfinite(newest):
+                self._phased[name] = (now, newest + margin)
+        job = self._scheduler.get_job(name)
+        if name not in self._phased or job is None or job.next_run_time is None:
+            return
+        interval = runner.policy.spec.analysis.interval.total_seconds() / self._scale
+        due = job.next_run_time.timestamp()
+        aligned = after_scrape(self._phased[name][1], interval, due)
+        if aligned - due > 0.001:
+            job.modify(next_run_time=datetime.fromtimestamp(aligned, UTC))
 
     def look_for_commands(self) -> None:
         """Run at once the tick of a policy an operator just gave a command (it answers it).
@@ -530,6 +557,18 @@ class _DueRecordingExecutor(ThreadPoolExecutor):  # type: ignore[misc]  # (apsch
         if run_times:
             self._due[job.id] = min(run_times)
         super()._do_submit_job(job, run_times)
+
+
+#: how often a policy's checks are phased again after the scrapes (CHECK_AFTER_SCRAPE_SECONDS)
+_REPHASE_SECONDS = 60.0
+
+
+def after_scrape(phase: float, interval: float, due: float) -> float:
+    """The first check time on the grid ``phase + k x interval`` not before ``due`` (epoch seconds).
+
+    Only ever later: a check moved earlier could come less than a scrape after the last one and
+    judge the same samples twice."""
+    return phase + math.ceil((due - phase) / interval - 1e-9) * interval
 
 
 #: policies loaded together start their ticks at least this far apart (up to their interval / count)
