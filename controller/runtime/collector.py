@@ -7,7 +7,6 @@ slowest query, not the sum, and so is the time to a rollback.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -130,13 +129,9 @@ def _request_total(samples: GatewaySamples | None) -> float:
 
 
 def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:
-    return _timed(query, lambda: source.query(query))
-
-
-def _timed(query: RenderedQuery, answer: Callable[[], float | None]) -> QueryOutcome:
     started = time.perf_counter()
     try:
-        value = answer()
+        value = source.query(query)
     except MetricsUnavailable as exc:
         return QueryOutcome(query, error=str(exc), seconds=time.perf_counter() - started)
     return QueryOutcome(query, value=value, seconds=time.perf_counter() - started)

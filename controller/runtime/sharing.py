@@ -57,7 +57,6 @@ class _Answer:
     done: threading.Event = field(default_factory=threading.Event)
     index: dict[tuple[str, ...], list[float]] | None = None  # the answer by group
     error: str | None = None
-    seconds: float = 0.0
 
 
 @dataclass
@@ -166,7 +165,6 @@ class SharedQueries:
             del self._judged[key]
 
     def _send(self, source: MetricsSource, measure: SharedMeasure, query: RenderedQuery, answer: _Answer) -> None:
-        started = time.perf_counter()
         try:
             members = tuple(sorted(answer.members))
             promql = measure.promql(dict(member) for member in members)
@@ -177,5 +175,4 @@ class SharedQueries:
         except Exception as exc:  # a bug in a source: unavailable for those it served, never a crash
             answer.error = f"the shared query failed: {type(exc).__name__}: {exc}"
         finally:
-            answer.seconds = time.perf_counter() - started
             answer.done.set()
