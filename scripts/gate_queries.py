@@ -19,7 +19,7 @@ from controller.core.enums import GatewayRole
 from controller.core.gates import judge
 from controller.core.loader import parse_policy_text
 from controller.core.policy import CanaryPolicy
-from controller.core.queries import CheckQueries, queries_for
+from controller.core.queries import COUNTER_NAMES, CheckQueries, queries_for
 from controller.core.results import GatewaySamples, QueryOutcome, RenderedQuery
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,7 @@ def _samples(queries: CheckQueries) -> GatewaySamples:
         latency=answer(queries.latency),
         custom={name: answer(query) for name, query in queries.custom.items()},
         mix={name: answer(query) for name, query in queries.mix.items()},
+        counters={} if queries.counters is None else {name: answer(queries.counters) for name in COUNTER_NAMES},
     )
 
 
@@ -58,13 +59,16 @@ def gate_queries(policy: CanaryPolicy) -> list[tuple[list[str], str, str]]:
     rendered = queries_for(policy)
     source, target = rendered[GatewayRole.SOURCE], rendered[GatewayRole.TARGET]
     result = judge(policy, _samples(source), _samples(target))
-    by_promql = {query.promql: query for query in target.all()}
+    def every(queries: CheckQueries) -> list[RenderedQuery]:
+        return [*queries.all(), *([queries.counters] if queries.counters is not None else [])]
+
+    by_promql = {query.promql: query for query in every(target)}
     found: dict[tuple[str, str], list[str]] = {(source.requests.promql, target.requests.promql): ["minRequests"]}
     for gate in result.gates:
         judged = by_promql.get(gate.query or "")
         if judged is None:
             raise SystemExit(f"gate {gate.gate}: its query is not one queries_for() rendered")
-        twin = next(q for q in source.all() if (q.measure, q.gate) == (judged.measure, judged.gate))
+        twin = next(q for q in every(source) if (q.measure, q.gate) == (judged.measure, judged.gate))
         found.setdefault((twin.promql, judged.promql), []).append(gate.gate)
     return [(gates, source_promql, target_promql) for (source_promql, target_promql), gates in found.items()]
 

@@ -146,7 +146,9 @@ class ScriptedChecks:
     def __init__(self, first: CheckResult | None = None) -> None:
         self.next: CheckResult = first if first is not None else TARGET_QUIET
 
-    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
+    def check(
+        self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False, evidence: object = None
+    ) -> CheckResult:
         return self.next
 
 

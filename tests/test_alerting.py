@@ -324,7 +324,7 @@ class Checks:
     def __init__(self) -> None:
         self.next = TARGET_QUIET
 
-    def check(self, policy, metrics, *, absolute_only=False):  # type: ignore[no-untyped-def]
+    def check(self, policy, metrics, *, absolute_only=False, evidence=None):  # type: ignore[no-untyped-def]
         return self.next
 
 

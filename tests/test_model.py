@@ -56,6 +56,16 @@ runner (a new term reads everything from the store):
       middle of a weight write, nothing after that point); a newer term's token in the store
       deposes the reader; the token in the store never goes back to an older term
 
+The policy has a sequential gate (errorRate.sequential, R11) beside its threshold gate; the machine
+may script its rejection (a decisive FAIL), and its evidence is computed for real over counters
+that only grow:
+
+  I15 a sequential rejection while the target carries traffic rolls it back on that tick, or its
+      writes failed and the next fault-free tick does, whatever ``failureThreshold``; every
+      evidence the runner hands to a check counts exactly the requests since a reading that began
+      a chain (never a request twice, never one from before), and a new step or a rollback starts
+      a new chain
+
 Where verification and commands legitimately change I2-I8, the adjustment is explained where the
 model makes it (look for "legitimately"): an operator's promotion skips the bake (I2); a step back
 is the protection while Verifying, and leaves the rollout one FAIL from 0 (I3, I8); retry and
@@ -102,6 +112,7 @@ from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy, ServiceRef
 from controller.core.results import CheckResult
 from controller.core.schedule import Weights, source_first
+from controller.core.sequential import Evidence, Reading, observe
 from controller.core.state import (
     HISTORY_REASON_CHARS,
     MAX_HISTORY,
@@ -124,13 +135,16 @@ STEPS = 40
 #: legitimately larger with commands: the history (MAX_HISTORY transitions, each reason cut to
 #: HISTORY_REASON_CHARS) and the last command's answer are bounded by construction; 4 KiB held before
 #: them. Still well under what a state may be to be read at all (MAX_STATE_BYTES), which I6 guards.
-MAX_MODEL_STATE_BYTES = 4096 + MAX_HISTORY * (HISTORY_REASON_CHARS + 200) + MAX_REASON_CHARS + 300
+#: ...and one sequential gate's evidence, two fixed grids of sums and four counters (R11).
+MAX_MODEL_STATE_BYTES = 4096 + MAX_HISTORY * (HISTORY_REASON_CHARS + 200) + MAX_REASON_CHARS + 300 + 2048
 assert MAX_MODEL_STATE_BYTES < MAX_STATE_BYTES
 INTERVAL = 30
 BAKE = 60
 THRESHOLD = 2
 DEFICIT_CHECKS = 2
 UNKNOWN = -1  # a split judged before a promotion that the model lost track of (a corrupted state)
+#: transitions that begin a new step or end the rollout: the sequential evidence starts again (I15)
+_NEW_STEP = (Action.START, Action.ADVANCE, Action.PROMOTE, Action.ROLLBACK)
 
 
 #: daily 20:00-20:03 and 20:06-21:00, Tue and Thu 23:00-00:30 (overnight), nothing on 2026-11-25 (the
@@ -184,6 +198,7 @@ def policy_with(bake: int = BAKE, steps: tuple[int, ...] = (10, 50, 100), flavou
     return make_policy(
         schedule=schedule,
         **extra,
+        gates={"errorRate": {"max": 0.01, "sequential": {"alpha": 0.01, "minEffect": 1.5}}},
         analysis={
             "interval": f"{INTERVAL}s",
             "failureThreshold": THRESHOLD,
@@ -208,6 +223,8 @@ CHECKS = {
     "VANISH": replace(
         PASS, source=samples(GatewayRole.SOURCE, requests=1000.0), target=samples(GatewayRole.TARGET, requests=None)
     ),
+    # a sequential gate's rejection: a FAIL that rolls back at once (R11)
+    "REJECT": replace(FAIL, gates=tuple(replace(gate, decisive=True) for gate in FAIL.gates)),
 }
 FAULTS = (None, "before", "between", "after")
 #: how the cloud answers a tick's writes: mostly a success, sometimes a failure or nothing at all
@@ -263,17 +280,49 @@ class Clock:
 
 
 class ScriptedCollector:
-    """Stands in for the collector: the machine chooses each check's verdict."""
+    """Stands in for the collector: the machine chooses each check's verdict.
+
+    The sequential gate's evidence is real (``observe``) over raw counters that only grow, by 100
+    requests per check: every evidence handed in must count exactly the requests since a reading
+    that started a chain (I15), so nothing is counted twice or made up, whatever the restarts,
+    failed saves, corrupted states and policy changes in between.
+    """
 
     def __init__(self) -> None:
         self.next: CheckResult = PASS
         self.ran = False
         self.absolute_only = False
+        self.returned: CheckResult | None = None
+        self.counter = 0.0
+        self.bases: set[float] = set()
 
-    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
+    def check(
+        self,
+        policy: CanaryPolicy,
+        metrics: object,
+        *,
+        absolute_only: bool = False,
+        evidence: dict[str, Evidence] | None = None,
+    ) -> CheckResult:
         self.ran = True
         self.absolute_only = absolute_only
-        return self.next
+        self.counter += 100
+        result = self.next
+        if absolute_only:  # the sequential gates are comparative: never judged at 100/0
+            result = replace(result, gates=tuple(replace(gate, decisive=False) for gate in result.gates))
+        prior = (evidence or {}).get("errorRateSequential")
+        if prior is not None and not absolute_only:
+            if prior.target is None:
+                self.bases.add(self.counter)
+            else:
+                start = prior.target.requests - prior.totals.target_requests
+                assert start in self.bases, f"I15/R11: evidence counted from {start}, which started no chain"
+                assert prior.target.requests < self.counter, "I15/R11: evidence from a reading not made yet"
+            reading = Reading(self.counter, 0.0), Reading(9 * self.counter, 0.0)
+            after, _, _ = observe(prior, *reading, 1.5, 0.01)
+            result = replace(result, evidence=(after,))
+        self.returned = result
+        return result
 
 
 class FaultyPair(InMemoryGatewayPair):
@@ -469,7 +518,10 @@ class RolloutMachine(RuleBasedStateMachine):
         self.pair.fault = None
         assert outcome.error is None or "failed unexpectedly" not in outcome.error, outcome.error  # I5
         after = self.pair.target_weight or 0
-        check = CHECKS[verdict] if self.collector.ran else None
+        check = self.collector.returned if self.collector.ran else None
+        decision = outcome.decision
+        if decision is not None and decision.transition and decision.action in _NEW_STEP:
+            assert decision.state.evidence == (), f"I15/R11: {decision.action} kept the step's evidence"
         if verifying and self.collector.ran:
             assert self.collector.absolute_only, "I13/R10: a check while Verifying judged the comparative gates"
             event(f"a {verdict} check while verifying")
@@ -592,7 +644,7 @@ class RolloutMachine(RuleBasedStateMachine):
             command = Command.APPROVE if approve and n == 0 else None
             self.tick(verdict, INTERVAL, None, False, False, answer, command=command)
 
-    @rule(count=st.integers(1, 3), verdict=st.sampled_from(["FAIL", "FAIL", "VANISH", "PROM"]))
+    @rule(count=st.integers(1, 3), verdict=st.sampled_from(["FAIL", "FAIL", "REJECT", "VANISH", "PROM"]))
     def a_breaking_target(self, count: int, verdict: str) -> None:
         """Fault-free checks an interval apart that demand protection, the cloud answering each
         write: how a target breaks, at a step, or at 100 while verifying (R10)."""
@@ -786,7 +838,7 @@ class RolloutMachine(RuleBasedStateMachine):
         assert not refused, "I2/R3: a weight rose while the policy was refused"
         assert check is not None, "I2: a weight rose on a tick without a check"
         if before[0] == 0:
-            allowed = check.verdict is Verdict.PASS or check is TARGET_QUIET
+            allowed = check.verdict is Verdict.PASS or replace(check, evidence=()) == TARGET_QUIET
             assert allowed, f"I2/R7: started on a {check.verdict} check (baseline {check.baseline.verdict})"
         else:
             assert check.verdict is Verdict.PASS, f"I2: rose from {before[0]} to {after} on a {check.verdict}"
@@ -848,6 +900,9 @@ class RolloutMachine(RuleBasedStateMachine):
             e.fails_in_a_row = 0
         elif check is not None and check.verdict is Verdict.FAIL and before > 0 and armed:
             e.fails_in_a_row += 1
+            if any(gate.decisive for gate in check.failing):  # I15/R11: no count for a sequential rejection
+                event("a sequential gate rejected while the target carried traffic")
+                e.fails_in_a_row = max(e.fails_in_a_row, THRESHOLD)
         # legitimately: a step back not fully written is written first (R2); the FAILs counted
         # meanwhile roll back to 0 on the next tick that does not pass
         if check is not None and e.fails_in_a_row >= THRESHOLD and armed and not retrying:

@@ -858,7 +858,9 @@ class AtFullCollector:
     def __init__(self) -> None:
         self.asked: list[bool] = []
 
-    def check(self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False) -> CheckResult:
+    def check(
+        self, policy: CanaryPolicy, metrics: object, *, absolute_only: bool = False, evidence: object = None
+    ) -> CheckResult:
         self.asked.append(absolute_only)
         return PASS if absolute_only else SOURCE_STARVED
 

@@ -54,8 +54,12 @@ def test_every_gate_of_the_example_is_listed_with_both_queries(gate_queries: Mod
     assert len(names) == len(set(names))
     assert {"minRequests", "errorRate", "errorRateIncrease", "latencyP99", "latencyP99Ratio"} <= set(names)
     assert {"responses4xx", "responsesAuth", "responsesNoRoute"} <= set(names)  # responseMix is on by default
+    assert {"errorRateSequential", "latencySequential"} <= set(names)
     rendered = queries_for(policy)
-    sent = {role: {query.promql for query in rendered[role].all()} for role in GatewayRole}
+    sent = {
+        role: {query.promql for query in [*rendered[role].all(), rendered[role].counters] if query is not None}
+        for role in GatewayRole
+    }
     for _, source, target in listed:
         assert source in sent[GatewayRole.SOURCE] and target in sent[GatewayRole.TARGET]
         assert source != target  # each gateway selected by its own labels

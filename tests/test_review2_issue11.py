@@ -28,7 +28,7 @@ class SlowChecks:
         self.next: CheckResult = TARGET_QUIET
         self.during: Callable[[], None] | None = None
 
-    def check(self, policy, metrics, *, absolute_only=False) -> CheckResult:  # type: ignore[no-untyped-def]
+    def check(self, policy, metrics, *, absolute_only=False, evidence=None) -> CheckResult:  # type: ignore[no-untyped-def]
         during, self.during = self.during, None
         if during is not None:
             during()

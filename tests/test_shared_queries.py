@@ -223,3 +223,84 @@ def test_checks_that_share_judge_as_their_own_queries_do_with_fewer_queries(
     assert between - before == 48 + breakdowns
     assert after - warm == 6 + breakdowns
     assert sharing.shared.sent - sent == 6
+
+
+def test_the_sequential_gates_counters_are_the_raw_sums_read_in_one_instant(
+    pairs: _Pairs, prometheus_of_pairs: str
+) -> None:
+    """The counters query (one per gateway) answers each counter as its plain sum does, at the same
+    instant; a gateway that never served has no request counter; a bound that is no bucket has none."""
+    from controller.core.enums import InconclusiveCause
+    from controller.core.gates import sequential_prior
+    from controller.core.queries import COUNTER_NAMES, counters_query, render_selector
+
+    at = time.time() - 1.0
+    gates = {"errorRate": {"sequential": {}}, "latency": {"sequential": {"slowerThanMs": 250}}}
+    checked = 0
+    for base in pairs.policies:
+        policy = make_policy(
+            base.name, source=base.spec.source.model_dump(), target=base.spec.target.model_dump(), gates=gates
+        )
+        for role, plan in queries_for(policy).items():
+            query = counters_query(policy, role)
+            assert query is not None and plan.counters == query
+            answer = {labels["counter"]: value for labels, value in _vector(prometheus_of_pairs, query.promql, at)}
+            selector = render_selector(plan.labels)
+            inner = selector[1:-1]
+            plain = {
+                "requests": _own(prometheus_of_pairs, f"sum(istio_requests_total{selector})", at),
+                "errors": _own(prometheus_of_pairs, f'sum(istio_requests_total{{{inner},response_code=~"5.."}})', at),
+                "histogramCount": _own(
+                    prometheus_of_pairs, f'sum(istio_request_duration_milliseconds_bucket{{{inner},le="+Inf"}})', at
+                ),
+                "withinLatency": _own(
+                    prometheus_of_pairs, f'sum(istio_request_duration_milliseconds_bucket{{{inner},le="250"}})', at
+                ),
+            }
+            if plain["requests"] is None:  # never served: no counter at all
+                assert answer == {}, (policy.name, role, answer)
+                continue
+            plain["errors"] = plain["errors"] or 0.0  # traffic and no 5xx series: 0
+            assert set(answer) == set(COUNTER_NAMES) and answer == plain, (policy.name, role, answer, plain)
+            checked += 1
+    assert checked == 7  # every gateway with traffic
+    # the failing target through the collector: 10 % 5xx and every request slower than 250 ms
+    failing = make_policy(
+        "failing",
+        source=pairs.policies[0].spec.source.model_dump(),
+        target=pairs.policies[0].spec.target.model_dump(),
+        gates=gates,
+        analysis={"window": "20s", "minRequests": 10, "interval": "1s"},
+    )
+    # a bound that is no bucket: the gate says so, it does not take "no bucket" for "no traffic"
+    source = PrometheusMetricsSource(
+        PrometheusConnection(Settings(prometheus_url=prometheus_of_pairs, prometheus_timeout_seconds=5), None)
+    )
+    odd_bound = make_policy(
+        "bound",
+        source=failing.spec.source.model_dump(),
+        target=failing.spec.target.model_dump(),
+        gates={"latency": {"sequential": {"slowerThanMs": 300}}},
+    )
+    collector = Collector()
+    try:
+        result = collector.check(odd_bound, source, evidence=sequential_prior(odd_bound, (), 10, 90))
+        gate = next(g for g in result.gates if g.gate == "latencySequential")
+        assert gate.cause is InconclusiveCause.NO_DATA and "no latency histogram bucket at 300ms" in gate.reason
+        prior = sequential_prior(failing, (), 10, 90)
+        first = collector.check(failing, source, evidence=prior)
+        counted: list[CheckResult] = []
+
+        def an_interval_counted() -> bool:
+            carried = {e.gate: e for e in first.evidence}
+            result = collector.check(failing, source, evidence=carried)
+            counted[:] = [result]
+            return all(e.totals.target_requests > 100 for e in result.evidence)
+
+        wait_for(an_interval_counted, timeout=20, what="counters that grew since the first reading")
+    finally:
+        collector.close()
+    errors, slow = counted[0].evidence
+    assert errors.totals.target_events / errors.totals.target_requests == pytest.approx(0.1, abs=0.04)
+    assert errors.totals.source_events == 0
+    assert slow.totals.target_events == slow.totals.target_requests > 0  # all of them over 250 ms

@@ -53,7 +53,7 @@ class Checks:
     def __init__(self) -> None:
         self.next: CheckResult = PASS
 
-    def check(self, policy, metrics, *, absolute_only=False) -> CheckResult:  # type: ignore[no-untyped-def]
+    def check(self, policy, metrics, *, absolute_only=False, evidence=None) -> CheckResult:  # type: ignore[no-untyped-def]
         return self.next
 
 

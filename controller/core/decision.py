@@ -72,6 +72,12 @@ R10 Promoted means verified at 100. With ``promotion.verifyFor`` the last raise 
     a rollback (not an abort) steps back to the last step's split, which was judged healthy against
     the old gateway, at once, as a rollback intent (R2: written whatever happens, retried with its
     own weights); the rollout is then Paused there, armed, one counted FAIL from a rollback to 0.
+R11 An anytime-valid gate decides on its own evidence. A sequential gate (``errorRate.sequential``,
+    ``latency.sequential``) counts every request once, across checks and restarts (its evidence is
+    counted with the check, R1, and kept in the state). Its rejection is final for the step and a
+    FAIL that rolls back at once: its ``alpha`` is its guard against noise, as ``failureThreshold``
+    is the threshold gates'. It passes a step only as any gate does (R4, R8), never on no traffic,
+    and its evidence starts again at each step, after a rollback and when its settings change.
 
 Also: both weights are never 0 at once; a weight moved by someone else pauses the rollout (the
 change is adopted and reported, never fought), with rollback still armed; an unfinished raise is
@@ -349,9 +355,13 @@ def _count_evidence(
         ):
             if present is not None and check.cause is not cause:
                 state = state.count_inconclusive(cause)
+    state = state.evolve(evidence=check.evidence)  # R11: the sequential gates' running evidence
     if check.verdict is Verdict.FAIL:
+        failures = state.consecutive_failures + 1
+        if any(gate.decisive for gate in check.failing):  # R11: its own false-alarm control, no count
+            failures = max(failures, policy.spec.analysis.failure_threshold)
         return state.evolve(
-            consecutive_failures=state.consecutive_failures + 1,
+            consecutive_failures=failures,
             last_verdict=Verdict.FAIL,
             last_failed_gate=check.failing[0].gate if check.failing else None,
             baked_seconds=0.0,
@@ -431,6 +441,9 @@ def _protection(policy: CanaryPolicy, state: RolloutState, observed: Observation
     check = observed.check
     evidence = f": {check.reason}" if check is not None else ""
     if state.consecutive_failures >= analysis.failure_threshold:
+        decisive = [gate.gate for gate in check.failing if gate.decisive] if check is not None else []
+        if decisive:
+            return f"{', '.join(decisive)} rejected: the evidence suffices (anytime-valid){evidence}"
         return (
             f"{state.consecutive_failures} consecutive failed check(s) "
             f"(threshold {analysis.failure_threshold}){evidence}"
@@ -503,6 +516,7 @@ def _rollback(policy: CanaryPolicy, state: RolloutState, observed: Observation, 
         awaiting=None,
         verifying_from=None,
         rolled_back_last=True,
+        evidence=(),  # R11: a retry gathers its own
     )
     # A rollback of a gateway that carried traffic pages; one that carried none (an abort before
     # the start landed) is said, not paged.
@@ -548,6 +562,7 @@ def _step_back(
         "rollback armed (one more failed check rolls back to 0)"
     )
     stepped = _restart_bake(state, now).evolve(
+        evidence=(),  # R11: the split stepped back to is a step of its own
         phase=Phase.PAUSED,
         reason=reason,
         fingerprint=policy.rollout_fingerprint(),
@@ -1044,8 +1059,8 @@ def _restart_bake(state: RolloutState, now: datetime) -> RolloutState:
 
 
 def _reset_step(state: RolloutState, now: datetime) -> RolloutState:
-    """A new step (or an operator's retry): the bake and the counters start again."""
-    return _restart_bake(state, now).evolve(consecutive_failures=0, inconclusive=(), stuck_reported=())
+    """A new step (or an operator's retry): the bake, the counters and the sequential evidence start again."""
+    return _restart_bake(state, now).evolve(consecutive_failures=0, inconclusive=(), stuck_reported=(), evidence=())
 
 
 def before_start(state: RolloutState, check: CheckResult | None) -> bool:

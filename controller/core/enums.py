@@ -97,6 +97,9 @@ class Measure(enum.StrEnum):
     RESPONSES = "responses"
     #: Envoy listener TLS counters (``gate``: tlsErrors, connections)
     TLS = "tls"
+    #: the raw counters the sequential gates read, one series per counter (label ``counter``:
+    #: requests, errors, histogramCount, withinLatency)
+    COUNTERS = "counters"
 
 
 class Severity(enum.StrEnum):

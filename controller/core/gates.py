@@ -17,9 +17,18 @@ from dataclasses import dataclass, replace
 
 from controller.core.enums import GatewayRole, InconclusiveCause, OnEmpty, Verdict
 from controller.core.policy import CanaryPolicy
+from controller.core.queries import COUNTER_ERRORS, COUNTER_HISTOGRAM, COUNTER_REQUESTS, COUNTER_WITHIN
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome
+from controller.core.sequential import (
+    Evidence,
+    Reading,
+    confidence_sequence,
+    estimate,
+    log_e_value,
+    observe,
+)
 
-__all__ = ["describe_growth", "judge"]
+__all__ = ["SequentialGateSpec", "describe_growth", "judge", "sequential_gates", "sequential_prior"]
 
 #: When several gates are inconclusive, the check reports the most actionable cause.
 _CAUSE_PRIORITY = (
@@ -111,16 +120,35 @@ def _gate(
 
 
 def judge(
-    policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples, *, absolute_only: bool = False
+    policy: CanaryPolicy,
+    source: GatewaySamples,
+    target: GatewaySamples,
+    *,
+    absolute_only: bool = False,
+    evidence: Mapping[str, Evidence] | None = None,
 ) -> CheckResult:
     """Judge every configured gate and combine the verdicts.
 
     ``absolute_only``: the target alone, against its absolute limits (post-promotion verification,
     when the source has no traffic to compare with): the comparative gates are left out and the
-    target must still have ``minRequests``.
+    target must still have ``minRequests``. ``evidence``: the sequential gates' evidence so far in
+    this step (``sequential_prior``); the result carries it updated.
     """
     if absolute_only:
         return _judge_absolute(policy, source, target)
+    sequential = [
+        _sequential_gate(gate, target, source, (evidence or {}).get(gate.name), policy.spec.analysis.min_requests)
+        for gate in sequential_gates(policy)
+    ]
+    judged = _judge(policy, source, target)
+    combined = _combine(
+        (*judged.gates, *(result for result, _ in sequential)), source, target, policy.spec.analysis.min_requests
+    )
+    return replace(combined, evidence=tuple(after for _, after in sequential))
+
+
+def _judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
+    """The threshold gates."""
     gates = policy.spec.gates
     minimum = policy.spec.analysis.min_requests
     results: list[GateResult] = []
@@ -245,12 +273,14 @@ def gate_names(policy: CanaryPolicy, *, absolute_only: bool = False) -> tuple[st
     if gates.tls_handshake is not None and not absolute_only:
         names.append("tlsHandshakeFailures")
     names += [custom.name for custom in gates.custom]
+    if not absolute_only:
+        names += [gate.name for gate in sequential_gates(policy)]
     return tuple(names)
 
 
 def _judge_absolute(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
     comparative = set(gate_names(policy)) - set(gate_names(policy, absolute_only=True))
-    full = judge(policy, source, target)
+    full = _judge(policy, source, target)
     kept = tuple(g for g in full.gates if g.gate not in comparative)
     minimum = policy.spec.analysis.min_requests
     count = _request_count(target)
@@ -444,3 +474,156 @@ def _labels(key: tuple[tuple[str, str], ...]) -> str:
     code, flags = values.pop("response_code", "?"), values.pop("response_flags", "-")
     route = ", ".join(f"{name}={value}" for name, value in sorted(values.items()))
     return f"{code} {flags}" + (f" ({route})" if route else "")
+
+
+# --- the sequential gates (controller.core.sequential) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SequentialGateSpec:
+    """One sequential gate of a policy: what it counts as bad, and its settings."""
+
+    name: str
+    #: what a bad request is, in words
+    what: str
+    alpha: float
+    min_effect: float
+    #: the counters (``counters_query``'s names) of all requests and of the good or bad ones
+    total: str
+    part: str
+    #: ``part`` counts the good requests (histogram bucket): bad = total - part
+    part_is_good: bool
+    #: the settings the evidence was gathered under (a change starts it afresh)
+    settings: str
+
+
+def sequential_gates(policy: CanaryPolicy) -> tuple[SequentialGateSpec, ...]:
+    """The policy's sequential gates: 5xx (``errorRate.sequential``), slow requests (``latency.sequential``)."""
+    gates = policy.spec.gates
+    found: list[SequentialGateSpec] = []
+    errors = gates.error_rate.sequential if gates.error_rate is not None else None
+    if errors is not None:
+        alpha, effect = errors.alpha, errors.min_effect
+        found.append(
+            SequentialGateSpec(
+                "errorRateSequential", "5xx", alpha, effect, COUNTER_REQUESTS, COUNTER_ERRORS, False,
+                f"alpha={alpha:g},minEffect={effect:g}",
+            )
+        )  # fmt: skip
+    latency = gates.latency
+    slow_ms = latency.slow_ms if latency is not None else None
+    if latency is not None and latency.sequential is not None and slow_ms is not None:
+        alpha, effect = latency.sequential.alpha, latency.sequential.min_effect
+        found.append(
+            SequentialGateSpec(
+                "latencySequential", f"requests slower than {slow_ms:g}ms", alpha, effect, COUNTER_HISTOGRAM,
+                COUNTER_WITHIN, True, f"alpha={alpha:g},minEffect={effect:g},slowerThanMs={slow_ms:g}",
+            )
+        )  # fmt: skip
+    return tuple(found)
+
+
+def sequential_prior(
+    policy: CanaryPolicy, stored: Sequence[Evidence], target_weight: int, source_weight: int | None
+) -> dict[str, Evidence]:
+    """The evidence each sequential gate starts this check from: what the state kept, when it was
+    gathered at these weights under these settings; else none (a new step, a rollback, an edit)."""
+    prior: dict[str, Evidence] = {}
+    for gate in sequential_gates(policy):
+        step = f"{target_weight}/{source_weight}/{gate.settings}"
+        kept = next((e for e in stored if e.gate == gate.name and e.step == step), None)
+        prior[gate.name] = kept or Evidence(gate.name, step)
+    return prior
+
+
+def _reading(samples: GatewaySamples, gate: SequentialGateSpec) -> tuple[Reading | None, _Unjudgeable | None]:
+    """A gateway's counters for ``gate``; None with why when they cannot be read."""
+    role = samples.role.value
+    total, part = samples.counters.get(gate.total), samples.counters.get(gate.part)
+    for outcome in (total, part):
+        if outcome is not None and outcome.error is not None:
+            return None, _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{role} counters: {outcome.error}")
+    if total is None or total.value is None:
+        # no series: the gateway never served a request (or its counter is gone); the base is kept
+        return None, _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, f"{role} has no request counter")
+    if part is None or part.value is None:  # only the bucket can be missing (5xx are 0 without series)
+        why = f"{role} has no latency histogram bucket at {gate.what.rsplit(' ', 1)[-1]}: use a bucket bound"
+        return None, _Unjudgeable(InconclusiveCause.NO_DATA, why)
+    if not (total.has_number and part.has_number):
+        return None, _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{role} counters are not numbers")
+    bad = total.value - part.value if gate.part_is_good else part.value
+    return Reading(requests=total.value, events=bad), None
+
+
+def _sequential_gate(
+    gate: SequentialGateSpec,
+    target: GatewaySamples,
+    source: GatewaySamples,
+    prior: Evidence | None,
+    minimum: int,
+) -> tuple[GateResult, Evidence]:
+    """Count this check's increments into the evidence and judge it.
+
+    FAIL (decisive) once the e-value reached 1/alpha in this step; PASS only on an interval with
+    requests on both gateways and at least ``minRequests`` on each since the step began (it never
+    passes on no traffic); else INCONCLUSIVE, saying why.
+    """
+    before = prior or Evidence(gate.name, "")
+    t_reading, t_problem = _reading(target, gate)
+    s_reading, s_problem = _reading(source, gate)
+    after, increment, note = observe(before, t_reading, s_reading, gate.min_effect, gate.alpha)
+    log_e = log_e_value(after)
+    e_value = math.exp(min(log_e, 700.0))
+    low, high = confidence_sequence(after, gate.alpha)
+    totals = after.totals
+    ratio = estimate(totals)
+    level = f"{(1 - gate.alpha) * 100:g}%"
+    shown_ratio = "no estimate yet" if ratio is None else f"{ratio:.3g}x the source's"
+    counts = (
+        f"target {totals.target_events:.0f} of {totals.target_requests:.0f} requests, source "
+        f"{totals.source_events:.0f} of {totals.source_requests:.0f} in {after.intervals} interval(s) this step"
+    )
+    statement = (
+        f"target {gate.what} rate {shown_ratio}, {level} CS [{_bound(low)}, {_bound(high)}]; "
+        f"e-value {e_value:.3g} {'>=' if after.rejected else '<'} {1 / gate.alpha:g}; {counts}"
+    )
+    query = target.counters[gate.total].query.promql if gate.total in target.counters else ""
+
+    def result(verdict: Verdict, reason: str, cause: InconclusiveCause | None = None) -> GateResult:
+        return GateResult(
+            gate=gate.name,
+            verdict=verdict,
+            reason=f"{gate.name}: {reason}",
+            value=e_value,
+            threshold=1 / gate.alpha,
+            comparator="<",
+            baseline=ratio,
+            cause=cause,
+            query=query,
+            decisive=verdict is Verdict.FAIL,
+        )
+
+    if after.rejected:
+        return result(Verdict.FAIL, f"credibly worse: {statement}"), after
+    problem = t_problem or s_problem
+    if problem is None and note is not None:
+        problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, note)
+    if problem is None and increment is not None:
+        quiet = [
+            role
+            for role, count in (("target", increment.target_requests), ("source", increment.source_requests))
+            if count <= 0
+        ]
+        if quiet:
+            why = f"no requests on the {quiet[0]} since the last check"
+            problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, why)
+        elif min(totals.target_requests, totals.source_requests) < minimum:
+            why = f"fewer than {minimum} requests on each gateway this step"
+            problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, why)
+    if problem is not None:
+        return result(Verdict.INCONCLUSIVE, f"{problem.reason} ({statement})", problem.cause), after
+    return result(Verdict.PASS, f"no evidence of harm: {statement}"), after
+
+
+def _bound(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3g}"

@@ -52,12 +52,14 @@ __all__ = [
     "InconclusivePolicy",
     "IstioGatewayRef",
     "LatencyGate",
+    "LatencySequentialGate",
     "PrometheusSpec",
     "PromotionSpec",
     "Receiver",
     "ResponseMixGate",
     "RoutesSpec",
     "ScheduleSpec",
+    "SequentialGate",
     "ServiceRef",
     "SlackReceiver",
     "StepSpec",
@@ -548,17 +550,56 @@ class AnalysisSpec(_Model):
         return value
 
 
+class SequentialGate(_Model):
+    """An anytime-valid sequential comparison of the target's rate of bad requests with the source's
+    (``controller.core.sequential``): checked as often as the policy checks, it rolls back when the
+    evidence suffices, and rolls back a target no worse than the source with probability at most
+    ``alpha`` over the whole step, however many checks there are."""
+
+    alpha: Number = Field(
+        default=0.01,
+        gt=0,
+        le=0.2,
+        description="the false-rollback budget per step: the chance of ever rolling back a target no worse "
+        "than the source (0.01: 1 %)",
+    )
+    min_effect: Number = Field(
+        default=1.5,
+        ge=1,
+        le=100,
+        description="the smallest (target rate) / (source rate) worth a rollback: the test's power is aimed "
+        "at effects of at least this size; a FAIL rolls back at once (failureThreshold does not apply)",
+    )
+
+
 class ErrorRateGate(_Model):
-    """5xx ratio: an absolute ceiling on the target and/or an allowed increase over the source."""
+    """5xx ratio: an absolute ceiling on the target, an allowed increase over the source, and/or a
+    sequential comparison with the source."""
 
     max: Number | None = Field(default=None, ge=0, le=1, description="highest 5xx ratio on the target")
     max_increase: Number | None = Field(default=None, ge=0, le=1, description="highest (target - source) 5xx ratio")
+    sequential: SequentialGate | None = Field(
+        default=None,
+        description="{alpha, minEffect}: roll back as soon as the target's 5xx rate is credibly minEffect x the "
+        "source's or more (gate errorRateSequential)",
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> ErrorRateGate:
-        if self.max is None and self.max_increase is None:
-            raise ValueError("errorRate needs max and/or maxIncrease (ratios from 0 to 1, e.g. 0.01)")
+        if self.max is None and self.max_increase is None and self.sequential is None:
+            raise ValueError("errorRate needs max and/or maxIncrease (ratios from 0 to 1, e.g. 0.01) and/or sequential")
         return self
+
+
+class LatencySequentialGate(SequentialGate):
+    """The sequential comparison of the share of requests slower than a histogram bound."""
+
+    slower_than_ms: Number | None = Field(
+        default=None,
+        gt=0,
+        description="a request slower than this is a bad one; a bucket bound of the gateways' latency "
+        "histogram (Istio's defaults include 100, 250, 500, 1000, 2500, 5000 ms); unset: the pNNMs max",
+    )
 
 
 class MaxLimit(_Model):
@@ -584,15 +625,34 @@ class LatencyGate(_Model):
     max_ratio: Number | None = Field(
         default=None, ge=1, le=100, description="highest target/source ratio of the quantile"
     )
+    sequential: LatencySequentialGate | None = Field(
+        default=None,
+        description="{alpha, minEffect, slowerThanMs}: roll back as soon as the target's share of requests "
+        "slower than slowerThanMs is credibly minEffect x the source's or more (gate latencySequential)",
+    )
 
     @model_validator(mode="after")
     def _one_quantile(self) -> LatencyGate:
         named = [key for key in _PERCENTILE_FIELDS if getattr(self, key) is not None]
         if len(named) > 1:
             raise ValueError("name one quantile per latency gate (one of p50Ms, p90Ms, p95Ms, p99Ms, p999Ms)")
-        if not named and self.max_ratio is None:
-            raise ValueError("latency needs a quantile limit such as p99Ms: {max: 500} and/or maxRatio")
+        if not named and self.max_ratio is None and self.sequential is None:
+            raise ValueError(
+                "latency needs a quantile limit such as p99Ms: {max: 500} and/or maxRatio and/or sequential"
+            )
+        if self.sequential is not None and self.sequential.slower_than_ms is None and not named:
+            raise ValueError(
+                "latency.sequential needs slowerThanMs (a histogram bucket bound, e.g. 500) or a pNNMs max to "
+                "take it from"
+            )
         return self
+
+    @property
+    def slow_ms(self) -> float | None:
+        """The bound above which the sequential gate counts a request as slow."""
+        if self.sequential is None:
+            return None
+        return self.sequential.slower_than_ms if self.sequential.slower_than_ms is not None else self.max_ms
 
     @property
     def quantile(self) -> float:

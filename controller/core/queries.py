@@ -17,10 +17,16 @@ from controller.core.policy import CanaryPolicy, CustomGate
 from controller.core.results import RenderedQuery
 
 __all__ = [
+    "COUNTER_ERRORS",
+    "COUNTER_HISTOGRAM",
+    "COUNTER_NAMES",
+    "COUNTER_REQUESTS",
+    "COUNTER_WITHIN",
     "MIX_KINDS",
     "CheckQueries",
     "SharedMeasure",
     "breakdown_query",
+    "counters_query",
     "newest_sample_query",
     "queries_for",
     "render_selector",
@@ -114,6 +120,9 @@ class CheckQueries:
             )
             for kind, metric in (("tlsErrors", _TLS_ERRORS), ("connections", _CONNECTIONS)):
                 self.mix[kind] = RenderedQuery(f"sum(increase({metric}{pods}[{window}]))", Measure.TLS, role, gate=kind)
+        #: the raw counters of the sequential gates, all in one instant query (one evaluation time,
+        #: so a gateway's requests and its bad ones are read from the same scrape)
+        self.counters = counters_query(policy, role)
         self._labels = labels
         self._window = window
         #: the queries every gateway asks in the same form, answerable for many gateways at once
@@ -132,7 +141,7 @@ class CheckQueries:
         return dict(self._labels)
 
     def all(self) -> list[RenderedQuery]:
-        """Every query of this gateway, built-in first."""
+        """Every scalar query of this gateway, built-in first (``counters`` is a vector query)."""
         return [self.requests, self.error_rate, self.latency, *self.mix.values(), *self.custom.values()]
 
     def breakdown(self, kind: str) -> RenderedQuery:
@@ -155,6 +164,54 @@ def breakdown_query(labels: dict[str, str], window: str, kind: str, role: Gatewa
     return RenderedQuery(
         f"sum by ({by}) (increase({_REQUESTS}{counted}[{window}]))", Measure.RESPONSES, role, gate=f"{kind}:by-route"
     )
+
+
+#: the names (label ``counter``) of the raw counters in ``counters_query``'s answer
+COUNTER_REQUESTS, COUNTER_ERRORS = "requests", "errors"
+COUNTER_HISTOGRAM, COUNTER_WITHIN = "histogramCount", "withinLatency"
+COUNTER_NAMES = (COUNTER_REQUESTS, COUNTER_ERRORS, COUNTER_HISTOGRAM, COUNTER_WITHIN)
+
+
+def counters_query(policy: CanaryPolicy, role: GatewayRole) -> RenderedQuery | None:
+    """The raw counters the policy's sequential gates read on one gateway (None: it has none).
+
+    Counters, not ``increase()``: the gates count the increments between two checks themselves, so
+    every request is counted once whatever the timing of the checks (``controller.core.sequential``).
+    Each sum is labelled ``counter=<name>``; a gateway with no series has no such element, except
+    5xx, which are 0 when there are requests but no 5xx series.
+    """
+    gates = policy.spec.gates
+    errors = gates.error_rate is not None and gates.error_rate.sequential is not None
+    slow_ms = gates.latency.slow_ms if gates.latency is not None else None
+    if not errors and slow_ms is None:
+        return None
+    labels = policy.gateway(role).selector()
+    parts: list[str] = []
+
+    def named(name: str, promql: str) -> None:
+        parts.append(f'label_replace({promql}, "counter", "{name}", "", "")')
+
+    if errors:
+        total = f"sum({_REQUESTS}{render_selector(labels)})"
+        named(COUNTER_REQUESTS, total)
+        named(COUNTER_ERRORS, f"(sum({_REQUESTS}{render_selector(labels, _FIVE_XX)}) or 0 * {total})")
+    if slow_ms is not None:
+        named(COUNTER_HISTOGRAM, f"sum({_DURATION_BUCKETS}{render_selector(labels, _ALL_BUCKET)})")
+        named(COUNTER_WITHIN, f"sum({_DURATION_BUCKETS}{render_selector(labels, _le_matcher(slow_ms))})")
+    return RenderedQuery(" or ".join(parts), Measure.COUNTERS, role, gate="sequential")
+
+
+_FIVE_XX = 'response_code=~"5.."'
+_ALL_BUCKET = 'le="+Inf"'
+
+
+def _le_matcher(bound: float) -> str:
+    """The bucket ``le="<bound>"`` in any of the ways exporters and Prometheus write a number
+    (``500``, ``500.0`` since Prometheus 3 normalises them, ``3.6e+06``)."""
+    forms = {repr(float(bound)), f"{bound:g}"}
+    if float(bound).is_integer():
+        forms.add(str(int(bound)))
+    return f'le=~"{_escape("|".join(_regex_literal(form) for form in sorted(forms)))}"'
 
 
 def newest_sample_query(policy: CanaryPolicy) -> RenderedQuery:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Verdict
+from controller.core.sequential import Evidence
 
 __all__ = [
     "CheckResult",
@@ -60,6 +61,9 @@ class GatewaySamples:
     custom: dict[str, QueryOutcome] = field(default_factory=dict)
     #: counts of kinds of responses and TLS counters (4xx, auth, noRoute, tlsErrors, connections)
     mix: dict[str, QueryOutcome] = field(default_factory=dict)
+    #: raw counters for the sequential gates, as read now (requests, errors, histogramCount,
+    #: withinLatency): the increments between checks are their evidence
+    counters: dict[str, QueryOutcome] = field(default_factory=dict)
 
     @property
     def served(self) -> float | None:
@@ -100,6 +104,9 @@ class GateResult:
     query: str | None = None
     #: what on-call needs beyond the numbers (e.g. which responses grew, per route)
     detail: str | None = None
+    #: a FAIL that carries its own false-alarm control (a sequential gate's rejection): it rolls
+    #: back at once, failureThreshold does not apply
+    decisive: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """For logs, alerts and the persisted last verdict."""
@@ -132,6 +139,8 @@ class CheckResult:
     starved: tuple[GatewayRole, ...] = ()
     source: GatewaySamples | None = None
     target: GatewaySamples | None = None
+    #: the sequential gates' evidence after this check (the state keeps it for the next one)
+    evidence: tuple[Evidence, ...] = ()
     #: whether the source is a real baseline: every query answered and enough source traffic (R7)
     baseline: GateResult = field(
         default_factory=lambda: GateResult(

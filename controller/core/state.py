@@ -27,6 +27,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from controller.core.enums import Command, GatewayRole, InconclusiveCause, Phase, Verdict
 from controller.core.schedule import Weights
+from controller.core.sequential import Evidence, Increment, Reading
 from controller.core.text import MAX_REASON_CHARS, bounded
 
 __all__ = [
@@ -167,6 +168,10 @@ class RolloutState:
     #: the last weights this rollout wrote were a rollback or a step back (the cloud not applying
     #: them pages: the ASM gateway may still carry traffic it should not)
     rolled_back_last: bool = False
+    #: the sequential gates' evidence in this step (``controller.core.sequential``). Saved with
+    #: whatever else is saved, never a reason to save: a restart continues from the saved readings
+    #: (the time since becomes one longer interval, counted once)
+    evidence: tuple[Evidence, ...] = ()
 
     def __post_init__(self) -> None:
         # Persisted free text is bounded wherever it came from (a Prometheus error body, a policy).
@@ -271,6 +276,23 @@ class _StateV2(_Stored):
     last_command: _CommandV2 | None = None
     verifying_from: tuple[_Weight, _Weight | None] | None = None
     rolled_back_last: bool = False
+    evidence: Annotated[list[_EvidenceV2], Field(max_length=4)] = []  # added in 0.7
+
+
+_Float = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
+_Counter = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e18)]
+
+
+class _EvidenceV2(_Stored):
+    gate: Annotated[str, Field(max_length=64)]
+    step: Annotated[str, Field(max_length=256)]
+    target: tuple[_Counter, _Counter] | None
+    source: tuple[_Counter, _Counter] | None
+    log_lr: Annotated[list[_Float], Field(max_length=64)]
+    log_lik: Annotated[list[_Float], Field(max_length=64)]
+    totals: tuple[_Counter, _Counter, _Counter, _Counter]
+    intervals: _Count
+    rejected: bool
 
 
 class _StateV1(_Stored):
@@ -295,8 +317,12 @@ class _StateV1(_Stored):
     source_weight_before: _Weight | None = None
 
 
-def encode_state(state: RolloutState) -> str:
-    """Compact JSON, stable so that an unchanged state encodes identically (and is not rewritten)."""
+def encode_state(state: RolloutState, *, evidence: bool = True) -> str:
+    """Compact JSON, stable so that an unchanged state encodes identically (and is not rewritten).
+
+    ``evidence=False`` leaves the sequential gates' evidence out: what decides whether a state
+    changed (it moves on every check and is saved only along with something else).
+    """
     pending = state.pending
     payload: dict[str, Any] = {
         "v": STATE_VERSION,
@@ -339,7 +365,45 @@ def encode_state(state: RolloutState) -> str:
         "verifying_from": None if state.verifying_from is None else list(state.verifying_from),
         "rolled_back_last": state.rolled_back_last,
     }
+    if evidence and state.evidence:
+        payload["evidence"] = [_evidence_json(item) for item in state.evidence]
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _evidence_json(item: Evidence) -> dict[str, Any]:
+    def reading(value: Reading | None) -> list[float] | None:
+        return None if value is None else [value.requests, value.events]
+
+    totals = item.totals
+    return {
+        "gate": item.gate,
+        "step": item.step,
+        "target": reading(item.target),
+        "source": reading(item.source),
+        # sums of log likelihood ratios: 9 decimals keep a restarted statistic within 1e-6 of the running one
+        "log_lr": [round(value, 9) for value in item.log_lr],
+        "log_lik": [round(value, 9) for value in item.log_lik],
+        "totals": [totals.target_requests, totals.target_events, totals.source_requests, totals.source_events],
+        "intervals": item.intervals,
+        "rejected": item.rejected,
+    }
+
+
+def _evidence_from(stored: _EvidenceV2) -> Evidence:
+    def reading(value: tuple[float, float] | None) -> Reading | None:
+        return None if value is None else Reading(*value)
+
+    return Evidence(
+        gate=stored.gate,
+        step=stored.step,
+        target=reading(stored.target),
+        source=reading(stored.source),
+        log_lr=tuple(stored.log_lr),
+        log_lik=tuple(stored.log_lik),
+        totals=Increment(*stored.totals),
+        intervals=stored.intervals,
+        rejected=stored.rejected,
+    )
 
 
 def _command_json(record: CommandRecord) -> dict[str, Any]:
@@ -432,6 +496,7 @@ def _from_v2(stored: _StateV2) -> RolloutState:
         ),
         verifying_from=stored.verifying_from,
         rolled_back_last=stored.rolled_back_last,
+        evidence=tuple(_evidence_from(item) for item in stored.evidence),
     )
 
 

@@ -7,14 +7,16 @@ slowest query, not the sum, and so is the time to a rollback.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from controller.core.enums import GatewayRole, Verdict
 from controller.core.gates import describe_growth, judge
 from controller.core.policy import CanaryPolicy
-from controller.core.queries import CheckQueries, SharedMeasure, queries_for
+from controller.core.queries import COUNTER_NAMES, CheckQueries, SharedMeasure, queries_for
 from controller.core.results import CheckResult, GatewaySamples, QueryOutcome, RenderedQuery
+from controller.core.sequential import Evidence
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
 from controller.runtime.sharing import MISSING, SharedQueries
@@ -38,8 +40,18 @@ class Collector:
         self._share_seconds = share_seconds
         self.shared = SharedQueries()
 
-    def check(self, policy: CanaryPolicy, source: MetricsSource, *, absolute_only: bool = False) -> CheckResult:
-        """One complete check of both gateways; a failed response-mix gate says which routes grew."""
+    def check(
+        self,
+        policy: CanaryPolicy,
+        source: MetricsSource,
+        *,
+        absolute_only: bool = False,
+        evidence: Mapping[str, Evidence] | None = None,
+    ) -> CheckResult:
+        """One complete check of both gateways; a failed response-mix gate says which routes grew.
+
+        ``evidence``: the sequential gates' so far in this step (``gates.sequential_prior``).
+        """
         plans = queries_for(policy)
         max_age = min(self._share_seconds, policy.spec.analysis.interval.total_seconds() / 2)
         share = max_age > 0 and getattr(source, "answers_groups", False) is True
@@ -83,13 +95,17 @@ class Collector:
                     found = shared(plan, query, plan.shared[query], False)
                     if found is not None:
                         outcomes[query] = found
+        counted = [plan.counters for plan in plans.values() if plan.counters is not None and not absolute_only]
+        counters = {query: self._pool.submit(_counters, source, query) for query in counted}
         pending |= {q: self._pool.submit(ask, p, q) for p, q in asked if q not in outcomes and q not in pending}
         outcomes.update({query: future.result() for query, future in pending.items()})
+        read = {query: future.result() for query, future in counters.items()}
         result = judge(
             policy,
-            _samples(plans[GatewayRole.SOURCE], outcomes),
-            _samples(plans[GatewayRole.TARGET], outcomes),
+            _samples(plans[GatewayRole.SOURCE], outcomes, read),
+            _samples(plans[GatewayRole.TARGET], outcomes, read),
             absolute_only=absolute_only,
+            evidence=evidence,
         )
         failed = [gate.gate for gate in result.gates if gate.verdict is Verdict.FAIL and gate.gate in _MIX_GATES]
         if not failed:
@@ -137,7 +153,31 @@ def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:
     return QueryOutcome(query, value=value, seconds=time.perf_counter() - started)
 
 
-def _samples(plan: CheckQueries, outcomes: dict[RenderedQuery, QueryOutcome]) -> GatewaySamples:
+def _counters(source: MetricsSource, query: RenderedQuery) -> dict[str, QueryOutcome]:
+    """The sequential gates' raw counters by name (a name missing: no such series)."""
+    started = time.perf_counter()
+    try:
+        answer = source.query_vector(query)
+    except MetricsUnavailable as exc:
+        failed = QueryOutcome(query, error=str(exc), seconds=time.perf_counter() - started)
+        return dict.fromkeys(COUNTER_NAMES, failed)
+    seconds = time.perf_counter() - started
+    found: dict[str, QueryOutcome] = {}
+    for labels, value in answer:
+        name = labels.get("counter", "")
+        if name in found:  # two series for one counter: not what was asked, never summed by guess
+            found[name] = QueryOutcome(query, error=f"two series for the counter {name}", seconds=seconds)
+        elif name in COUNTER_NAMES:
+            found[name] = QueryOutcome(query, value=value, seconds=seconds)
+    return found
+
+
+def _samples(
+    plan: CheckQueries,
+    outcomes: dict[RenderedQuery, QueryOutcome],
+    counters: Mapping[RenderedQuery, dict[str, QueryOutcome]],
+) -> GatewaySamples:
+    read = counters.get(plan.counters) if plan.counters is not None else None
     return GatewaySamples(
         role=plan.role,
         requests=outcomes[plan.requests],
@@ -145,4 +185,5 @@ def _samples(plan: CheckQueries, outcomes: dict[RenderedQuery, QueryOutcome]) ->
         latency=outcomes[plan.latency],
         custom={name: outcomes[query] for name, query in plan.custom.items()},
         mix={kind: outcomes[query] for kind, query in plan.mix.items()},
+        counters=read or {},
     )

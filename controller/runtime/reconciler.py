@@ -57,6 +57,7 @@ from controller.core.decision import (
 )
 from controller.core.decision import recovered_state as recovered
 from controller.core.enums import AlertKind, Command, GatewayRole, Phase, Severity, Verdict
+from controller.core.gates import sequential_prior
 from controller.core.lease import FenceToken
 from controller.core.policy import CanaryPolicy
 from controller.core.results import CheckResult
@@ -369,7 +370,12 @@ class PolicyRunner:
     def _save(self, state: RolloutState, base: StoredState, outbox: tuple[OutboxEntry, ...]) -> StoredState | None:
         """Persist ``state`` and the outbox unless unchanged; None when the store refused (logged, counted)."""
         self._memory = state
-        unchanged = base.state is not None and base.error is None and encode_state(base.state) == encode_state(state)
+        # the sequential gates' evidence is saved along with anything else, never on its own (R11)
+        unchanged = (
+            base.state is not None
+            and base.error is None
+            and encode_state(base.state, evidence=False) == encode_state(state, evidence=False)
+        )
         written = self._status_written
         stale = written is None or time.monotonic() - written >= self._status_refresh
         # a new term saves once even with nothing new: its token in the object fences off the old term
@@ -518,7 +524,8 @@ class PolicyRunner:
         # at 100/0 (verifying, or paused there) the old gateway has no traffic to compare with:
         # absolute gates only, or every check would be inconclusive (onMissingData: rollback fires)
         at_full = state.phase is Phase.VERIFYING or (state.target_weight >= FULL and state.source_weight == 0)
-        check = self._collector.check(self.policy, self._metrics, absolute_only=at_full)
+        prior = sequential_prior(self.policy, state.evidence, state.target_weight, state.source_weight)
+        check = self._collector.check(self.policy, self._metrics, absolute_only=at_full, evidence=prior)
         seconds = time.perf_counter() - started
         self._telemetry.record_check(self.policy.name, check, seconds)
         self._log_check(check, state.target_weight, seconds)

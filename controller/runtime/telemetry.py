@@ -7,6 +7,7 @@ phase as a one-hot gauge, and every rollback counted with its reason.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from controller.core.cloud import ConfirmationState, Split
 from controller.core.enums import Phase
 from controller.core.results import CheckResult
+from controller.core.sequential import confidence_sequence, estimate
 from controller.core.state import RolloutState
 
 __all__ = ["Telemetry"]
@@ -45,6 +47,32 @@ class Telemetry:
         self.gate_baseline = Gauge(
             "gateway_canary_gate_baseline",
             "Source (baseline) value of the gate",
+            ["policy", "gate"],
+            registry=r,
+        )
+        self.sequential_requests = Gauge(
+            "gateway_canary_sequential_requests",
+            "Requests a sequential gate counted on each gateway since the step began",
+            ["policy", "gate", "gateway"],
+            registry=r,
+        )
+        self.sequential_bad = Gauge(
+            "gateway_canary_sequential_bad_requests",
+            "Bad requests (5xx, or slower than the bound) a sequential gate counted on each gateway this step",
+            ["policy", "gate", "gateway"],
+            registry=r,
+        )
+        self.sequential_effect = Gauge(
+            "gateway_canary_sequential_effect",
+            "The target's rate over the source's this step: estimate, and the anytime-valid confidence "
+            "sequence's lower and upper bounds",
+            ["policy", "gate", "bound"],
+            registry=r,
+        )
+        self.sequential_rejected = Gauge(
+            "gateway_canary_sequential_rejected",
+            "1 once a sequential gate rejected in this step (its e-value, gateway_canary_gate_value, reached "
+            "1/alpha, gateway_canary_gate_threshold)",
             ["policy", "gate"],
             registry=r,
         )
@@ -193,6 +221,7 @@ class Telemetry:
                 self.gate_threshold.labels(policy, gate.gate).set(gate.threshold)
             if gate.baseline is not None:
                 self.gate_baseline.labels(policy, gate.gate).set(gate.baseline)
+        self._record_sequential(policy, check)
         share = check.observed_target_share
         if share is not None:
             self.observed_share.labels(policy).set(share)
@@ -200,6 +229,26 @@ class Telemetry:
             if samples is not None:
                 for outcome in samples.outcomes():
                     self.query_seconds.labels(policy).observe(outcome.seconds)
+
+    def _record_sequential(self, policy: str, check: CheckResult) -> None:
+        """Both gateways' counts, the estimate and confidence sequence, and the decision of each sequential gate."""
+        thresholds = {gate.gate: gate.threshold for gate in check.gates}
+        for evidence in check.evidence:
+            threshold = thresholds.get(evidence.gate)
+            if threshold is None or threshold <= 1:
+                continue
+            totals = evidence.totals
+            for gateway, requests, bad in (
+                ("target", totals.target_requests, totals.target_events),
+                ("source", totals.source_requests, totals.source_events),
+            ):
+                self.sequential_requests.labels(policy, evidence.gate, gateway).set(requests)
+                self.sequential_bad.labels(policy, evidence.gate, gateway).set(bad)
+            low, high = confidence_sequence(evidence, 1 / threshold)
+            ratio = estimate(totals)
+            for bound, value in (("estimate", math.nan if ratio is None else ratio), ("lower", low), ("upper", high)):
+                self.sequential_effect.labels(policy, evidence.gate, bound).set(value)
+            self.sequential_rejected.labels(policy, evidence.gate).set(1 if evidence.rejected else 0)
 
     def record_cloud(self, policy: str, split: Split | None, confirmation: ConfirmationState | None) -> None:
         """Requested vs effective share, and whether the cloud confirmed the last write."""
@@ -220,6 +269,10 @@ class Telemetry:
             self.gate_value,
             self.gate_threshold,
             self.gate_baseline,
+            self.sequential_requests,
+            self.sequential_bad,
+            self.sequential_effect,
+            self.sequential_rejected,
             self.observed_share,
             self.requested_share,
             self.effective_share,
