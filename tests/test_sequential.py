@@ -60,7 +60,7 @@ def test_no_error_or_no_exposure_carries_no_information() -> None:
     assert set(interval_log_lr(Increment(100, 3, 0, 0), gate_grid(1.5))) == {0.0}
 
 
-def test_the_e_value_is_the_plain_average_of_likelihood_ratios_over_the_gate_grid() -> None:
+def test_the_e_value_is_the_average_of_likelihood_ratios_over_changepoints_and_the_gate_grid() -> None:
     increments = [Increment(100, 6, 900, 4), Increment(120, 9, 880, 5), Increment(90, 2, 910, 6)]
     evidence, _, _ = observe(Evidence("g", "s"), Reading(0, 0), Reading(0, 0), 1.5, 0.01)
     target, source = Reading(0, 0), Reading(0, 0)
@@ -74,9 +74,16 @@ def test_the_e_value_is_the_plain_average_of_likelihood_ratios_over_the_gate_gri
         q = r * inc.target_requests / (r * inc.target_requests + inc.source_requests)
         return q**inc.target_events * (1 - q) ** inc.source_events
 
+    # the excess began with interval k (prior 1/(k(k+1))), at a rate r of the grid (equal weights)
     by_hand = sum(
-        math.prod(likelihood(r, inc) / likelihood(1.0, inc) for inc in increments) for r in gate_grid(1.5)
-    ) / len(gate_grid(1.5))
+        1
+        / (k * (k + 1))
+        * sum(
+            math.prod(likelihood(r, inc) / likelihood(1.0, inc) for inc in increments[k - 1 :]) for r in gate_grid(1.5)
+        )
+        / len(gate_grid(1.5))
+        for k in (1, 2, 3)
+    )
     assert math.exp(log_e_value(evidence)) == pytest.approx(by_hand, rel=1e-9)
     assert gate_grid(1.5)[0] == pytest.approx(1.5)  # the mixture starts exactly at minEffect
     assert evidence.totals == increments[0] + increments[1] + increments[2]
@@ -101,6 +108,30 @@ def test_rejection_is_at_one_over_alpha_and_final_for_the_step() -> None:
         evidence, _, _ = observe(evidence, target, source, 1.5, 0.01)
     assert log_e_value(evidence) < math.log(100)
     assert evidence.rejected
+
+
+def _checks_to_reject(rng: random.Random, healthy: int, horizon: int = 120) -> int | None:
+    """Checks of 100 target and 900 source requests, both at 0.5 % 5xx for ``healthy`` checks, then
+    the target at 5 %: how many checks after the fault the gate rejects (None: not within ``horizon``)."""
+    evidence, _, _ = observe(Evidence("g", "s"), Reading(0, 0), Reading(0, 0), 1.5, 0.01)
+    target = source = Reading(0, 0)
+    for index in range(healthy + horizon):
+        ratio = 0.005 if index < healthy else 0.05
+        target = Reading(target.requests + 100, target.events + sum(rng.random() < ratio for _ in range(100)))
+        source = Reading(source.requests + 900, source.events + sum(rng.random() < 0.005 for _ in range(900)))
+        evidence, _, _ = observe(evidence, target, source, 1.5, 0.01)
+        if evidence.rejected:
+            return None if index < healthy else index - healthy + 1
+    return None
+
+
+def test_a_target_that_breaks_late_in_a_long_step_is_caught_nearly_as_fast_as_at_its_start() -> None:
+    """The changepoints: ten minutes of healthy 1 s checks cost a few checks, not minutes."""
+    rng = random.Random(3)
+    early = sorted(_checks_to_reject(rng, 0) or 10_000 for _ in range(40))
+    late = sorted(_checks_to_reject(rng, 600) or 10_000 for _ in range(40))
+    assert early[20] <= 3 and late[20] <= early[20] + 3, (early, late)
+    assert late[36] <= 10, late  # p90
 
 
 def test_the_confidence_sequence_narrows_around_the_true_effect_and_covers_it() -> None:
@@ -167,7 +198,7 @@ def test_any_schedule_of_checks_counts_each_request_exactly_once() -> None:
         )
         assert evidence.totals == grown
         if last == 199:
-            outcomes.append(evidence.log_lr)
+            outcomes.append(evidence.log_lik)
     # the same stretch read every check or only at its ends: the same statistic (a steady split
     # makes q the same in every interval, so the product of binomials is the binomial of the sums)
     assert len(outcomes) == 2
@@ -339,7 +370,7 @@ def test_the_evidence_survives_encoding_exactly_enough() -> None:
     state = initial_state(policy, Observation(10, 90), at(0)).evolve(evidence=(evidence,))
     (back,) = decode_state(encode_state(state)).evidence
     assert back.target == evidence.target and back.totals == evidence.totals and back.step == evidence.step
-    assert back.log_lr == pytest.approx(evidence.log_lr, abs=1e-8)
+    assert back.log_detector == pytest.approx(evidence.log_detector, abs=1e-8)
     assert encode_state(state, evidence=False) == encode_state(state.evolve(evidence=()), evidence=False)
     with pytest.raises(ValueError, match="evidence"):
         decode_state(encode_state(state).replace('"rejected":false', '"rejected":"no"'))

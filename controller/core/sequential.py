@@ -3,8 +3,8 @@
 Why: a threshold on a windowed ratio, checked every interval with "N consecutive failures" as the
 noise guard, is slow (the window and the count add up) and its false-alarm rate is unknown (one
 burst in overlapping windows counts as several failures; looking more often raises the rate).
-This test looks as often as it likes and keeps one budget: the chance that it EVER rejects while
-the ASM gateway is no worse than ``minEffect`` x the source is at most ``alpha``.
+This test looks as often as it likes and keeps one budget: the chance that it EVER rejects in a
+step while the ASM gateway is no worse than the source is at most ``alpha``.
 
 The method (Lindon & Malek, "Anytime-Valid Inference for Multinomial Count Data", NeurIPS 2022;
 Netflix's "Sequential Testing Keeps the World Streaming, Part 2: Counting Processes"):
@@ -17,19 +17,27 @@ Netflix's "Sequential Testing Keeps the World Streaming, Part 2: Counting Proces
   The exposures ``R`` are measured, so the CLB's effective split does not matter. (With a common
   per-request probability the exact law is hypergeometric, which is less spread than the binomial
   in the convex order, so the binomial likelihood ratio below stays a supermartingale: conservative.)
-* The statistic is a mixture likelihood ratio against ``r = 1`` (equal rates): the average over a
-  grid of effects from ``minEffect`` up of ``prod_t L_t(r) / L_t(1)``. Under any ``r <= 1`` it is a
-  nonnegative supermartingale with mean <= 1 (``q(r)`` grows with ``r``), so by Ville's inequality
-  it ever reaches ``1/alpha`` with probability <= alpha: that is the rejection, a rollback.
-  ``minEffect`` aims the test: its power goes to effects of at least that size (an effect well
+* The statistic is a mixture likelihood ratio against ``r = 1`` (equal rates) over when the
+  excess began and how large it is: ``sum_k pi_k mean_r prod_{t >= k} L_t(r) / L_t(1)``, ``k`` the
+  informative interval (one with a bad request) at which it began, ``pi_k = 1 / (k (k + 1))``
+  (summing to 1), ``r`` on a grid from ``minEffect`` up. Adding the changes not begun yet (each
+  ``pi_k`` times 1) makes it a nonnegative supermartingale starting at 1 under any ``r <= 1``
+  (``q(r)`` grows with ``r``), so by Ville's inequality it ever reaches ``1/alpha`` with probability
+  at most alpha, however long the step and however many checks: that is the rejection, a rollback.
+  Why the changepoints: a plain mixture over the whole step carries a long healthy stretch as
+  evidence against every ``r > 1``, and a target that breaks late in a long bake would need as much
+  evidence again to outweigh it; here it pays only ``log(1 / pi_k)`` (about 2 ln k) for starting at
+  interval ``k``.
+* ``minEffect`` aims the test: its power goes to effects of at least that size (an effect well
   below it, say 1.2 against 1.5, drifts the statistic down and is rarely flagged), and a small
   effect is not bought with slower detection of a large one (bench/sequential.py has the figures).
-* The confidence sequence for ``r`` inverts a second mixture, over a symmetric grid around 1 (1/32
-  to 256), two-sided at every grid point: the ``r0`` whose mixture e-value is still below
-  ``1/alpha``, widened by one grid step each side (the true ``r`` need not sit on the grid).
+* The confidence sequence for ``r`` assumes one ``r`` for the step: a one-sided mixture above and
+  one below every point of a grid around 1 (1/32 to 256), each at ``alpha / 2``; the interval is
+  from the largest point rejected as too small to the smallest rejected as too large (0 and inf
+  while none is). While the effect is steady, it ever misses ``r`` with probability at most alpha.
 
-The state is the cumulative log likelihood ratio at every grid point of both grids with the
-counter readings it reached: stored with the rollout state, so a restarted controller continues
+The state is, at every grid point, the statistic's sum and the step's log likelihood ratio, with
+the counter readings they reached: stored with the rollout state, so a restarted controller continues
 from the stored readings (the time it was down becomes one longer interval: nothing lost, nothing
 counted twice). Pure: no I/O, no clock.
 """
@@ -105,19 +113,22 @@ class Evidence:
     ``step`` names the step and the gate's settings it was gathered under: evidence is carried only
     into a check of the same step and settings (a new step, a rollback, a changed ``minEffect`` or
     latency bound start afresh). ``target``/``source`` are the last readings, the base of the next
-    increment (None: none yet, or the last one could not be used). ``log_lr`` (on ``gate_grid``) and
-    ``log_lik`` (on ``effect_grid``) are ``log L(r) - log L(1)`` summed over the counted intervals,
-    empty until one counted. ``rejected`` is final for the step: the test stopped.
+    increment (None: none yet, or the last one could not be used). ``log_detector`` (on
+    ``gate_grid``) is the log of the statistic's sum over changepoints at each ``r``; ``log_lik`` (on
+    ``effect_grid``) is ``log L(r) - log L(1)`` summed over the counted intervals; both are empty
+    until an informative interval (one with a bad request) counted, and ``changes`` counts those.
+    ``rejected`` is final for the step: the test stopped.
     """
 
     gate: str
     step: str
     target: Reading | None = None
     source: Reading | None = None
-    log_lr: tuple[float, ...] = ()
+    log_detector: tuple[float, ...] = ()
     log_lik: tuple[float, ...] = ()
     totals: Increment = Increment()
     intervals: int = 0
+    changes: int = 0
     rejected: bool = False
 
 
@@ -147,30 +158,31 @@ def _log_mean_exp(values: Sequence[float]) -> float:
 
 
 def log_e_value(evidence: Evidence) -> float:
-    """The log of the gate's statistic: the mixture over ``r >= minEffect`` against ``r = 1`` (0: none yet)."""
-    if not evidence.log_lr:
-        return 0.0
-    return _log_mean_exp(evidence.log_lr)
+    """The log of the gate's statistic (-inf before any informative interval: no change has begun)."""
+    if not evidence.log_detector:
+        return -math.inf
+    return _log_mean_exp(evidence.log_detector)
 
 
 def confidence_sequence(evidence: Evidence, alpha: float) -> tuple[float, float]:
-    """An anytime-valid (1 - alpha) interval for ``r``; (0, inf) before any evidence.
+    """An anytime-valid (1 - alpha) interval for a steady ``r``; (0, inf) before any evidence.
 
-    Each grid point ``r0`` is kept while its two-sided mixture e-value (the average over the whole
-    grid of the likelihood ratio against ``r0``) is below ``1/alpha``; the bounds are widened to
-    the neighbouring grid points, 0 or inf past the grid's ends.
+    A grid point ``r0`` is too small once the mixture over the grid points above it, against it,
+    reaches ``2/alpha``; too large once the one over the points below does. No widening is needed:
+    each one-sided test is valid for every ``r`` on its null side, on the grid or not.
     """
-    points = effect_grid()
-    if not evidence.log_lik:
+    points, lik = effect_grid(), evidence.log_lik
+    if not lik:
         return 0.0, math.inf
-    limit = math.log(1 / alpha)
-    kept = [
-        i for i, at in enumerate(evidence.log_lik) if _log_mean_exp([other - at for other in evidence.log_lik]) < limit
-    ]
-    if not kept:  # cannot happen for alpha < 1 (r0's own term is in the average); never claim a point
-        return 0.0, math.inf
-    low, high = kept[0], kept[-1]
-    return (points[low - 1] if low > 0 else 0.0), (points[high + 1] if high + 1 < len(points) else math.inf)
+    limit = math.log(2 / alpha)
+    low, high = 0.0, math.inf
+    for i, at in enumerate(lik):
+        above, below = lik[i + 1 :], lik[:i]
+        if above and _log_mean_exp([other - at for other in above]) >= limit:
+            low = points[i]
+        if below and high == math.inf and _log_mean_exp([other - at for other in below]) >= limit:
+            high = points[i]
+    return low, max(low, high)
 
 
 def estimate(totals: Increment) -> float | None:
@@ -210,16 +222,30 @@ def observe(
         return rebased, None, "a counter went down (a restarted pod or a series gone); counting again from here"
     if increment.target_events > increment.target_requests or increment.source_events > increment.source_requests:
         return rebased, None, "more bad events than requests between two readings; counting again from here"
-    counted = replace(
-        rebased,
-        log_lr=_add(evidence.log_lr, interval_log_lr(increment, gate_grid(min_effect))),
-        log_lik=_add(evidence.log_lik, interval_log_lr(increment, effect_grid())),
-        totals=evidence.totals + increment,
-        intervals=evidence.intervals + 1,
-    )
+    counted = replace(rebased, totals=evidence.totals + increment, intervals=evidence.intervals + 1)
+    informative = increment.target_events + increment.source_events > 0
+    if informative and increment.target_requests > 0 and increment.source_requests > 0:
+        change = evidence.changes + 1
+        step = interval_log_lr(increment, gate_grid(min_effect))
+        start = -math.log(change * (change + 1))  # log pi_k: a change that begins with this interval
+        before = evidence.log_detector or (-math.inf,) * len(step)
+        counted = replace(
+            counted,
+            log_detector=tuple(_log_add(sum_, start) + gain for sum_, gain in zip(before, step, strict=True)),
+            log_lik=_add(evidence.log_lik, interval_log_lr(increment, effect_grid())),
+            changes=change,
+        )
     rejected = evidence.rejected or log_e_value(counted) >= math.log(1 / alpha)
     return replace(counted, rejected=rejected), increment, None
 
 
 def _add(total: tuple[float, ...], step: tuple[float, ...]) -> tuple[float, ...]:
     return step if not total else tuple(a + b for a, b in zip(total, step, strict=True))
+
+
+def _log_add(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)), -inf allowed."""
+    top = max(a, b)
+    if top == -math.inf:
+        return top
+    return top + math.log(math.exp(a - top) + math.exp(b - top))

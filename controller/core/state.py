@@ -288,10 +288,11 @@ class _EvidenceV2(_Stored):
     step: Annotated[str, Field(max_length=256)]
     target: tuple[_Counter, _Counter] | None
     source: tuple[_Counter, _Counter] | None
-    log_lr: Annotated[list[_Float], Field(max_length=64)]
+    log_detector: Annotated[list[_Float], Field(max_length=64)]
     log_lik: Annotated[list[_Float], Field(max_length=64)]
     totals: tuple[_Counter, _Counter, _Counter, _Counter]
     intervals: _Count
+    changes: _Count
     rejected: bool
 
 
@@ -381,10 +382,11 @@ def _evidence_json(item: Evidence) -> dict[str, Any]:
         "target": reading(item.target),
         "source": reading(item.source),
         # sums of log likelihood ratios: 9 decimals keep a restarted statistic within 1e-6 of the running one
-        "log_lr": [round(value, 9) for value in item.log_lr],
+        "log_detector": [round(value, 9) for value in item.log_detector],
         "log_lik": [round(value, 9) for value in item.log_lik],
         "totals": [totals.target_requests, totals.target_events, totals.source_requests, totals.source_events],
         "intervals": item.intervals,
+        "changes": item.changes,
         "rejected": item.rejected,
     }
 
@@ -398,10 +400,11 @@ def _evidence_from(stored: _EvidenceV2) -> Evidence:
         step=stored.step,
         target=reading(stored.target),
         source=reading(stored.source),
-        log_lr=tuple(stored.log_lr),
+        log_detector=tuple(stored.log_detector),
         log_lik=tuple(stored.log_lik),
         totals=Increment(*stored.totals),
         intervals=stored.intervals,
+        changes=stored.changes,
         rejected=stored.rejected,
     )
 
