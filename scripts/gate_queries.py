@@ -16,11 +16,11 @@ from pathlib import Path
 
 from controller.core.durations import format_promql_duration
 from controller.core.enums import GatewayRole
-from controller.core.gates import judge
+from controller.core.gates import judge, sequential_gates
 from controller.core.loader import parse_policy_text
 from controller.core.policy import CanaryPolicy
 from controller.core.queries import COUNTER_NAMES, CheckQueries, queries_for
-from controller.core.results import GatewaySamples, QueryOutcome, RenderedQuery
+from controller.core.results import CounterSeries, GatewaySamples, QueryOutcome, RenderedQuery
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -50,7 +50,9 @@ def _samples(queries: CheckQueries) -> GatewaySamples:
         latency=answer(queries.latency),
         custom={name: answer(query) for name, query in queries.custom.items()},
         mix={name: answer(query) for name, query in queries.mix.items()},
-        counters={} if queries.counters is None else {name: answer(queries.counters) for name in COUNTER_NAMES},
+        counters=None
+        if queries.counters is None
+        else CounterSeries(queries.counters, values={(name, "pod"): 1.0 for name in COUNTER_NAMES}),
     )
 
 
@@ -59,6 +61,7 @@ def gate_queries(policy: CanaryPolicy) -> list[tuple[list[str], str, str]]:
     rendered = queries_for(policy)
     source, target = rendered[GatewayRole.SOURCE], rendered[GatewayRole.TARGET]
     result = judge(policy, _samples(source), _samples(target))
+
     def every(queries: CheckQueries) -> list[RenderedQuery]:
         return [*queries.all(), *([queries.counters] if queries.counters is not None else [])]
 
@@ -70,6 +73,9 @@ def gate_queries(policy: CanaryPolicy) -> list[tuple[list[str], str, str]]:
             raise SystemExit(f"gate {gate.gate}: its query is not one queries_for() rendered")
         twin = next(q for q in every(source) if (q.measure, q.gate) == (judged.measure, judged.gate))
         found.setdefault((twin.promql, judged.promql), []).append(gate.gate)
+    if target.counters is not None and source.counters is not None:  # judged from the second check of a step on
+        counted = found.setdefault((source.counters.promql, target.counters.promql), [])
+        counted += [gate.name for gate in sequential_gates(policy) if gate.name not in counted]
     return [(gates, source_promql, target_promql) for (source_promql, target_promql), gates in found.items()]
 
 

@@ -315,9 +315,10 @@ class ScriptedCollector:
             if prior.target is None:
                 self.bases.add(self.counter)
             else:
-                start = prior.target.requests - prior.totals.target_requests
+                (last,) = prior.target  # one scrape target
+                start = last.requests - prior.totals.target_requests
                 assert start in self.bases, f"I15/R11: evidence counted from {start}, which started no chain"
-                assert prior.target.requests < self.counter, "I15/R11: evidence from a reading not made yet"
+                assert last.requests < self.counter, "I15/R11: evidence from a reading not made yet"
             reading = Reading(self.counter, 0.0), Reading(9 * self.counter, 0.0)
             after, _, _ = observe(prior, *reading, 1.5, 0.01)
             result = replace(result, evidence=(after,))

@@ -19,8 +19,9 @@ from controller.core.decision import Action, Observation, decide, initial_state
 from controller.core.enums import GatewayRole, InconclusiveCause, Measure, Phase, Verdict
 from controller.core.gates import judge, sequential_prior
 from controller.core.queries import COUNTER_ERRORS, COUNTER_REQUESTS, counters_query, queries_for
-from controller.core.results import QueryOutcome, RenderedQuery
+from controller.core.results import CounterSeries, RenderedQuery
 from controller.core.sequential import (
+    CHANGE_EVERY,
     Evidence,
     Increment,
     Reading,
@@ -74,15 +75,14 @@ def test_the_e_value_is_the_average_of_likelihood_ratios_over_changepoints_and_t
         q = r * inc.target_requests / (r * inc.target_requests + inc.source_requests)
         return q**inc.target_events * (1 - q) ** inc.source_events
 
-    # the excess began with interval k (prior 1/(k(k+1))), at a rate r of the grid (equal weights)
-    by_hand = sum(
+    # the excess began with block b of CHANGE_EVERY informative intervals (prior 1/(b(b+1))), at a
+    # rate r of the grid (equal weights); the three intervals are all in the first block
+    assert CHANGE_EVERY > len(increments)
+    by_hand = (
         1
-        / (k * (k + 1))
-        * sum(
-            math.prod(likelihood(r, inc) / likelihood(1.0, inc) for inc in increments[k - 1 :]) for r in gate_grid(1.5)
-        )
+        / (1 * 2)
+        * sum(math.prod(likelihood(r, inc) / likelihood(1.0, inc) for inc in increments) for r in gate_grid(1.5))
         / len(gate_grid(1.5))
-        for k in (1, 2, 3)
     )
     assert math.exp(log_e_value(evidence)) == pytest.approx(by_hand, rel=1e-9)
     assert gate_grid(1.5)[0] == pytest.approx(1.5)  # the mixture starts exactly at minEffect
@@ -140,7 +140,7 @@ def test_the_confidence_sequence_narrows_around_the_true_effect_and_covers_it() 
     runs = 300
     widths = []
     for _ in range(runs):
-        evidence = Evidence("g", "s", target=Reading(0, 0), source=Reading(0, 0))
+        evidence = Evidence("g", "s", target=(Reading(0, 0),), source=(Reading(0, 0),))
         target = source = Reading(0, 0)
         ever_missed = False
         for _ in range(60):
@@ -171,7 +171,7 @@ def test_before_any_evidence_the_interval_is_everything() -> None:
 def test_the_first_reading_is_only_a_base() -> None:
     evidence, counted, note = observe(Evidence("g", "s"), Reading(500, 3), Reading(900, 2), 1.5, 0.01)
     assert counted is None and note is not None and "first reading" in note
-    assert evidence.target == Reading(500, 3) and evidence.intervals == 0
+    assert evidence.target == (Reading(500, 3),) and evidence.intervals == 0
 
 
 def test_any_schedule_of_checks_counts_each_request_exactly_once() -> None:
@@ -215,13 +215,80 @@ def test_a_missing_reading_keeps_the_base_and_the_gap_is_counted_once() -> None:
     assert evidence.totals == Increment(300, 3, 2700, 12) and evidence.intervals == 2
 
 
-def test_a_counter_that_goes_down_or_more_errors_than_requests_is_never_counted() -> None:
-    evidence, _, _ = observe(Evidence("g", "s"), Reading(1000, 10), Reading(9000, 40), 1.5, 0.01)
-    restarted, counted, note = observe(evidence, Reading(50, 40), Reading(9900, 45), 1.5, 0.01)
-    assert counted is None and note is not None and "went down" in note
-    assert restarted.target == Reading(50, 40) and restarted.totals == Increment()  # counts from here
-    odd, counted, note = observe(restarted, Reading(60, 60), Reading(9950, 46), 1.5, 0.01)
-    assert counted is None and note is not None and "more bad events" in note and odd.intervals == 0
+def test_a_target_whose_counters_went_down_counts_again_only_past_where_they_were() -> None:
+    evidence, _, _ = observe(Evidence("g", "s"), Reading(1000, 10), Reading(18e6, 900), 1.5, 0.01)
+    # restarted, a series of it expired, or one missing for a moment: unknown, never guessed
+    evidence, counted, _ = observe(evidence, Reading(50, 1), Reading(9e6, 450), 1.5, 0.01)
+    assert counted == Increment() and evidence.target == (Reading(1000, 10),)  # the higher base is kept
+    # the missing series is back with all it ever counted: nothing of its past is counted again
+    evidence, counted, _ = observe(evidence, Reading(1100, 11), Reading(18e6 + 900, 905), 1.5, 0.01)
+    assert counted == Increment(100, 1, 900, 5)
+    # more bad requests than requests cannot be: counted nowhere, and counted on from there
+    evidence, counted, _ = observe(evidence, Reading(1110, 40), Reading(18e6 + 950, 906), 1.5, 0.01)
+    assert counted == Increment(0, 0, 50, 1) and evidence.target == (Reading(1110, 40),)
+
+
+def _at(requests: float, events: float, time: float, instance: str) -> Reading:
+    return Reading(requests, events, time, instance)
+
+
+def test_each_scrape_target_is_followed_on_its_own() -> None:
+    """Two pods behind the source: one goes missing for a check and comes back, a third appears,
+    and an older answer (an HA Prometheus's other replica) arrives: every request is counted once."""
+    evidence, _, _ = observe(
+        Evidence("g", "s"), _at(0, 0, 10, "t"), (_at(1000, 5, 10, "a"), _at(5000, 20, 10, "b")), 1.5, 0.01
+    )
+    # b is missing: a counts, b's base is kept
+    evidence, counted, _ = observe(evidence, _at(100, 1, 11, "t"), (_at(1400, 7, 11, "a"),), 1.5, 0.01)
+    assert counted == Increment(100, 1, 400, 2)
+    # b is back (its gap counted once, in this interval); c is new: only a base
+    evidence, counted, _ = observe(
+        evidence,
+        _at(200, 1, 12, "t"),
+        (_at(1800, 9, 12, "a"), _at(5800, 24, 12, "b"), _at(70_000, 300, 12, "c")),
+        1.5,
+        0.01,
+    )
+    assert counted == Increment(100, 0, 400 + 800, 2 + 4)
+    # the other replica answers with older samples of every target: nothing is counted again
+    stale = (_at(1400, 7, 11, "a"), _at(5000, 20, 10, "b"), _at(69_000, 290, 11, "c"))
+    evidence, counted, note = observe(evidence, _at(100, 1, 11, "t"), stale, 1.5, 0.01)
+    assert counted is None and note is not None and "no new scrape" in note
+    evidence, counted, _ = observe(
+        evidence,
+        _at(300, 2, 13, "t"),
+        (_at(2200, 9, 13, "a"), _at(6200, 25, 13, "b"), _at(70_400, 302, 13, "c")),
+        1.5,
+        0.01,
+    )
+    assert counted == Increment(100, 1, 400 + 400 + 400, 0 + 1 + 2)
+    assert evidence.totals.source_requests == 400 + 1200 + 1200  # a, b and c: each request once
+
+
+def test_a_burst_common_to_both_seen_first_on_the_target_waits_for_the_source_and_is_dropped() -> None:
+    """The gateways are scraped at different moments: a burst on both shows on the target's counters
+    a scrape before the source's. The statistic reaches 1/alpha on that, and the rejection waits
+    until the source is scraped past the target's sample; then the burst is on both, and it stands
+    down. The same excess on the target alone stands."""
+
+    def run(source_burst: float) -> Evidence:
+        evidence, _, _ = observe(Evidence("g", "s"), _at(0, 0, 0.0, "t"), _at(0, 0, -0.5, "s"), 1.5, 0.01)
+        # target scraped at 1.0 (the burst in it); source at 0.5 (not yet)
+        evidence, _, _ = observe(evidence, _at(100, 40, 1.0, "t"), _at(900, 4, 0.5, "s"), 1.5, 0.01)
+        assert evidence.confirming == 1.0 and not evidence.rejected
+        # next scrapes: the source's covers the burst now (or not, when it was the target's own)
+        evidence, _, _ = observe(evidence, _at(200, 41, 2.0, "t"), _at(1800, 8 + source_burst, 1.5, "s"), 1.5, 0.01)
+        assert evidence.confirming is None
+        return evidence
+
+    assert not run(source_burst=360).rejected  # 10 % of the burst's requests on the target: its share
+    assert run(source_burst=0).rejected  # the target's own: rejected once the source caught up
+
+
+def test_scraped_at_one_moment_a_rejection_does_not_wait() -> None:
+    evidence, _, _ = observe(Evidence("g", "s"), _at(0, 0, 5.0, "t"), _at(0, 0, 5.0, "s"), 1.5, 0.01)
+    evidence, _, _ = observe(evidence, _at(100, 40, 6.0, "t"), _at(900, 4, 6.0, "s"), 1.5, 0.01)
+    assert evidence.rejected and evidence.confirming is None
 
 
 # --- the gate -------------------------------------------------------------------------------------
@@ -229,11 +296,10 @@ def test_a_counter_that_goes_down_or_more_errors_than_requests_is_never_counted(
 
 def _counters(role: GatewayRole, requests: float | None, errors: float | None, error: str | None = None) -> Any:
     query = RenderedQuery("counters", Measure.COUNTERS, role, gate="sequential")
-    found = {}
-    if requests is not None or error is not None:
-        found[COUNTER_REQUESTS] = QueryOutcome(query, value=requests, error=error)
-        found[COUNTER_ERRORS] = QueryOutcome(query, value=errors, error=error)
-    return replace(samples(role), counters=found)
+    values = {}
+    if requests is not None:
+        values = {(COUNTER_REQUESTS, "pod-1"): requests, (COUNTER_ERRORS, "pod-1"): errors or 0.0}
+    return replace(samples(role), counters=CounterSeries(query, values=values, error=error))
 
 
 def _judge(
@@ -264,7 +330,8 @@ def test_the_gate_starts_inconclusive_passes_with_traffic_and_fails_decisively_w
     gate = failed.gates[-1]
     assert failed.verdict is Verdict.FAIL and gate.verdict is Verdict.FAIL and gate.decisive
     assert gate.value is not None and gate.value >= 100
-    assert "CS [" in gate.reason and "x the source's" in gate.reason and "40 of 200 requests" in gate.reason
+    assert "since it most likely began (target 40 of 100 requests, source 5 of 900)" in gate.reason
+    assert "this step 36x the source's, 99% CS [" in gate.reason
 
 
 def test_the_gate_never_passes_on_no_traffic_and_keeps_its_base_when_prometheus_fails() -> None:
@@ -272,7 +339,7 @@ def test_the_gate_never_passes_on_no_traffic_and_keeps_its_base_when_prometheus_
     prior = sequential_prior(policy, (), 10, 90)
     (evidence,) = _judge(policy, prior, (1000, 5), (9000, 45)).evidence
     quiet = _judge(policy, {"errorRateSequential": evidence}, (1000, 5), (9900, 50))
-    assert quiet.gates[-1].verdict is Verdict.INCONCLUSIVE and "no requests on the target" in quiet.gates[-1].reason
+    assert quiet.gates[-1].verdict is Verdict.INCONCLUSIVE and "no requests on a gateway" in quiet.gates[-1].reason
     (evidence,) = quiet.evidence
     failing = judge(
         policy,
@@ -400,7 +467,11 @@ class CounterSource:
         if self.down:
             raise MetricsUnavailable("connection refused")
         reading = self.target if query.role is GatewayRole.TARGET else self.source
-        return [({"counter": COUNTER_REQUESTS}, reading.requests), ({"counter": COUNTER_ERRORS}, reading.events)]
+        pod = {"instance": "10.0.0.1:15090"}
+        return [
+            ({"counter": COUNTER_REQUESTS, **pod}, reading.requests),
+            ({"counter": COUNTER_ERRORS, **pod}, reading.events),
+        ]
 
 
 def test_a_restarted_runner_continues_from_the_saved_readings_counting_the_gap_once() -> None:

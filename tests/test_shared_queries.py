@@ -244,24 +244,38 @@ def test_the_sequential_gates_counters_are_the_raw_sums_read_in_one_instant(
         for role, plan in queries_for(policy).items():
             query = counters_query(policy, role)
             assert query is not None and plan.counters == query
-            answer = {labels["counter"]: value for labels, value in _vector(prometheus_of_pairs, query.promql, at)}
-            selector = render_selector(plan.labels)
-            inner = selector[1:-1]
-            plain = {
-                "requests": _own(prometheus_of_pairs, f"sum(istio_requests_total{selector})", at),
-                "errors": _own(prometheus_of_pairs, f'sum(istio_requests_total{{{inner},response_code=~"5.."}})', at),
-                "histogramCount": _own(
-                    prometheus_of_pairs, f'sum(istio_request_duration_milliseconds_bucket{{{inner},le="+Inf"}})', at
-                ),
-                "withinLatency": _own(
-                    prometheus_of_pairs, f'sum(istio_request_duration_milliseconds_bucket{{{inner},le="250"}})', at
-                ),
+            answer = {
+                (labels["counter"], labels["instance"]): value
+                for labels, value in _vector(prometheus_of_pairs, query.promql, at)
             }
-            if plain["requests"] is None:  # never served: no counter at all
+            inner = render_selector(plan.labels)[1:-1]
+            by_target = "sum by (instance) ({}{{{}{}}})"
+            plain = {
+                (name, labels["instance"]): value
+                for name, promql in (
+                    ("requests", by_target.format("istio_requests_total", inner, "")),
+                    ("errors", by_target.format("istio_requests_total", inner, ',response_code=~"5.."')),
+                    (
+                        "histogramCount",
+                        by_target.format("istio_request_duration_milliseconds_bucket", inner, ',le="+Inf"'),
+                    ),
+                    (
+                        "withinLatency",
+                        by_target.format("istio_request_duration_milliseconds_bucket", inner, ',le="250"'),
+                    ),
+                    ("time", f"max by (instance) (timestamp(istio_requests_total{{{inner}}}))"),
+                )
+                for labels, value in _vector(prometheus_of_pairs, promql, at)
+            }
+            targets = {instance for name, instance in plain if name == "requests"}
+            if not targets:  # never served: no counter at all
                 assert answer == {}, (policy.name, role, answer)
                 continue
-            plain["errors"] = plain["errors"] or 0.0  # traffic and no 5xx series: 0
-            assert set(answer) == set(COUNTER_NAMES) and answer == plain, (policy.name, role, answer, plain)
+            for instance in targets:  # traffic and no 5xx series: 0
+                plain.setdefault(("errors", instance), 0.0)
+            assert {name for name, _ in answer} == set(COUNTER_NAMES)
+            assert answer == plain, (policy.name, role, answer, plain)
+            assert all(at - 3 < answer[("time", instance)] <= at for instance in targets)  # scraped each second
             checked += 1
     assert checked == 7  # every gateway with traffic
     # the failing target through the collector: 10 % 5xx and every request slower than 250 ms

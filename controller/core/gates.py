@@ -11,16 +11,27 @@ NotANumber, and fewer than ``minRequests`` requests TooFewRequests.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from controller.core.enums import GatewayRole, InconclusiveCause, OnEmpty, Verdict
 from controller.core.policy import CanaryPolicy
-from controller.core.queries import COUNTER_ERRORS, COUNTER_HISTOGRAM, COUNTER_REQUESTS, COUNTER_WITHIN
+from controller.core.queries import (
+    COUNTER_ERRORS,
+    COUNTER_HISTOGRAM,
+    COUNTER_REQUESTS,
+    COUNTER_TIME,
+    COUNTER_WITHIN,
+    counters_query,
+)
 from controller.core.results import CheckResult, GateResult, GatewaySamples, QueryOutcome
 from controller.core.sequential import (
+    MAX_TARGETS,
+    NO_NEW_SCRAPE,
     Evidence,
+    Increment,
     Reading,
     confidence_sequence,
     estimate,
@@ -141,9 +152,13 @@ def judge(
         for gate in sequential_gates(policy)
     ]
     judged = _judge(policy, source, target)
-    combined = _combine(
-        (*judged.gates, *(result for result, _ in sequential)), source, target, policy.spec.analysis.min_requests
-    )
+    # Beside other gates, a sequential gate that only lacks traffic or a new scrape this check (its
+    # first reading in a step, say) has no opinion, and is left out: it must not make every check
+    # that starts a step inconclusive. Alone, or for any other reason, it counts as any gate does.
+    opinions = [
+        result for result, _ in sequential if not judged.gates or result.cause is not InconclusiveCause.TOO_FEW_REQUESTS
+    ]
+    combined = _combine((*judged.gates, *opinions), source, target, policy.spec.analysis.min_requests)
     return replace(combined, evidence=tuple(after for _, after in sequential))
 
 
@@ -529,30 +544,48 @@ def sequential_prior(
     """The evidence each sequential gate starts this check from: what the state kept, when it was
     gathered at these weights under these settings; else none (a new step, a rollback, an edit)."""
     prior: dict[str, Evidence] = {}
+    # what is counted (selectors and all) is part of the key: a changed selector counts other series
+    asked = "".join(query.promql for role in GatewayRole if (query := counters_query(policy, role)) is not None)
+    counted = hashlib.sha256(asked.encode()).hexdigest()[:12]
     for gate in sequential_gates(policy):
-        step = f"{target_weight}/{source_weight}/{gate.settings}"
+        step = f"{target_weight}/{source_weight}/{gate.settings}/{counted}"
         kept = next((e for e in stored if e.gate == gate.name and e.step == step), None)
         prior[gate.name] = kept or Evidence(gate.name, step)
     return prior
 
 
-def _reading(samples: GatewaySamples, gate: SequentialGateSpec) -> tuple[Reading | None, _Unjudgeable | None]:
-    """A gateway's counters for ``gate``; None with why when they cannot be read."""
+def _reading(
+    samples: GatewaySamples, gate: SequentialGateSpec
+) -> tuple[tuple[Reading, ...] | None, _Unjudgeable | None]:
+    """A gateway's counters for ``gate``, one Reading per scrape target; None with why when they
+    cannot be read."""
     role = samples.role.value
-    total, part = samples.counters.get(gate.total), samples.counters.get(gate.part)
-    for outcome in (total, part):
-        if outcome is not None and outcome.error is not None:
-            return None, _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{role} counters: {outcome.error}")
-    if total is None or total.value is None:
-        # no series: the gateway never served a request (or its counter is gone); the base is kept
+    series = samples.counters
+    if series is None:
+        return None, _Unjudgeable(InconclusiveCause.NO_DATA, f"{role} counters were not asked")
+    if series.error is not None:
+        return None, _Unjudgeable(InconclusiveCause.METRICS_UNAVAILABLE, f"{role} counters: {series.error}")
+    targets = sorted(instance for name, instance in series.values if name == gate.total)
+    if not targets:
+        # no series: the gateway never served a request (or its counters are gone); bases are kept
         return None, _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, f"{role} has no request counter")
-    if part is None or part.value is None:  # only the bucket can be missing (5xx are 0 without series)
-        why = f"{role} has no latency histogram bucket at {gate.what.rsplit(' ', 1)[-1]}: use a bucket bound"
+    if len(targets) > MAX_TARGETS:
+        why = f"{role} has {len(targets)} scrape targets, more than the {MAX_TARGETS} a sequential gate follows"
         return None, _Unjudgeable(InconclusiveCause.NO_DATA, why)
-    if not (total.has_number and part.has_number):
-        return None, _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{role} counters are not numbers")
-    bad = total.value - part.value if gate.part_is_good else part.value
-    return Reading(requests=total.value, events=bad), None
+    readings = []
+    for instance in targets:
+        total = series.values[(gate.total, instance)]
+        part = series.values.get((gate.part, instance))
+        if part is None:  # only a bucket can be missing (5xx are 0 without series)
+            bound = gate.what.rsplit(" ", 1)[-1]
+            why = f"{role} has no latency histogram bucket at {bound}: slowerThanMs must be a bucket bound"
+            return None, _Unjudgeable(InconclusiveCause.NO_DATA, why)
+        at = series.values.get((COUNTER_TIME, instance))
+        if not all(math.isfinite(value) for value in (total, part, at if at is not None else 0.0)):
+            return None, _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{role} counters are not numbers")
+        bad = total - part if gate.part_is_good else part
+        readings.append(Reading(requests=total, events=bad, time=at, instance=instance))
+    return tuple(readings), None
 
 
 def _sequential_gate(
@@ -572,22 +605,29 @@ def _sequential_gate(
     t_reading, t_problem = _reading(target, gate)
     s_reading, s_problem = _reading(source, gate)
     after, increment, note = observe(before, t_reading, s_reading, gate.min_effect, gate.alpha)
-    log_e = log_e_value(after)
-    e_value = math.exp(min(log_e, 700.0))
+    e_value = math.exp(min(log_e_value(after), 700.0))
     low, high = confidence_sequence(after, gate.alpha)
-    totals = after.totals
+    totals, recent = after.totals, after.recent
     ratio = estimate(totals)
     level = f"{(1 - gate.alpha) * 100:g}%"
-    shown_ratio = "no estimate yet" if ratio is None else f"{ratio:.3g}x the source's"
-    counts = (
-        f"target {totals.target_events:.0f} of {totals.target_requests:.0f} requests, source "
-        f"{totals.source_events:.0f} of {totals.source_requests:.0f} in {after.intervals} interval(s) this step"
-    )
-    statement = (
-        f"target {gate.what} rate {shown_ratio}, {level} CS [{_bound(low)}, {_bound(high)}]; "
-        f"e-value {e_value:.3g} {'>=' if after.rejected else '<'} {1 / gate.alpha:g}; {counts}"
-    )
-    query = target.counters[gate.total].query.promql if gate.total in target.counters else ""
+    step_ratio = "no estimate yet" if ratio is None else f"{ratio:.3g}x the source's"
+    counts = f"{_counts(totals)} in {after.intervals} interval(s) this step"
+    steady = f"{level} CS [{_bound(low)}, {_bound(high)}] if steady"
+    if after.rejected:
+        # the numbers since the statistic's low: where the excess most likely began (a late break
+        # in a long step is not averaged away by the healthy time before it)
+        since = estimate(recent)
+        shown = "no estimate" if since is None else f"{since:.3g}x the source's"
+        statement = (
+            f"target {gate.what} rate {shown} since it most likely began ({_counts(recent)}); this step "
+            f"{step_ratio}, {steady}; the test rejected: e-value reached {1 / gate.alpha:g} (now {e_value:.3g})"
+        )
+    else:
+        statement = (
+            f"target {gate.what} rate {step_ratio} this step, {steady}; e-value {e_value:.3g} < "
+            f"{1 / gate.alpha:g}; {counts}"
+        )
+    query = target.counters.query.promql if target.counters is not None else ""
 
     def result(verdict: Verdict, reason: str, cause: InconclusiveCause | None = None) -> GateResult:
         return GateResult(
@@ -606,23 +646,27 @@ def _sequential_gate(
     if after.rejected:
         return result(Verdict.FAIL, f"credibly worse: {statement}"), after
     problem = t_problem or s_problem
-    if problem is None and note is not None:
+    # no new scrape since the last check: the evidence stands as it was (a check more often than
+    # the scrapes is no inconclusive one); otherwise a check counted nothing is no pass
+    standing = note == NO_NEW_SCRAPE and after.intervals > 0
+    if problem is None and note is not None and not standing:
         problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, note)
-    if problem is None and increment is not None:
-        quiet = [
-            role
-            for role, count in (("target", increment.target_requests), ("source", increment.source_requests))
-            if count <= 0
-        ]
-        if quiet:
-            why = f"no requests on the {quiet[0]} since the last check"
-            problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, why)
+    if problem is None and (increment is not None or standing):
+        if after.quiet:
+            problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, "no requests on a gateway in the last interval")
         elif min(totals.target_requests, totals.source_requests) < minimum:
             why = f"fewer than {minimum} requests on each gateway this step"
             problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, why)
     if problem is not None:
         return result(Verdict.INCONCLUSIVE, f"{problem.reason} ({statement})", problem.cause), after
     return result(Verdict.PASS, f"no evidence of harm: {statement}"), after
+
+
+def _counts(counts: Increment) -> str:
+    return (
+        f"target {counts.target_events:.0f} of {counts.target_requests:.0f} requests, source "
+        f"{counts.source_events:.0f} of {counts.source_requests:.0f}"
+    )
 
 
 def _bound(value: float) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "COUNTER_HISTOGRAM",
     "COUNTER_NAMES",
     "COUNTER_REQUESTS",
+    "COUNTER_TIME",
     "COUNTER_WITHIN",
     "MIX_KINDS",
     "CheckQueries",
@@ -169,7 +170,9 @@ def breakdown_query(labels: dict[str, str], window: str, kind: str, role: Gatewa
 #: the names (label ``counter``) of the raw counters in ``counters_query``'s answer
 COUNTER_REQUESTS, COUNTER_ERRORS = "requests", "errors"
 COUNTER_HISTOGRAM, COUNTER_WITHIN = "histogramCount", "withinLatency"
-COUNTER_NAMES = (COUNTER_REQUESTS, COUNTER_ERRORS, COUNTER_HISTOGRAM, COUNTER_WITHIN)
+#: when each scrape target was last scraped (the sample time of its counters, seconds)
+COUNTER_TIME = "time"
+COUNTER_NAMES = (COUNTER_REQUESTS, COUNTER_ERRORS, COUNTER_HISTOGRAM, COUNTER_WITHIN, COUNTER_TIME)
 
 
 def counters_query(policy: CanaryPolicy, role: GatewayRole) -> RenderedQuery | None:
@@ -177,8 +180,9 @@ def counters_query(policy: CanaryPolicy, role: GatewayRole) -> RenderedQuery | N
 
     Counters, not ``increase()``: the gates count the increments between two checks themselves, so
     every request is counted once whatever the timing of the checks (``controller.core.sequential``).
-    Each sum is labelled ``counter=<name>``; a gateway with no series has no such element, except
-    5xx, which are 0 when there are requests but no 5xx series.
+    Summed per scrape target (``instance``), each with its sample time, so that a target's restart,
+    absence or an older answer is handled for that target alone. Each sum is labelled
+    ``counter=<name>``; 5xx are 0 for a target with requests but no 5xx series.
     """
     gates = policy.spec.gates
     errors = gates.error_rate is not None and gates.error_rate.sequential is not None
@@ -191,13 +195,17 @@ def counters_query(policy: CanaryPolicy, role: GatewayRole) -> RenderedQuery | N
     def named(name: str, promql: str) -> None:
         parts.append(f'label_replace({promql}, "counter", "{name}", "", "")')
 
+    requests = f"{_REQUESTS}{render_selector(labels)}"
+    histogram = f"{_DURATION_BUCKETS}{render_selector(labels, _ALL_BUCKET)}"
     if errors:
-        total = f"sum({_REQUESTS}{render_selector(labels)})"
+        total = f"sum by (instance) ({requests})"
         named(COUNTER_REQUESTS, total)
-        named(COUNTER_ERRORS, f"(sum({_REQUESTS}{render_selector(labels, _FIVE_XX)}) or 0 * {total})")
+        named(COUNTER_ERRORS, f"(sum by (instance) ({_REQUESTS}{render_selector(labels, _FIVE_XX)}) or 0 * {total})")
     if slow_ms is not None:
-        named(COUNTER_HISTOGRAM, f"sum({_DURATION_BUCKETS}{render_selector(labels, _ALL_BUCKET)})")
-        named(COUNTER_WITHIN, f"sum({_DURATION_BUCKETS}{render_selector(labels, _le_matcher(slow_ms))})")
+        named(COUNTER_HISTOGRAM, f"sum by (instance) ({histogram})")
+        within = f"{_DURATION_BUCKETS}{render_selector(labels, _le_matcher(slow_ms))}"
+        named(COUNTER_WITHIN, f"sum by (instance) ({within})")
+    named(COUNTER_TIME, f"max by (instance) (timestamp({requests if errors else histogram}))")
     return RenderedQuery(" or ".join(parts), Measure.COUNTERS, role, gate="sequential")
 
 

@@ -15,6 +15,7 @@ from controller.core.sequential import Evidence
 
 __all__ = [
     "CheckResult",
+    "CounterSeries",
     "GateResult",
     "GatewaySamples",
     "QueryOutcome",
@@ -51,6 +52,17 @@ class QueryOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterSeries:
+    """A gateway's answer to its counters query (``queries.counters_query``): each counter's value
+    per scrape target, ``(counter name, instance) -> value``, or the error that stood for it."""
+
+    query: RenderedQuery
+    values: dict[tuple[str, str], float] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySamples:
     """Everything measured on one gateway in one check."""
 
@@ -61,9 +73,9 @@ class GatewaySamples:
     custom: dict[str, QueryOutcome] = field(default_factory=dict)
     #: counts of kinds of responses and TLS counters (4xx, auth, noRoute, tlsErrors, connections)
     mix: dict[str, QueryOutcome] = field(default_factory=dict)
-    #: raw counters for the sequential gates, as read now (requests, errors, histogramCount,
-    #: withinLatency): the increments between checks are their evidence
-    counters: dict[str, QueryOutcome] = field(default_factory=dict)
+    #: raw counters for the sequential gates, per scrape target, as read now: the increments
+    #: between checks are their evidence (None: not asked)
+    counters: CounterSeries | None = None
 
     @property
     def served(self) -> float | None:

@@ -49,7 +49,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 __all__ = [
+    "CHANGE_EVERY",
+    "FORGET_SECONDS",
     "GRID_RATIO",
+    "MAX_TARGETS",
+    "NO_NEW_SCRAPE",
     "Evidence",
     "Increment",
     "Reading",
@@ -82,10 +86,29 @@ def effect_grid() -> tuple[float, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One gateway's counters at one instant: requests, and the bad ones among them."""
+    """One scrape target's counters (a gateway pod: Prometheus's ``instance``) as last scraped:
+    requests, the bad ones among them, and when the scrape was (None: unknown).
+
+    A gateway is read as one Reading per target, so that each target's counter is followed on its
+    own: a target that restarts (its counters start again from 0), goes missing for a while or
+    appears is handled without touching the others, and a reading no newer than the last one (an
+    HA Prometheus answering from its other replica) counts nothing.
+    """
 
     requests: float
     events: float
+    time: float | None = None
+    instance: str = ""
+
+
+#: why a check counted nothing while the evidence stands as it was
+NO_NEW_SCRAPE = "no new scrape of both gateways since the last check"
+#: a change may begin every this many informative intervals (see the module docstring)
+CHANGE_EVERY = 10
+#: targets followed per gateway; more make the gate inconclusive (the state stays small)
+MAX_TARGETS = 64
+#: a target not scraped for this long (seconds, by sample time) is forgotten
+FORGET_SECONDS = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +136,7 @@ class Evidence:
     ``step`` names the step and the gate's settings it was gathered under: evidence is carried only
     into a check of the same step and settings (a new step, a rollback, a changed ``minEffect`` or
     latency bound start afresh). ``target``/``source`` are the last readings, the base of the next
-    increment (None: none yet, or the last one could not be used). ``log_detector`` (on
+    increment, one per scrape target (None: none yet). ``log_detector`` (on
     ``gate_grid``) is the log of the statistic's sum over changepoints at each ``r``; ``log_lik`` (on
     ``effect_grid``) is ``log L(r) - log L(1)`` summed over the counted intervals; both are empty
     until an informative interval (one with a bad request) counted, and ``changes`` counts those.
@@ -122,13 +145,22 @@ class Evidence:
 
     gate: str
     step: str
-    target: Reading | None = None
-    source: Reading | None = None
+    target: tuple[Reading, ...] | None = None
+    source: tuple[Reading, ...] | None = None
     log_detector: tuple[float, ...] = ()
     log_lik: tuple[float, ...] = ()
     totals: Increment = Increment()
     intervals: int = 0
     changes: int = 0
+    #: the bad requests counted since the statistic was at its lowest this step (where an excess
+    #: most likely began): what the alert's estimate describes
+    recent: Increment = Increment()
+    lowest: float = 0.0
+    #: the statistic reached 1/alpha with both gateways' data covering different times: the newest
+    #: sample time then; the rejection waits until both cover it, and stands only if still reached
+    confirming: float | None = None
+    #: the last interval counted had no request on one of the gateways (no pass on no traffic)
+    quiet: bool = False
     rejected: bool = False
 
 
@@ -194,49 +226,148 @@ def estimate(totals: Increment) -> float | None:
 
 
 def observe(
-    evidence: Evidence, target: Reading | None, source: Reading | None, min_effect: float, alpha: float
+    evidence: Evidence,
+    target: Reading | Sequence[Reading] | None,
+    source: Reading | Sequence[Reading] | None,
+    min_effect: float,
+    alpha: float,
 ) -> tuple[Evidence, Increment | None, str | None]:
     """Take a check's readings: the evidence after it, the increment counted (None: none), and why
     nothing was counted.
 
-    Nothing is counted, and the readings become the base of the next increment, when there is no
-    earlier reading, a counter went down (a restarted pod, a series that went away: the interval is
-    unknown, never guessed), or a gateway shows more bad events than requests. A missing reading
-    keeps the old base: the next increment spans the gap, once.
+    Each scrape target counts what it served since its previous reading: a counter lower than
+    before (a restart, a series that expired or went missing) counts nothing until it is past its
+    old reading again, a target seen for the first time is only a base, one missing keeps its last
+    reading (its next increment spans the gap, once), and a reading no newer than the last counts
+    nothing. An interval is counted only once both gateways have been scraped since the last one.
+    A gateway that could not be read (None) counts nothing and keeps every base.
+
+    The statistic may reach ``1/alpha`` on data that covers more time on one gateway than on the
+    other (they are scraped at different moments: a burst of errors common to both can be in one
+    gateway's increment and not yet in the other's). The rejection then waits until both gateways
+    have been scraped past the newest sample it stood on, and stands only if the statistic is still
+    at ``1/alpha`` (``confirming``); waiting only ever removes rejections, so the guarantee holds.
     """
     if target is None or source is None:
         return evidence, None, "a counter could not be read; the next check counts from the last reading"
-    before_t, before_s = evidence.target, evidence.source
-    rebased = replace(evidence, target=target, source=source)
-    if before_t is None or before_s is None:
-        return rebased, None, "first reading of this step; evidence starts with the next check"
-    increment = Increment(
-        target.requests - before_t.requests,
-        target.events - before_t.events,
-        source.requests - before_s.requests,
-        source.events - before_s.events,
+    now_t, now_s = _targets(target), _targets(source)
+    if evidence.target is None or evidence.source is None:
+        return (
+            replace(evidence, target=now_t, source=now_s),
+            None,
+            "first reading of this step; evidence starts with the next check",
+        )
+    base_t, (t_requests, t_events), fresh_t = _advance(evidence.target, now_t)
+    base_s, (s_requests, s_events), fresh_s = _advance(evidence.source, now_s)
+    if not (fresh_t and fresh_s):
+        # One gateway scraped since, the other not: what the first served is counted together with
+        # what the other serves over the same time, at their next scrape (never alone: an interval
+        # of one gateway against nothing of the other is how a burst on both looks like an excess).
+        waiting = replace(evidence, target=_joined(evidence.target, now_t), source=_joined(evidence.source, now_s))
+        return waiting, None, NO_NEW_SCRAPE
+    increment = Increment(t_requests, t_events, s_requests, s_events)
+    rebased = replace(evidence, target=base_t, source=base_s)
+    counted = replace(
+        rebased,
+        totals=evidence.totals + increment,
+        intervals=evidence.intervals + 1,
+        quiet=t_requests <= 0 or s_requests <= 0,
     )
-    if min(increment.target_requests, increment.target_events, increment.source_requests) < 0 or (
-        increment.source_events < 0
-    ):
-        return rebased, None, "a counter went down (a restarted pod or a series gone); counting again from here"
-    if increment.target_events > increment.target_requests or increment.source_events > increment.source_requests:
-        return rebased, None, "more bad events than requests between two readings; counting again from here"
-    counted = replace(rebased, totals=evidence.totals + increment, intervals=evidence.intervals + 1)
-    informative = increment.target_events + increment.source_events > 0
-    if informative and increment.target_requests > 0 and increment.source_requests > 0:
+    if t_events + s_events > 0 and t_requests > 0 and s_requests > 0:
         change = evidence.changes + 1
         step = interval_log_lr(increment, gate_grid(min_effect))
-        start = -math.log(change * (change + 1))  # log pi_k: a change that begins with this interval
         before = evidence.log_detector or (-math.inf,) * len(step)
+        if (change - 1) % CHANGE_EVERY == 0:  # a change may begin with this interval: block b, pi_b
+            block = (change - 1) // CHANGE_EVERY + 1
+            start = -math.log(block * (block + 1))
+            before = tuple(_log_add(sum_, start) for sum_ in before)
         counted = replace(
             counted,
-            log_detector=tuple(_log_add(sum_, start) + gain for sum_, gain in zip(before, step, strict=True)),
+            log_detector=tuple(sum_ + gain for sum_, gain in zip(before, step, strict=True)),
             log_lik=_add(evidence.log_lik, interval_log_lr(increment, effect_grid())),
             changes=change,
         )
-    rejected = evidence.rejected or log_e_value(counted) >= math.log(1 / alpha)
-    return replace(counted, rejected=rejected), increment, None
+    # where an excess most likely began: after the statistic's lowest point this step (tracked on
+    # the supermartingale itself: the changes not begun yet count pi_k each, so it starts at 1)
+    level = _log_add(log_e_value(counted), -math.log(counted.changes + 1))
+    if level < evidence.lowest:
+        counted = replace(counted, lowest=level, recent=Increment())
+    else:
+        counted = replace(counted, recent=evidence.recent + increment)
+    return _decide(counted, now_t, now_s, alpha), increment, None
+
+
+def _decide(evidence: Evidence, target: tuple[Reading, ...], source: tuple[Reading, ...], alpha: float) -> Evidence:
+    """Reject, or wait until both gateways are scraped past the newest sample the statistic stood on."""
+    if evidence.rejected:
+        return evidence
+    reached = log_e_value(evidence) >= math.log(1 / alpha)
+    now = target + source
+    times = [reading.time for reading in now if reading.time is not None]
+    if len(times) < len(now) or not times:
+        return replace(evidence, rejected=reached, confirming=None)  # no sample times: nothing to wait for
+    covered = min(_coverage(target), _coverage(source))
+    waiting = evidence.confirming
+    if waiting is not None and covered >= waiting:  # both gateways cover it now: decide on this
+        return replace(evidence, rejected=reached, confirming=None)
+    if waiting is None and reached:
+        if covered >= max(times):  # scraped at one moment: nothing to wait for
+            return replace(evidence, rejected=True)
+        return replace(evidence, confirming=max(times))
+    return evidence
+
+
+def _coverage(readings: tuple[Reading, ...] | None) -> float:
+    """Up to when every target of a gateway has been scraped (targets missing now are left out)."""
+    times = [reading.time for reading in readings or () if reading.time is not None]
+    return min(times) if times else math.inf
+
+
+def _targets(readings: Reading | Sequence[Reading]) -> tuple[Reading, ...]:
+    return (readings,) if isinstance(readings, Reading) else tuple(readings)
+
+
+def _joined(base: tuple[Reading, ...], now: tuple[Reading, ...]) -> tuple[Reading, ...]:
+    """``base`` with the targets seen for the first time in ``now`` (bases of their own)."""
+    known = {reading.instance for reading in base}
+    added = tuple(reading for reading in now if reading.instance not in known)
+    return tuple(sorted(base + added, key=lambda reading: reading.instance))[:MAX_TARGETS]
+
+
+def _advance(
+    base: tuple[Reading, ...], now: tuple[Reading, ...]
+) -> tuple[tuple[Reading, ...], tuple[float, float], bool]:
+    """The new base, what the gateway's targets served since ``base`` (requests, bad ones), and
+    whether any of them was scraped since (always, without sample times)."""
+    before = {reading.instance: reading for reading in base}
+    requests = events = 0.0
+    fresh = False
+    kept: dict[str, Reading] = {}
+    for reading in now:
+        last = before.get(reading.instance)
+        if last is None:  # new: only a base (its counters may hold requests from before)
+            kept[reading.instance] = reading
+            continue
+        if reading.time is not None and last.time is not None and reading.time <= last.time:
+            kept[reading.instance] = last  # nothing newer (another replica's older answer included)
+            continue
+        fresh = True
+        served = (reading.requests - last.requests, reading.events - last.events)
+        if served[0] < 0 or served[1] < 0:
+            # Lower than before: restarted, a series of it expired, or an answer that lacks a
+            # series for a moment (which may come back with all it ever counted). Which, and what it
+            # served meanwhile, is unknown: it counts again once past where it was, never twice.
+            kept[reading.instance] = last
+            continue
+        if served[1] <= served[0]:  # more bad requests than requests cannot be: counted nowhere
+            requests, events = requests + served[0], events + served[1]
+        kept[reading.instance] = reading
+    newest = max((r.time for r in now if r.time is not None), default=None)
+    for instance, last in before.items():  # missing now: kept a while, so its return spans the gap
+        if instance not in kept and (newest is None or last.time is None or newest - last.time < FORGET_SECONDS):
+            kept[instance] = last
+    ordered = tuple(sorted(kept.values(), key=lambda reading: reading.instance))[:MAX_TARGETS]
+    return ordered, (requests, events), fresh
 
 
 def _add(total: tuple[float, ...], step: tuple[float, ...]) -> tuple[float, ...]:

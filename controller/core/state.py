@@ -27,7 +27,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from controller.core.enums import Command, GatewayRole, InconclusiveCause, Phase, Verdict
 from controller.core.schedule import Weights
-from controller.core.sequential import Evidence, Increment, Reading
+from controller.core.sequential import MAX_TARGETS, Evidence, Increment, Reading
 from controller.core.text import MAX_REASON_CHARS, bounded
 
 __all__ = [
@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 STATE_VERSION = 2
-#: A stored state larger than this is not read (a valid one is about 1 KiB).
-MAX_STATE_BYTES = 16 * 1024
+#: A stored state larger than this is not read (a valid one is about 1 KiB; 2-5 KiB with sequential
+#: gates, whose evidence keeps one reading per scrape target: at most 64 per gateway and gate).
+MAX_STATE_BYTES = 64 * 1024
 
 
 #: transitions kept in the state's history (the newest last)
@@ -283,16 +284,26 @@ _Float = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
 _Counter = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e18)]
 
 
+_Seconds = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e11)]
+_Checks = Annotated[int, Field(ge=0, le=10**12)]
+#: one scrape target's last reading: instance, sample time, requests, bad requests
+_Target = tuple[Annotated[str, Field(max_length=253)], _Seconds | None, _Counter, _Counter]
+
+
 class _EvidenceV2(_Stored):
     gate: Annotated[str, Field(max_length=64)]
     step: Annotated[str, Field(max_length=256)]
-    target: tuple[_Counter, _Counter] | None
-    source: tuple[_Counter, _Counter] | None
+    target: Annotated[list[_Target], Field(max_length=MAX_TARGETS)] | None
+    source: Annotated[list[_Target], Field(max_length=MAX_TARGETS)] | None
     log_detector: Annotated[list[_Float], Field(max_length=64)]
     log_lik: Annotated[list[_Float], Field(max_length=64)]
     totals: tuple[_Counter, _Counter, _Counter, _Counter]
-    intervals: _Count
-    changes: _Count
+    intervals: _Checks
+    changes: _Checks
+    recent: tuple[_Counter, _Counter, _Counter, _Counter]
+    lowest: _Float
+    confirming: _Seconds | None
+    quiet: bool
     rejected: bool
 
 
@@ -372,39 +383,53 @@ def encode_state(state: RolloutState, *, evidence: bool = True) -> str:
 
 
 def _evidence_json(item: Evidence) -> dict[str, Any]:
-    def reading(value: Reading | None) -> list[float] | None:
-        return None if value is None else [value.requests, value.events]
+    def targets(readings: tuple[Reading, ...] | None) -> list[list[Any]] | None:
+        if readings is None:
+            return None
+        return [[r.instance, None if r.time is None else round(r.time, 3), r.requests, r.events] for r in readings]
 
-    totals = item.totals
+    def counts(value: Increment) -> list[float]:
+        return [value.target_requests, value.target_events, value.source_requests, value.source_events]
+
     return {
         "gate": item.gate,
         "step": item.step,
-        "target": reading(item.target),
-        "source": reading(item.source),
+        "target": targets(item.target),
+        "source": targets(item.source),
         # sums of log likelihood ratios: 9 decimals keep a restarted statistic within 1e-6 of the running one
         "log_detector": [round(value, 9) for value in item.log_detector],
         "log_lik": [round(value, 9) for value in item.log_lik],
-        "totals": [totals.target_requests, totals.target_events, totals.source_requests, totals.source_events],
+        "totals": counts(item.totals),
         "intervals": item.intervals,
         "changes": item.changes,
+        "recent": counts(item.recent),
+        "lowest": round(item.lowest, 9),
+        "confirming": item.confirming,
+        "quiet": item.quiet,
         "rejected": item.rejected,
     }
 
 
 def _evidence_from(stored: _EvidenceV2) -> Evidence:
-    def reading(value: tuple[float, float] | None) -> Reading | None:
-        return None if value is None else Reading(*value)
+    def targets(value: list[tuple[str, float | None, float, float]] | None) -> tuple[Reading, ...] | None:
+        if value is None:
+            return None
+        return tuple(Reading(requests, events, at, instance) for instance, at, requests, events in value)
 
     return Evidence(
         gate=stored.gate,
         step=stored.step,
-        target=reading(stored.target),
-        source=reading(stored.source),
+        target=targets(stored.target),
+        source=targets(stored.source),
         log_detector=tuple(stored.log_detector),
         log_lik=tuple(stored.log_lik),
         totals=Increment(*stored.totals),
         intervals=stored.intervals,
         changes=stored.changes,
+        recent=Increment(*stored.recent),
+        lowest=stored.lowest,
+        confirming=stored.confirming,
+        quiet=stored.quiet,
         rejected=stored.rejected,
     )
 

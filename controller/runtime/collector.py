@@ -15,7 +15,7 @@ from controller.core.enums import GatewayRole, Verdict
 from controller.core.gates import describe_growth, judge
 from controller.core.policy import CanaryPolicy
 from controller.core.queries import COUNTER_NAMES, CheckQueries, SharedMeasure, queries_for
-from controller.core.results import CheckResult, GatewaySamples, QueryOutcome, RenderedQuery
+from controller.core.results import CheckResult, CounterSeries, GatewaySamples, QueryOutcome, RenderedQuery
 from controller.core.sequential import Evidence
 from controller.errors import MetricsUnavailable
 from controller.ports import MetricsSource
@@ -153,29 +153,28 @@ def _ask(source: MetricsSource, query: RenderedQuery) -> QueryOutcome:
     return QueryOutcome(query, value=value, seconds=time.perf_counter() - started)
 
 
-def _counters(source: MetricsSource, query: RenderedQuery) -> dict[str, QueryOutcome]:
-    """The sequential gates' raw counters by name (a name missing: no such series)."""
+def _counters(source: MetricsSource, query: RenderedQuery) -> CounterSeries:
+    """The sequential gates' raw counters by (name, scrape target)."""
     started = time.perf_counter()
     try:
         answer = source.query_vector(query)
     except MetricsUnavailable as exc:
-        failed = QueryOutcome(query, error=str(exc), seconds=time.perf_counter() - started)
-        return dict.fromkeys(COUNTER_NAMES, failed)
-    seconds = time.perf_counter() - started
-    found: dict[str, QueryOutcome] = {}
+        return CounterSeries(query, error=str(exc), seconds=time.perf_counter() - started)
+    values: dict[tuple[str, str], float] = {}
     for labels, value in answer:
-        name = labels.get("counter", "")
-        if name in found:  # two series for one counter: not what was asked, never summed by guess
-            found[name] = QueryOutcome(query, error=f"two series for the counter {name}", seconds=seconds)
-        elif name in COUNTER_NAMES:
-            found[name] = QueryOutcome(query, value=value, seconds=seconds)
-    return found
+        key = (labels.get("counter", ""), labels.get("instance", ""))
+        if key in values:  # two series for one counter of one target: not what was asked, never guessed
+            why = f"two series for the counter {key[0]} of {key[1] or 'one target'}"
+            return CounterSeries(query, error=why, seconds=time.perf_counter() - started)
+        if key[0] in COUNTER_NAMES:
+            values[key] = value
+    return CounterSeries(query, values=values, seconds=time.perf_counter() - started)
 
 
 def _samples(
     plan: CheckQueries,
     outcomes: dict[RenderedQuery, QueryOutcome],
-    counters: Mapping[RenderedQuery, dict[str, QueryOutcome]],
+    counters: Mapping[RenderedQuery, CounterSeries],
 ) -> GatewaySamples:
     read = counters.get(plan.counters) if plan.counters is not None else None
     return GatewaySamples(
@@ -185,5 +184,5 @@ def _samples(
         latency=outcomes[plan.latency],
         custom={name: outcomes[query] for name, query in plan.custom.items()},
         mix={kind: outcomes[query] for kind, query in plan.mix.items()},
-        counters=read or {},
+        counters=read,
     )

@@ -323,7 +323,9 @@ class PolicyRunner:
             return state.evolve(
                 consecutive_failures=held.consecutive_failures,
                 inconclusive=held.inconclusive,
+                stuck_reported=held.stuck_reported,
                 refusal=state.refusal or held.refusal,
+                evidence=held.evidence or state.evidence,
             ), problem
         # what was counted while the store was unreadable follows what the store had counted before
         merged = dict(state.inconclusive)
@@ -332,7 +334,11 @@ class PolicyRunner:
         carried = state.evolve(
             consecutive_failures=state.consecutive_failures + held.consecutive_failures,
             inconclusive=tuple(sorted(merged.items())),
+            # what was said while the store was unreadable is not said again
+            stuck_reported=tuple(sorted({*state.stuck_reported, *held.stuck_reported})),
             refusal=state.refusal or held.refusal,
+            # the sequential evidence gathered meanwhile is the newest (R11): its readings go on
+            evidence=held.evidence or state.evidence,
         )
         return carried, problem
 
