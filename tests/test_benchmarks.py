@@ -176,3 +176,46 @@ def test_rollback_benchmark_produces_figures(tmp_path: Path) -> None:
     for text in ("(b-a) s", "(c-b) ms", "where (b - a) goes", "targets at failureThreshold 1", "wall time"):
         assert text in stdout, text
     assert "5xx-0to100    1    2/2" in stdout  # the row
+
+
+# --- bench/sequential.py: the sequential gate against the threshold gate, simulated -------------------
+
+
+def test_sequential_benchmark_produces_figures(tmp_path: Path) -> None:
+    """The smoke size (pure Python, no servers): every figure present, the tables printed. No value is
+    judged (tests/test_sequential_validity.py judges the gate itself)."""
+    out = tmp_path / "sequential.json"
+    stdout = _run("sequential.py", "--quick", "--json", str(out), timeout=120)
+    report = json.loads(out.read_text())
+    config = report["config"]
+    false_rollbacks = report["false_rollbacks"]
+    assert set(false_rollbacks["sequential"]) == {"0.01", "0.002"}  # alpha per step, and alpha / 5 steps
+    for figures in (*false_rollbacks["sequential"].values(), *false_rollbacks["threshold"]):
+        assert isinstance(figures["count"], int) and 0 <= figures["count"] <= config["migrations"], figures
+        assert _finite(figures["rate"]) and all(_finite(bound) for bound in figures["ci"]), figures
+    assert len(false_rollbacks["threshold"]) == 5 * 6 * 3  # windows x limits x failureThresholds
+    assert report["best"] is None or len(report["best"]) == 3
+    assert len(report["detection"]) == 9  # 3 effects x 3 ASM rates
+    for row in report["detection"]:
+        times = [t for by_before in row["sequential"].values() for t in by_before.values()]
+        for figures in (*times, *row["threshold"].values()):
+            assert figures["n"] == config["runs"] and 0 <= figures["within"] <= 1, row
+        if row["effect"] == 10.0 and row["asm_rps"] >= 100:  # caught in every run, by every gate
+            assert _finite(row["sequential"]["0.01"]["0"]["median"]), row
+            assert _finite(row["threshold"]["threshold typical"]["p90"]), row
+    assert len(report["scraped"]) == 6 and all(row["migrations"] == 100 for row in report["scraped"])
+    assert _finite(report["observe_us"]) and report["observe_us"] > 0
+    for text in (
+        "### (a) False rollbacks",
+        "| sequential, alpha 0.01 per step |",
+        "| threshold typical (W 60 s, limit 0.01, threshold 2) |",
+        "### (b) Detection",
+        "| 0.5 % → 5 % (r 10) | 100 |",
+        "### Healthy evidence before the fault",
+        "### Threshold gate: per window",
+        "### (c) Counters as Prometheus serves them",
+        "- median <= 2 s:",
+        "µs per `observe` call",
+        "wall time",
+    ):
+        assert text in stdout, text

@@ -77,7 +77,7 @@ def test_the_e_value_is_the_average_of_likelihood_ratios_over_changepoints_and_t
 
     # the excess began with block b of CHANGE_EVERY informative intervals (prior 1/(b(b+1))), at a
     # rate r of the grid (equal weights); the three intervals are all in the first block
-    assert CHANGE_EVERY > len(increments)
+    assert len(increments) < CHANGE_EVERY
     by_hand = (
         1
         / (1 * 2)
