@@ -195,3 +195,94 @@ def test_beside_other_gates_the_first_reading_of_a_step_is_no_inconclusive_check
         "errorRate",
         "errorRateSequential",
     ]
+
+
+# --- the second review ------------------------------------------------------------------------------
+
+
+def _judged(policy: object, prior: dict[str, Evidence], target: list[Reading], source: list[Reading]) -> object:
+    from controller.core.enums import GatewayRole, Measure
+    from controller.core.gates import judge
+    from controller.core.queries import COUNTER_ERRORS, COUNTER_REQUESTS, COUNTER_TIME
+    from controller.core.results import CounterSeries, RenderedQuery
+    from tests.helpers import samples
+
+    def gateway(role: GatewayRole, readings: list[Reading]) -> object:
+        values: dict[tuple[str, str], float] = {}
+        for r in readings:
+            values[(COUNTER_REQUESTS, r.instance)] = r.requests
+            values[(COUNTER_ERRORS, r.instance)] = r.events
+            if r.time is not None:
+                values[(COUNTER_TIME, r.instance)] = r.time
+        query = RenderedQuery("counters", Measure.COUNTERS, role, gate="sequential")
+        return replace(samples(role, error_rate=0.001), counters=CounterSeries(query, values=values))
+
+    return judge(policy, gateway(GatewayRole.SOURCE, source), gateway(GatewayRole.TARGET, target), evidence=prior)  # type: ignore[arg-type]
+
+
+def test_a_rejection_waiting_for_confirmation_is_never_a_pass_beside_other_gates() -> None:
+    """Second review, 1: while it waits, the check must not pass (a pass could raise or promote)."""
+    from controller.core.enums import Verdict
+
+    policy = make_policy(
+        gates={"errorRate": {"max": 0.5, "sequential": {}}, "responseMix": {"enabled": False}},
+    )
+    prior = sequential_prior(policy, (), 10, 90)
+    first = _judged(policy, prior, [Reading(0, 0, 10.0, "t")], [Reading(0, 0, 9.0, "s")])
+    (evidence,) = first.evidence  # type: ignore[attr-defined]
+    # the target scraped at 11 with 40 % 5xx, the source at 10: reached, but not yet confirmed
+    waiting = _judged(
+        policy, {"errorRateSequential": evidence}, [Reading(100, 40, 11.0, "t")], [Reading(900, 4, 10.0, "s")]
+    )
+    (evidence,) = waiting.evidence  # type: ignore[attr-defined]
+    assert evidence.confirming == 11.0 and not evidence.rejected
+    assert waiting.verdict is Verdict.INCONCLUSIVE  # type: ignore[attr-defined]
+    gate = next(g for g in waiting.gates if g.gate == "errorRateSequential")  # type: ignore[attr-defined]
+    assert gate.verdict is Verdict.INCONCLUSIVE and "waits for both gateways" in gate.reason
+    confirmed = _judged(
+        policy, {"errorRateSequential": evidence}, [Reading(200, 80, 12.0, "t")], [Reading(1800, 8, 11.0, "s")]
+    )
+    assert confirmed.verdict is Verdict.FAIL  # type: ignore[attr-defined]
+
+
+def test_without_new_scrapes_the_last_verdict_stands_only_briefly() -> None:
+    """Second review, 4: one gateway never scraped anew (a replica's clock ahead): no pass forever."""
+    from controller.core.enums import Verdict
+    from controller.core.gates import STANDING_CHECKS
+
+    policy = make_policy(gates={"errorRate": {"sequential": {}}, "responseMix": {"enabled": False}})
+    prior = sequential_prior(policy, (), 10, 90)
+    (evidence,) = _judged(policy, prior, [Reading(0, 0, 1.0, "t")], [Reading(0, 0, 1.0, "s")]).evidence  # type: ignore[attr-defined]
+    passed = _judged(
+        policy, {"errorRateSequential": evidence}, [Reading(100, 0, 2.0, "t")], [Reading(900, 4, 2.0, "s")]
+    )
+    assert passed.verdict is Verdict.PASS  # type: ignore[attr-defined]
+    (evidence,) = passed.evidence  # type: ignore[attr-defined]
+    verdicts = []
+    for second in range(3, 3 + STANDING_CHECKS + 3):  # the source stays at its scrape of 2.0
+        check = _judged(
+            policy,
+            {"errorRateSequential": evidence},
+            [Reading(100 * second, 0, float(second), "t")],
+            [Reading(900, 4, 2.0, "s")],
+        )
+        (evidence,) = check.evidence  # type: ignore[attr-defined]
+        verdicts.append(check.verdict)  # type: ignore[attr-defined]
+    assert verdicts[:STANDING_CHECKS] == [Verdict.PASS] * STANDING_CHECKS
+    assert set(verdicts[STANDING_CHECKS:]) == {Verdict.INCONCLUSIVE}
+
+
+def test_targets_scraped_now_are_followed_before_ones_gone_missing() -> None:
+    """Second review, 3: a base full of pods gone in a rollout must not keep the new ones out."""
+    from controller.core.sequential import MAX_TARGETS
+
+    old = tuple(Reading(1000, 5, 100.0, f"10.0.9.{i}") for i in range(MAX_TARGETS))
+    evidence = Evidence("g", "s", target=old, source=(Reading(0, 0, 100.0, "s"),))
+    new = [Reading(10, 0, 101.0, f"10.1.0.{i}") for i in range(5)]
+    evidence, _, _ = observe(evidence, new, Reading(900, 4, 101.0, "s"), 1.5, 0.01)
+    kept = {reading.instance for reading in evidence.target or ()}
+    assert {reading.instance for reading in new} <= kept and len(kept) == MAX_TARGETS
+    evidence, counted, _ = observe(
+        evidence, [replace(r, requests=110, time=102.0) for r in new], Reading(1800, 8, 102.0, "s"), 1.5, 0.01
+    )
+    assert counted is not None and counted.target_requests == 5 * 100

@@ -215,17 +215,21 @@ def test_a_missing_reading_keeps_the_base_and_the_gap_is_counted_once() -> None:
     assert evidence.totals == Increment(300, 3, 2700, 12) and evidence.intervals == 2
 
 
-def test_a_target_whose_counters_went_down_counts_again_only_past_where_they_were() -> None:
+def test_a_target_whose_counters_went_down_counts_on_from_its_new_reading() -> None:
+    """A restart (or an expired series): what it served meanwhile is unknown and counts nothing;
+    from the new reading on, every request counts once (a crash-looping pod's 5xx are seen), and a
+    difference of two unrelated counts is never taken for an interval."""
     evidence, _, _ = observe(Evidence("g", "s"), Reading(1000, 10), Reading(18e6, 900), 1.5, 0.01)
-    # restarted, a series of it expired, or one missing for a moment: unknown, never guessed
-    evidence, counted, _ = observe(evidence, Reading(50, 1), Reading(9e6, 450), 1.5, 0.01)
-    assert counted == Increment() and evidence.target == (Reading(1000, 10),)  # the higher base is kept
-    # the missing series is back with all it ever counted: nothing of its past is counted again
-    evidence, counted, _ = observe(evidence, Reading(1100, 11), Reading(18e6 + 900, 905), 1.5, 0.01)
-    assert counted == Increment(100, 1, 900, 5)
+    evidence, counted, _ = observe(evidence, Reading(50, 25), Reading(18e6 + 900, 905), 1.5, 0.01)
+    assert counted == Increment(0, 0, 900, 5) and evidence.target == (Reading(50, 25),)
+    evidence, counted, _ = observe(evidence, Reading(150, 75), Reading(18e6 + 1800, 910), 1.5, 0.01)
+    assert counted == Increment(100, 50, 900, 5)  # the restarted pod's 50 % 5xx, counted
+    # past its old reading again: still its own increments, not (new - old before the restart)
+    evidence, counted, _ = observe(evidence, Reading(1100, 80), Reading(18e6 + 2700, 915), 1.5, 0.01)
+    assert counted == Increment(950, 5, 900, 5)
     # more bad requests than requests cannot be: counted nowhere, and counted on from there
-    evidence, counted, _ = observe(evidence, Reading(1110, 40), Reading(18e6 + 950, 906), 1.5, 0.01)
-    assert counted == Increment(0, 0, 50, 1) and evidence.target == (Reading(1110, 40),)
+    evidence, counted, _ = observe(evidence, Reading(1110, 100), Reading(18e6 + 2750, 916), 1.5, 0.01)
+    assert counted == Increment(0, 0, 50, 1) and evidence.target == (Reading(1110, 100),)
 
 
 def _at(requests: float, events: float, time: float, instance: str) -> Reading:
@@ -553,3 +557,35 @@ def test_a_sequential_rollback_alerts_once_with_its_numbers_and_exports_them() -
     assert 'gateway_canary_sequential_effect{bound="lower",gate="errorRateSequential",policy="shop"}' in exported
     assert 'gateway_canary_sequential_requests{gate="errorRateSequential",gateway="target",policy="shop"}' in exported
     assert 'gateway_canary_gate_threshold{gate="errorRateSequential",policy="shop"} 100.0' in exported
+
+
+def test_the_latency_gate_counts_requests_slower_than_its_bound_from_the_histogram() -> None:
+    """Bad = the +Inf bucket minus the bucket at slowerThanMs; the same test as for 5xx."""
+    from controller.core.queries import COUNTER_HISTOGRAM, COUNTER_WITHIN
+
+    policy = make_policy(
+        gates={"latency": {"p99Ms": {"max": 500}, "sequential": {"minEffect": 2}}, "responseMix": {"enabled": False}}
+    )
+
+    def gateway(role: GatewayRole, total: float, within: float) -> Any:
+        query = RenderedQuery("counters", Measure.COUNTERS, role, gate="sequential")
+        values = {(COUNTER_HISTOGRAM, "pod"): total, (COUNTER_WITHIN, "pod"): within}
+        return replace(samples(role, latency=100.0), counters=CounterSeries(query, values=values))
+
+    evidence = sequential_prior(policy, (), 10, 90)
+    first = judge(
+        policy, gateway(GatewayRole.SOURCE, 9000, 8955), gateway(GatewayRole.TARGET, 1000, 995), evidence=evidence
+    )
+    (after,) = first.evidence
+    assert after.target == (Reading(1000, 5, None, "pod"),)  # 5 of 1000 over 500 ms
+    # then a tenth of the target's requests are slow, against 0.5 % on the source
+    slow = judge(
+        policy,
+        gateway(GatewayRole.SOURCE, 9900, 9850),
+        gateway(GatewayRole.TARGET, 1100, 1085),
+        evidence={"latencySequential": after},
+    )
+    (after,) = slow.evidence
+    assert after.totals == Increment(100, 10, 900, 5)
+    gate = next(g for g in slow.gates if g.gate == "latencySequential")
+    assert gate.verdict is Verdict.FAIL and gate.decisive and "requests slower than 500ms rate" in gate.reason

@@ -494,6 +494,12 @@ def _labels(key: tuple[tuple[str, str], ...]) -> str:
 # --- the sequential gates (controller.core.sequential) ---------------------------------------------
 
 
+#: checks without a new scrape of both gateways over which a sequential gate's verdict stands
+STANDING_CHECKS = 2
+#: a scrape target's name as kept in the state
+_INSTANCE_CHARS = 128
+
+
 @dataclass(frozen=True, slots=True)
 class SequentialGateSpec:
     """One sequential gate of a policy: what it counts as bad, and its settings."""
@@ -581,10 +587,10 @@ def _reading(
             why = f"{role} has no latency histogram bucket at {bound}: slowerThanMs must be a bucket bound"
             return None, _Unjudgeable(InconclusiveCause.NO_DATA, why)
         at = series.values.get((COUNTER_TIME, instance))
-        if not all(math.isfinite(value) for value in (total, part, at if at is not None else 0.0)):
-            return None, _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{role} counters are not numbers")
         bad = total - part if gate.part_is_good else part
-        readings.append(Reading(requests=total, events=bad, time=at, instance=instance))
+        if not all(math.isfinite(value) and value >= 0 for value in (total, bad, at if at is not None else 0.0)):
+            return None, _Unjudgeable(InconclusiveCause.NOT_A_NUMBER, f"{role} counters are not counts")
+        readings.append(Reading(requests=total, events=bad, time=at, instance=instance[:_INSTANCE_CHARS]))
     return tuple(readings), None
 
 
@@ -646,9 +652,12 @@ def _sequential_gate(
     if after.rejected:
         return result(Verdict.FAIL, f"credibly worse: {statement}"), after
     problem = t_problem or s_problem
-    # no new scrape since the last check: the evidence stands as it was (a check more often than
-    # the scrapes is no inconclusive one); otherwise a check counted nothing is no pass
-    standing = note == NO_NEW_SCRAPE and after.intervals > 0
+    if after.confirming is not None:  # never a pass while a rejection waits for the other gateway
+        why = f"the test reached 1/alpha and waits for both gateways' scrapes past {after.confirming:.3f} to confirm"
+        problem = _Unjudgeable(InconclusiveCause.NO_DATA, why)
+    # no new scrape of both since the last check: the last verdict stands for a check or two (a
+    # check a little more often than the scrapes is no inconclusive one); after that, no pass
+    standing = note == NO_NEW_SCRAPE and after.intervals > 0 and after.waited <= STANDING_CHECKS
     if problem is None and note is not None and not standing:
         problem = _Unjudgeable(InconclusiveCause.TOO_FEW_REQUESTS, note)
     if problem is None and (increment is not None or standing):

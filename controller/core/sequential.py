@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 __all__ = [
     "CHANGE_EVERY",
@@ -118,7 +119,7 @@ NO_NEW_SCRAPE = "no new scrape of both gateways since the last check"
 #: a change may begin every this many informative intervals (see the module docstring)
 CHANGE_EVERY = 10
 #: targets followed per gateway; more make the gate inconclusive (the state stays small)
-MAX_TARGETS = 64
+MAX_TARGETS = 128
 #: a target not scraped for this long (seconds, by sample time) is forgotten
 FORGET_SECONDS = 600.0
 
@@ -173,6 +174,8 @@ class Evidence:
     confirming: float | None = None
     #: the last interval counted had no request on one of the gateways (no pass on no traffic)
     quiet: bool = False
+    #: checks since the last interval counted (no new scrape of both gateways)
+    waited: int = 0
     rejected: bool = False
 
 
@@ -260,8 +263,8 @@ def observe(
     nothing was counted.
 
     Each scrape target counts what it served since its previous reading: a counter lower than
-    before (a restart, a series that expired or went missing) counts nothing until it is past its
-    old reading again, a target seen for the first time is only a base, one missing keeps its last
+    before (a restart, a series that expired) counts nothing and is the new base (what it served
+    meanwhile is unknown), a target seen for the first time is only a base, one missing keeps its last
     reading (its next increment spans the gap, once), and a reading no newer than the last counts
     nothing. An interval is counted only once both gateways have been scraped since the last one.
     A gateway that could not be read (None) counts nothing and keeps every base.
@@ -281,14 +284,15 @@ def observe(
             None,
             "first reading of this step; evidence starts with the next check",
         )
-    base_t, (t_requests, t_events), fresh_t = _advance(evidence.target, now_t)
-    base_s, (s_requests, s_events), fresh_s = _advance(evidence.source, now_s)
-    if not (fresh_t and fresh_s):
+    on_t, on_s = _advance(evidence.target, now_t), _advance(evidence.source, now_s)
+    if not (on_t.fresh and on_s.fresh):
         # One gateway scraped since, the other not: what the first served is counted together with
         # what the other serves over the same time, at their next scrape (never alone: an interval
         # of one gateway against nothing of the other is how a burst on both looks like an excess).
-        waiting = replace(evidence, target=_joined(evidence.target, now_t), source=_joined(evidence.source, now_s))
+        waiting = replace(evidence, target=on_t.waiting, source=on_s.waiting, waited=evidence.waited + 1)
         return waiting, None, NO_NEW_SCRAPE
+    base_t, (t_requests, t_events) = on_t.counted, on_t.served
+    base_s, (s_requests, s_events) = on_s.counted, on_s.served
     increment = Increment(t_requests, t_events, s_requests, s_events)
     rebased = replace(evidence, target=base_t, source=base_s)
     counted = replace(
@@ -296,6 +300,7 @@ def observe(
         totals=evidence.totals + increment,
         intervals=evidence.intervals + 1,
         quiet=t_requests <= 0 or s_requests <= 0,
+        waited=0,
     )
     if t_events + s_events > 0 and t_requests > 0 and s_requests > 0:
         change = evidence.changes + 1
@@ -352,47 +357,56 @@ def _targets(readings: Reading | Sequence[Reading]) -> tuple[Reading, ...]:
     return (readings,) if isinstance(readings, Reading) else tuple(readings)
 
 
-def _joined(base: tuple[Reading, ...], now: tuple[Reading, ...]) -> tuple[Reading, ...]:
-    """``base`` with the targets seen for the first time in ``now`` (bases of their own)."""
-    known = {reading.instance for reading in base}
-    added = tuple(reading for reading in now if reading.instance not in known)
-    return tuple(sorted(base + added, key=lambda reading: reading.instance))[:MAX_TARGETS]
+class _Advance(NamedTuple):
+    """What a gateway's readings give: the base if the interval is counted, what its targets served
+    since the base, whether any was scraped since, and the base if the interval waits."""
+
+    counted: tuple[Reading, ...]
+    served: tuple[float, float]
+    fresh: bool
+    waiting: tuple[Reading, ...]
 
 
-def _advance(
-    base: tuple[Reading, ...], now: tuple[Reading, ...]
-) -> tuple[tuple[Reading, ...], tuple[float, float], bool]:
-    """The new base, what the gateway's targets served since ``base`` (requests, bad ones), and
-    whether any of them was scraped since (always, without sample times)."""
+def _advance(base: tuple[Reading, ...], now: tuple[Reading, ...]) -> _Advance:
+    """Follow each scrape target from ``base`` to ``now`` (see ``observe``)."""
     before = {reading.instance: reading for reading in base}
     requests = events = 0.0
     fresh = False
-    kept: dict[str, Reading] = {}
+    counted: dict[str, Reading] = {}
+    waiting: dict[str, Reading] = {}
     for reading in now:
         last = before.get(reading.instance)
         if last is None:  # new: only a base (its counters may hold requests from before)
-            kept[reading.instance] = reading
+            counted[reading.instance] = waiting[reading.instance] = reading
             continue
         if reading.time is not None and last.time is not None and reading.time <= last.time:
-            kept[reading.instance] = last  # nothing newer (another replica's older answer included)
+            counted[reading.instance] = waiting[reading.instance] = last  # nothing newer
             continue
         fresh = True
+        waiting[reading.instance] = last  # not taken while the interval waits for the other gateway
+        counted[reading.instance] = reading
         served = (reading.requests - last.requests, reading.events - last.events)
-        if served[0] < 0 or served[1] < 0:
-            # Lower than before: restarted, a series of it expired, or an answer that lacks a
-            # series for a moment (which may come back with all it ever counted). Which, and what it
-            # served meanwhile, is unknown: it counts again once past where it was, never twice.
-            kept[reading.instance] = last
-            continue
-        if served[1] <= served[0]:  # more bad requests than requests cannot be: counted nowhere
+        # lower than before: restarted (its counters start again) or a series of it expired;
+        # what it served meanwhile is unknown, and it counts on from here. More bad requests than
+        # requests cannot be: counted nowhere either.
+        if 0 <= served[1] <= served[0]:
             requests, events = requests + served[0], events + served[1]
-        kept[reading.instance] = reading
     newest = max((r.time for r in now if r.time is not None), default=None)
     for instance, last in before.items():  # missing now: kept a while, so its return spans the gap
-        if instance not in kept and (newest is None or last.time is None or newest - last.time < FORGET_SECONDS):
-            kept[instance] = last
-    ordered = tuple(sorted(kept.values(), key=lambda reading: reading.instance))[:MAX_TARGETS]
-    return ordered, (requests, events), fresh
+        if instance not in counted and (newest is None or last.time is None or newest - last.time < FORGET_SECONDS):
+            counted[instance] = waiting[instance] = last
+    present = {reading.instance for reading in now}
+    return _Advance(_bounded(counted, present), (requests, events), fresh, _bounded(waiting, present))
+
+
+def _bounded(readings: dict[str, Reading], present: set[str]) -> tuple[Reading, ...]:
+    """At most MAX_TARGETS, those scraped now first, then the most recently seen."""
+
+    def rank(reading: Reading) -> tuple[bool, float]:
+        return reading.instance not in present, -(reading.time if reading.time is not None else math.inf)
+
+    kept = sorted(readings.values(), key=rank)[:MAX_TARGETS]
+    return tuple(sorted(kept, key=lambda reading: reading.instance))
 
 
 def _add(total: tuple[float, ...], step: tuple[float, ...]) -> tuple[float, ...]:

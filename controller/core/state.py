@@ -46,8 +46,8 @@ __all__ = [
 
 STATE_VERSION = 2
 #: A stored state larger than this is not read (a valid one is about 1 KiB; 2-5 KiB with sequential
-#: gates, whose evidence keeps one reading per scrape target: at most 64 per gateway and gate).
-MAX_STATE_BYTES = 64 * 1024
+#: gates, whose evidence keeps one reading per scrape target: at most 128 per gateway and gate).
+MAX_STATE_BYTES = 128 * 1024
 
 
 #: transitions kept in the state's history (the newest last)
@@ -304,6 +304,7 @@ class _EvidenceV2(_Stored):
     lowest: _Float
     confirming: _Seconds | None
     quiet: bool
+    waited: _Checks = 0
     rejected: bool
 
 
@@ -406,6 +407,7 @@ def _evidence_json(item: Evidence) -> dict[str, Any]:
         "lowest": round(item.lowest, 9),
         "confirming": item.confirming,
         "quiet": item.quiet,
+        "waited": item.waited,
         "rejected": item.rejected,
     }
 
@@ -430,6 +432,7 @@ def _evidence_from(stored: _EvidenceV2) -> Evidence:
         lowest=stored.lowest,
         confirming=stored.confirming,
         quiet=stored.quiet,
+        waited=stored.waited,
         rejected=stored.rejected,
     )
 
