@@ -30,7 +30,7 @@ from controller.core.sequential import Evidence, Reading, observe
 from controller.core.state import decode_state, encode_state
 from controller.errors import ClusterUnavailable
 from tests.helpers import at, make_policy, runner_for
-from tests.test_sequential import SEQUENTIAL, CounterSource
+from tests.test_sequential import SEQUENTIAL, CounterSource, baking_policy
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
@@ -153,14 +153,9 @@ class _UnreadableStore(InMemoryStateStore):
 
 def test_with_the_store_unreadable_since_the_start_the_evidence_is_still_gathered() -> None:
     """Finding 4: it rolls a failing target back while no state can be read or written."""
-    policy = make_policy(
-        gates=SEQUENTIAL,
-        schedule={"steps": [10, 50, 100], "bakeTime": "1h"},
-        analysis={"interval": "1s", "window": "10s", "minRequests": 50, "failureThreshold": 3},
-    )
     pair = InMemoryGatewayPair(target_weight=10, source_weight=90)
     metrics = CounterSource()
-    runner = runner_for(policy, pair=pair, store=_UnreadableStore(), metrics=metrics)
+    runner = runner_for(baking_policy(), pair=pair, store=_UnreadableStore(), metrics=metrics)
     runner.tick()
     for _ in range(8):
         metrics.grow((100, 5), (900, 4))  # 5 % against 0.44 %

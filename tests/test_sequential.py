@@ -450,6 +450,15 @@ def test_the_evidence_survives_encoding_exactly_enough() -> None:
 # --- the runner: saved with the state, never a reason to save, continued after a restart --------------
 
 
+def baking_policy() -> Any:
+    """A sequential gate alone, 1 s checks, a long bake at 10, failureThreshold 3 (which R11 skips)."""
+    return make_policy(
+        gates=SEQUENTIAL,
+        schedule={"steps": [10, 50, 100], "bakeTime": "1h"},
+        analysis={"interval": "1s", "window": "10s", "minRequests": 50, "failureThreshold": 3},
+    )
+
+
 class CounterSource:
     """Prometheus as the gates see it: built-in measures, and raw counters that grow per call."""
 
@@ -521,11 +530,7 @@ def test_a_sequential_rollback_alerts_once_with_its_numbers_and_exports_them() -
     from controller.runtime.telemetry import Telemetry
     from tests.helpers import RecordingNotifier
 
-    policy = make_policy(
-        gates=SEQUENTIAL,
-        schedule={"steps": [10, 50, 100], "bakeTime": "1h"},
-        analysis={"interval": "1s", "window": "10s", "minRequests": 50, "failureThreshold": 3},
-    )
+    policy = baking_policy()
     pair = InMemoryGatewayPair(target_weight=10, source_weight=90)
     metrics = CounterSource()
     pager = RecordingNotifier("pager")

@@ -603,9 +603,11 @@ def _sequential_gate(
 ) -> tuple[GateResult, Evidence]:
     """Count this check's increments into the evidence and judge it.
 
-    FAIL (decisive) once the e-value reached 1/alpha in this step; PASS only on an interval with
-    requests on both gateways and at least ``minRequests`` on each since the step began (it never
-    passes on no traffic); else INCONCLUSIVE, saying why.
+    FAIL (decisive) once the e-value reached 1/alpha in this step (confirmed: see ``observe``);
+    INCONCLUSIVE while a rejection waits for confirmation; PASS only when the last interval counted
+    had requests on both gateways and each had ``minRequests`` since the step began (it never passes
+    on no traffic; without a new scrape of both the last verdict stands for ``STANDING_CHECKS``);
+    else INCONCLUSIVE, saying why.
     """
     before = prior or Evidence(gate.name, "")
     t_reading, t_problem = _reading(target, gate)
