@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from bench.rollback import POLICY as ROLLBACK_POLICY
 from controller.core.cloud import BackendMode, Backends
 from controller.core.loader import parse_policy_text
 from tests.ccm_emulator import CcmEmulator
@@ -75,29 +76,16 @@ LABELS = {
     THR: "errorRate.maxIncrease 0.01, 10 s window, failureThreshold 2",
 }
 
-POLICY = """\
-apiVersion: gateway-canary.io/v1alpha1
-kind: CanaryPolicy
-metadata:
-  name: {name}
-spec:
-  source: {{service: {ns}/{source_service}, workload: {source}}}
-  target: {{service: {ns}/{target_service}, workload: {target}}}
-  schedule:
-    steps: [{step}, 100]
-    bakeTime: 1h
-  analysis:
-    interval: 1s
-    window: 10s
-    minRequests: 10
-    failureThreshold: 2
-  gates: {gates}
-  routes: {{check: false}}   # no Istio Gateways here
+#: the benchmark's policy (bench/rollback.py) with this test's webhook receiver
+POLICY = (
+    ROLLBACK_POLICY
+    + """\
   alerts:
     - type: webhook
       name: e2e
       url: {hook}
 """
+)
 
 
 def _weights(kube: Cluster) -> dict[str, str | None]:
@@ -110,7 +98,8 @@ def _write_policy(directory: Path, name: str, kube: Cluster, traffic: TrafficExp
     source_service, target_service = SERVICES[name]
     text = POLICY.format(
         name=name, ns=kube.ns, source_service=source_service, target_service=target_service,
-        source=traffic.source.workload, target=traffic.target.workload, step=STEP, gates=GATES[name], hook=hook,
+        source=traffic.source.workload, target=traffic.target.workload, step=STEP, interval=1, window=10,
+        min_requests=10, threshold=2, gates=GATES[name], hook=hook,
     )  # fmt: skip
     loaded = parse_policy_text(text, f"{name}.yaml")
     assert not loaded.errors and len(loaded.policies) == 1, f"the test's policy {name} is invalid: {loaded.errors}"

@@ -151,19 +151,19 @@ def judge(
         _sequential_gate(gate, target, source, (evidence or {}).get(gate.name), policy.spec.analysis.min_requests)
         for gate in sequential_gates(policy)
     ]
-    judged = _judge(policy, source, target)
+    judged = _threshold_gates(policy, source, target)
     # Beside other gates, a sequential gate that only lacks traffic or a new scrape this check (its
     # first reading in a step, say) has no opinion, and is left out: it must not make every check
     # that starts a step inconclusive. Alone, or for any other reason, it counts as any gate does.
     opinions = [
-        result for result, _ in sequential if not judged.gates or result.cause is not InconclusiveCause.TOO_FEW_REQUESTS
+        result for result, _ in sequential if not judged or result.cause is not InconclusiveCause.TOO_FEW_REQUESTS
     ]
-    combined = _combine((*judged.gates, *opinions), source, target, policy.spec.analysis.min_requests)
+    combined = _combine((*judged, *opinions), source, target, policy.spec.analysis.min_requests)
     return replace(combined, evidence=tuple(after for _, after in sequential))
 
 
-def _judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
-    """The threshold gates."""
+def _threshold_gates(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> tuple[GateResult, ...]:
+    """Every gate but the sequential ones, each judged on its own (combined by the caller)."""
     gates = policy.spec.gates
     minimum = policy.spec.analysis.min_requests
     results: list[GateResult] = []
@@ -265,7 +265,7 @@ def _judge(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples)
             results.append(_gate(custom.name, outcome, custom.max, measured))
         if custom.min is not None:
             results.append(_gate(f"{custom.name}Min", outcome, custom.min, measured, comparator=">="))
-    return _combine(tuple(results), source, target, minimum)
+    return tuple(results)
 
 
 def gate_names(policy: CanaryPolicy, *, absolute_only: bool = False) -> tuple[str, ...]:
@@ -295,8 +295,7 @@ def gate_names(policy: CanaryPolicy, *, absolute_only: bool = False) -> tuple[st
 
 def _judge_absolute(policy: CanaryPolicy, source: GatewaySamples, target: GatewaySamples) -> CheckResult:
     comparative = set(gate_names(policy)) - set(gate_names(policy, absolute_only=True))
-    full = _judge(policy, source, target)
-    kept = tuple(g for g in full.gates if g.gate not in comparative)
+    kept = tuple(g for g in _threshold_gates(policy, source, target) if g.gate not in comparative)
     minimum = policy.spec.analysis.min_requests
     count = _request_count(target)
     traffic = GateResult(
